@@ -1,0 +1,230 @@
+"""The model-bundle format: one directory per version, published atomically.
+
+Layout under a bundle root::
+
+    <root>/CURRENT              text file naming the live version (replaced by rename)
+    <root>/<version>/model.onnx self-contained ONNX generator: history[B, L] -> scores[B, V+1]
+    <root>/<version>/vocab.json JSON list of external item ids; id at position i is row i+1
+    <root>/<version>/meta.json  version, created, last_event_ms, examples_seen, metrics,
+                                model_sha256, vocab_sha256, vocab_size, max_len, ...
+
+A bundle is written under a temporary name, every file fsynced, then renamed into place;
+``CURRENT`` is replaced the same way, so a reader sees either the old or the new bundle,
+never half of one. Readers verify checksums and the vocabulary before trusting a bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from advrec.types import ItemId
+
+__all__ = [
+    "INPUT_NAME",
+    "OUTPUT_NAME",
+    "REJECT_REASONS",
+    "Bundle",
+    "BundleError",
+    "list_versions",
+    "load_bundle",
+    "read_current",
+    "set_current",
+    "write_bundle",
+]
+
+FORMAT_VERSION = 1
+INPUT_NAME = "history"  # int64 [B, L], item rows, left-padded with 0
+OUTPUT_NAME = "scores"  # float32 [B, V+1], column 0 is padding and never recommended
+CURRENT = "CURRENT"
+MODEL_FILE = "model.onnx"
+VOCAB_FILE = "vocab.json"
+META_FILE = "meta.json"
+
+REJECT_REASONS = (
+    "missing",  # the version directory does not exist
+    "missing_meta",  # no meta.json
+    "bad_meta",  # meta.json unreadable or lacking required keys
+    "missing_model",  # no model.onnx
+    "checksum_mismatch",  # model or vocab bytes do not match meta's sha256
+    "vocab_mismatch",  # vocabulary size or contents disagree with meta / the model output
+    "load_error",  # onnxruntime could not build a session
+    "bad_signature",  # model inputs/outputs are not history[B, L] -> scores[B, V+1]
+    "nan_output",  # warm-up produced NaN or infinite scores
+)
+_META_REQUIRED = ("version", "model_sha256", "vocab_sha256", "vocab_size", "max_len")
+
+
+class BundleError(Exception):
+    """A bundle cannot be used; ``reason`` is one of ``REJECT_REASONS``."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        assert reason in REJECT_REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle on disk."""
+
+    path: Path
+    version: str
+    meta: dict[str, Any]
+    vocab: tuple[ItemId, ...]
+    model_bytes: bytes
+
+    @property
+    def max_len(self) -> int:
+        return int(self.meta["max_len"])
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_versions(root: Path | str) -> list[str]:
+    """Return the published versions under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _next_version(root: Path) -> str:
+    # Millisecond timestamps sort as strings (13 digits until the year 2286) and tell a
+    # person when the bundle was made; bump past an existing one made in the same ms.
+    candidate = int(time.time() * 1000)
+    existing = list_versions(root)
+    if existing and existing[-1].isdigit():
+        candidate = max(candidate, int(existing[-1]) + 1)
+    return f"{candidate:013d}"
+
+
+def write_bundle(root: Path | str, model_bytes: bytes, vocab: list[ItemId] | tuple[ItemId, ...],
+                 meta: dict[str, Any], *, keep: int = 5, make_current: bool = True) -> str:
+    """Publish a new bundle atomically and return its version.
+
+    ``meta`` must hold ``max_len``; version, created time, checksums and the vocabulary
+    size are filled in here. The oldest versions beyond ``keep`` are removed (never the
+    current one).
+    """
+    assert keep >= 1, "keep at least the bundle being written"
+    assert "max_len" in meta, "meta needs max_len (the history length the model takes)"
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    version = str(meta.get("version") or _next_version(root))
+    vocab_bytes = json.dumps(list(vocab), ensure_ascii=False).encode("utf-8")
+    full_meta = dict(meta)
+    full_meta.update(
+        format=FORMAT_VERSION, version=version, created=time.time(),
+        model_sha256=_sha256(model_bytes), vocab_sha256=_sha256(vocab_bytes),
+        vocab_size=len(vocab), input=INPUT_NAME, output=OUTPUT_NAME,
+    )
+    tmp = root / f".tmp-{version}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    _write_synced(tmp / MODEL_FILE, model_bytes)
+    _write_synced(tmp / VOCAB_FILE, vocab_bytes)
+    # meta.json last: a directory without it is never a bundle
+    _write_synced(tmp / META_FILE, json.dumps(full_meta, indent=2, sort_keys=True).encode())
+    _fsync_dir(tmp)
+    os.rename(tmp, root / version)
+    _fsync_dir(root)
+    if make_current:
+        set_current(root, version)
+    _prune(root, keep)
+    return version
+
+
+def set_current(root: Path | str, version: str) -> None:
+    """Point ``CURRENT`` at ``version`` (which must exist) by an atomic rename."""
+    root = Path(root)
+    if not (root / version / META_FILE).is_file():
+        raise BundleError("missing", f"no bundle {version!r} under {root}")
+    tmp = root / f".{CURRENT}.tmp-{os.getpid()}"
+    _write_synced(tmp, version.encode() + b"\n")
+    os.replace(tmp, root / CURRENT)
+    _fsync_dir(root)
+
+
+def read_current(root: Path | str) -> str | None:
+    """Return the live version named by ``CURRENT``, or None if nothing is published."""
+    try:
+        text = (Path(root) / CURRENT).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return text or None
+
+
+def _prune(root: Path, keep: int) -> None:
+    current = read_current(root)
+    versions = list_versions(root)
+    for old in versions[: max(0, len(versions) - keep)]:
+        if old != current:
+            shutil.rmtree(root / old, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):  # left by a writer killed mid-export
+        if not stale.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def load_bundle(root: Path | str, version: str) -> Bundle:
+    """Read and verify one bundle; raise ``BundleError`` naming what is wrong."""
+    path = Path(root) / version
+    if not path.is_dir():
+        raise BundleError("missing", f"no bundle directory {path}")
+    try:
+        meta_text = (path / META_FILE).read_text()
+    except FileNotFoundError:
+        raise BundleError("missing_meta", f"{path / META_FILE} does not exist") from None
+    try:
+        meta = json.loads(meta_text)
+    except ValueError as exc:
+        raise BundleError("bad_meta", f"{path / META_FILE}: {exc}") from None
+    if not isinstance(meta, dict) or any(k not in meta for k in _META_REQUIRED):
+        raise BundleError("bad_meta", f"meta.json must hold {_META_REQUIRED}")
+    try:
+        model_bytes = (path / MODEL_FILE).read_bytes()
+    except FileNotFoundError:
+        raise BundleError("missing_model", f"{path / MODEL_FILE} does not exist") from None
+    if _sha256(model_bytes) != meta["model_sha256"]:
+        raise BundleError("checksum_mismatch", f"model.onnx sha256 differs from meta ({version})")
+    try:
+        vocab_bytes = (path / VOCAB_FILE).read_bytes()
+    except FileNotFoundError:
+        raise BundleError("vocab_mismatch", f"{path / VOCAB_FILE} does not exist") from None
+    if _sha256(vocab_bytes) != meta["vocab_sha256"]:
+        raise BundleError("checksum_mismatch", f"vocab.json sha256 differs from meta ({version})")
+    try:
+        vocab = json.loads(vocab_bytes)
+    except ValueError as exc:
+        raise BundleError("vocab_mismatch", f"vocab.json unreadable: {exc}") from None
+    if (not isinstance(vocab, list) or not all(isinstance(v, str) for v in vocab)
+            or len(vocab) != meta["vocab_size"] or len(set(vocab)) != len(vocab)):
+        raise BundleError("vocab_mismatch",
+                          f"vocab.json must be {meta['vocab_size']} distinct item ids")
+    return Bundle(path=path, version=str(meta["version"]), meta=meta, vocab=tuple(vocab),
+                  model_bytes=model_bytes)
