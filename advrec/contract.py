@@ -119,7 +119,7 @@ def decode_event(payload: Any, key: bytes | None = None, *,
     if len(payload) > MAX_EVENT_BYTES:
         raise InvalidEvent("oversize", f"{len(payload)} bytes > {MAX_EVENT_BYTES}")
     try:
-        obj = msgpack.unpackb(payload, raw=False, strict_map_key=False, max_buffer_size=MAX_EVENT_BYTES)
+        obj = msgpack.unpackb(payload, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise InvalidEvent("not_msgpack", f"{type(exc).__name__}: {exc}"[:200]) from None
     if not isinstance(obj, dict):
@@ -145,7 +145,8 @@ def decode_event(payload: Any, key: bytes | None = None, *,
     event_id = _check_id("id", obj.get("id"), required=False)
     assert user is not None and item is not None
     if key is not None and key != encode_key(user):
-        raise InvalidEvent("key_mismatch", f"key {bytes(key[:40])!r} is not the user id {user[:40]!r}")
+        raise InvalidEvent("key_mismatch",
+                           f"key {bytes(key[:40])!r} is not the user id {user[:40]!r}")
     return ClickEvent(user=user, item=item, ts=ts, type=kind, session=session, id=event_id)
 
 

@@ -1,0 +1,84 @@
+"""Create the source topics explicitly, with the configured partition counts."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+__all__ = ["TopicMismatch", "TopicSpec", "default_topics", "ensure_topics"]
+
+log = logging.getLogger(__name__)
+
+
+class TopicMismatch(RuntimeError):
+    """An existing topic has a different partition count than the configuration wants."""
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    replication: int = 1
+    config: dict[str, str] = field(default_factory=dict)
+
+
+def default_topics(*, clicks: str = "clicks", dlq: str = "clicks-dlq",
+                   train: str = "train-batches", partitions: int = 4,
+                   replication: int = 1) -> list[TopicSpec]:
+    """Return the topics advrec reads and writes besides Faust's internal ones."""
+    return [
+        TopicSpec(clicks, partitions, replication),
+        TopicSpec(dlq, partitions, replication, {"retention.ms": str(14 * 24 * 3600 * 1000)}),
+        # one partition: one consumer-group member (the active trainer) owns it
+        TopicSpec(train, 1, replication),
+    ]
+
+
+async def ensure_topics(bootstrap: str, specs: list[TopicSpec], *,
+                        strict: bool = True, timeout_s: float = 30.0) -> None:
+    """Create missing topics; raise ``TopicMismatch`` if one exists with other partitions.
+
+    A partition-count mismatch between `clicks` and a table changelog crash-loops Faust
+    agents, so it is refused here with the names and counts, before the worker starts.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            await admin.start()
+            break
+        except Exception as exc:
+            if asyncio.get_running_loop().time() > deadline:
+                raise ConnectionError(f"Kafka at {bootstrap} did not answer: {exc}") from exc
+            await asyncio.sleep(1.0)
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in specs if t.name not in existing]
+        if missing:
+            try:
+                await admin.create_topics([
+                    NewTopic(t.name, t.partitions, t.replication, topic_configs=t.config)
+                    for t in missing])
+            except TopicAlreadyExistsError:
+                pass  # created concurrently by another worker
+            log.info("created topics %s", ", ".join(f"{t.name}[{t.partitions}]" for t in missing))
+        if strict:
+            names = [t.name for t in specs]
+            for _ in range(50):  # fresh topics may show 0 partitions for a moment
+                described = await admin.describe_topics(names)
+                counts = {d["topic"]: len(d["partitions"]) for d in described}
+                if all(counts.get(n, 0) > 0 for n in names):
+                    break
+                await asyncio.sleep(0.2)
+            for t in specs:
+                if counts.get(t.name, t.partitions) != t.partitions:
+                    raise TopicMismatch(
+                        f"topic {t.name!r} has {counts[t.name]} partitions but "
+                        f"{t.partitions} are configured; set ADVREC_PARTITIONS to match "
+                        f"or recreate the topic")
+    finally:
+        await admin.close()

@@ -1,0 +1,1 @@
+"""The stream app: validates clicks, keeps user state, serves recommendations (no torch)."""

@@ -1,0 +1,98 @@
+"""The Faust app: App, topics and tables, wired to the serving model and the metrics.
+
+Reading order of the package: ``contract`` (in ``advrec``) -> ``settings`` -> ``state`` ->
+this module (App, topics, tables) -> ``agents`` (ingest, batcher, timers) -> ``views``
+(HTTP) -> ``serving`` and ``hotswap`` (the model) -> ``main`` (the ``advrec worker`` CLI).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import faust
+from prometheus_client import CollectorRegistry
+
+from advrec.types import ItemId
+from stream_app.hotswap import BundleWatcher
+from stream_app.metrics import StreamMetrics
+from stream_app.serving import ModelServer
+from stream_app.settings import Settings
+
+__all__ = ["StreamApp", "create_app"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamApp:
+    """One worker's parts, passed explicitly to the agents and views that use them."""
+
+    settings: Settings
+    app: faust.App
+    clicks: faust.TopicT
+    clicks_dlq: faust.TopicT
+    train_batches: faust.TopicT
+    examples: faust.ChannelT
+    user_state: faust.Table
+    trending: faust.Table
+    metrics: StreamMetrics
+    server: ModelServer
+    watcher: BundleWatcher
+    trending_cache: list[ItemId] = field(default_factory=list)
+    started: bool = False
+
+
+def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> StreamApp:
+    """Build the Faust app with its topics, tables, agents and web views."""
+    s = settings
+    s.worker_dir.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        s.app_id,
+        broker=s.broker,
+        store="rocksdb://",
+        datadir=str(s.worker_dir),
+        autodiscover=False,
+        # One key encoding everywhere: raw UTF-8 user ids on `clicks`, in tables and from
+        # producers, so table_route lookups hash to the partition that holds the user.
+        key_serializer="raw",
+        value_serializer="raw",
+        topic_partitions=s.partitions,
+        topic_replication_factor=s.replication,
+        table_standby_replicas=0,
+        consumer_auto_offset_reset="earliest",
+        web_bind=s.web_bind,
+        web_port=s.web_port,
+        web_host=s.web_host,
+        web_transport="tcp://",
+        broker_commit_every=1000,
+        broker_commit_interval=1.0,
+        stream_wait_empty=False,
+        producer_linger_ms=5,
+    )
+    clicks = app.topic(s.topic_clicks, key_type=bytes, value_type=bytes,
+                       partitions=s.partitions, key_serializer="raw", value_serializer="raw")
+    clicks_dlq = app.topic(s.topic_dlq, key_type=bytes, value_type=bytes,
+                           key_serializer="raw", value_serializer="raw")
+    train_batches = app.topic(s.topic_train, key_type=bytes, value_type=bytes,
+                              partitions=1, key_serializer="raw", value_serializer="raw")
+    # value_type stays unset: `value_type=list/dict` breaks changelog recovery in Faust.
+    user_state = app.Table("user_state", default=None, partitions=s.partitions,
+                           key_type=bytes,  # bytes => raw keys; str would mean JSON keys
+                           help="Per user: last L items, last event time, counts, dedup window")
+    trending = app.Table("trending", default=None, partitions=s.partitions,
+                         key_type=bytes,
+                         help="Per partition: item counts in recent event-time buckets")
+    metrics = StreamMetrics.create(registry)
+    server = ModelServer(max_batch=s.microbatch_max, max_wait_ms=s.microbatch_wait_ms,
+                         threads=s.infer_threads, metrics=metrics)
+    watcher = BundleWatcher(s.bundle_dir, server, providers=s.ort_providers,
+                            threads=s.ort_threads, metrics=metrics)
+    sa = StreamApp(settings=s, app=app, clicks=clicks, clicks_dlq=clicks_dlq,
+                   train_batches=train_batches, examples=app.channel(), user_state=user_state,
+                   trending=trending, metrics=metrics, server=server, watcher=watcher)
+    from stream_app import agents, views  # registering needs the app; keeps imports acyclic
+
+    agents.register(sa)
+    views.register(sa)
+    return sa

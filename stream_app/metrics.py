@@ -1,0 +1,98 @@
+"""Prometheus metrics of the stream app, declared in one place with an injected registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+__all__ = ["StreamMetrics"]
+
+# Ingest batches take 1-100 ms on 2 cores; a stuck batch shows up in the 1-10 s buckets.
+_PROCESS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+# A batch-1 model call is ~0.3 ms and a routed request a few ms; SLO thinking starts at 50 ms.
+_REQUEST_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class StreamMetrics:
+    """Every metric the stream worker exports (prefix ``advrec_``)."""
+
+    registry: CollectorRegistry
+    events_consumed: Counter
+    events_invalid: Counter
+    events_duplicate: Counter
+    dlq_writes: Counter
+    processing_seconds: Histogram
+    table_keys: Gauge
+    consumer_lag: Gauge
+    examples_emitted: Counter
+    train_batches_sent: Counter
+    request_seconds: Histogram
+    fallback_answers: Counter
+    model_info: Info
+    model_version_timestamp: Gauge
+    model_load_seconds: Histogram
+    model_age_seconds: Gauge
+    model_swaps: Counter
+    bundles_rejected: Counter
+    microbatch_size: Histogram
+    provider_info: Info
+    model_ready: Gauge
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry | None = None,
+               prefix: str = "advrec") -> StreamMetrics:
+        """Declare the metrics on ``registry`` (a fresh one if None: one per test)."""
+        r = CollectorRegistry(auto_describe=True) if registry is None else registry
+        p = prefix
+        return cls(
+            registry=r,
+            events_consumed=Counter(f"{p}_events_consumed", "Click messages read from Kafka",
+                                    registry=r),
+            events_invalid=Counter(f"{p}_events_invalid", "Messages rejected, by reason",
+                                   ["reason"], registry=r),
+            events_duplicate=Counter(f"{p}_events_duplicate",
+                                     "Redelivered events recognised and not applied again",
+                                     registry=r),
+            dlq_writes=Counter(f"{p}_dlq_writes", "Messages written to the dead-letter topic",
+                               registry=r),
+            processing_seconds=Histogram(f"{p}_ingest_batch_seconds",
+                                         "Time to validate and apply one ingest batch",
+                                         buckets=_PROCESS_BUCKETS, registry=r),
+            table_keys=Gauge(f"{p}_table_keys", "Keys held locally, by table", ["table"],
+                             registry=r),
+            consumer_lag=Gauge(f"{p}_consumer_lag_messages",
+                               "Messages behind the log end, by topic partition",
+                               ["topic", "partition"], registry=r),
+            examples_emitted=Counter(f"{p}_train_examples", "Training examples emitted",
+                                     registry=r),
+            train_batches_sent=Counter(f"{p}_train_batches_sent",
+                                       "Mini-batches published to train-batches", registry=r),
+            request_seconds=Histogram(f"{p}_http_request_seconds", "HTTP request latency",
+                                      ["endpoint", "status_class"], buckets=_REQUEST_BUCKETS,
+                                      registry=r),
+            fallback_answers=Counter(f"{p}_fallback_answers",
+                                     "Recommendations answered by the trending fallback",
+                                     ["cause"], registry=r),
+            model_info=Info(f"{p}_model", "The bundle being served", registry=r),
+            model_version_timestamp=Gauge(f"{p}_model_created_timestamp_seconds",
+                                          "Creation time of the live bundle", registry=r),
+            model_load_seconds=Histogram(f"{p}_model_load_seconds",
+                                         "Time to verify, load and warm a bundle",
+                                         buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+                                         registry=r),
+            model_age_seconds=Gauge(f"{p}_model_age_seconds",
+                                    "Now minus the last event time the live model trained on",
+                                    registry=r),
+            model_swaps=Counter(f"{p}_model_swaps", "Bundles swapped in (incl. rollbacks)",
+                                registry=r),
+            bundles_rejected=Counter(f"{p}_bundles_rejected", "Bundles refused, by reason",
+                                     ["reason"], registry=r),
+            microbatch_size=Histogram(f"{p}_microbatch_size", "Requests per model call",
+                                      buckets=_BATCH_BUCKETS, registry=r),
+            provider_info=Info(f"{p}_onnxruntime", "onnxruntime providers in use", registry=r),
+            model_ready=Gauge(f"{p}_model_ready", "1 while a warmed model is serving",
+                              registry=r),
+        )

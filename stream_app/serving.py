@@ -1,0 +1,243 @@
+"""ONNX serving: verified sessions, provider checks, micro-batched inference off the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from advrec.bundle import INPUT_NAME, OUTPUT_NAME, Bundle, BundleError, load_bundle
+from advrec.types import ItemId
+
+__all__ = ["LoadedModel", "ModelServer", "cpu_limit", "load_model", "select_providers"]
+
+log = logging.getLogger(__name__)
+
+
+def cpu_limit() -> int:
+    """Return the CPUs this process may use: the cgroup quota if set, else the affinity mask."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            return max(1, int(float(quota) / float(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def select_providers(wanted: str) -> list[str]:
+    """Return the execution providers to ask for, filtered by what this build offers."""
+    available = ort.get_available_providers()
+    if wanted == "cpu":
+        return ["CPUExecutionProvider"]
+    chosen = []
+    if "CUDAExecutionProvider" in available and wanted in ("auto", "cuda", "cuda,cpu"):
+        chosen.append("CUDAExecutionProvider")
+    chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+@dataclass
+class LoadedModel:
+    """A verified bundle with a warmed onnxruntime session."""
+
+    bundle: Bundle
+    session: ort.InferenceSession
+    providers: list[str]
+    index: dict[ItemId, int]  # external id -> row (1-based)
+    loaded_at: float
+    load_seconds: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    @property
+    def max_len(self) -> int:
+        return self.bundle.max_len
+
+    def encode(self, history: list[ItemId]) -> np.ndarray:
+        """Return the left-padded row indices of the last ``max_len`` known items."""
+        rows = [r for r in (self.index.get(i) for i in history) if r is not None]
+        rows = rows[-self.max_len:]
+        out = np.zeros(self.max_len, dtype=np.int64)
+        if rows:
+            out[-len(rows):] = rows
+        return out
+
+    def run(self, histories: np.ndarray) -> np.ndarray:
+        """Score a batch: int64 [B, L] -> float32 [B, V+1] (blocking; call off the loop)."""
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: histories})[0]
+
+
+def load_model(root: Path | str, version: str, *, providers: str = "auto",
+               threads: int = 0) -> LoadedModel:
+    """Verify a bundle, build its session and warm it up; raise ``BundleError`` if unusable."""
+    started = time.perf_counter()
+    bundle = load_bundle(root, version)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or cpu_limit()
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        session = ort.InferenceSession(bundle.model_bytes, sess_options=opts,
+                                       providers=select_providers(providers))
+    except Exception as exc:  # onnxruntime raises its own untyped errors on bad graphs
+        raise BundleError("load_error", f"{version}: {exc}"[:500]) from None
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if ([i.name for i in inputs] != [INPUT_NAME] or [o.name for o in outputs] != [OUTPUT_NAME]
+            or inputs[0].type != "tensor(int64)" or len(inputs[0].shape) != 2):
+        raise BundleError("bad_signature",
+                          f"{version}: expected {INPUT_NAME}[B, L] int64 -> {OUTPUT_NAME}[B, V+1]")
+    width = outputs[0].shape[1] if len(outputs[0].shape) == 2 else None
+    n_cols = len(bundle.vocab) + 1
+    if isinstance(width, int) and width != n_cols:
+        raise BundleError("vocab_mismatch",
+                          f"{version}: model scores {width} columns, vocabulary needs {n_cols}")
+    # Warm-up doubles as a health check: both an empty and a full history must give finite
+    # scores over exactly V+1 columns (NaN weights or a wrong vocabulary show up here).
+    probe = np.zeros((2, bundle.max_len), dtype=np.int64)
+    if bundle.vocab:
+        probe[1] = np.arange(bundle.max_len) % len(bundle.vocab) + 1
+    try:
+        scores = session.run([OUTPUT_NAME], {INPUT_NAME: probe})[0]
+    except Exception as exc:
+        raise BundleError("load_error", f"{version}: warm-up failed: {exc}"[:500]) from None
+    if scores.shape != (2, n_cols):
+        raise BundleError("vocab_mismatch",
+                          f"{version}: scores shape {scores.shape}, vocabulary needs {n_cols}")
+    if not np.isfinite(scores[:, 1:]).all():
+        raise BundleError("nan_output", f"{version}: warm-up scores are not finite")
+    index = {item: row for row, item in enumerate(bundle.vocab, start=1)}
+    return LoadedModel(bundle=bundle, session=session, providers=session.get_providers(),
+                       index=index, loaded_at=time.time(),
+                       load_seconds=time.perf_counter() - started)
+
+
+def top_k(scores: np.ndarray, exclude: np.ndarray, k: int) -> list[int]:
+    """Return the ``k`` best rows of one score vector, never column 0 or excluded rows."""
+    scores = scores.astype(np.float32, copy=True)
+    scores[0] = -np.inf
+    scores[exclude] = -np.inf
+    n_ok = int(np.isfinite(scores).sum())
+    k = min(k, n_ok)
+    if k <= 0:
+        return []
+    part = np.argpartition(-scores, k - 1)[:k]
+    return [int(i) for i in part[np.argsort(-scores[part], kind="stable")]]
+
+
+@dataclass
+class _Request:
+    history: list[ItemId]
+    k: int
+    future: asyncio.Future
+
+
+class ModelServer:
+    """Holds the live model (one reference) and answers recommendation requests.
+
+    Requests queue up; one loop task takes up to ``max_batch`` of them (waiting at most
+    ``max_wait_ms`` after the first), snapshots the live model once, and runs a single
+    model call in a thread pool, so a swap never changes the model under a batch and the
+    event loop stays free for ingestion (onnxruntime releases the GIL).
+    """
+
+    def __init__(self, *, max_batch: int = 32, max_wait_ms: float = 2.0, threads: int = 2,
+                 metrics: Any = None) -> None:
+        assert max_batch >= 1 and threads >= 1
+        self.current: LoadedModel | None = None
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.metrics = metrics
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="advrec-infer")
+        self._slots = asyncio.Semaphore(threads)
+        self._queue: asyncio.Queue[_Request] | None = None
+        self._task: asyncio.Task | None = None
+
+    def swap(self, model: LoadedModel) -> LoadedModel | None:
+        """Make ``model`` live; return the previous one (in-flight batches keep using it)."""
+        old, self.current = self.current, model
+        return old
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._queue = asyncio.Queue()
+            self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def recommend(self, history: list[ItemId], k: int) -> tuple[list[ItemId], str] | None:
+        """Return (top-k items, model version), or None if no model or no usable history."""
+        model = self.current
+        if model is None or not any(i in model.index for i in history):
+            return None
+        if self._task is None:
+            await self.start()
+        assert self._queue is not None
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Request(history, k, fut))
+        return await fut
+
+    async def _serve(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            deadline = loop.time() + self.max_wait
+            while len(batch) < self.max_batch:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    if self._queue.empty():
+                        break
+                    batch.append(self._queue.get_nowait())
+                    continue
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), timeout))
+                except TimeoutError:
+                    break
+            await self._slots.acquire()
+            task = loop.create_task(self._run_batch(batch))
+            task.add_done_callback(lambda _t: self._slots.release())
+
+    async def _run_batch(self, batch: list[_Request]) -> None:
+        model = self.current  # one snapshot per batch: a swap never splits a batch
+        try:
+            if model is None:
+                raise RuntimeError("no model loaded")
+            rows = np.stack([model.encode(r.history) for r in batch])  # (B, L)
+            scores = await asyncio.get_running_loop().run_in_executor(
+                self._pool, model.run, rows)  # (B, V+1)
+            if self.metrics is not None:
+                self.metrics.microbatch_size.observe(len(batch))
+            vocab = model.bundle.vocab
+            for i, req in enumerate(batch):
+                seen = np.array(sorted({model.index[h] for h in req.history if h in model.index}),
+                                dtype=np.int64)
+                best = top_k(scores[i], seen, req.k)
+                if not req.future.done():
+                    req.future.set_result(([vocab[r - 1] for r in best], model.version))
+        except Exception as exc:  # fail the requests, never the serving loop
+            log.exception("model call failed for a batch of %d", len(batch))
+            for req in batch:
+                if not req.future.done():
+                    req.future.set_exception(exc)

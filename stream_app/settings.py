@@ -1,0 +1,83 @@
+"""Settings of the stream app: one frozen dataclass filled once from ``ADVREC_*`` variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from advrec.config import ConfigError, from_env
+
+__all__ = ["ENV_PREFIX", "Settings", "load_settings"]
+
+ENV_PREFIX = "ADVREC_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the stream worker can be told; env name = ADVREC_ + field name in capitals."""
+
+    broker: str = "kafka://127.0.0.1:9092"
+    app_id: str = "advrec"
+    data_dir: str = "var/stream"  # Faust RocksDB tables live here, one folder per worker port
+    bundle_dir: str = "var/bundles"
+    partitions: int = 4  # of `clicks`; tables and changelogs get the same count
+    replication: int = 1
+    topic_clicks: str = "clicks"
+    topic_dlq: str = "clicks-dlq"
+    topic_train: str = "train-batches"
+    history_len: int = 50  # last L items kept per user (bounds state size per user)
+    dedup_window: int = 256  # fingerprints of the most recent events kept per user
+    ingest_batch: int = 1000  # events taken from the stream at once; table writes coalesce
+    ingest_wait_s: float = 0.05  # max wait to fill an ingest batch
+    trending_bucket_s: int = 600  # trending window = trending_buckets x bucket, in event time
+    trending_buckets: int = 6
+    trending_top: int = 500  # items kept per bucket and partition
+    train_batch_size: int = 256  # examples per message on `train-batches`
+    train_batch_s: float = 2.0  # ...or whatever is collected after this long
+    web_bind: str = "127.0.0.1"  # 0.0.0.0 in containers
+    web_port: int = 6066
+    web_host: str = "127.0.0.1"  # advertised to other workers for routed table lookups
+    ort_providers: str = "auto"  # auto | cpu | cuda,cpu
+    ort_threads: int = 0  # 0: follow the container's CPU limit
+    infer_threads: int = 2  # concurrent model calls off the event loop
+    microbatch_max: int = 32  # requests merged into one model call
+    microbatch_wait_ms: float = 2.0
+    watch_interval_s: float = 1.0  # how often the bundle pointer is checked
+    ready_without_model: bool = False  # declare fallback mode: ready while no bundle exists
+    admin_token: str = ""  # bearer token for /admin/*; empty disables admin endpoints
+    max_k: int = 200
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        checks = {
+            "partitions": self.partitions >= 1,
+            "history_len": 1 <= self.history_len <= 1000,
+            "dedup_window": self.dedup_window >= 1,
+            "ingest_batch": self.ingest_batch >= 1,
+            "train_batch_size": self.train_batch_size >= 1,
+            "microbatch_max": self.microbatch_max >= 1,
+            "max_k": 1 <= self.max_k <= 1000,
+            "web_port": 0 < self.web_port < 65536,
+            "ort_providers": self.ort_providers in ("auto", "cpu", "cuda", "cuda,cpu"),
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigError(
+                    f"setting {ENV_PREFIX}{name.upper()}={getattr(self, name)!r} is out of range")
+        if not self.broker.startswith(("kafka://", "aiokafka://")):
+            raise ConfigError(f"setting {ENV_PREFIX}BROKER={self.broker!r} must be kafka://host:port")
+
+    @property
+    def worker_dir(self) -> Path:
+        """Return this worker's own table directory (two workers on one host must not share)."""
+        return Path(self.data_dir) / f"worker-{self.web_port}"
+
+    @property
+    def bootstrap(self) -> str:
+        """Return the broker list as host:port pairs for plain aiokafka clients."""
+        return ",".join(u.split("://", 1)[-1] for u in self.broker.split(";"))
+
+
+def load_settings(environ: dict[str, str] | None = None, **overrides: object) -> Settings:
+    """Return settings from the environment, with flag overrides (None = not given)."""
+    return from_env(Settings, ENV_PREFIX, environ, **overrides)

@@ -1,0 +1,205 @@
+"""HTTP API: recommendations and user state (routed to the owning worker), health, admin."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from functools import wraps
+from typing import TYPE_CHECKING, Any
+
+import faust.web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from advrec.bundle import BundleError, list_versions, read_current
+from advrec.contract import MAX_ID_CHARS, encode_key
+from stream_app.state import UserState
+
+if TYPE_CHECKING:
+    from stream_app.app import StreamApp
+
+__all__ = ["register"]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+def _status_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+def register(sa: StreamApp) -> None:
+    """Attach the web views to ``sa.app``."""
+    app, s, m = sa.app, sa.settings, sa.metrics
+
+    def timed(endpoint: str) -> Callable[[Handler], Handler]:
+        def deco(fun: Handler) -> Handler:
+            @wraps(fun)
+            async def wrapper(view: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+                started = time.perf_counter()
+                status = 500
+                try:
+                    response = await fun(view, request, *args, **kwargs)
+                    status = int(getattr(response, "status", 200))
+                    return response
+                finally:
+                    m.request_seconds.labels(endpoint=endpoint, status_class=_status_class(
+                        status)).observe(time.perf_counter() - started)
+            return wrapper
+        return deco
+
+    def error(view: Any, status: int, message: str) -> Any:
+        return view.json({"error": message, "status": status}, status=status)
+
+    def check_user(view: Any, user: str) -> Any | None:
+        if not 1 <= len(user) <= MAX_ID_CHARS:
+            return error(view, 400, f"user id must have 1..{MAX_ID_CHARS} characters")
+        return None
+
+    def authorized(request: Any) -> bool | None:
+        """Return None if admin is disabled, else whether the bearer token matches."""
+        if not s.admin_token:
+            return None
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode(), s.admin_token.encode())
+
+    def admin_denied(view: Any, request: Any) -> Any | None:
+        ok = authorized(request)
+        if ok is None:
+            return error(view, 404, "admin endpoints are disabled (no ADVREC_ADMIN_TOKEN set)")
+        if not ok:
+            return view.json({"error": "missing or wrong bearer token", "status": 401},
+                             status=401, headers={"WWW-Authenticate": "Bearer"})
+        return None
+
+    def worker_ident() -> dict[str, Any]:
+        return {"host": s.web_host, "port": s.web_port}
+
+    @app.page("/recommendations/{user}")
+    @app.table_route(table=sa.user_state, match_info="user")
+    @timed("recommendations")
+    async def recommendations(view: Any, request: Any, user: str) -> Any:
+        bad = check_user(view, user)
+        if bad is not None:
+            return bad
+        raw_k = request.query.get("k", "10")
+        try:
+            k = int(raw_k)
+        except ValueError:
+            return error(view, 400, f"k must be an integer, got {raw_k[:20]!r}")
+        if not 1 <= k <= s.max_k:
+            return error(view, 400, f"k must be between 1 and {s.max_k}, got {k}")
+        state = UserState.from_dict(sa.user_state.get(encode_key(user)))
+        answer = None
+        cause = "no_history" if not state.history else "no_known_items"
+        if sa.server.current is None:
+            cause = "no_model"
+        elif state.history:
+            try:
+                answer = await sa.server.recommend(state.history, k)
+            except Exception:
+                log.exception("model call failed; answering with the trending fallback")
+                cause = "model_error"
+        if answer is not None:
+            items, version = answer
+            return view.json({"user": user, "items": items, "model_version": version,
+                              "fallback": False, "served_by": worker_ident()})
+        seen = set(state.history)
+        items = [i for i in sa.trending_cache if i not in seen][:k]
+        m.fallback_answers.labels(cause=cause).inc()
+        live = sa.server.current
+        return view.json({"user": user, "items": items, "fallback": True,
+                          "fallback_cause": cause,
+                          "model_version": live.version if live else None,
+                          "served_by": worker_ident()})
+
+    @app.page("/users/{user}")
+    @app.table_route(table=sa.user_state, match_info="user")
+    @timed("users")
+    async def user_state_view(view: Any, request: Any, user: str) -> Any:
+        bad = check_user(view, user)
+        if bad is not None:
+            return bad
+        raw = sa.user_state.get(encode_key(user))
+        if raw is None:
+            return view.json({"error": f"unknown user {user!r}", "status": 404,
+                              "served_by": worker_ident()}, status=404)
+        return view.json({"user": user, **UserState.from_dict(raw).public(),
+                          "served_by": worker_ident()})
+
+    @app.page("/healthz")
+    @timed("healthz")
+    async def healthz(view: Any, request: Any) -> Any:
+        return view.json({"status": "ok"})
+
+    @app.page("/readyz")
+    @timed("readyz")
+    async def readyz(view: Any, request: Any) -> Any:
+        live = sa.server.current
+        published = read_current(s.bundle_dir)
+        fallback_mode = live is None and s.ready_without_model and published is None
+        ready = sa.started and (live is not None or fallback_mode)
+        body = {
+            "ready": ready,
+            "model_version": live.version if live else None,
+            "providers": live.providers if live else [],
+            "fallback_mode": fallback_mode,
+            "published_version": published,
+            "rejected": dict(sa.watcher.rejected),
+        }
+        return view.json(body, status=200 if ready else 503)
+
+    @app.page("/metrics")
+    async def metrics_view(view: Any, request: Any) -> Any:
+        # aiohttp refuses a charset inside content_type, so the exposition header goes raw
+        body = generate_latest(m.registry)
+        return view.bytes(body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    @app.page("/noop")
+    @timed("noop")
+    async def noop(view: Any, request: Any) -> Any:
+        return view.json({"ok": True})
+
+    @app.page("/admin/model")
+    @timed("admin")
+    async def admin_model(view: Any, request: Any) -> Any:
+        denied = admin_denied(view, request)
+        if denied is not None:
+            return denied
+        live = sa.server.current
+        return view.json({
+            "live": None if live is None else {
+                "version": live.version, "providers": live.providers,
+                "vocab_size": len(live.bundle.vocab), "loaded_at": live.loaded_at,
+                "meta": live.bundle.meta},
+            "current_pointer": read_current(s.bundle_dir),
+            "versions": list_versions(s.bundle_dir),
+            "rejected": dict(sa.watcher.rejected),
+            "swaps": sa.watcher.swaps,
+        })
+
+    class AdminRollback(faust.web.View):
+        async def post(self, request: Any) -> Any:
+            started = time.perf_counter()
+            response = await self._rollback(request)
+            m.request_seconds.labels(endpoint="admin", status_class=_status_class(
+                response.status)).observe(time.perf_counter() - started)
+            return response
+
+        async def _rollback(self, request: Any) -> Any:
+            denied = admin_denied(self, request)
+            if denied is not None:
+                return denied
+            version = request.query.get("version") or None
+            try:
+                done = await sa.watcher.rollback(version)
+            except BundleError as exc:
+                return error(self, 409, str(exc))
+            log.warning("rolled back to bundle %s by admin request", done)
+            return self.json({"rolled_back_to": done})
+
+    app.page("/admin/rollback")(AdminRollback)
