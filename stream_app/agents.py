@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+import msgpack
 from faust.streams import _current_event  # where Faust looks up the event a write belongs to
 from faust.types import EventT
 
@@ -77,7 +78,7 @@ async def apply_batch(sa: StreamApp, events: Sequence[EventT]) -> list[TrainingE
     for user, items in by_user.items():
         first_ev = items[0][0]
         with writing_for(first_ev):
-            state = UserState.from_dict(sa.user_state.get(encode_key(user)))
+            state = UserState.from_bytes(sa.user_state.get(encode_key(user)))
             seen = {f for f, _ in state.fingerprints}
             changed = False
             for ev, click in items:
@@ -89,13 +90,14 @@ async def apply_batch(sa: StreamApp, events: Sequence[EventT]) -> list[TrainingE
                 examples.append(example)
                 trending_hits[ev.message.partition].append((click.item, click.ts))
             if changed:
-                sa.user_state[encode_key(user)] = state.to_dict()
+                sa.user_state[encode_key(user)] = state.to_bytes()
     for partition, hits in trending_hits.items():
         with writing_for(by_partition[partition]):
             key = str(partition).encode()
-            sa.trending[key] = update_trending(
-                sa.trending.get(key) or {}, hits, s.trending_bucket_s * 1000,
-                s.trending_buckets, s.trending_top)
+            old = sa.trending.get(key)
+            buckets = msgpack.unpackb(old, raw=False) if old else {}
+            sa.trending[key] = msgpack.packb(update_trending(
+                buckets, hits, s.trending_bucket_s * 1000, s.trending_buckets, s.trending_top))
     if duplicates:
         m.events_duplicate.inc(duplicates)
     return examples
@@ -155,7 +157,7 @@ def register(sa: StreamApp) -> None:
     @app.timer(2.0)
     async def refresh_trending() -> None:
         try:
-            parts = [v for _, v in sa.trending.items() if v]
+            parts = [msgpack.unpackb(v, raw=False) for _, v in sa.trending.items() if v]
             sa.trending_cache = merge_trending(parts, s.max_k, s.trending_buckets)
         except Exception:
             log.exception("could not refresh the trending list")

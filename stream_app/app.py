@@ -76,12 +76,14 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
                            key_serializer="raw", value_serializer="raw")
     train_batches = app.topic(s.topic_train, key_type=bytes, value_type=bytes,
                               partitions=1, key_serializer="raw", value_serializer="raw")
-    # value_type stays unset: `value_type=list/dict` breaks changelog recovery in Faust.
+    # Keys and values are bytes (raw codec): keys are the UTF-8 user id exactly as on
+    # `clicks` (key_type=str would mean JSON keys and misrouted lookups); values are msgpack
+    # encoded by stream_app.state (value_type=list/dict would break changelog recovery).
     user_state = app.Table("user_state", default=None, partitions=s.partitions,
-                           key_type=bytes,  # bytes => raw keys; str would mean JSON keys
+                           key_type=bytes, value_type=bytes,
                            help="Per user: last L items, last event time, counts, dedup window")
     trending = app.Table("trending", default=None, partitions=s.partitions,
-                         key_type=bytes,
+                         key_type=bytes, value_type=bytes,
                          help="Per partition: item counts in recent event-time buckets")
     metrics = StreamMetrics.create(registry)
     server = ModelServer(max_batch=s.microbatch_max, max_wait_ms=s.microbatch_wait_ms,

@@ -26,9 +26,9 @@ class Settings:
     topic_dlq: str = "clicks-dlq"
     topic_train: str = "train-batches"
     history_len: int = 50  # last L items kept per user (bounds state size per user)
-    dedup_window: int = 256  # fingerprints of the most recent events kept per user
+    dedup_window: int = 128  # fingerprints of the most recent events kept per user
     ingest_batch: int = 1000  # events taken from the stream at once; table writes coalesce
-    ingest_wait_s: float = 0.05  # max wait to fill an ingest batch
+    ingest_wait_s: float = 0.2  # max wait to fill an ingest batch
     trending_bucket_s: int = 600  # trending window = trending_buckets x bucket, in event time
     trending_buckets: int = 6
     trending_top: int = 500  # items kept per bucket and partition

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
 from advrec.contract import ClickEvent, TrainingExample
 from advrec.types import ItemId
 
-__all__ = ["UserState", "merge_trending", "update_trending"]
+__all__ = ["UserState", "fingerprint_hash", "merge_trending", "update_trending"]
+
+
+def fingerprint_hash(fingerprint: str) -> int:
+    """Return a stable 63-bit hash of an event fingerprint (8 bytes in state, not ~30)."""
+    digest = hashlib.blake2b(fingerprint.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 @dataclass
@@ -21,21 +30,23 @@ class UserState:
     last_ts: int = 0  # latest event time seen (ms)
     count: int = 0  # events applied
     types: dict[str, int] = field(default_factory=dict)  # events applied per type
-    fingerprints: list[tuple[str, int]] = field(default_factory=list)  # (fp, ts), oldest first
+    fingerprints: list[tuple[int, int]] = field(default_factory=list)  # (fp hash, ts), oldest first
     floor_ts: int = 0  # newest ts among fingerprints that fell out of the window
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> UserState:
+    def from_bytes(cls, data: bytes | None) -> UserState:
+        """Decode a ``user_state`` value (msgpack: ~5x cheaper than JSON on this path)."""
         if not data:
             return cls()
-        return cls(history=list(data.get("h", ())), last_ts=int(data.get("ts", 0)),
-                   count=int(data.get("n", 0)), types=dict(data.get("c", {})),
-                   fingerprints=[(f, int(t)) for f, t in data.get("fp", ())],
-                   floor_ts=int(data.get("fl", 0)))
+        h, ts, n, c, fp, fl = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        return cls(history=h, last_ts=ts, count=n, types=c,
+                   fingerprints=[(f, t) for f, t in zip(fp[::2], fp[1::2], strict=True)],
+                   floor_ts=fl)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"h": self.history, "ts": self.last_ts, "n": self.count, "c": self.types,
-                "fp": [list(p) for p in self.fingerprints], "fl": self.floor_ts}
+    def to_bytes(self) -> bytes:
+        flat = [x for pair in self.fingerprints for x in pair]
+        return msgpack.packb([self.history, self.last_ts, self.count, self.types, flat,
+                              self.floor_ts], use_bin_type=True)
 
     def public(self) -> dict[str, Any]:
         """Return the state as the HTTP API shows it."""
@@ -43,14 +54,14 @@ class UserState:
                 "types": self.types}
 
     def apply(self, event: ClickEvent, history_len: int, dedup_window: int,
-              fingerprint_set: set[str] | None = None) -> TrainingExample | None:
+              fingerprint_set: set[int] | None = None) -> TrainingExample | None:
         """Apply one event; return its training example, or None for a redelivered copy.
 
         A copy is recognised by its fingerprint (event id, else item and ts) among the last
         ``dedup_window`` events of the user, or by being older than every fingerprint that
         already left that window (redelivery of something long processed).
         """
-        fp = event.fingerprint()
+        fp = fingerprint_hash(event.fingerprint())
         seen = (fingerprint_set if fingerprint_set is not None
                 else {f for f, _ in self.fingerprints})
         if fp in seen or (self.floor_ts and event.ts < self.floor_ts):

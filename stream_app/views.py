@@ -93,7 +93,7 @@ def register(sa: StreamApp) -> None:
             return error(view, 400, f"k must be an integer, got {raw_k[:20]!r}")
         if not 1 <= k <= s.max_k:
             return error(view, 400, f"k must be between 1 and {s.max_k}, got {k}")
-        state = UserState.from_dict(sa.user_state.get(encode_key(user)))
+        state = UserState.from_bytes(sa.user_state.get(encode_key(user)))
         answer = None
         cause = "no_history" if not state.history else "no_known_items"
         if sa.server.current is None:
@@ -128,7 +128,7 @@ def register(sa: StreamApp) -> None:
         if raw is None:
             return view.json({"error": f"unknown user {user!r}", "status": 404,
                               "served_by": worker_ident()}, status=404)
-        return view.json({"user": user, **UserState.from_dict(raw).public(),
+        return view.json({"user": user, **UserState.from_bytes(raw).public(),
                           "served_by": worker_ident()})
 
     @app.page("/healthz")

@@ -1,0 +1,46 @@
+# advrec developer commands. `make help` lists them.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: help install kafka-start kafka-stop test test-unit lint demo bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip wheel setuptools
+	$(BIN)/pip install -q -e '.[serving,trainer,dev]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)  ## create .venv and install advrec with every extra (once)
+	@scripts/kafka.sh fetch
+
+kafka-start: install  ## start the local Kafka broker on 127.0.0.1:9092
+	scripts/kafka.sh start
+
+kafka-stop:  ## stop the local Kafka broker
+	scripts/kafka.sh stop
+
+test: install  ## run every test (starts Kafka for the tests that need it)
+	@if [ -x scripts/install-deploy-tools.sh ]; then scripts/install-deploy-tools.sh; fi
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: install  ## run the unit tests only (no Kafka)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+lint: install  ## ruff over the code and tests
+	$(BIN)/ruff check advrec stream_app trainer tests bench
+
+demo: install  ## the whole loop on the synthetic stream: broker, worker, trainer, replay
+	$(BIN)/python scripts/demo.py
+
+bench: install kafka-start  ## run the benchmarks (JSON under bench/results/)
+	$(BIN)/python bench/ingest.py
+
+clean:  ## remove local state (tables, bundles, checkpoints); keeps .venv and Kafka jars
+	rm -rf var/
