@@ -1,0 +1,170 @@
+"""Serving against the real broker: recommendations follow clicks, swaps drop nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from advrec.contract import ClickEvent, encode_event, encode_key
+from tests.bundles import publish_toy
+from tests.integration.conftest import Names, Worker, send, wait_for
+
+pytestmark = pytest.mark.kafka
+
+VOCAB = [f"i{n}" for n in range(200)]
+NOW = int(time.time() * 1000)
+
+
+def click(user: str, item: str, n: int) -> tuple[bytes, bytes]:
+    e = ClickEvent(user=user, item=item, ts=NOW - 100_000 + n, id=f"{user}-{n}")
+    return encode_key(user), encode_event(e)
+
+
+def recommend(worker: Worker, user: str, k: int = 10) -> dict:
+    r = httpx.get(f"{worker.url}/recommendations/{user}", params={"k": k}, timeout=10)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.fixture(scope="module")
+def serving(kafka: str, tmp_path_factory: pytest.TempPathFactory):
+    """One worker for the module (start-up is the slow part); tests run in file order."""
+    tmp = tmp_path_factory.mktemp("serving")
+    names = Names()
+    bundles = tmp / "bundles"
+    first = publish_toy(bundles, VOCAB, seed=0)
+    worker = Worker(names, tmp, bundle_dir=bundles,
+                    extra_env={"ADVREC_READY_WITHOUT_MODEL": "0",
+                               "ADVREC_ADMIN_TOKEN": "let-me-in",
+                               "ADVREC_WATCH_INTERVAL_S": "0.2"})
+    worker.start()
+    try:
+        worker.wait_ready()
+        yield worker, names, bundles, first
+    finally:
+        worker.stop()
+
+
+def live_version(worker: Worker) -> str:
+    return httpx.get(f"{worker.url}/readyz", timeout=5).json()["model_version"]
+
+
+def test_clicks_change_recommendations_and_seen_items_never_return(serving) -> None:
+    worker, names, _bundles, first = serving
+    send(names.clicks, [click("alice", "i1", 0), click("alice", "i2", 1)])
+    wait_for(lambda: httpx.get(f"{worker.url}/users/alice").status_code == 200, 60,
+             "alice's clicks applied")
+    before = recommend(worker, "alice")
+    assert before["fallback"] is False and before["model_version"] == first
+    assert not {"i1", "i2"} & set(before["items"])
+    send(names.clicks, [click("alice", f"i{n}", n) for n in range(10, 40)])
+    wait_for(lambda: httpx.get(f"{worker.url}/users/alice").json()["count"] == 32, 60,
+             "more clicks applied")
+    after = recommend(worker, "alice", k=50)
+    seen = {"i1", "i2", *(f"i{n}" for n in range(10, 40))}
+    assert not seen & set(after["items"]) and len(after["items"]) == 50
+    assert after["items"][:10] != before["items"]
+
+
+def test_an_unknown_user_gets_the_trending_fallback(serving) -> None:
+    worker, names, _bundles, _first = serving
+    send(names.clicks, [click(f"fan{n}", "i7", n) for n in range(20)])
+    wait_for(lambda: recommend(worker, "stranger")["items"][:1] == ["i7"], 30,
+             "trending list refreshed")
+    answer = recommend(worker, "stranger")
+    assert answer["fallback"] is True and answer["fallback_cause"] == "no_history"
+
+
+@pytest.mark.parametrize(("k", "status"), [("0", 400), ("201", 400), ("ten", 400)])
+def test_bad_k_gets_a_400_with_a_message(serving, k: str, status: int) -> None:
+    worker = serving[0]
+    r = httpx.get(f"{worker.url}/recommendations/alice", params={"k": k}, timeout=5)
+    assert r.status_code == status and "k must" in r.json()["error"]
+
+
+def test_too_long_user_id_gets_a_400(serving) -> None:
+    worker = serving[0]
+    r = httpx.get(f"{worker.url}/recommendations/{'x' * 129}", timeout=5)
+    assert r.status_code == 400
+
+
+def test_fifty_swaps_under_sixteen_clients_fail_no_request(serving) -> None:
+    worker, names, bundles, first = serving
+    send(names.clicks, [click(f"user{n}", f"i{n % 150}", n) for n in range(64)])
+    wait_for(lambda: httpx.get(f"{worker.url}/users/user63").status_code == 200, 60,
+             "users known")
+    published = {first}
+    log: list[tuple[float, float, str | None, int]] = []
+    stop = asyncio.Event()
+
+    async def client(n: int) -> None:
+        async with httpx.AsyncClient(base_url=worker.url, timeout=10) as http:
+            i = 0
+            while not stop.is_set():
+                started = time.monotonic()
+                r = await http.get(f"/recommendations/user{(n * 4 + i) % 64}?k=10")
+                body = r.json() if r.status_code == 200 else {}
+                log.append((started, time.monotonic(), body.get("model_version"),
+                            r.status_code))
+                i += 1
+
+    async def swapper() -> None:
+        for seed in range(1, 51):
+            published.add(publish_toy(bundles, VOCAB, seed=seed))
+            await asyncio.sleep(0.35)
+        await asyncio.sleep(1.0)
+        stop.set()
+
+    async def run() -> None:
+        await asyncio.gather(swapper(), *(client(n) for n in range(16)))
+
+    asyncio.run(run())
+    assert len(log) > 500
+    failed = [entry for entry in log if entry[3] != 200]
+    assert not failed, f"{len(failed)} failed requests, e.g. {failed[:3]}"
+    assert {v for *_, v, _ in log} <= published
+    # once a response with version V has completed, no later-started request sees older
+    done = sorted(log, key=lambda e: e[1])
+    newest, j = "", 0
+    for started, _end, version, _ in sorted(log):
+        while j < len(done) and done[j][1] < started:
+            newest = max(newest, done[j][2] or "")
+            j += 1
+        assert (version or "") >= newest, (version, newest)
+    swaps = worker.metric("advrec_model_swaps_total")
+    assert swaps >= 40  # a swap every 0.35 s, polled every 0.2 s: nearly all seen
+
+
+def test_corrupt_bundles_are_rejected_and_the_old_version_keeps_answering(serving) -> None:
+    worker, names, bundles, _first = serving
+    send(names.clicks, [click("bob", "i3", 0)])
+    wait_for(lambda: httpx.get(f"{worker.url}/users/bob").status_code == 200, 60, "bob")
+    live = live_version(worker)
+    bad = publish_toy(bundles, VOCAB, seed=99)
+    (bundles / bad / "model.onnx").write_bytes(b"\x00garbage")
+    wait_for(lambda: worker.metric("advrec_bundles_rejected_total") >= 1, 30, "rejection")
+    assert recommend(worker, "bob")["model_version"] == live
+    ready = httpx.get(f"{worker.url}/readyz").json()
+    assert ready["rejected"] == {bad: "checksum_mismatch"}
+
+
+def test_admin_needs_the_bearer_token_and_rollback_works(serving) -> None:
+    worker, _names, bundles, _first = serving
+    first = publish_toy(bundles, VOCAB, seed=100)
+    wait_for(lambda: live_version(worker) == first, 30, "a good bundle live")
+    second = publish_toy(bundles, VOCAB, seed=101)
+    wait_for(lambda: httpx.get(f"{worker.url}/readyz").json()["model_version"] == second, 30,
+             "second bundle live")
+    url = f"{worker.url}/admin/rollback"
+    assert httpx.post(url).status_code == 401
+    assert httpx.post(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(f"{worker.url}/admin/model").status_code == 401
+    r = httpx.post(url, headers={"Authorization": "Bearer let-me-in"})
+    assert r.status_code == 200 and r.json()["rolled_back_to"] == first
+    status = httpx.get(f"{worker.url}/admin/model",
+                       headers={"Authorization": "Bearer let-me-in"}).json()
+    assert status["live"]["version"] == first and status["current_pointer"] == first
+    assert "let-me-in" not in httpx.get(f"{worker.url}/metrics").text

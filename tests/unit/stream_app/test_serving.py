@@ -1,0 +1,140 @@
+"""Serving: verified sessions, provider report, top-k exclusion, micro-batching, swaps."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from advrec.bundle import BundleError, write_bundle
+from stream_app.hotswap import BundleWatcher
+from stream_app.metrics import StreamMetrics
+from stream_app.serving import ModelServer, load_model, select_providers, top_k
+from tests.bundles import publish_toy, toy_model
+
+VOCAB = [f"i{n}" for n in range(30)]
+
+
+def test_load_model_reports_the_providers_actually_in_use(tmp_path: Path) -> None:
+    v = publish_toy(tmp_path, VOCAB)
+    model = load_model(tmp_path, v, providers="auto")
+    assert model.providers and set(model.providers) <= set(ort.get_available_providers())
+    assert model.providers[-1] == "CPUExecutionProvider"
+
+
+def test_cuda_is_only_requested_when_the_build_offers_it() -> None:
+    chosen = select_providers("cuda,cpu")
+    assert chosen[-1] == "CPUExecutionProvider"
+    assert ("CUDAExecutionProvider" in chosen) == (
+        "CUDAExecutionProvider" in ort.get_available_providers())
+
+
+def test_encode_left_pads_and_skips_unknown_items(tmp_path: Path) -> None:
+    model = load_model(tmp_path, publish_toy(tmp_path, VOCAB, max_len=4))
+    assert model.encode(["i0", "zzz", "i1"]).tolist() == [0, 0, 1, 2]
+    assert model.encode([f"i{n}" for n in range(6)]).tolist() == [3, 4, 5, 6]
+
+
+def test_top_k_never_returns_padding_or_excluded_rows() -> None:
+    scores = np.array([100.0, 1.0, 5.0, 3.0, 4.0], dtype=np.float32)
+    assert top_k(scores, np.array([2]), 3) == [4, 3, 1]
+    assert top_k(scores, np.array([1, 2, 3, 4]), 3) == []
+
+
+@pytest.mark.parametrize(("kwargs", "reason"), [
+    ({"nan": True}, "nan_output"),
+    ({"input_name": "tokens"}, "bad_signature"),
+    ({"extra_cols": 2}, "vocab_mismatch"),
+])
+def test_bad_models_are_rejected_with_a_reason(tmp_path: Path, kwargs, reason) -> None:
+    v = publish_toy(tmp_path, VOCAB, **kwargs)
+    with pytest.raises(BundleError) as info:
+        load_model(tmp_path, v)
+    assert info.value.reason == reason
+
+
+def test_a_model_file_that_is_not_onnx_fails_to_load(tmp_path: Path) -> None:
+    v = write_bundle(tmp_path, b"not a model", VOCAB, {"max_len": 5})
+    with pytest.raises(BundleError) as info:
+        load_model(tmp_path, v)
+    assert info.value.reason == "load_error"
+
+
+async def test_concurrent_requests_are_micro_batched_and_exclude_seen(tmp_path: Path) -> None:
+    metrics = StreamMetrics.create()
+    server = ModelServer(max_batch=16, max_wait_ms=20, metrics=metrics)
+    server.swap(load_model(tmp_path, publish_toy(tmp_path, VOCAB)))
+    await server.start()
+    try:
+        histories = [[f"i{n}", f"i{(n + 1) % 30}"] for n in range(16)]
+        answers = await asyncio.gather(*(server.recommend(h, 5) for h in histories))
+    finally:
+        await server.stop()
+    for history, answer in zip(histories, answers, strict=True):
+        assert answer is not None
+        items, _version = answer
+        assert len(items) == 5 and not set(items) & set(history)
+    sizes = metrics.registry.get_sample_value("advrec_microbatch_size_sum")
+    calls = metrics.registry.get_sample_value("advrec_microbatch_size_count")
+    assert sizes == 16 and calls < 16  # fewer model calls than requests
+
+
+async def test_no_usable_history_returns_none_for_the_fallback(tmp_path: Path) -> None:
+    server = ModelServer()
+    assert await server.recommend(["i1"], 5) is None  # no model yet
+    server.swap(load_model(tmp_path, publish_toy(tmp_path, VOCAB)))
+    assert await server.recommend(["unknown"], 5) is None
+    await server.stop()
+
+
+async def test_watcher_swaps_new_versions_and_keeps_serving_after_a_bad_one(
+        tmp_path: Path) -> None:
+    metrics = StreamMetrics.create()
+    server = ModelServer(metrics=metrics)
+    watcher = BundleWatcher(tmp_path, server, metrics=metrics)
+    good = publish_toy(tmp_path, VOCAB, seed=1)
+    assert await watcher.check() and server.current is not None
+    assert server.current.version == good
+    bad = publish_toy(tmp_path, VOCAB, seed=2)
+    (tmp_path / bad / "model.onnx").write_bytes(b"corrupt")
+    assert not await watcher.check()
+    assert server.current.version == good
+    assert watcher.rejected == {bad: "checksum_mismatch"}
+    assert not await watcher.check()  # a rejected version is not retried every tick
+    assert metrics.registry.get_sample_value(
+        "advrec_bundles_rejected_total", {"reason": "checksum_mismatch"}) == 1
+    newer = publish_toy(tmp_path, VOCAB, seed=3)
+    assert await watcher.check() and server.current.version == newer
+    await server.stop()
+
+
+async def test_a_vocabulary_mismatch_is_rejected(tmp_path: Path) -> None:
+    server = ModelServer()
+    watcher = BundleWatcher(tmp_path, server)
+    model = toy_model(len(VOCAB) + 5)  # scores more columns than the vocabulary has rows
+    v = write_bundle(tmp_path, model, VOCAB, {"max_len": 5})
+    assert not await watcher.check()
+    assert watcher.rejected[v] == "vocab_mismatch" and server.current is None
+    await server.stop()
+
+
+async def test_rollback_serves_the_previous_version_and_repoints_current(
+        tmp_path: Path) -> None:
+    server = ModelServer()
+    watcher = BundleWatcher(tmp_path, server)
+    first = publish_toy(tmp_path, VOCAB, seed=1)
+    await watcher.check()
+    second = publish_toy(tmp_path, VOCAB, seed=2)
+    await watcher.check()
+    assert server.current is not None and server.current.version == second
+    assert await watcher.rollback() == first
+    assert server.current.version == first
+    assert (tmp_path / "CURRENT").read_text().strip() == first
+    assert not await watcher.check()  # the pointer agrees: no swap back
+    meta = json.loads((tmp_path / first / "meta.json").read_text())
+    assert meta["version"] == first
+    await server.stop()

@@ -1,0 +1,53 @@
+"""Per-user state: bounded history, de-duplication of redelivered events, trending windows."""
+
+from __future__ import annotations
+
+from advrec.contract import ClickEvent
+from stream_app.state import UserState, merge_trending, update_trending
+
+T0 = 1_700_000_000_000
+
+
+def test_apply_keeps_the_last_l_items_and_returns_the_history_before_the_click() -> None:
+    s = UserState()
+    examples = [s.apply(ClickEvent("u", f"i{n}", T0 + n), history_len=3, dedup_window=10)
+                for n in range(5)]
+    assert s.history == ["i2", "i3", "i4"] and s.count == 5 and s.last_ts == T0 + 4
+    assert examples[4] is not None and examples[4].history == ("i1", "i2", "i3")
+
+
+def test_a_redelivered_event_is_not_applied_twice() -> None:
+    s = UserState()
+    e = ClickEvent("u", "i", T0, id="x")
+    assert s.apply(e, 50, 10) is not None
+    assert s.apply(e, 50, 10) is None
+    assert s.count == 1
+
+
+def test_events_older_than_the_dedup_window_count_as_redelivered() -> None:
+    s = UserState()
+    events = [ClickEvent("u", f"i{n}", T0 + n) for n in range(6)]
+    for e in events:
+        s.apply(e, 50, dedup_window=3)
+    assert s.apply(events[0], 50, 3) is None  # fell out of the window, older than the floor
+    assert s.count == 6
+
+
+def test_state_round_trips_through_bytes() -> None:
+    s = UserState()
+    for n in range(3):
+        s.apply(ClickEvent("u", f"i{n}", T0 + n, type="view"), 50, 10)
+    again = UserState.from_bytes(s.to_bytes())
+    assert again == s
+    assert UserState.from_bytes(None) == UserState()
+
+
+def test_trending_keeps_only_the_newest_buckets_and_ranks_by_count() -> None:
+    minute = 60_000
+    buckets = update_trending({}, [("a", T0), ("b", T0), ("b", T0)], minute, 2, 10)
+    buckets = update_trending(buckets, [("c", T0 + 5 * minute)], minute, 2, 10)
+    buckets = update_trending(buckets, [("c", T0 + 6 * minute)], minute, 2, 10)
+    assert len(buckets) == 2
+    assert merge_trending([buckets], k=5, n_buckets=2) == ["c"]
+    fresh = update_trending({}, [("a", T0), ("b", T0), ("b", T0)], minute, 2, 10)
+    assert merge_trending([fresh, {str(T0 // minute * minute): {"a": 5}}], 2, 2) == ["a", "b"]
