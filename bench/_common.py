@@ -1,0 +1,84 @@
+"""Helpers shared by the benchmark scripts: processes, scraping, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from urllib.request import urlopen
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(url: str, name: str) -> float:
+    text = urlopen(url, timeout=5).read().decode()
+    total = 0.0
+    for m in re.finditer(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$", text, re.M):
+        total += float(m.group(1))
+    return total
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def tag() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def start_worker(run_dir: Path, env_extra: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "ADVREC_WEB_PORT": str(port), "ADVREC_WEB_BIND": "127.0.0.1",
+           "ADVREC_DATA_DIR": str(run_dir / f"tables-{port}"),
+           "ADVREC_BUNDLE_DIR": str(run_dir / "bundles"), "ADVREC_READY_WITHOUT_MODEL": "1",
+           "ADVREC_LOG_LEVEL": "warning", **env_extra}
+    log = open(run_dir / f"worker-{port}.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "advrec.cli", "worker"], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            if urlopen(f"{url}/readyz", timeout=2).status == 200:
+                return proc, url
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited; see {log.name}")
+        time.sleep(0.5)
+    raise RuntimeError("worker did not become ready")
+
+
+def machine() -> dict:
+    return {"python": sys.version.split()[0], "platform": platform.platform(),
+            "cpus": os.cpu_count(), "processor": platform.processor()}
+
+
+def write_result(name: str, result: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2, sort_keys=True))
+    return path
+
+
+def print_table(title: str, rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    print(f"\n{title}\n" + "-" * (width + 20))
+    for key, value in rows:
+        print(f"{key.ljust(width)}  {value}")

@@ -1,0 +1,65 @@
+"""Settings of the sidecar trainer: one frozen dataclass filled once from ``ADVREC_*``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from advrec.config import ConfigError, from_env
+
+__all__ = ["ENV_PREFIX", "TrainerSettings", "load_trainer_settings"]
+
+ENV_PREFIX = "ADVREC_"
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """What the trainer process can be told; env name = ADVREC_ + field name in capitals."""
+
+    broker: str = "kafka://127.0.0.1:9092"
+    topic_train: str = "train-batches"
+    trainer_group: str = "advrec-trainer"  # one active trainer: owner of the one partition
+    bundle_dir: str = "var/bundles"
+    checkpoint_dir: str = "var/checkpoints"
+    trainer_metrics_bind: str = "127.0.0.1"  # 0.0.0.0 in containers
+    trainer_metrics_port: int = 9108
+    trainer_mode: str = "none"  # none | irgan | apr | irgan+apr (see docs/results.md)
+    trainer_lr: float = 1e-3
+    trainer_seed: int = 0
+    trainer_threads: int = 0  # torch threads; 0: torch's default
+    trainer_max_len: int = 50  # history length the model reads (the stream keeps as many)
+    trainer_dim: int = 64
+    trainer_layers: int = 2
+    trainer_replay_size: int = 20_000
+    trainer_replay_ratio: float = 1.0
+    export_every_s: float = 5.0  # publish a bundle at most this often...
+    export_every_batches: int = 50  # ...or after this many batches, whichever first
+    quality_delta: float = 0.02  # reject if window HR@10 < live's HR@10 - delta (absolute)
+    quality_min_examples: int = 200  # smaller windows are too noisy to block a publish
+    bundles_keep: int = 5
+    checkpoint_every_batches: int = 20  # offsets are committed right after each checkpoint
+    log_every_s: float = 5.0
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        from trainer.adversarial import MODES
+
+        if self.trainer_mode not in MODES:
+            raise ConfigError(f"setting {ENV_PREFIX}TRAINER_MODE={self.trainer_mode!r} is not "
+                              f"one of {sorted(MODES)}")
+        for name in ("export_every_batches", "checkpoint_every_batches", "bundles_keep",
+                     "trainer_max_len", "trainer_dim", "trainer_layers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"setting {ENV_PREFIX}{name.upper()}={getattr(self, name)!r}"
+                                  " must be >= 1")
+        if self.export_every_s <= 0 or self.quality_delta < 0:
+            raise ConfigError(f"setting {ENV_PREFIX}EXPORT_EVERY_S / QUALITY_DELTA out of range")
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(u.split("://", 1)[-1] for u in self.broker.split(";"))
+
+
+def load_trainer_settings(environ: dict[str, str] | None = None,
+                          **overrides: object) -> TrainerSettings:
+    """Return trainer settings from the environment, with flag overrides (None = not given)."""
+    return from_env(TrainerSettings, ENV_PREFIX, environ, **overrides)
