@@ -198,3 +198,69 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.5) -> Non
             last_exc = exc
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} ({last_exc})")
+
+
+class TrainerProcess:
+    """An ``advrec trainer`` subprocess with its own metrics port and directories."""
+
+    def __init__(self, names: Names, tmp: Path, *, bundle_dir: Path,
+                 checkpoint_dir: Path | None = None,
+                 extra_env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.checkpoint_dir = checkpoint_dir or tmp / "checkpoints"
+        self.log_path = tmp / f"trainer-{self.port}.log"
+        self.env = {
+            **os.environ,
+            "ADVREC_BROKER": f"kafka://{BOOTSTRAP}",
+            "ADVREC_TOPIC_TRAIN": names.train,
+            "ADVREC_TRAINER_GROUP": f"{names.app_id}-trainer",
+            "ADVREC_BUNDLE_DIR": str(bundle_dir),
+            "ADVREC_CHECKPOINT_DIR": str(self.checkpoint_dir),
+            "ADVREC_TRAINER_METRICS_PORT": str(self.port),
+            "ADVREC_TRAINER_THREADS": "1",
+            **(extra_env or {}),
+        }
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> TrainerProcess:
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "advrec.cli", "trainer"],
+                                     env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=ROOT, start_new_session=True)
+        return self
+
+    def metric(self, name: str, labels: str | None = None) -> float:
+        text = httpx.get(f"{self.url}/metrics", timeout=5).text
+        total, found = 0.0, False
+        pattern = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", re.M)
+        for match in pattern.finditer(text):
+            if labels is None or (match.group(1) and labels in match.group(1)):
+                total += float(match.group(2))
+                found = True
+        return total if found else float("nan")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
