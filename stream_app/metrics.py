@@ -6,7 +6,13 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-__all__ = ["StreamMetrics"]
+from advrec.bundle import REJECT_REASONS
+from advrec.contract import REASONS
+
+__all__ = ["FALLBACK_CAUSES", "StreamMetrics"]
+
+# Why a recommendation came from the trending list (label of advrec_fallback_answers_total).
+FALLBACK_CAUSES = ("no_model", "no_history", "no_known_items", "model_error")
 
 # Ingest batches take 1-100 ms on 2 cores; a stuck batch shows up in the 1-10 s buckets.
 _PROCESS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
@@ -47,7 +53,7 @@ class StreamMetrics:
         """Declare the metrics on ``registry`` (a fresh one if None: one per test)."""
         r = CollectorRegistry(auto_describe=True) if registry is None else registry
         p = prefix
-        return cls(
+        m = cls(
             registry=r,
             events_consumed=Counter(f"{p}_events_consumed", "Click messages read from Kafka",
                                     registry=r),
@@ -61,8 +67,8 @@ class StreamMetrics:
             processing_seconds=Histogram(f"{p}_ingest_batch_seconds",
                                          "Time to validate and apply one ingest batch",
                                          buckets=_PROCESS_BUCKETS, registry=r),
-            table_keys=Gauge(f"{p}_table_keys", "Keys held locally, by table", ["table"],
-                             registry=r),
+            table_keys=Gauge(f"{p}_table_keys", "Keys held locally, by table (counted once "
+                             "per assigned partition, then on insert)", ["table"], registry=r),
             consumer_lag=Gauge(f"{p}_consumer_lag_messages",
                                "Messages behind the log end, by topic partition",
                                ["topic", "partition"], registry=r),
@@ -96,3 +102,11 @@ class StreamMetrics:
             model_ready=Gauge(f"{p}_model_ready", "1 while a warmed model is serving",
                               registry=r),
         )
+        # Known label values start at 0: increase() misses a series whose first sample is 1.
+        for reason in REASONS:
+            m.events_invalid.labels(reason=reason)
+        for reason in REJECT_REASONS:
+            m.bundles_rejected.labels(reason=reason)
+        for cause in FALLBACK_CAUSES:
+            m.fallback_answers.labels(cause=cause)
+        return m

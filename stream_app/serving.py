@@ -75,6 +75,11 @@ class LoadedModel:
             out[-len(rows):] = rows
         return out
 
+    def seen_rows(self, history: list[ItemId]) -> list[int]:
+        """Return the rows of every known item in ``history`` (all of it, not just the last L)."""
+        index = self.index
+        return [index[i] for i in history if i in index]
+
     def run(self, histories: np.ndarray) -> np.ndarray:
         """Score a batch: int64 [B, L] -> float32 [B, V+1] (blocking; call off the loop)."""
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: histories})[0]
@@ -135,6 +140,32 @@ def top_k(scores: np.ndarray, exclude: np.ndarray, k: int) -> list[int]:
         return []
     part = np.argpartition(-scores, k - 1)[:k]
     return [int(i) for i in part[np.argsort(-scores[part], kind="stable")]]
+
+
+def top_k_batch(scores: np.ndarray, seen: list[list[int]], ks: list[int]) -> list[list[int]]:
+    """Vectorised ``top_k`` over a batch: scores [B, V+1], per-row exclusions and k."""
+    scores = scores.astype(np.float32, copy=True)  # (B, V+1)
+    n_rows = scores.shape[0]
+    scores[:, 0] = -np.inf
+    width = max((len(s) for s in seen), default=0)
+    if width:
+        mask = np.zeros((n_rows, width), dtype=np.int64)  # (B, H): padded with row 0
+        for i, rows in enumerate(seen):
+            mask[i, : len(rows)] = rows
+        scores[np.arange(n_rows)[:, None], mask] = -np.inf
+    k_max = min(max(ks), scores.shape[1] - 1)
+    if k_max <= 0:
+        return [[] for _ in ks]
+    part = np.argpartition(-scores, k_max - 1, axis=1)[:, :k_max]  # (B, k_max)
+    part_scores = np.take_along_axis(scores, part, axis=1)
+    order = np.argsort(-part_scores, axis=1, kind="stable")
+    ranked = np.take_along_axis(part, order, axis=1)  # (B, k_max), best first
+    ranked_scores = np.take_along_axis(part_scores, order, axis=1)
+    out = []
+    for i, k in enumerate(ks):
+        ok = np.isfinite(ranked_scores[i, :k])
+        out.append([int(r) for r in ranked[i, :k][ok]])
+    return out
 
 
 @dataclass
@@ -229,13 +260,12 @@ class ModelServer:
                 self._pool, model.run, rows)  # (B, V+1)
             if self.metrics is not None:
                 self.metrics.microbatch_size.observe(len(batch))
+            best = top_k_batch(scores, [model.seen_rows(r.history) for r in batch],
+                               [r.k for r in batch])
             vocab = model.bundle.vocab
-            for i, req in enumerate(batch):
-                seen = np.array(sorted({model.index[h] for h in req.history if h in model.index}),
-                                dtype=np.int64)
-                best = top_k(scores[i], seen, req.k)
+            for req, picked in zip(batch, best, strict=True):
                 if not req.future.done():
-                    req.future.set_result(([vocab[r - 1] for r in best], model.version))
+                    req.future.set_result(([vocab[r - 1] for r in picked], model.version))
         except Exception as exc:  # fail the requests, never the serving loop
             log.exception("model call failed for a batch of %d", len(batch))
             for req in batch:

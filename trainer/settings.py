@@ -25,7 +25,7 @@ class TrainerSettings:
     trainer_mode: str = "none"  # none | irgan | apr | irgan+apr (see docs/results.md)
     trainer_lr: float = 1e-3
     trainer_seed: int = 0
-    trainer_threads: int = 0  # torch threads; 0: torch's default
+X
     trainer_max_len: int = 50  # history length the model reads (the stream keeps as many)
     trainer_dim: int = 64
     trainer_layers: int = 2

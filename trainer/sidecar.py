@@ -36,6 +36,8 @@ log = logging.getLogger("advrec.trainer")
 
 CHECKPOINT_FILE = "trainer.ckpt"
 PARITY_TOLERANCE = 1e-3  # torch vs onnxruntime max abs score difference allowed at export
+# train_batch stats -> `kind` label of advrec_trainer_loss (pg and apr are G's extra terms)
+LOSS_KINDS = {"loss_ml": "ml", "loss_g": "g", "loss_d": "d", "pg_term": "pg", "apr_loss": "apr"}
 
 
 class Sidecar:
@@ -128,9 +130,9 @@ class Sidecar:
                     # over all examples: a target the model cannot know yet counts as a miss
                     m.prequential.labels(metric=key.replace("@", "_at_")).set(
                         pre[key] * pre["n_eval"] / n_total)
-        for key, value in stats.items():
-            if key.startswith("loss_"):
-                m.loss.labels(kind=key[5:]).set(value)
+        for key, kind in LOSS_KINDS.items():
+            if key in stats:
+                m.loss.labels(kind=kind).set(stats[key])
         for side in ("real", "fake"):
             if f"d_acc_{side}" in stats:
                 m.d_accuracy.labels(side=side).set(stats[f"d_acc_{side}"])

@@ -6,7 +6,10 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-__all__ = ["TrainerMetrics"]
+__all__ = ["EXPORT_OUTCOMES", "TrainerMetrics"]
+
+# What became of an export (label of advrec_trainer_exports_total).
+EXPORT_OUTCOMES = ("published", "rejected_quality", "rejected_parity", "failed")
 
 # A training step on 2 cores takes ~50-500 ms; an export 0.2-2 s; checkpoints similar.
 _STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -37,9 +40,10 @@ class TrainerMetrics:
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None,
                prefix: str = "advrec_trainer") -> TrainerMetrics:
+        """Declare the metrics on ``registry`` (a fresh one if None: one per test)."""
         r = CollectorRegistry(auto_describe=True) if registry is None else registry
         p = prefix
-        return cls(
+        m = cls(
             registry=r,
             batches=Counter(f"{p}_batches", "Mini-batches trained on", registry=r),
             examples=Counter(f"{p}_examples", "Examples trained on", registry=r),
@@ -73,3 +77,7 @@ class TrainerMetrics:
             model_info=Info(f"{p}_model", "Last published bundle", registry=r),
             active=Gauge(f"{p}_active", "1 while this trainer owns train-batches", registry=r),
         )
+        # Outcomes start at 0: increase() misses a series whose first sample is 1.
+        for outcome in EXPORT_OUTCOMES:
+            m.exports.labels(outcome=outcome)
+        return m

@@ -138,3 +138,16 @@ async def test_rollback_serves_the_previous_version_and_repoints_current(
     meta = json.loads((tmp_path / first / "meta.json").read_text())
     assert meta["version"] == first
     await server.stop()
+
+
+def test_batched_top_k_agrees_with_single_row_top_k() -> None:
+    from stream_app.serving import top_k_batch
+
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(6, 40)).astype(np.float32)
+    seen = [[1, 2], [], [5, 6, 7], list(range(1, 39)), [3], [9]]
+    ks = [5, 10, 3, 5, 1, 39]
+    got = top_k_batch(scores, seen, ks)
+    for i in range(6):
+        assert got[i] == top_k(scores[i], np.array(seen[i], dtype=np.int64), ks[i])
+    assert got[3] == [39]  # only one row left that is neither padding nor seen

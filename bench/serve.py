@@ -1,0 +1,212 @@
+"""Serving throughput and latency: /recommendations vs a no-op endpoint, micro-batching on
+and off, steady vs a swap every 2 s, and resident memory during swaps.
+
+A real 10k-item generator (random weights: latency does not depend on training) is
+exported to a bundle; a worker serves 500 users with 50-item histories; aiohttp clients at
+concurrency 1, 8 and 32 hit each endpoint for a fixed time. Writes bench/results/serve.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from advrec.bundle import list_versions, load_bundle, write_bundle
+from advrec.contract import ClickEvent, encode_event, encode_key
+from advrec.replay import produce
+from advrec.topics import default_topics, ensure_topics
+from bench._common import (
+    machine,
+    print_table,
+    rss_mib,
+    scrape,
+    start_worker,
+    tag,
+    write_result,
+)
+
+
+def make_bundle(root: Path, n_items: int) -> str:
+    import torch
+
+    from trainer.export import export_onnx
+    from trainer.model import Generator, ModelConfig
+
+    torch.manual_seed(0)
+    gen = Generator(ModelConfig(n_items=n_items))
+    gen.grow(n_items)  # (V+1, D) live rows: random weights serve as fast as trained ones
+    model = export_onnx(gen, 50)
+    vocab = [f"i{n}" for n in range(gen.n_items)]
+    return write_bundle(root, model, vocab, {"max_len": 50, "last_event_ms": 0,
+                                             "examples_seen": 0, "metrics": {}}, keep=3)
+
+
+async def load(url: str, paths: list[str], concurrency: int, seconds: float) -> dict:
+    latencies: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def client(i: int, session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        n = i
+        while time.perf_counter() < stop_at:
+            path = paths[n % len(paths)]
+            n += concurrency
+            t0 = time.perf_counter()
+            async with session.get(url + path) as r:
+                await r.read()
+                if r.status != 200:
+                    errors += 1
+            latencies.append(time.perf_counter() - t0)
+
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=conn) as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(i, session) for i in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    latencies.sort()
+    q = statistics.quantiles(latencies, n=100) if len(latencies) > 2 else [0.0] * 99
+    return {"requests": len(latencies), "errors": errors, "rps": len(latencies) / elapsed,
+            "p50_ms": q[49] * 1000, "p99_ms": q[98] * 1000}
+
+
+def measure_swaps(url: str, paths: list[str], pid: int, bundles: Path, version: str,
+                  seconds: float) -> dict:
+    """p99 at concurrency 8 steady, then with a new bundle every 2 s; peak RSS meanwhile."""
+    steady = asyncio.run(load(url, paths, 8, seconds * 2))
+    stop = threading.Event()
+    peak = [rss_mib(pid)]
+    model = (bundles / version / "model.onnx").read_bytes()
+    vocab = load_bundle(bundles, version).vocab
+
+    def swapper() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            write_bundle(bundles, model, vocab, {"max_len": 50, "last_event_ms": 0,
+                                                 "examples_seen": n, "metrics": {}}, keep=3)
+            stop.wait(2.0)
+
+    def sampler() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss_mib(pid))
+            stop.wait(0.05)
+
+    threads = [threading.Thread(target=swapper), threading.Thread(target=sampler)]
+    for t in threads:
+        t.start()
+    try:
+        swapping = asyncio.run(load(url, paths, 8, seconds * 2))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    return {"steady": steady, "swapping": swapping,
+            "swaps": scrape(f"{url}/metrics", "advrec_model_swaps_total"),
+            "p99_ratio": swapping["p99_ms"] / steady["p99_ms"], "rss_peak_mib": peak[0]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--items", type=int, default=10_000)
+    p.add_argument("--seconds", type=float, default=8.0, help="per measurement")
+    p.add_argument("--bootstrap", default="127.0.0.1:9092")
+    args = p.parse_args()
+    run_dir = Path("var") / f"bench-serve-{tag()}"
+    bundles = run_dir / "bundles"
+    version = make_bundle(bundles, args.items)
+    n_items = len(load_bundle(bundles, version).vocab)
+    topic = f"bench-serve-{tag()}"
+    asyncio.run(ensure_topics(args.bootstrap, default_topics(
+        clicks=topic, dlq=topic + "-dlq", train=topic + "-train")))
+    now = int(time.time() * 1000) - 3_600_000
+    events = [ClickEvent(f"user{u}", f"i{(u * 37 + j * 11) % n_items}", now + u * 100 + j)
+              for u in range(500) for j in range(50)]
+    asyncio.run(produce(args.bootstrap, topic, [(encode_key(e.user), encode_event(e))
+                                                for e in events], progress=False))
+    paths = [f"/recommendations/user{u}?k=10" for u in range(500)]
+    result: dict = {"settings": vars(args), "machine": machine(), "n_items": n_items,
+                    "runs": {}}
+    rows = []
+    for label, micro in (("microbatch", "32"), ("no_microbatch", "1")):
+        env = {"ADVREC_BROKER": f"kafka://{args.bootstrap}", "ADVREC_TOPIC_CLICKS": topic,
+               "ADVREC_TOPIC_DLQ": topic + "-dlq", "ADVREC_TOPIC_TRAIN": topic + "-train",
+               "ADVREC_APP_ID": f"bench-{tag()}", "ADVREC_BUNDLE_DIR": str(bundles),
+               "ADVREC_MICROBATCH_MAX": micro, "ADVREC_LOG_LEVEL": "warning"}
+        proc, url = start_worker(run_dir, env)
+        try:
+            deadline = time.monotonic() + 120
+            while scrape(f"{url}/metrics", "advrec_events_consumed_total") < len(events):
+                assert time.monotonic() < deadline, "events not consumed"
+                time.sleep(0.5)
+            for c in (1, 8, 32):
+                rec = asyncio.run(load(url, paths, c, args.seconds))
+                noop = asyncio.run(load(url, ["/noop"], c, args.seconds))
+                result["runs"][f"{label}/c{c}"] = {"recommendations": rec, "noop": noop,
+                                                    "ratio": rec["rps"] / noop["rps"]}
+                rows.append((f"{label} c={c}",
+                             f"rec {rec['rps']:7.0f}/s p50 {rec['p50_ms']:6.2f} p99 "
+                             f"{rec['p99_ms']:6.2f} ms | noop {noop['rps']:7.0f}/s | "
+                             f"ratio {rec['rps'] / noop['rps']:.2f} | errors {rec['errors']}"))
+            if label == "microbatch":
+                # steady vs. a swap every 2 s, and memory above the no-model baseline
+                result["swap"] = measure_swaps(url, paths, proc.pid, bundles, version,
+                                               args.seconds)
+                swap = result["swap"]
+                rows.append(("steady c=8", f"p99 {swap['steady']['p99_ms']:.2f} ms"))
+                rows.append(("swap every 2 s c=8",
+                             f"p99 {swap['swapping']['p99_ms']:.2f} ms ({swap['swaps']:.0f} "
+                             f"swaps, {swap['swapping']['errors']} errors) -> "
+                             f"{swap['p99_ratio']:.2f}x steady"))
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    # memory of one loaded session above the process baseline: a worker without a model
+    empty = run_dir / "empty-bundles"
+    empty.mkdir()
+    env["ADVREC_BUNDLE_DIR"] = str(empty)
+    env["ADVREC_MICROBATCH_MAX"] = "32"
+    env["ADVREC_APP_ID"] = f"bench-{tag()}"
+    proc, url = start_worker(run_dir, env)
+    try:
+        time.sleep(3)
+        base = rss_mib(proc.pid)
+        shutil.copytree(bundles / list_versions(bundles)[-1], empty / "0000000000001")
+        (empty / "CURRENT").write_text("0000000000001\n")
+        deadline = time.monotonic() + 60
+        while scrape(f"{url}/metrics", "advrec_model_swaps_total") < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(2)
+        one = rss_mib(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    model_mib = max(one - base, 1e-6)
+    swap = result["swap"]
+    swap["rss_baseline_mib"] = base
+    swap["rss_one_model_mib"] = one
+    swap["swap_memory_vs_one_model"] = (swap["rss_peak_mib"] - base) / model_mib
+    rows.append(("memory", f"baseline {base:.0f} MiB, +1 model {one - base:.0f} MiB, peak "
+                           f"during swaps {swap['rss_peak_mib'] - base:.0f} MiB above baseline "
+                           f"= {swap['swap_memory_vs_one_model']:.2f}x one model"))
+    result["goals"] = {"recommendations_vs_noop_c32": ">= 0.5", "swap_p99_vs_steady": "<= 1.5",
+                       "swap_memory_vs_one_model": "<= 2.2"}
+    shutil.rmtree(run_dir, ignore_errors=True)
+    path = write_result("serve", result)
+    print_table(f"bench/serve ({n_items} items)", [*rows, ("results", str(path))])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

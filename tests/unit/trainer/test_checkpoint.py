@@ -1,0 +1,57 @@
+"""Checkpoints: atomic replace, exact resume, foreign files rejected."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.unit.trainer.planted import SMALL, planted_stream
+from trainer import checkpoint
+from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.learner import OnlineLearner, TrainConfig
+
+
+def _trained(n_batches: int = 3) -> tuple[OnlineLearner, list]:
+    batches = planted_stream(n_batches + 1, 32, seed=2)
+    learner = OnlineLearner(SMALL, TrainConfig(mode="irgan+apr", lr=3e-3, replay_size=200))
+    for batch in batches[:n_batches]:
+        learner.train_batch(batch)
+    return learner, batches[n_batches]
+
+
+def test_save_load_round_trip_resumes_exactly(tmp_path: Path) -> None:
+    learner, next_batch = _trained()
+    path = tmp_path / "sub" / "trainer.pt"
+    save_checkpoint(path, learner, {"metrics": {"hr@10": 0.3}, "offset": 42})
+    resumed, extra = load_checkpoint(path)
+    assert extra == {"metrics": {"hr@10": 0.3}, "offset": 42}
+    assert resumed.vocab.items() == learner.vocab.items()
+    assert resumed.evaluate_batch(next_batch) == learner.evaluate_batch(next_batch)
+    assert resumed.train_batch(next_batch) == learner.train_batch(next_batch)
+    assert [p.name for p in path.parent.iterdir()] == ["trainer.pt"]  # no temporary left
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    learner, next_batch = _trained(1)
+    path = tmp_path / "trainer.pt"
+    save_checkpoint(path, learner, {"n": 1})
+    learner.train_batch(next_batch)
+
+    def crash(obj: object, fh: object) -> None:
+        fh.write(b"half a checkpoint")  # type: ignore[attr-defined]
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, learner, {"n": 2})
+    monkeypatch.undo()
+    resumed, extra = load_checkpoint(path)
+    assert extra == {"n": 1} and resumed.batches_seen == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["trainer.pt"]
+
+
+def test_load_rejects_a_foreign_file(tmp_path: Path) -> None:
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an advrec trainer checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")

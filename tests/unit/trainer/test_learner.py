@@ -1,0 +1,159 @@
+"""Online learner: prequential ranks, exact resume, seeding, vocabulary growth, replay."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from advrec.contract import TrainingExample
+from tests.unit.trainer.planted import SMALL, planted_stream
+from trainer.adversarial import MODES
+from trainer.learner import OnlineLearner, ReplayBuffer, TrainConfig
+
+
+def _learner(mode: str = "none", seed: int = 0, **train: object) -> OnlineLearner:
+    settings: dict = {"lr": 3e-3, "replay_size": 500, **train}
+    return OnlineLearner(SMALL, TrainConfig(mode=mode, seed=seed, **settings))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_state_dict_round_trip_resumes_exactly(mode: str) -> None:
+    batches = planted_stream(5, 32, seed=3)
+    learner = _learner(mode)
+    for batch in batches[:3]:
+        learner.train_batch(batch)
+    state = learner.state_dict()
+    expected = [learner.train_batch(b) for b in batches[3:]]
+    resumed = OnlineLearner()  # default configs: the state brings its own
+    resumed.load_state_dict(state)
+    assert resumed.train_cfg.mode == mode
+    assert [resumed.train_batch(b) for b in batches[3:]] == expected
+    assert resumed.examples_seen == learner.examples_seen == 5 * 32
+    assert resumed.batches_seen == 5
+    assert resumed.last_event_ms == batches[-1][-1].ts
+
+
+def test_same_seed_and_batches_give_identical_results() -> None:
+    batches = planted_stream(4, 32, seed=4)
+
+    def run(seed: int) -> list[dict[str, float]]:
+        learner = _learner("irgan+apr", seed=seed)
+        out = []
+        for batch in batches:
+            out.append(learner.evaluate_batch(batch))
+            out.append(learner.train_batch(batch))
+        return out
+
+    first = run(0)
+    assert run(0) == first
+    assert run(1) != first
+
+
+def test_learner_leaves_the_global_torch_rng_alone() -> None:
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    learner = _learner("irgan")
+    learner.train_batch(planted_stream(1, 16)[0])
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_evaluate_batch_ranks_before_training_and_counts_unknown_targets() -> None:
+    learner = _learner()
+    first, second = planted_stream(2, 32)
+    stats = learner.evaluate_batch(first)
+    assert stats["n_eval"] == 0 and stats["n_unknown_target"] == 32
+    assert stats["hr@10"] == 0.0 and "ndcg@20" in stats and "mrr@10" in stats
+    learner.train_batch(first)
+    known = sum(learner.vocab.index(e.item) is not None for e in second)
+    stats = learner.evaluate_batch(second)
+    assert stats["n_eval"] == known and stats["n_unknown_target"] == 32 - known
+
+
+def test_target_ranks_are_pessimistic_and_exclude_the_history(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    learner = _learner()
+    items = [f"i{i}" for i in range(10)]
+    learner.train_batch([TrainingExample("u", (), item, 1) for item in items])
+    # every item scores the same: a tie must rank the target last among the candidates
+    monkeypatch.setattr(learner, "_score_rows",
+                        lambda history: np.zeros((len(history), 11), dtype=np.float32))
+    batch = [
+        TrainingExample("u", ("i1", "i2", "i3"), "i0", 2),  # 10 items - 3 seen = 7 candidates
+        TrainingExample("u", ("i0", "i1", "i2"), "i0", 2),  # target seen before: still ranked
+        TrainingExample("u", ("i1",), "new-item", 2),  # unknown target
+    ]
+    assert learner.target_ranks(batch).tolist() == [7, 8, 0]
+
+
+def test_new_items_mid_stream_get_rows_and_become_recommendable() -> None:
+    learner = _learner()
+    for batch in planted_stream(15, 64):
+        learner.train_batch(batch)
+    assert learner.vocab.index("fresh") is None
+    n_before = len(learner.vocab)
+    # a new item that always follows i0 (cluster 0)
+    pattern = [TrainingExample(f"u{n}", ("i10", "i20", "i0"), "fresh", 10**12 + n)
+               for n in range(64)]
+    assert learner.evaluate_batch(pattern)["n_unknown_target"] == 64
+    for _ in range(8):
+        stats = learner.train_batch(pattern)
+    assert learner.vocab.index("fresh") == n_before + 1
+    assert learner.scores([["i0"]]).shape == (1, n_before + 2)
+    assert stats["vocab_size"] == n_before + 1
+    assert "fresh" in learner.recommend(["i10", "i20", "i0"], k=10)
+    assert learner.evaluate_batch(pattern)["hr@10"] == 1.0
+
+
+def test_recommend_excludes_seen_items_and_padding() -> None:
+    learner = _learner()
+    for batch in planted_stream(3, 64):
+        learner.train_batch(batch)
+    history = learner.vocab.items()[:3]
+    recs = learner.recommend(history, k=len(learner.vocab))
+    assert len(recs) == len(learner.vocab) - 3
+    assert not set(recs) & set(history)
+    assert len(learner.recommend(history, k=5, exclude_seen=False)) == 5
+    assert learner.recommend([], k=3) == learner.recommend(["never-seen"], k=3)
+
+
+def test_train_batch_skips_flagged_examples() -> None:
+    learner = _learner()
+    batch = [TrainingExample("u", ("a",), "b", 5), TrainingExample("v", ("c",), "d", 9,
+                                                                 flags=("suspect",))]
+    stats = learner.train_batch(batch)
+    assert stats["examples"] == 1 and stats["skipped"] == 1
+    assert learner.vocab.index("d") is None
+    assert learner.last_event_ms == 9
+
+
+def test_train_batch_mixes_in_replay() -> None:
+    learner = _learner(replay_ratio=0.5)
+    first, second = planted_stream(2, 32)
+    assert learner.train_batch(first)["replay_examples"] == 0
+    assert learner.train_batch(second)["replay_examples"] == 16
+    assert len(learner.replay) == 64
+
+
+@pytest.mark.parametrize("policy", ["reservoir", "fifo"])
+def test_replay_buffer_is_bounded(policy: str) -> None:
+    rng = np.random.default_rng(0)
+    buf = ReplayBuffer(capacity=50, max_len=3, policy=policy)
+    for start in range(0, 200, 20):
+        rows = np.arange(start, start + 20)
+        buf.add(np.stack([rows] * 3, axis=1), rows, rng)
+    assert len(buf) == 50
+    history, target = buf.sample(80, rng)
+    assert history.shape == (50, 3) and len(set(target.tolist())) == 50
+    if policy == "fifo":
+        assert set(buf.target.tolist()) == set(range(150, 200))
+    else:  # reservoir: a uniform sample of all 200, so not just the newest
+        assert buf.target.min() < 150
+
+
+def test_config_rejects_unknown_mode() -> None:
+    with pytest.raises(ValueError, match="unknown adversarial mode"):
+        TrainConfig(mode="gan")
+    with pytest.raises(AssertionError):
+        dataclasses.replace(TrainConfig(), replay_policy="lifo")

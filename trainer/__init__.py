@@ -1,0 +1,1 @@
+"""Sidecar trainer: generator and discriminator networks, adversarial updates, ONNX export."""

@@ -1,0 +1,59 @@
+"""Trainer checkpoints: the learner's full state in one file, replaced atomically."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.learner import OnlineLearner
+
+__all__ = ["load_checkpoint", "save_checkpoint"]
+
+CHECKPOINT_FORMAT = 1
+
+
+def save_checkpoint(path: Path | str, learner: OnlineLearner,
+                    extra: dict[str, Any] | None = None) -> None:
+    """Write the learner's state (and ``extra``: plain values only) to ``path`` atomically.
+
+    The file is written under a temporary name, fsynced, then renamed over ``path``, so a
+    crash mid-save leaves the previous checkpoint intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": CHECKPOINT_FORMAT, "learner": learner.state_dict(),
+               "extra": dict(extra or {})}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # make the rename itself durable
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: Path | str, *,
+                    device: str | None = None) -> tuple[OnlineLearner, dict[str, Any]]:
+    """Read a checkpoint: return the resumed learner and the ``extra`` saved with it.
+
+    ``device`` overrides the saved one (e.g. "cpu" for a checkpoint made on a GPU).
+    """
+    # weights_only: a checkpoint holds tensors and plain values, never code to run
+    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not an advrec trainer checkpoint (format "
+                         f"{payload.get('format') if isinstance(payload, dict) else None!r})")
+    state = payload["learner"]
+    if device is not None:
+        state = dict(state, train_config=dict(state["train_config"], device=device))
+    return OnlineLearner.from_state_dict(state), payload["extra"]

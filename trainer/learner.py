@@ -1,0 +1,369 @@
+"""The online learner: test-then-train on mini-batches of ``TrainingExample``s.
+
+``evaluate_batch`` ranks each example's next item before the model has seen it
+(prequential); ``train_batch`` then grows the vocabulary, mixes the batch with a replay
+buffer of older examples, and runs the configured adversarial update. All randomness
+(initialisation, dropout, sampling, replay) comes from the learner's own generators, saved
+in ``state_dict``, so a resumed learner continues exactly as the original would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from advrec.contract import TrainingExample
+from advrec.types import ItemId
+from trainer.adversarial import (
+    AdversarialConfig,
+    AdversarialState,
+    Batch,
+    Players,
+    get_update,
+)
+from trainer.metrics import rank_of_target, ranking_metrics
+from trainer.model import Discriminator, Generator, ModelConfig, replace_param, trim_padding
+from trainer.vocab import Vocabulary
+
+__all__ = ["OnlineLearner", "ReplayBuffer", "TrainConfig"]
+
+STATE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and stream settings of the online learner."""
+
+    mode: str = "none"  # none | irgan | apr | irgan+apr (trainer.adversarial.MODES)
+    lr: float = 1e-3  # G's Adam step (SASRec's default)
+    d_lr: float = 3e-3  # D sees one real item per example: at 1e-3 it stayed near chance longer
+    steps_per_batch: int = 1  # updates per arriving batch, each with a fresh replay sample
+    replay_size: int = 20000  # examples kept (20k x L=50 rows is 4 MB)
+    replay_ratio: float = 1.0  # replayed examples per new example in each update
+    replay_policy: str = "reservoir"  # reservoir: uniform over the past; fifo: the most recent
+    skip_flags: tuple[str, ...] = ("suspect",)  # examples carrying these flags are not trained on
+    eval_chunk: int = 512  # histories scored at once when ranking (bounds B x V memory)
+    seed: int = 0
+    device: str = "cpu"
+    num_threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+
+    def __post_init__(self) -> None:
+        get_update(self.mode)  # raises on an unknown mode
+        assert self.lr > 0 and self.d_lr > 0, "learning rates must be > 0"
+        assert self.steps_per_batch >= 1, f"steps_per_batch {self.steps_per_batch} < 1"
+        assert self.replay_size >= 0 and self.replay_ratio >= 0, "replay settings must be >= 0"
+        assert self.replay_policy in ("reservoir", "fifo"), f"policy {self.replay_policy!r}"
+        assert self.eval_chunk >= 1 and self.num_threads >= 0
+
+
+class ReplayBuffer:
+    """Bounded store of encoded examples (history rows, target row): reservoir or FIFO."""
+
+    def __init__(self, capacity: int, max_len: int, policy: str = "reservoir") -> None:
+        self.capacity = capacity
+        self.policy = policy
+        self.history = np.zeros((capacity, max_len), dtype=np.int64)  # (N, L)
+        self.target = np.zeros(capacity, dtype=np.int64)  # (N,)
+        self.size = 0
+        self.seen = 0  # examples ever offered (reservoir) / next slot counter (fifo)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, history: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> None:
+        """Offer examples [n, L], [n] to the buffer."""
+        for h, t in zip(history, target, strict=True):
+            self.seen += 1
+            if self.size < self.capacity:
+                slot = self.size
+                self.size += 1
+            elif self.capacity == 0:
+                continue
+            elif self.policy == "fifo":
+                slot = (self.seen - 1) % self.capacity
+            else:  # Vitter's algorithm R: keep each of the `seen` examples with equal chance
+                slot = int(rng.integers(0, self.seen))
+                if slot >= self.capacity:
+                    continue
+            self.history[slot] = h
+            self.target[slot] = t
+
+    def sample(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Draw up to ``n`` distinct examples: history [n, L], target [n]."""
+        n = min(n, self.size)
+        idx = rng.choice(self.size, size=n, replace=False) if n else np.zeros(0, np.int64)
+        return self.history[idx], self.target[idx]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": torch.from_numpy(self.history[: self.size].copy()),
+                "target": torch.from_numpy(self.target[: self.size].copy()),
+                "seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        n = state["target"].shape[0]
+        assert n <= self.capacity, f"saved replay holds {n} > capacity {self.capacity}"
+        self.history[:n] = state["history"].numpy()
+        self.target[:n] = state["target"].numpy()
+        self.size = n
+        self.seen = int(state["seen"])
+
+
+class OnlineLearner:
+    """Generator + discriminator trained online, prequentially, on ``TrainingExample``s."""
+
+    def __init__(self, model_cfg: ModelConfig | None = None, train_cfg: TrainConfig | None = None,
+                 adv_cfg: AdversarialConfig | None = None) -> None:
+        self.model_cfg = model_cfg or ModelConfig()
+        self.train_cfg = train_cfg or TrainConfig()
+        self.adv_cfg = adv_cfg or AdversarialConfig()
+        self._update = get_update(self.train_cfg.mode)
+        if self.train_cfg.num_threads:
+            torch.set_num_threads(self.train_cfg.num_threads)
+        self.device = torch.device(self.train_cfg.device)
+        seed = self.train_cfg.seed
+        self._torch_rng = torch.Generator().manual_seed(seed).get_state()
+        self._cuda_rng: torch.Tensor | None = None
+        with self._rng():
+            self.generator = Generator(self.model_cfg).to(self.device)
+            self.discriminator = Discriminator(self.model_cfg).to(self.device)
+        self._np_rng = np.random.default_rng(seed)
+        self.vocab = Vocabulary()
+        self.item_counts = np.zeros(self.model_cfg.n_items + 1, dtype=np.int64)  # (cap+1,)
+        self.replay = ReplayBuffer(self.train_cfg.replay_size, self.model_cfg.max_len,
+                                   self.train_cfg.replay_policy)
+        self.adv_state = AdversarialState()
+        self._build_optimizers()
+        self.examples_seen = 0
+        self.batches_seen = 0
+        self.last_event_ms: int | None = None
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _build_optimizers(self) -> None:
+        self.g_optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.train_cfg.lr)
+        self.d_optimizer = torch.optim.Adam(self.discriminator.parameters(),
+                                            lr=self.train_cfg.d_lr)
+
+    @contextlib.contextmanager
+    def _rng(self) -> Iterator[None]:
+        """Run with the learner's own torch RNG state, leaving the process's untouched."""
+        cuda = self.device.type == "cuda"
+        devices = [self.device.index or 0] if cuda else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self._torch_rng)
+            if cuda and self._cuda_rng is None:
+                torch.cuda.manual_seed(self.train_cfg.seed)
+            elif cuda:
+                torch.cuda.set_rng_state(self._cuda_rng, self.device)
+            yield
+            self._torch_rng = torch.get_rng_state()
+            if cuda:
+                self._cuda_rng = torch.cuda.get_rng_state(self.device)
+
+    def _grow(self, n_new: int) -> None:
+        """Give ``n_new`` new vocabulary items rows in G, D and their optimizers."""
+        for old, new in self.generator.grow(n_new):
+            replace_param(self.g_optimizer, old, new)
+        for old, new in self.discriminator.grow(n_new):
+            replace_param(self.d_optimizer, old, new)
+        if len(self.item_counts) < len(self.vocab) + 1:
+            grown = np.zeros(self.generator.items.capacity + 1, dtype=np.int64)
+            grown[: len(self.item_counts)] = self.item_counts
+            self.item_counts = grown
+
+    def _encode(self, histories: Sequence[Sequence[ItemId]]) -> np.ndarray:
+        L = self.model_cfg.max_len
+        rows = [self.vocab.encode_history(h, L) for h in histories]
+        return np.asarray(rows, dtype=np.int64).reshape(len(rows), L)  # (B, L)
+
+    @torch.no_grad()
+    def _score_rows(self, history: np.ndarray) -> np.ndarray:
+        """Score encoded histories [B, L] -> [B, V+1] in eval mode, in chunks."""
+        self.generator.eval()
+        chunk = self.train_cfg.eval_chunk
+        out = [self.generator(trim_padding(torch.from_numpy(history[i : i + chunk])
+                                           .to(self.device))).float().cpu().numpy()
+               for i in range(0, len(history), chunk)]
+        if not out:
+            return np.zeros((0, self.generator.n_items + 1), dtype=np.float32)
+        return np.concatenate(out)  # (B, V+1)
+
+    def _log_q(self) -> torch.Tensor | None:
+        """Return log popularity of each live row [V+1] for sampled softmax, else None."""
+        if self.adv_cfg.loss != "sampled":
+            return None
+        counts = self.item_counts[1 : len(self.vocab) + 1].astype(np.float64) + 1.0  # (V,)
+        log_q = np.concatenate([[0.0], np.log(counts / counts.sum())])  # (V+1,); row 0 unused
+        return torch.from_numpy(log_q).float().to(self.device)
+
+    # ------------------------------------------------------------------ prequential
+
+    def target_ranks(self, batch: Sequence[TrainingExample]) -> np.ndarray:
+        """Return each target's 1-based pessimistic rank among known items (0: unknown)."""
+        if not batch:
+            return np.zeros(0, dtype=np.int64)
+        history = self._encode([e.history for e in batch])  # (B, L)
+        target = np.array([self.vocab.index(e.item) or 0 for e in batch], dtype=np.int64)
+        scores = self._score_rows(history).astype(np.float64)  # (B, V+1)
+        rows = np.arange(len(batch))[:, None]
+        target_score = scores[rows[:, 0], target]  # (B,)
+        scores[rows, history] = -np.inf  # already-seen items are not candidates ...
+        scores[rows[:, 0], target] = target_score  # ... except the target itself
+        scores[:, 0] = -np.inf  # padding
+        ranks = rank_of_target(scores, target)  # (B,)
+        ranks[target == 0] = 0
+        return ranks
+
+    def evaluate_batch(self, batch: Sequence[TrainingExample],
+                       ks: Sequence[int] = (10, 20)) -> dict[str, float]:
+        """Rank each example's next item before training on it: hr/ndcg/mrr@k over known targets."""
+        ranks = self.target_ranks(batch)
+        known = ranks[ranks > 0]
+        out = ranking_metrics(known, ks)
+        out["n_eval"] = float(known.size)
+        out["n_unknown_target"] = float(len(ranks) - known.size)
+        return out
+
+    # ------------------------------------------------------------------ training
+
+    def train_batch(self, batch: Sequence[TrainingExample]) -> dict[str, float]:
+        """Grow the vocabulary, update on the batch mixed with replay, then store the batch."""
+        skip = set(self.train_cfg.skip_flags)
+        examples = [e for e in batch if not skip.intersection(e.flags)]
+        if batch:
+            newest = max(e.ts for e in batch)
+            self.last_event_ms = max(newest, self.last_event_ms or newest)
+        out: dict[str, float] = {"examples": float(len(examples)),
+                                 "skipped": float(len(batch) - len(examples))}
+        if not examples:
+            return out
+        before = len(self.vocab)
+        for e in examples:
+            self.vocab.add_many(e.history)
+            self.vocab.add(e.item)
+        history = self._encode([e.history for e in examples])  # (B, L)
+        target = np.array([self.vocab.index(e.item) for e in examples], dtype=np.int64)  # (B,)
+        n_replay = round(self.train_cfg.replay_ratio * len(examples))
+        sums: dict[str, float] = {}
+        with self._rng():
+            self._grow(len(self.vocab) - before)
+            np.add.at(self.item_counts, target, 1)
+            log_q = self._log_q()
+            players = Players(self.generator, self.discriminator,
+                              self.g_optimizer, self.d_optimizer)
+            for _ in range(self.train_cfg.steps_per_batch):
+                old_h, old_t = self.replay.sample(n_replay, self._np_rng)
+                step_batch = Batch(
+                    trim_padding(torch.from_numpy(np.concatenate([history, old_h]))
+                                 .to(self.device)),
+                    torch.from_numpy(np.concatenate([target, old_t])).to(self.device),
+                    log_q)
+                stats = self._update(players, step_batch, self.adv_cfg, self.adv_state)
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + value / self.train_cfg.steps_per_batch
+                out["replay_examples"] = float(len(old_t))
+        self.replay.add(history, target, self._np_rng)
+        self.examples_seen += len(examples)
+        self.batches_seen += 1
+        out.update(sums)
+        out["new_items"] = float(len(self.vocab) - before)
+        out["vocab_size"] = float(len(self.vocab))
+        return out
+
+    # ------------------------------------------------------------------ serving-side helpers
+
+    def scores(self, histories: Sequence[Sequence[ItemId]]) -> np.ndarray:
+        """Score every known item for each history: [B, V+1] (column 0 is padding)."""
+        return self._score_rows(self._encode(histories))
+
+    def recommend(self, history: Sequence[ItemId], k: int,
+                  exclude_seen: bool = True) -> list[ItemId]:
+        """Return the top ``k`` item ids for one history."""
+        scores = self.scores([history])[0].astype(np.float64)  # (V+1,)
+        scores[0] = -np.inf
+        if exclude_seen:
+            seen = [r for r in map(self.vocab.index, history) if r is not None]
+            scores[seen] = -np.inf
+        k = min(k, int(np.isfinite(scores).sum()))
+        top = np.argsort(-scores, kind="stable")[:k]
+        return [self.vocab.item(int(r)) for r in top]
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return everything needed to resume exactly (a deep copy, safe to keep)."""
+        return copy.deepcopy({
+            "format": STATE_FORMAT,
+            "model_config": dataclasses.asdict(self.model_cfg),
+            "train_config": dataclasses.asdict(self.train_cfg),
+            "adversarial_config": dataclasses.asdict(self.adv_cfg),
+            "g_capacity": self.generator.items.capacity,
+            "d_capacity": self.discriminator.items.capacity,
+            "generator": self.generator.state_dict(),
+            "discriminator": self.discriminator.state_dict(),
+            "g_optimizer": self.g_optimizer.state_dict(),
+            "d_optimizer": self.d_optimizer.state_dict(),
+            "vocab": self.vocab.state_dict(),
+            "item_counts": torch.from_numpy(self.item_counts),
+            "replay": self.replay.state_dict(),
+            "adversarial_state": self.adv_state.state_dict(),
+            "examples_seen": self.examples_seen,
+            "batches_seen": self.batches_seen,
+            "last_event_ms": self.last_event_ms,
+            "torch_rng": self._torch_rng,
+            "cuda_rng": self._cuda_rng,
+            "np_rng": self._np_rng.bit_generator.state,
+        })
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state saved by ``state_dict`` (configs included)."""
+        assert state.get("format") == STATE_FORMAT, f"unknown state format {state.get('format')}"
+        state = copy.deepcopy(state)
+        self.model_cfg = ModelConfig(**state["model_config"])
+        train = dict(state["train_config"], skip_flags=tuple(state["train_config"]["skip_flags"]))
+        self.train_cfg = TrainConfig(**train)
+        self.adv_cfg = AdversarialConfig(**state["adversarial_config"])
+        self._update = get_update(self.train_cfg.mode)
+        self.device = torch.device(self.train_cfg.device)
+        self.vocab = Vocabulary.from_state(state["vocab"])
+        if self.train_cfg.num_threads:
+            torch.set_num_threads(self.train_cfg.num_threads)
+        with torch.random.fork_rng(devices=[]):  # fresh modules draw init values; discard them
+            self.generator = Generator(self.model_cfg)
+            self.discriminator = Discriminator(self.model_cfg)
+            self.generator.resize(state["g_capacity"], len(self.vocab))
+            self.discriminator.resize(state["d_capacity"], len(self.vocab))
+        self.generator.load_state_dict(state["generator"])
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.generator.to(self.device)
+        self.discriminator.to(self.device)
+        self._build_optimizers()
+        self.g_optimizer.load_state_dict(state["g_optimizer"])
+        self.d_optimizer.load_state_dict(state["d_optimizer"])
+        self.item_counts = state["item_counts"].numpy().copy()
+        self.replay = ReplayBuffer(self.train_cfg.replay_size, self.model_cfg.max_len,
+                                   self.train_cfg.replay_policy)
+        self.replay.load_state_dict(state["replay"])
+        self.adv_state = AdversarialState()
+        self.adv_state.load_state_dict(state["adversarial_state"])
+        self.examples_seen = int(state["examples_seen"])
+        self.batches_seen = int(state["batches_seen"])
+        self.last_event_ms = state["last_event_ms"]
+        self._torch_rng = state["torch_rng"]
+        self._cuda_rng = state["cuda_rng"]
+        self._np_rng = np.random.default_rng()
+        self._np_rng.bit_generator.state = state["np_rng"]
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> OnlineLearner:
+        """Build a learner from a saved state."""
+        learner = cls.__new__(cls)
+        learner.load_state_dict(state)
+        return learner
