@@ -25,7 +25,9 @@ class TrainerSettings:
     trainer_mode: str = "none"  # none | irgan | apr | irgan+apr (see docs/results.md)
     trainer_lr: float = 1e-3
     trainer_seed: int = 0
-X
+    # torch threads: 1 when sharing 2 cores with the stream app (2 threads on a busy 2-core
+    # machine fell from ~1.2k to ~0.2k examples/s); 0 leaves torch's default
+    trainer_threads: int = 1
     trainer_max_len: int = 50  # history length the model reads (the stream keeps as many)
     trainer_dim: int = 64
     trainer_layers: int = 2
