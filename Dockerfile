@@ -43,15 +43,13 @@ COPY advrec ./advrec
 COPY stream_app ./stream_app
 COPY trainer ./trainer
 # cpu: torch from the CPU-only index first, so `.[trainer]` finds it satisfied.
-# gpu: the `trainer` extra also pulls the CPU onnxruntime (parity checks), and both wheels
-#      install the same `onnxruntime` package: remove it, then reinstall onnxruntime-gpu over it.
+# gpu: `gpu` brings onnxruntime-gpu; `trainer` deliberately has no onnxruntime of its own
+#      (both wheels install the same `onnxruntime` package and would clash).
 # DL3013: `.[extras]` is the project itself; its dependencies are pinned in pyproject.toml.
 # hadolint ignore=DL3013
 RUN if [ "$VARIANT" = "gpu" ]; then \
       pip install "torch==${TORCH_VERSION}" \
-      && pip install ".[gpu,trainer]" \
-      && pip uninstall -y onnxruntime \
-      && pip install --force-reinstall --no-deps "onnxruntime-gpu==${ORT_VERSION}"; \
+      && pip install ".[gpu,trainer]" "onnxruntime-gpu==${ORT_VERSION}"; \
     else \
       pip install --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}" \
       && pip install ".[serving,trainer]"; \
