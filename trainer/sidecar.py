@@ -286,10 +286,15 @@ class Sidecar:
                     rate = ((total or 0.0) - examples_at_log) / (now - last_log)
                     examples_at_log, last_log = total or 0.0, now
                     r = self.recent
+                    losses = " ".join(f"{k[5:]}={v:.3f}" for k, v in sorted(r.items())
+                                      if k.startswith("loss_"))
+                    extra = "".join(f" {k}={r[k]:.3f}" for k in ("d_acc_real", "d_acc_fake",
+                                                                 "g_reward") if k in r)
                     log.info("batches %d | %.0f examples/s | live %s | prequential HR@10 "
-                             "%.3f NDCG@10 %.3f | vocabulary %d", self.learner.batches_seen,
-                             rate, self.live_version, r.get("hr@10", 0.0),
-                             r.get("ndcg@10", 0.0), len(self.learner.vocab))
+                             "%.3f NDCG@10 %.3f | vocabulary %d | %s%s",
+                             self.learner.batches_seen, rate, self.live_version,
+                             r.get("hr@10", 0.0), r.get("ndcg@10", 0.0),
+                             len(self.learner.vocab), losses, extra)
             if self.batches_since_checkpoint:
                 await self._checkpoint_and_commit(consumer, tp)
         finally:
