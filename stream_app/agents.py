@@ -138,6 +138,7 @@ def register(sa: StreamApp) -> None:
     """Attach the agents and timers of the stream to ``sa.app``."""
     app, s, m = sa.app, sa.settings, sa.metrics
     user_keys = KeyCount(sa.user_state)
+    lag_labels: set[tuple[str, str]] = set()  # reported partitions; revoked ones are removed
 
     @app.agent(sa.clicks, name="ingest")
     async def ingest(stream: Any) -> None:
@@ -202,6 +203,10 @@ def register(sa: StreamApp) -> None:
                 active = {tp.partition for tp in app.assignor.assigned_actives()
                           if tp.topic == s.topic_clicks}
                 m.table_keys.labels(table="user_state").set(user_keys.refresh(active))
+            assigned = {(tp.topic, str(tp.partition)) for tp in consumer.assignment()}
+            for labels in lag_labels - assigned:  # now another worker's to report
+                m.consumer_lag.remove(*labels)
+            lag_labels.intersection_update(assigned)
             for tp in consumer.assignment():
                 if tp.topic != s.topic_clicks:
                     continue
@@ -211,5 +216,6 @@ def register(sa: StreamApp) -> None:
                 read = consumer._read_offset.get(tp)  # last offset handed to the stream
                 lag = end if read is None else max(0, end - read - 1)
                 m.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
+                lag_labels.add((tp.topic, str(tp.partition)))
         except Exception:
             log.debug("stream gauges not available yet", exc_info=True)
