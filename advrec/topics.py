@@ -28,14 +28,25 @@ class TopicSpec:
 
 def default_topics(*, clicks: str = "clicks", dlq: str = "clicks-dlq",
                    train: str = "train-batches", partitions: int = 4,
-                   replication: int = 1) -> list[TopicSpec]:
-    """Return the topics advrec reads and writes besides Faust's internal ones."""
-    return [
+                   replication: int = 1, app_id: str | None = None,
+                   tables: tuple[str, ...] = ("user_state", "trending")) -> list[TopicSpec]:
+    """Return the topics advrec reads and writes, and with ``app_id`` the table changelogs.
+
+    Faust would create the changelogs itself, but two workers starting together can then
+    see a changelog missing from cluster metadata during their first assignment, and the
+    agent crash-loops on a partition-count check (seen here with 2 workers); creating
+    them up front, compacted and co-partitioned with `clicks`, removes the race.
+    """
+    specs = [
         TopicSpec(clicks, partitions, replication),
         TopicSpec(dlq, partitions, replication, {"retention.ms": str(14 * 24 * 3600 * 1000)}),
         # one partition: one consumer-group member (the active trainer) owns it
         TopicSpec(train, 1, replication),
     ]
+    if app_id is not None:
+        specs += [TopicSpec(f"{app_id}-{table}-changelog", partitions, replication,
+                            {"cleanup.policy": "compact"}) for table in tables]
+    return specs
 
 
 async def ensure_topics(bootstrap: str, specs: list[TopicSpec], *,

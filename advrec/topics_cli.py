@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(ensure_topics(bootstrap, default_topics(
             clicks=s.topic_clicks, dlq=s.topic_dlq, train=s.topic_train,
-            partitions=s.partitions, replication=s.replication)))
+            partitions=s.partitions, replication=s.replication, app_id=s.app_id)))
     except (TopicMismatch, ConnectionError) as exc:
         print(f"advrec topics: {exc}", file=sys.stderr)
         return 1
