@@ -161,7 +161,10 @@ def test_alert_rules_are_well_formed() -> None:
             assert ("alert" in rule) != ("record" in rule)
             assert isinstance(rule["expr"], str) and rule["expr"].strip()
             alerts[rule.get("alert")] = rule
-    assert alerts["AdvrecNoEvents"]["expr"] == "rate(advrec_events_consumed_total[5m]) == 0"
+    for name in ("AdvrecNoEvents", "AdvrecModelTooOld", "AdvrecBundlesRejected"):
+        assert name in alerts, f"alert {name} missing"
+        assert alerts[name]["labels"]["severity"] and alerts[name]["annotations"]["summary"]
+    assert "advrec_events_consumed_total" in alerts["AdvrecNoEvents"]["expr"]
 
 
 def test_grafana_provisioning(compose: dict[str, Any]) -> None:
