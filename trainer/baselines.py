@@ -67,6 +67,14 @@ class StreamingBaseline(ABC):
         """Return (N,) secondary scores that order items with equal scores, or None."""
         return None
 
+    def scores(self, histories: Sequence[Sequence[ItemId]]) -> np.ndarray:
+        """Score every known item for each history: (B, N), column = ``self.index[item]``."""
+        return self._scores(histories)
+
+    def tiebreak(self) -> np.ndarray | None:
+        """Return (N,) secondary scores that order items scoring the same, or None."""
+        return self._tiebreak()
+
     def target_ranks(self, batch: Batch) -> np.ndarray:
         """Return each example's 1-based target rank (pessimistic ties; 0: unknown target)."""
         ranks = np.zeros(len(batch), dtype=np.int64)

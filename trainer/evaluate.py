@@ -1,0 +1,634 @@
+"""``advrec evaluate``: prequential (test-then-train) replay of a dataset, or offline leave-one-out.
+
+Prequential protocol (``../shared/data/README.md``): events in replay order become training
+examples the way the stream app builds them (history = the user's last L items before the
+click); each mini-batch is first ranked by every method, then trained on by the same
+``OnlineLearner`` code the sidecar runs. A user's first event is learned from but not scored;
+the ranking is full, over every item seen in earlier batches; a never-seen target is a miss.
+Variant A removes the user's whole past (not only the last L items) from the list, so a
+re-clicked target is a miss; variant B removes nothing. Ties go to the item that appeared
+first in the stream (lower column), after the method's own tie-break (kNN: popularity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from advrec.contract import TrainingExample
+from advrec.datasets import SOURCES, DatasetError, EventLog, load_events
+from advrec.types import ItemId
+from trainer.adversarial import MODES, AdversarialConfig
+from trainer.baselines import ItemKNN, RecencyPopularity, StreamingBaseline
+from trainer.learner import OnlineLearner, TrainConfig
+from trainer.metrics import ranking_metrics
+
+__all__ = [
+    "BASELINES",
+    "DEFAULT_METHODS",
+    "BaselineAdapter",
+    "LearnerAdapter",
+    "MethodRun",
+    "PastItems",
+    "build_examples",
+    "build_parser",
+    "main",
+    "rank_targets",
+    "run_prequential",
+    "summarize",
+]
+
+KS = (10, 20)
+TOP_K = 10  # list length for coverage and popularity bias
+BASELINES = ("pop", "knn")
+DEFAULT_METHODS = ("pop", "knn", "none", "irgan", "apr", "irgan+apr")
+D_SNAPSHOTS = (0.1, 0.4, 0.7, 1.0)  # stream fractions at which D's scores are recorded
+ERROR = "advrec evaluate: error: {}"
+
+
+# ---------------------------------------------------------------------------- examples
+
+
+def build_examples(events: EventLog | Sequence[Any], max_len: int) -> Iterator[TrainingExample]:
+    """Turn events into examples as the stream app does: history = the user's last L items."""
+    history: dict[str, list[ItemId]] = {}
+    for e in events:
+        h = history.setdefault(e.user, [])
+        yield TrainingExample(user=e.user, history=tuple(h), item=e.item, ts=e.ts)
+        h.append(e.item)
+        if len(h) > max_len:
+            del h[: len(h) - max_len]
+
+
+class PastItems:
+    """Every item each user clicked so far, as global item ids (growable int arrays)."""
+
+    def __init__(self) -> None:
+        self.gid: dict[ItemId, int] = {}
+        self.ids: list[ItemId] = []
+        self._past: dict[str, np.ndarray] = {}
+        self._n: dict[str, int] = {}
+
+    def item_gid(self, item: ItemId) -> int:
+        """Return the global id of ``item`` (ids follow first appearance)."""
+        g = self.gid.get(item)
+        if g is None:
+            g = self.gid[item] = len(self.ids)
+            self.ids.append(item)
+        return g
+
+    def push(self, user: str, gid: int) -> int:
+        """Append a click of ``user`` and return how many clicks preceded it."""
+        arr = self._past.get(user)
+        n = self._n.get(user, 0)
+        if arr is None or n == arr.size:
+            grown = np.empty(max(8, 2 * n), dtype=np.int64)
+            if arr is not None:
+                grown[:n] = arr
+            arr = self._past[user] = grown
+        arr[n] = gid
+        self._n[user] = n + 1
+        return n
+
+    def before(self, user: str, n: int) -> np.ndarray:
+        """Return the user's first ``n`` clicks (global ids)."""
+        return self._past[user][:n] if n else np.zeros(0, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------- methods
+
+
+class Adapter(Protocol):
+    """What the evaluator needs of a method: scores over columns, a column per item, training."""
+
+    def scores(self, histories: Sequence[Sequence[ItemId]]) -> np.ndarray: ...
+    def tiebreak(self) -> np.ndarray | None: ...
+    def column(self, item: ItemId) -> int: ...
+    def train(self, batch: Sequence[TrainingExample]) -> dict[str, float]: ...
+
+
+class LearnerAdapter:
+    """The neural ``OnlineLearner``: columns are vocabulary rows (0 = padding, never ranked)."""
+
+    def __init__(self, learner: OnlineLearner) -> None:
+        self.learner = learner
+
+    def scores(self, histories: Sequence[Sequence[ItemId]]) -> np.ndarray:
+        out = self.learner.scores(histories).astype(np.float64)  # (B, V+1)
+        out[:, 0] = -np.inf
+        return out
+
+    def tiebreak(self) -> np.ndarray | None:
+        return None
+
+    def column(self, item: ItemId) -> int:
+        row = self.learner.vocab.index(item)
+        return -1 if row is None else row
+
+    def train(self, batch: Sequence[TrainingExample]) -> dict[str, float]:
+        return self.learner.train_batch(batch)
+
+
+class BaselineAdapter:
+    """A ``StreamingBaseline`` (its own masking is bypassed: the evaluator masks)."""
+
+    def __init__(self, model: StreamingBaseline) -> None:
+        self.model = model
+
+    def scores(self, histories: Sequence[Sequence[ItemId]]) -> np.ndarray:
+        return np.array(self.model.scores(histories), dtype=np.float64)  # (B, N), a copy
+
+    def tiebreak(self) -> np.ndarray | None:
+        tb = self.model.tiebreak()
+        return None if tb is None else np.array(tb, dtype=np.float64)
+
+    def column(self, item: ItemId) -> int:
+        return self.model.index.get(item, -1)
+
+    def train(self, batch: Sequence[TrainingExample]) -> dict[str, float]:
+        return self.model.train_batch(batch)
+
+
+def rank_targets(scores: np.ndarray, target: np.ndarray, exclude: Sequence[np.ndarray],
+                 tiebreak: np.ndarray | None = None, *,
+                 target_excluded_is_miss: bool = True) -> np.ndarray:
+    """Return 1-based ranks of each row's target column (0 = miss), masking ``exclude``.
+
+    Parameters
+    ----------
+    scores
+        (B, C) scores, modified in place (excluded columns become -inf).
+    target
+        (B,) target column, -1 when the method does not know the item (a miss).
+    exclude
+        Per row, the columns removed from the list (-1 entries ignored).
+    tiebreak
+        (C,) secondary key for equal scores; remaining ties go to the lower column (the item
+        that appeared first).
+    target_excluded_is_miss
+        True (variant A): a target among the excluded columns is a miss. False: the target
+        stays in the list (the leave-one-out rule: rank among items not seen before).
+    """
+    B, C = scores.shape
+    ranks = np.zeros(B, dtype=np.int64)
+    live = target >= 0
+    for b in range(B):
+        cols = exclude[b]
+        cols = cols[cols >= 0]
+        if live[b] and cols.size and np.any(cols == target[b]):
+            if target_excluded_is_miss:
+                live[b] = False
+                continue
+            cols = cols[cols != target[b]]
+        scores[b, cols] = -np.inf
+    rows = np.flatnonzero(live)
+    if rows.size == 0:
+        return ranks
+    s = scores[rows]  # (R, C)
+    t = target[rows]  # (R,)
+    ts = s[np.arange(rows.size), t][:, None]  # (R, 1)
+    tie = s == ts  # (R, C)
+    ahead = s > ts
+    lower = np.arange(C)[None, :] < t[:, None]  # (R, C) appeared before the target
+    if tiebreak is not None:
+        tb, tbt = tiebreak[None, :], tiebreak[t][:, None]
+        ahead |= tie & ((tb > tbt) | ((tb == tbt) & lower))
+    else:
+        ahead |= tie & lower
+    ranks[rows] = np.count_nonzero(ahead, axis=1) + 1
+    return ranks
+
+
+def top_k(scores: np.ndarray, k: int, tiebreak: np.ndarray | None) -> np.ndarray:
+    """Return (B, k) columns of the best finite scores (tie-break as a tiny additive term)."""
+    key = scores
+    if tiebreak is not None and tiebreak.size:
+        span = float(np.max(tiebreak)) or 1.0
+        key = scores + 1e-6 * tiebreak / span
+    k = min(k, key.shape[1])
+    part = np.argpartition(-key, k - 1, axis=1)[:, :k]  # (B, k)
+    ok = np.isfinite(np.take_along_axis(key, part, axis=1))
+    return np.where(ok, part, -1)
+
+
+# ---------------------------------------------------------------------------- one run
+
+
+@dataclass
+class MethodRun:
+    """Everything one method-seed replay measured."""
+
+    method: str
+    seed: int
+    ranks: np.ndarray  # (n_scored,) in replay order, 0 = miss
+    metrics: dict[str, float]
+    curves: list[dict[str, float]]  # one row per batch
+    windows: list[dict[str, float]]
+    d_snapshots: list[dict[str, Any]] = field(default_factory=list)
+    embeddings: np.ndarray | None = None
+    embedding_counts: np.ndarray | None = None
+    seconds: float = 0.0
+
+
+def make_method(name: str, seed: int, model_cfg: Any, train_cfg: TrainConfig,
+                adv_cfg: AdversarialConfig) -> Adapter:
+    """Build the method called ``name`` (pop, knn, or an adversarial mode)."""
+    if name == "pop":
+        return BaselineAdapter(RecencyPopularity(history_mask="none"))
+    if name == "knn":
+        return BaselineAdapter(ItemKNN(history_mask="none"))
+    cfg = dataclasses.replace(train_cfg, mode=name, seed=seed)
+    return LearnerAdapter(OnlineLearner(model_cfg, cfg, adv_cfg))
+
+
+@torch.no_grad()
+def discriminator_scores(learner: OnlineLearner, batch: Sequence[TrainingExample],
+                         rng: np.random.Generator, temperature: float = 0.2,
+                         max_rows: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Return D's logits on real next items and on items sampled from G (as D trains on)."""
+    ex = [e for e in batch if e.history and learner.vocab.index(e.item) is not None][:max_rows]
+    if not ex:
+        return np.zeros(0), np.zeros(0)
+    L = learner.model_cfg.max_len
+    hist = np.array([learner.vocab.encode_history(e.history, L) for e in ex], dtype=np.int64)
+    target = np.array([learner.vocab.index(e.item) for e in ex], dtype=np.int64)  # (B,)
+    logits = learner.scores([e.history for e in ex]).astype(np.float64) / temperature
+    logits[:, 0] = -np.inf
+    logits[np.arange(len(ex)), target] = -np.inf  # never the real item, as in training
+    logits -= logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(axis=1, keepdims=True)
+    fake = (p.cumsum(axis=1) < rng.random((len(ex), 1))).sum(axis=1)  # (B,) inverse CDF
+    fake = np.minimum(fake, p.shape[1] - 1)
+    h = torch.from_numpy(hist).to(learner.device)
+    disc = learner.discriminator
+    real_logit = disc(h, torch.from_numpy(target[:, None]).to(learner.device))[:, 0]
+    fake_logit = disc(h, torch.from_numpy(fake[:, None]).to(learner.device))[:, 0]
+    return real_logit.float().cpu().numpy(), fake_logit.float().cpu().numpy()
+
+
+def window_metrics(ranks: np.ndarray, n_windows: int) -> list[dict[str, float]]:
+    """Split the scored events into ``n_windows`` consecutive chunks; metrics of each."""
+    out = []
+    start = 0
+    for i, chunk in enumerate(np.array_split(ranks, max(1, min(n_windows, len(ranks) or 1)))):
+        row = {"window": float(i), "first": float(start), "n_scored": float(chunk.size)}
+        row.update(ranking_metrics(chunk, KS))
+        out.append(row)
+        start += chunk.size
+    return out
+
+
+def run_prequential(examples: Sequence[TrainingExample], method: str, *, seed: int = 0,
+                    variant: str = "A", batch_size: int = 256, model_cfg: Any = None,
+                    train_cfg: TrainConfig | None = None,
+                    adv_cfg: AdversarialConfig | None = None, n_windows: int = 10,
+                    record_d: bool = False, progress: Callable[[int], None] | None = None
+                    ) -> MethodRun:
+    """Replay ``examples`` test-then-train through one method; return what it measured."""
+    assert variant in ("A", "B"), f"variant must be A or B, not {variant!r}"
+    t0 = time.perf_counter()
+    train_cfg = train_cfg or TrainConfig()
+    adapter = make_method(method, seed, model_cfg, train_cfg, adv_cfg or AdversarialConfig())
+    past = PastItems()
+    colmap = np.full(1024, -1, dtype=np.int64)  # global item id -> method column
+    pending: set[int] = set()
+    counts = np.zeros(1024, dtype=np.int64)  # clicks per global id so far (targets)
+    recommended: set[int] = set()
+    pop_pct: list[float] = []
+    target_pct: list[float] = []
+    all_ranks: list[np.ndarray] = []
+    curves: list[dict[str, float]] = []
+    snaps: list[dict[str, Any]] = []
+    n_batches = math.ceil(len(examples) / batch_size)
+    snap_at = {max(0, round(f * n_batches) - 1) for f in D_SNAPSHOTS}
+    d_rng = np.random.default_rng(10_000 + seed)
+    n_unknown = n_masked = 0
+    for bi in range(n_batches):
+        batch = examples[bi * batch_size : (bi + 1) * batch_size]
+        n_catalogue = len(past.ids)  # items seen before this batch
+        gids = np.empty(len(batch), dtype=np.int64)
+        n_before = np.empty(len(batch), dtype=np.int64)
+        for j, ex in enumerate(batch):
+            g = past.item_gid(ex.item)
+            gids[j] = g
+            n_before[j] = past.push(ex.user, g)
+        if len(past.ids) > colmap.size:
+            grow = max(len(past.ids), 2 * colmap.size)
+            colmap = np.concatenate([colmap, np.full(grow - colmap.size, -1, np.int64)])
+            counts = np.concatenate([counts, np.zeros(grow - counts.size, np.int64)])
+        scored = [j for j, ex in enumerate(batch) if ex.history]  # a user's first: not scored
+        ranks = np.zeros(len(scored), dtype=np.int64)
+        if scored and n_catalogue:
+            scores = adapter.scores([batch[j].history for j in scored])  # (R, C)
+            target = colmap[gids[scored]]  # (R,)
+            n_unknown += int(np.count_nonzero(target < 0))
+            if variant == "A":
+                exclude = [colmap[past.before(batch[j].user, int(n_before[j]))] for j in scored]
+                n_masked += sum(int(target[r] >= 0 and np.any(exclude[r] == target[r]))
+                                for r in range(len(scored)))
+            else:
+                exclude = [np.zeros(0, dtype=np.int64)] * len(scored)
+            tiebreak = adapter.tiebreak()
+            ranks = rank_targets(scores, target, exclude, tiebreak)
+            top = top_k(scores, TOP_K, tiebreak)  # (R, k) after masking
+            col_to_gid = _inverse(colmap, scores.shape[1])
+            rec = col_to_gid[top[top >= 0]]
+            rec = rec[rec >= 0]
+            recommended.update(rec.tolist())
+            pct = _percentiles(counts[:n_catalogue])
+            pop_pct.append(float(pct[rec].mean()) if rec.size else 0.5)
+            tg = gids[scored]
+            tg = tg[tg < n_catalogue]
+            target_pct.append(float(pct[tg].mean()) if tg.size else 0.5)
+        elif scored:
+            n_unknown += len(scored)
+        if record_d and bi in snap_at and isinstance(adapter, LearnerAdapter):
+            real, fake = discriminator_scores(adapter.learner, batch, d_rng)
+            snaps.append({"batch": bi, "fraction": (bi + 1) / n_batches,
+                          "real": real.tolist(), "fake": fake.tolist()})
+        stats = adapter.train(batch)
+        for g in gids.tolist():
+            if colmap[g] < 0:
+                pending.add(g)
+        for g in list(pending):
+            c = adapter.column(past.ids[g])
+            if c >= 0:
+                colmap[g] = c
+                pending.discard(g)
+        np.add.at(counts, gids, 1)
+        all_ranks.append(ranks)
+        row = {"batch": float(bi), "events": float(min((bi + 1) * batch_size, len(examples))),
+               "n_scored": float(len(scored))}
+        row.update({f"batch_{k}": v for k, v in ranking_metrics(ranks, (10,)).items()})
+        for key in ("loss_ml", "loss_g", "loss_d", "d_acc", "d_acc_real", "d_acc_fake",
+                    "g_reward", "apr_loss"):
+            if key in stats:
+                row[key] = float(stats[key])
+        curves.append(row)
+        if progress is not None:
+            progress(len(batch))
+    ranks_all = np.concatenate(all_ranks) if all_ranks else np.zeros(0, np.int64)
+    metrics = ranking_metrics(ranks_all, KS)
+    metrics.update({
+        "n_events": float(len(examples)), "n_scored": float(ranks_all.size),
+        "n_unknown_target": float(n_unknown), "n_target_in_past": float(n_masked),
+        f"coverage@{TOP_K}": len(recommended) / max(1, len(past.ids)),
+        f"pop_pct@{TOP_K}": float(np.mean(pop_pct)) if pop_pct else 0.5,
+        "target_pop_pct": float(np.mean(target_pct)) if target_pct else 0.5,
+    })
+    run = MethodRun(method, seed, ranks_all, metrics, curves, window_metrics(ranks_all, n_windows),
+                    snaps)
+    if isinstance(adapter, LearnerAdapter):
+        gen = adapter.learner.generator
+        with torch.no_grad():
+            run.embeddings = gen.item_table()[1:].float().cpu().numpy()  # (V, D)
+        run.embedding_counts = adapter.learner.item_counts[1 : gen.n_items + 1].copy()
+    run.seconds = time.perf_counter() - t0
+    run.metrics["seconds"] = run.seconds
+    return run
+
+
+def _inverse(colmap: np.ndarray, n_cols: int) -> np.ndarray:
+    """Return column -> global id (-1 where no item) for ``n_cols`` columns."""
+    inv = np.full(n_cols, -1, dtype=np.int64)
+    known = np.flatnonzero((colmap >= 0) & (colmap < n_cols))
+    inv[colmap[known]] = known
+    return inv
+
+
+def _percentiles(counts: np.ndarray) -> np.ndarray:
+    """Return each item's popularity percentile (mid-rank; 1 = most clicked)."""
+    if counts.size == 0:
+        return np.zeros(0)
+    order = np.sort(counts)
+    below = np.searchsorted(order, counts, side="left")
+    equal = np.searchsorted(order, counts, side="right") - below
+    return (below + 0.5 * equal) / counts.size
+
+
+# ---------------------------------------------------------------------------- summary
+
+
+def summarize(runs: Sequence[MethodRun]) -> dict[str, dict[str, dict[str, float]]]:
+    """Return per method the mean and (sample) std over seeds of every metric."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for method in dict.fromkeys(r.method for r in runs):
+        mine = [r for r in runs if r.method == method]
+        keys = mine[0].metrics.keys()
+        vals = {k: np.array([r.metrics[k] for r in mine]) for k in keys}
+        out[method] = {
+            "mean": {k: float(v.mean()) for k, v in vals.items()},
+            "std": {k: float(v.std(ddof=1)) if v.size > 1 else 0.0 for k, v in vals.items()},
+            "n_seeds": {"n": float(len(mine))},
+        }
+    return out
+
+
+def format_table(summary: dict[str, dict[str, dict[str, float]]],
+                 columns: Sequence[str] = ("hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20",
+                                           "coverage@10", "pop_pct@10")) -> str:
+    """Return a plain-text table: one row per method, mean ± std per column."""
+    head = f"{'method':<10}" + "".join(f"{c:>18}" for c in columns) + f"{'s/seed':>9}"
+    lines = [head, "-" * len(head)]
+    for method, s in summary.items():
+        cells = "".join(f"{s['mean'][c]:>10.4f} ±{s['std'][c]:.4f}" for c in columns)
+        lines.append(f"{method:<10}{cells}{s['mean'].get('seconds', 0.0):>9.0f}")
+    return "\n".join(lines)
+
+
+def write_outputs(out: Path, runs: Sequence[MethodRun], summary: dict[str, Any],
+                  header: dict[str, Any]) -> None:
+    """Write results.json, summary.csv, windows.csv and curves.csv into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    doc = dict(header)
+    doc["summary"] = summary
+    doc["runs"] = [{"method": r.method, "seed": r.seed, "metrics": r.metrics,
+                    "windows": r.windows} for r in runs]
+    (out / "results.json").write_text(json.dumps(doc, indent=1, sort_keys=False))
+    metric_keys = list(next(iter(summary.values()))["mean"]) if summary else []
+    with (out / "summary.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "n_seeds", *[f"{k}_{s}" for k in metric_keys
+                                           for s in ("mean", "std")]])
+        for method, s in summary.items():
+            w.writerow([method, int(s["n_seeds"]["n"]),
+                        *[f"{s[x][k]:.6g}" for k in metric_keys for x in ("mean", "std")]])
+    _write_rows(out / "windows.csv", [{"method": r.method, "seed": r.seed, **row}
+                                      for r in runs for row in r.windows])
+    _write_rows(out / "curves.csv", [{"method": r.method, "seed": r.seed, **row}
+                                     for r in runs for row in r.curves])
+
+
+def _write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    keys: list[str] = []
+    for row in rows:
+        keys.extend(k for k in row if k not in keys)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="advrec evaluate",
+        description="Prequential (test-then-train) or offline leave-one-out evaluation of the "
+                    "baselines and the generator in every adversarial mode, without Kafka.")
+    p.add_argument("--dataset", nargs=2, metavar=("SOURCE", "PATH"), required=True,
+                   help=f"SOURCE is one of {', '.join(SOURCES)}")
+    p.add_argument("--protocol", choices=("prequential", "loo"), default="prequential")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help="comma-separated: pop, knn and adversarial modes "
+                        f"({', '.join(MODES)})")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per neural method (mean ± std)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--limit", type=int, default=None, help="replay only the first N events")
+    p.add_argument("--variant", choices=("A", "B"), default="A",
+                   help="A: the user's past items leave the list; B: they stay")
+    p.add_argument("--out", type=Path, default=Path("var/evaluate"))
+    p.add_argument("--plots", action="store_true", help="write PNG plots into --out")
+    p.add_argument("--windows", type=int, default=10, help="reporting windows over the stream")
+    p.add_argument("--columns", default=None, help="csv source: user=col,item=col[,ts=col]")
+    p.add_argument("--order", choices=("file", "interleave"), default=None,
+                   help="sequences source: event order")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    m = p.add_argument_group("model and training (TrainConfig / ModelConfig defaults)")
+    m.add_argument("--dim", type=int, default=64)
+    m.add_argument("--layers", type=int, default=2)
+    m.add_argument("--heads", type=int, default=2)
+    m.add_argument("--max-len", type=int, default=50)
+    m.add_argument("--dropout", type=float, default=0.2)
+    m.add_argument("--lr", type=float, default=1e-3)
+    m.add_argument("--steps-per-batch", type=int, default=1)
+    m.add_argument("--replay-ratio", type=float, default=None,
+                   help="replayed per new example (default 1.0 prequential, 0 for loo)")
+    m.add_argument("--threads", type=int, default=1, help="torch threads")
+    o = p.add_argument_group("loo protocol")
+    o.add_argument("--epochs", type=int, default=10)
+    o.add_argument("--patience", type=int, default=3, help="stop after N epochs without gain")
+    return p
+
+
+def _configs(args: argparse.Namespace, replay_default: float
+             ) -> tuple[Any, TrainConfig, AdversarialConfig]:
+    from trainer.model import ModelConfig
+
+    model_cfg = ModelConfig(max_len=args.max_len, d_model=args.dim, n_layers=args.layers,
+                            n_heads=args.heads, dropout=args.dropout)
+    replay = replay_default if args.replay_ratio is None else args.replay_ratio
+    train_cfg = TrainConfig(lr=args.lr, steps_per_batch=args.steps_per_batch,
+                            replay_ratio=replay, num_threads=args.threads)
+    return model_cfg, train_cfg, AdversarialConfig()
+
+
+def _load(args: argparse.Namespace) -> EventLog:
+    source, path = args.dataset
+    opts: dict[str, Any] = {}
+    if args.columns is not None:
+        opts["columns"] = args.columns
+    if args.order is not None:
+        opts["order"] = args.order
+    return load_events(source, path, **opts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.command = "advrec evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in BASELINES and m not in MODES]
+    if unknown or not methods:
+        print(ERROR.format(f"unknown method(s) {unknown}; choose from "
+                           f"{', '.join(BASELINES + MODES)}"), file=sys.stderr)
+        return 2
+    if args.dataset[0] not in SOURCES:
+        print(ERROR.format(f"unknown dataset source {args.dataset[0]!r}; choose from "
+                           f"{', '.join(SOURCES)}"), file=sys.stderr)
+        return 2
+    if args.seeds < 1 or args.batch_size < 1:
+        print(ERROR.format("--seeds and --batch-size must be >= 1"), file=sys.stderr)
+        return 2
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        events = _load(args)
+    except DatasetError as exc:
+        print(ERROR.format(exc), file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(ERROR.format(f"{args.dataset[1]}: {exc}"), file=sys.stderr)
+        return 1
+    if args.protocol == "loo":
+        from trainer.offline import run_loo_cli
+
+        return run_loo_cli(args, events, methods)
+    return _run_prequential_cli(args, events, methods, argv)
+
+
+def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: list[str],
+                         argv: list[str] | None) -> int:
+    evs = events.events[: args.limit] if args.limit else events.events
+    examples = list(build_examples(evs, args.max_len))
+    model_cfg, train_cfg, adv_cfg = _configs(args, 1.0)
+    jobs = [(m, s) for m in methods for s in (range(1) if m in BASELINES else range(args.seeds))]
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs) * len(examples), unit="ev", desc="evaluate",
+                   file=sys.stderr, dynamic_ncols=True)
+    runs: list[MethodRun] = []
+    for method, seed in jobs:
+        if bar is not None:
+            bar.set_postfix_str(f"{method} seed {seed}")
+        runs.append(run_prequential(
+            examples, method, seed=seed, variant=args.variant, batch_size=args.batch_size,
+            model_cfg=model_cfg, train_cfg=train_cfg, adv_cfg=adv_cfg, n_windows=args.windows,
+            record_d=args.plots and seed == 0 and "irgan" in method,
+            progress=bar.update if bar is not None else None))
+    if bar is not None:
+        bar.close()
+    summary = summarize(runs)
+    header = {
+        "protocol": "prequential", "variant": args.variant,
+        "variant_meaning": ("A: the user's past items are removed from the list (a re-clicked "
+                            "target is a miss)" if args.variant == "A"
+                            else "B: nothing is removed from the list"),
+        "command": args.command,
+        "dataset": {"source": args.dataset[0], "path": str(args.dataset[1]),
+                    "events": len(evs), "events_in_file": len(events),
+                    "users": len({e.user for e in evs}), "items": len({e.item for e in evs})},
+        "batch_size": args.batch_size, "seeds": args.seeds,
+        "baselines_note": "pop and knn are deterministic: run once, std 0",
+        "model_config": dataclasses.asdict(model_cfg),
+        "train_config": dataclasses.asdict(train_cfg),
+        "adversarial_config": dataclasses.asdict(adv_cfg),
+    }
+    write_outputs(args.out, runs, summary, header)
+    if args.plots:
+        from trainer import plots
+
+        plots.prequential_plots(args.out, runs)
+    print(f"prequential, variant {args.variant}, {len(evs)} events, batch {args.batch_size}, "
+          f"{args.seeds} seed(s); results in {args.out}")
+    print(format_table(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
