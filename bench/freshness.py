@@ -67,7 +67,8 @@ def main() -> int:
     env = {"ADVREC_BROKER": f"kafka://{args.bootstrap}", "ADVREC_TOPIC_CLICKS": f"fresh-{t}",
            "ADVREC_TOPIC_DLQ": f"fresh-{t}-dlq", "ADVREC_TOPIC_TRAIN": f"fresh-{t}-train",
            "ADVREC_APP_ID": f"fresh-{t}", "ADVREC_BUNDLE_DIR": str(bundles),
-           "ADVREC_CHECKPOINT_DIR": str(run_dir / "ckpt"), "ADVREC_TRAINER_GROUP": f"fresh-{t}",
+           "ADVREC_CHECKPOINT_DIR": str(run_dir / "ckpt"),
+           "ADVREC_TRAINER_GROUP": f"fresh-{t}-trainer",
            "ADVREC_TRAINER_METRICS_PORT": str(free_port())}
     worker, url = start_worker(run_dir, env)
     trainer = subprocess.Popen([sys.executable, "-m", "advrec.cli", "trainer"],
@@ -129,8 +130,11 @@ def main() -> int:
         ("bundles served", str(len(served))),
         ("results", str(path)),
     ])
-    subprocess.run(["rm", "-rf", str(run_dir)], check=False)
-    return 0
+    if delays:
+        subprocess.run(["rm", "-rf", str(run_dir)], check=False)
+        return 0
+    print(f"no probe was served; logs kept in {run_dir}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def main() -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=180, help="how long to run (default 180)")
     p.add_argument("--rate", type=float, default=300, help="synthetic events/s (default 300)")
-    p.add_argument("--mode", default="none", help="trainer adversarial mode (default none)")
+    p.add_argument("--mode", default="irgan", help="trainer adversarial mode (default irgan)")
     p.add_argument("--port", type=int, default=6066, help="worker HTTP port (default 6066)")
     args = p.parse_args()
 

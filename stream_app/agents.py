@@ -134,6 +134,21 @@ async def apply_batch(sa: StreamApp, events: Sequence[EventT],
     return examples
 
 
+def backlog_after(consumer: Any, events: Sequence[EventT]) -> int:
+    """Return how far behind the log end the newest event of each partition is (summed)."""
+    last: dict[Any, int] = {}
+    for ev in events:
+        tp = ev.message.tp
+        last[tp] = max(last.get(tp, -1), ev.message.offset)
+    behind = 0
+    for tp, offset in last.items():
+        try:
+            behind += max(0, consumer.highwater(tp) - offset - 1)
+        except Exception:  # highwater unknown until the first fetch response
+            continue
+    return behind
+
+
 def register(sa: StreamApp) -> None:
     """Attach the agents and timers of the stream to ``sa.app``."""
     app, s, m = sa.app, sa.settings, sa.metrics
@@ -145,6 +160,7 @@ def register(sa: StreamApp) -> None:
         async for events in stream.take_events(s.ingest_batch, within=s.ingest_wait_s):
             started = time.perf_counter()
             examples = await apply_batch(sa, events, user_keys)
+            sa.backlog = backlog_after(app.consumer, events)
             if examples:
                 await sa.examples.send(value=examples)
             m.processing_seconds.observe(time.perf_counter() - started)

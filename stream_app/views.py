@@ -86,6 +86,8 @@ def register(sa: StreamApp) -> None:
         bad = check_user(view, user)
         if bad is not None:
             return bad
+        if sa.backlog > s.backlog_messages:
+            await sa.read_pacer.wait()
         raw_k = request.query.get("k", "10")
         try:
             k = int(raw_k)
@@ -124,6 +126,8 @@ def register(sa: StreamApp) -> None:
         bad = check_user(view, user)
         if bad is not None:
             return bad
+        if sa.backlog > s.backlog_messages:
+            await sa.read_pacer.wait()
         raw = sa.user_state.get(encode_key(user))
         if raw is None:
             return view.json({"error": f"unknown user {user!r}", "status": 404,

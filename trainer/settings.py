@@ -22,7 +22,7 @@ class TrainerSettings:
     checkpoint_dir: str = "var/checkpoints"
     trainer_metrics_bind: str = "127.0.0.1"  # 0.0.0.0 in containers
     trainer_metrics_port: int = 9108
-    trainer_mode: str = "none"  # none | irgan | apr | irgan+apr (see docs/results.md)
+    trainer_mode: str = "irgan"  # none | irgan | apr | irgan+apr; best measured: docs/results.md
     trainer_lr: float = 1e-3
     trainer_seed: int = 0
     # torch threads: 1 when sharing 2 cores with the stream app (2 threads on a busy 2-core

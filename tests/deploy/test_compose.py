@@ -104,7 +104,7 @@ def test_settings_match_the_k8s_configmap(compose: dict[str, Any]) -> None:
     differ = {k for k in env if str(env[k]) != configmap[k]}
     # Only the broker, the replication (one local broker) and the trainer mode may differ.
     assert differ <= {"ADVREC_BROKER", "ADVREC_REPLICATION", "ADVREC_TRAINER_MODE"}
-    assert env["ADVREC_TRAINER_MODE"] == "${ADVREC_TRAINER_MODE:-none}"
+    assert env["ADVREC_TRAINER_MODE"] == "${ADVREC_TRAINER_MODE:-irgan}"
     assert compose["services"]["worker"]["environment"]["ADVREC_WEB_HOST"] == "worker"
 
 

@@ -51,3 +51,21 @@ def test_trending_keeps_only_the_newest_buckets_and_ranks_by_count() -> None:
     assert merge_trending([buckets], k=5, n_buckets=2) == ["c"]
     fresh = update_trending({}, [("a", T0), ("b", T0), ("b", T0)], minute, 2, 10)
     assert merge_trending([fresh, {str(T0 // minute * minute): {"a": 5}}], 2, 2) == ["a", "b"]
+
+
+async def test_read_pacer_spaces_reads_to_its_rate_and_is_free_at_zero() -> None:
+    import asyncio
+
+    from stream_app.app import ReadPacer
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    paced = ReadPacer(100.0)
+    for _ in range(11):
+        await paced.wait()
+    assert loop.time() - started >= 0.095  # 10 intervals of 10 ms after the first read
+    started = loop.time()
+    free = ReadPacer(0.0)
+    for _ in range(1000):
+        await free.wait()
+    assert loop.time() - started < 0.05
