@@ -84,6 +84,12 @@ class LoadedModel:
         """Score a batch: int64 [B, L] -> float32 [B, V+1] (blocking; call off the loop)."""
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: histories})[0]
 
+    def recommend_batch(self, histories: list[list[ItemId]], ks: list[int]) -> list[list[int]]:
+        """Return the top-k rows for each history, seen items excluded (blocking)."""
+        rows = np.stack([self.encode(h) for h in histories])  # (B, L)
+        scores = self.run(rows)  # (B, V+1)
+        return top_k_batch(scores, [self.seen_rows(h) for h in histories], ks)
+
 
 def load_model(root: Path | str, version: str, *, providers: str = "auto",
                threads: int = 0) -> LoadedModel:
@@ -275,13 +281,13 @@ class ModelServer:
         try:
             if model is None:
                 raise RuntimeError("no model loaded")
-            rows = np.stack([model.encode(r.history) for r in batch])  # (B, L)
-            scores = await asyncio.get_running_loop().run_in_executor(
-                self._pool, model.run, rows)  # (B, V+1)
+            histories, ks = [r.history for r in batch], [r.k for r in batch]
+            # encoding, the model call and the ranking all run in the pool: numpy and
+            # onnxruntime release the GIL, and the event loop stays free for ingestion
+            best = await asyncio.get_running_loop().run_in_executor(
+                self._pool, model.recommend_batch, histories, ks)
             if self.metrics is not None:
                 self.metrics.microbatch_size.observe(len(batch))
-            best = top_k_batch(scores, [model.seen_rows(r.history) for r in batch],
-                               [r.k for r in batch])
             vocab = model.bundle.vocab
             for req, picked in zip(batch, best, strict=True):
                 if not req.future.done():
