@@ -116,7 +116,7 @@ def test_settings_parse(compose: dict[str, Any]) -> None:
     worker = from_env(Settings, ENV_PREFIX, {**env, "ADVREC_WEB_HOST": "worker"})
     trainer = from_env(TrainerSettings, ENV_PREFIX, env)
     assert worker.bootstrap == "kafka:19092" == trainer.bootstrap
-    assert trainer.trainer_mode == "none" and worker.admin_token == ""
+    assert trainer.trainer_mode == "irgan" and worker.admin_token == ""
 
 
 def test_app_services_share_bundles_and_run_hardened(compose: dict[str, Any]) -> None:
