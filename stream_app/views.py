@@ -53,9 +53,12 @@ def register(sa: StreamApp) -> None:
     def error(view: Any, status: int, message: str) -> Any:
         return view.json({"error": message, "status": status}, status=status)
 
-    def check_user(view: Any, user: str) -> Any | None:
+    async def admit_read(view: Any, user: str) -> Any | None:
+        """Return a 400 response for a bad user id; pace the read while ingestion is behind."""
         if not 1 <= len(user) <= MAX_ID_CHARS:
             return error(view, 400, f"user id must have 1..{MAX_ID_CHARS} characters")
+        if sa.backlog > s.backlog_messages:
+            await sa.read_pacer.wait()
         return None
 
     def authorized(request: Any) -> bool | None:
@@ -83,11 +86,9 @@ def register(sa: StreamApp) -> None:
     @app.table_route(table=sa.user_state, match_info="user")
     @timed("recommendations")
     async def recommendations(view: Any, request: Any, user: str) -> Any:
-        bad = check_user(view, user)
+        bad = await admit_read(view, user)
         if bad is not None:
             return bad
-        if sa.backlog > s.backlog_messages:
-            await sa.read_pacer.wait()
         raw_k = request.query.get("k", "10")
         try:
             k = int(raw_k)
@@ -123,11 +124,9 @@ def register(sa: StreamApp) -> None:
     @app.table_route(table=sa.user_state, match_info="user")
     @timed("users")
     async def user_state_view(view: Any, request: Any, user: str) -> Any:
-        bad = check_user(view, user)
+        bad = await admit_read(view, user)
         if bad is not None:
             return bad
-        if sa.backlog > s.backlog_messages:
-            await sa.read_pacer.wait()
         raw = sa.user_state.get(encode_key(user))
         if raw is None:
             return view.json({"error": f"unknown user {user!r}", "status": 404,

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Self
 
 import httpx
 import pytest
@@ -66,8 +67,63 @@ def names() -> Names:
     return Names()
 
 
-class Worker:
+class AdvrecProcess:
+    """An ``advrec <command>`` subprocess in its own session: start, scrape, kill, stop."""
+
+    command = ""
+    url = ""
+    log_path: Path
+    env: dict[str, str]
+
+    def start(self) -> Self:
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "advrec.cli", self.command],
+                                     env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=ROOT, start_new_session=True)
+        return self
+
+    def metric(self, name: str, labels: str | None = None) -> float:
+        """Return the sum of the samples of ``name`` (matching ``labels``), 0 if none."""
+        text = httpx.get(f"{self.url}/metrics", timeout=5).text
+        total = 0.0
+        pattern = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", re.M)
+        for match in pattern.finditer(text):
+            if labels is None or (match.group(1) and labels in match.group(1)):
+                total += float(match.group(2))
+        return total
+
+    def alive(self) -> bool:
+        return getattr(self, "proc", None) is not None and self.proc.poll() is None
+
+    def kill9(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-n:]) or "(no log)"
+
+
+class Worker(AdvrecProcess):
     """An ``advrec worker`` subprocess with its own port and table directory."""
+
+    command = "worker"
 
     def __init__(self, names: Names, tmp: Path, *, partitions: int = 4,
                  bundle_dir: Path | None = None, extra_env: dict[str, str] | None = None,
@@ -95,13 +151,6 @@ class Worker:
         }
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> Worker:
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "advrec.cli", "worker"],
-                                     env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=ROOT, start_new_session=True)
-        return self
-
     def wait_ready(self, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -114,37 +163,6 @@ class Worker:
                 pass
             time.sleep(0.5)
         raise AssertionError(f"worker not ready in {timeout}s:\n{self.log_tail()}")
-
-    def metric(self, name: str, labels: str | None = None) -> float:
-        text = httpx.get(f"{self.url}/metrics", timeout=5).text
-        total = 0.0
-        pattern = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", re.M)
-        for match in pattern.finditer(text):
-            if labels is None or (match.group(1) and labels in match.group(1)):
-                total += float(match.group(2))
-        return total
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        if getattr(self, "_log", None):
-            self._log.close()
-
-    def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no log)"
 
 
 @pytest.fixture
@@ -200,8 +218,10 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.5) -> Non
     raise AssertionError(f"timed out after {timeout}s waiting for {what} ({last_exc})")
 
 
-class TrainerProcess:
+class TrainerProcess(AdvrecProcess):
     """An ``advrec trainer`` subprocess with its own metrics port and directories."""
+
+    command = "trainer"
 
     def __init__(self, names: Names, tmp: Path, *, bundle_dir: Path,
                  checkpoint_dir: Path | None = None,
@@ -222,45 +242,3 @@ class TrainerProcess:
             **(extra_env or {}),
         }
         self.proc: subprocess.Popen | None = None
-
-    def start(self) -> TrainerProcess:
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "advrec.cli", "trainer"],
-                                     env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=ROOT, start_new_session=True)
-        return self
-
-    def metric(self, name: str, labels: str | None = None) -> float:
-        text = httpx.get(f"{self.url}/metrics", timeout=5).text
-        total, found = 0.0, False
-        pattern = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", re.M)
-        for match in pattern.finditer(text):
-            if labels is None or (match.group(1) and labels in match.group(1)):
-                total += float(match.group(2))
-                found = True
-        return total if found else float("nan")
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        if getattr(self, "_log", None):
-            self._log.close()
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
