@@ -111,11 +111,22 @@ def test_fifty_swaps_under_sixteen_clients_fail_no_request(serving) -> None:
                             r.status_code))
                 i += 1
 
+    swaps_before = worker.metric("advrec_model_swaps_total")
+
     async def swapper() -> None:
-        for seed in range(1, 51):
-            published.add(publish_toy(bundles, VOCAB, seed=seed))
-            await asyncio.sleep(0.35)
-        await asyncio.sleep(1.0)
+        async with httpx.AsyncClient(base_url=worker.url, timeout=10) as http:
+            for seed in range(1, 51):
+                version = publish_toy(bundles, VOCAB, seed=seed)
+                published.add(version)
+                # the next bundle only once this one is live: 50 real swaps, at any speed
+                for _ in range(600):
+                    if (await http.get("/readyz")).json()["model_version"] == version:
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError(f"bundle {version} never went live")
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
         stop.set()
 
     async def run() -> None:
@@ -134,8 +145,7 @@ def test_fifty_swaps_under_sixteen_clients_fail_no_request(serving) -> None:
             newest = max(newest, done[j][2] or "")
             j += 1
         assert (version or "") >= newest, (version, newest)
-    swaps = worker.metric("advrec_model_swaps_total")
-    assert swaps >= 40  # a swap every 0.35 s, polled every 0.2 s: nearly all seen
+    assert worker.metric("advrec_model_swaps_total") - swaps_before == 50
 
 
 def test_corrupt_bundles_are_rejected_and_the_old_version_keeps_answering(serving) -> None:
