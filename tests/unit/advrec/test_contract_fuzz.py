@@ -1,0 +1,58 @@
+"""Property tests of the event decoder: any input is either a valid event or InvalidEvent."""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from advrec.contract import REASONS, ClickEvent, InvalidEvent, decode_event, encode_event
+
+NOW = int(time.time() * 1000)
+
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=200),
+    st.binary(max_size=200))
+values = st.recursive(scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=5), st.dictionaries(st.text(max_size=10), inner, max_size=5)),
+    max_leaves=20)
+event_like = st.fixed_dictionaries(
+    {}, optional={"user": values | st.text(max_size=200), "item": values | st.text(),
+                  "ts": values | st.integers(min_value=NOW - 10**12, max_value=NOW + 10**11),
+                  "type": values | st.sampled_from(["click", "view", "cart", "purchase"]),
+                  "session": values, "id": values})
+
+
+def check(payload: bytes, key: bytes | None = None) -> None:
+    try:
+        event = decode_event(payload, key)
+    except InvalidEvent as exc:
+        assert exc.reason in REASONS
+        return
+    assert isinstance(event, ClickEvent)
+    assert decode_event(encode_event(event)) == event  # what passes re-encodes losslessly
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=5000))
+def test_random_bytes_never_escape_as_another_exception(payload: bytes) -> None:
+    check(payload)
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(event_like, st.one_of(st.none(), st.binary(max_size=20)))
+def test_event_shaped_maps_are_valid_or_rejected_with_a_reason(obj: dict,
+                                                                key: bytes | None) -> None:
+    check(msgpack.packb(obj, use_bin_type=True), key)
+
+
+def test_deep_nesting_is_rejected_not_crashing() -> None:
+    nested: object = "x"
+    for _ in range(400):  # msgpack itself refuses to pack deeper than 511
+        nested = [nested]
+    payload = msgpack.packb({"user": "u", "item": "i", "ts": NOW, "extra": nested})
+    check(payload)
+    check(b"\x91" * 4000)  # 4000 nested one-element arrays, never terminated
