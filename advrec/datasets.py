@@ -180,6 +180,15 @@ def _header_index(path: Path, header: list[str], names: Sequence[str]) -> list[i
     return [clean.index(n) for n in names]
 
 
+def _rating_kept(rating: str, min_rating: float | None) -> bool:
+    """Return whether a MovieLens rating passes ``min_rating``; a non-number is a bad line."""
+    try:
+        value = float(rating)
+    except ValueError:
+        raise _BadLine(f"rating {rating[:40]!r} is not a number") from None
+    return min_rating is None or value >= min_rating
+
+
 def read_movielens(path: str | Path, *, min_rating: float | None = None,
                    strict: bool = True) -> EventLog:
     """Read a MovieLens ``ratings.csv`` (``userId,movieId,rating,timestamp``, seconds).
@@ -205,12 +214,8 @@ def read_movielens(path: str | Path, *, min_rating: float | None = None,
     def parse(line: int, fields: list[str]) -> None:
         _expect_fields(fields, width, "userId,movieId,rating,timestamp")
         user, item, rating, ts = (fields[c].strip() for c in cols)
-        try:
-            value = float(rating)
-        except ValueError:
-            raise _BadLine(f"rating {rating[:40]!r} is not a number") from None
         ts_ms = _to_ms(ts, "s")
-        if min_rating is None or value >= min_rating:
+        if _rating_kept(rating, min_rating):
             collect.add(path, line, user, item, ts_ms, f"movielens:{line}")
 
     _parse_each(path, collect, rows, parse)
@@ -226,12 +231,8 @@ def read_movielens_udata(path: str | Path, *, min_rating: float | None = None,
     def parse(line: int, fields: list[str]) -> None:
         _expect_fields(fields, 4, "user, item, rating, timestamp")
         user, item, rating, ts = (f.strip() for f in fields)
-        try:
-            value = float(rating)
-        except ValueError:
-            raise _BadLine(f"rating {rating[:40]!r} is not a number") from None
         ts_ms = _to_ms(ts, "s")
-        if min_rating is None or value >= min_rating:
+        if _rating_kept(rating, min_rating):
             collect.add(path, line, user, item, ts_ms, f"movielens-udata:{line}")
 
     _parse_each(path, collect, _rows(path, collect, "\t"), parse)

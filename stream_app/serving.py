@@ -18,7 +18,9 @@ import onnxruntime as ort
 from advrec.bundle import INPUT_NAME, OUTPUT_NAME, Bundle, BundleError, load_bundle
 from advrec.types import ItemId
 
-__all__ = ["LoadedModel", "ModelServer", "cpu_limit", "load_model", "select_providers"]
+__all__ = [
+    "LoadedModel", "ModelServer", "cpu_limit", "load_model", "select_providers", "top_k_batch",
+]
 
 log = logging.getLogger(__name__)
 
@@ -138,21 +140,8 @@ def load_model(root: Path | str, version: str, *, providers: str = "auto",
                        load_seconds=time.perf_counter() - started)
 
 
-def top_k(scores: np.ndarray, exclude: np.ndarray, k: int) -> list[int]:
-    """Return the ``k`` best rows of one score vector, never column 0 or excluded rows."""
-    scores = scores.astype(np.float32, copy=True)
-    scores[0] = -np.inf
-    scores[exclude] = -np.inf
-    n_ok = int(np.isfinite(scores).sum())
-    k = min(k, n_ok)
-    if k <= 0:
-        return []
-    part = np.argpartition(-scores, k - 1)[:k]
-    return [int(i) for i in part[np.argsort(-scores[part], kind="stable")]]
-
-
 def top_k_batch(scores: np.ndarray, seen: list[list[int]], ks: list[int]) -> list[list[int]]:
-    """Vectorised ``top_k`` over a batch: scores [B, V+1], per-row exclusions and k."""
+    """Return each row's ``k`` best columns, never column 0 nor that row's ``seen`` rows."""
     scores = scores.astype(np.float32, copy=True)  # (B, V+1)
     n_rows = scores.shape[0]
     scores[:, 0] = -np.inf
