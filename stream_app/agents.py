@@ -84,7 +84,6 @@ async def apply_batch(sa: StreamApp, events: Sequence[EventT],
     s, m = sa.settings, sa.metrics
     by_user: dict[str, list[tuple[EventT, Any]]] = defaultdict(list)
     by_partition: dict[int, EventT] = {}
-    m.events_consumed.inc(len(events))
     for ev in events:
         msg = ev.message
         try:
@@ -131,6 +130,8 @@ async def apply_batch(sa: StreamApp, events: Sequence[EventT],
                 buckets, hits, s.trending_bucket_s * 1000, s.trending_buckets, s.trending_top))
     if duplicates:
         m.events_duplicate.inc(duplicates)
+    # counted last, so a reader that sees a batch consumed also sees its verdicts counted
+    m.events_consumed.inc(len(events))
     return examples
 
 
@@ -197,6 +198,7 @@ def register(sa: StreamApp) -> None:
     async def load_first_model() -> None:
         await sa.server.start()
         await sa.watcher.check()
+        await app.tables.recovery.completed.wait()  # the first assignment's state is local
         sa.started = True
 
     @app.timer(s.watch_interval_s)

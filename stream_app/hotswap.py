@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from advrec.bundle import BundleError, list_versions, read_current, set_current
-from stream_app.serving import LoadedModel, ModelServer, load_model
+from stream_app.serving import LoadedModel, ModelServer, load_model, release_freed_memory
 
 __all__ = ["BundleWatcher"]
 
@@ -67,8 +67,10 @@ class BundleWatcher:
                 log.error("rejected bundle %s (%s): %s; still serving %s", version, exc.reason,
                           exc.detail, live.version if live else "the trending fallback")
                 return False
+            del live  # the server holds the old model only until in-flight batches finish
             self.server.swap(model)
             self.swaps += 1
+            release_freed_memory()
             self._report(model)
             log.info("now serving bundle %s (vocabulary %d, providers %s, loaded in %.2fs)",
                      model.version, len(model.bundle.vocab), ",".join(model.providers),

@@ -22,9 +22,12 @@ class Settings:
     bundle_dir: str = "var/bundles"
     partitions: int = 4  # of `clicks`; tables and changelogs get the same count
     replication: int = 1
+    session_timeout_s: float = 10.0  # a dead worker's partitions move after this (Faust: 60)
     topic_clicks: str = "clicks"
     topic_dlq: str = "clicks-dlq"
     topic_train: str = "train-batches"
+    rocksdb_write_buffer_mb: int = 2  # per table store (table x partition), two of them
+    rocksdb_cache_mb: int = 8  # block cache per table store
     history_len: int = 50  # last L items kept per user (bounds state size per user)
     dedup_window: int = 128  # fingerprints of the most recent events kept per user
     ingest_batch: int = 1000  # events taken from the stream at once; table writes coalesce
@@ -53,6 +56,8 @@ class Settings:
     def __post_init__(self) -> None:
         checks = {
             "partitions": self.partitions >= 1,
+            "rocksdb_write_buffer_mb": self.rocksdb_write_buffer_mb >= 1,
+            "rocksdb_cache_mb": self.rocksdb_cache_mb >= 1,
             "history_len": 1 <= self.history_len <= 1000,
             "dedup_window": self.dedup_window >= 1,
             "ingest_batch": self.ingest_batch >= 1,

@@ -10,10 +10,11 @@ from typing import Any
 
 import msgpack
 
-from advrec.contract import ClickEvent, TrainingExample
+from advrec.contract import MAX_ID_CHARS, ClickEvent, TrainingExample
 from advrec.types import ItemId
 
-__all__ = ["UserState", "fingerprint_hash", "merge_trending", "update_trending"]
+__all__ = ["UserState", "fingerprint_hash", "merge_trending", "state_size_bound",
+           "update_trending"]
 
 
 def fingerprint_hash(fingerprint: str) -> int:
@@ -83,6 +84,16 @@ class UserState:
                 self.floor_ts = max(self.floor_ts, old_ts)
             del self.fingerprints[:n_old]
         return example
+
+
+def state_size_bound(history_len: int, dedup_window: int) -> int:
+    """Most bytes one user's ``user_state`` value can take, whatever the user sends.
+
+    History: ``history_len`` ids of at most MAX_ID_CHARS characters (4 UTF-8 bytes each,
+    plus a msgpack header); fingerprints: ``dedup_window`` pairs of 64-bit ints (9 bytes each
+    in msgpack); counters for the few event types and the timestamps: well under 200 bytes.
+    """
+    return history_len * (MAX_ID_CHARS * 4 + 3) + dedup_window * 18 + 200
 
 
 def update_trending(buckets: dict[str, dict[str, int]], items: Iterable[tuple[ItemId, int]],

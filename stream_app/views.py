@@ -10,10 +10,12 @@ from functools import wraps
 from typing import TYPE_CHECKING, Any
 
 import faust.web
+from aiohttp import ClientError, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from advrec.bundle import BundleError, list_versions, read_current
 from advrec.contract import MAX_ID_CHARS, encode_key
+from stream_app.openapi import DEFAULT_K, OPENAPI_PATH, build_openapi
 from stream_app.state import UserState
 
 if TYPE_CHECKING:
@@ -30,9 +32,37 @@ def _status_class(status: int) -> str:
     return f"{status // 100}xx"
 
 
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer every error as JSON ``{"error", "status"}``, and never with a bare 500.
+
+    aiohttp answers unknown paths (404) and methods (405) in plain text by raising; a
+    per-user read routed to the owning worker fails with a client error while that worker is
+    unreachable (it crashed, a rebalance is under way): that is "not now", a 503.
+    """
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")}
+        message = f"{exc.reason}: {request.method} {request.path[:100]}"
+        return web.json_response({"error": message, "status": exc.status},
+                                 status=exc.status, headers=headers)
+    except (ClientError, TimeoutError) as exc:
+        log.warning("routing %s to the owning worker failed: %r", request.path, exc)
+        return web.json_response({"error": "the worker owning this key is unreachable, "
+                                           "retry later", "status": 503}, status=503)
+    except Exception:
+        log.exception("unhandled error answering %s %s", request.method, request.path)
+        return web.json_response({"error": "internal error", "status": 500}, status=500)
+
+
 def register(sa: StreamApp) -> None:
     """Attach the web views to ``sa.app``."""
     app, s, m = sa.app, sa.settings, sa.metrics
+    app.web.web_app.middlewares.append(json_errors)
+    openapi = build_openapi(s)
 
     def timed(endpoint: str) -> Callable[[Handler], Handler]:
         def deco(fun: Handler) -> Handler:
@@ -53,10 +83,41 @@ def register(sa: StreamApp) -> None:
     def error(view: Any, status: int, message: str) -> Any:
         return view.json({"error": message, "status": status}, status=status)
 
+    def restoring(key: bytes) -> bool:
+        """Whether the local partition holding ``key`` is still being restored.
+
+        Only that partition's readers wait: partitions that stayed with this worker through a
+        rebalance keep answering while newly assigned ones catch up.
+        """
+        if not app.in_recovery:
+            return False
+        recovery = app.tables.recovery
+        try:
+            tp = app.producer.key_partition(sa.user_state.changelog_topic.get_topic_name(), key)
+        except Exception:  # no metadata yet: cannot tell, so the answer could be stale
+            return True
+        if tp not in recovery.active_tps:
+            return False
+        return tp not in recovery.active_highwaters or recovery.active_remaining()[tp] > 0
+
+    def routable(fun: Handler) -> Handler:
+        """Answer 503 while this worker cannot yet tell which worker owns a key."""
+        @wraps(fun)
+        async def wrapper(view: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+            if not sa.started:
+                return error(view, 503, "worker is starting (tables not recovered yet), "
+                                        "retry later")
+            return await fun(view, request, *args, **kwargs)
+        return wrapper
+
     async def admit_read(view: Any, user: str) -> Any | None:
-        """Return a 400 response for a bad user id; pace the read while ingestion is behind."""
+        """Return a 400 response for a bad user id, a 503 while local state is being
+        restored from the changelog; pace the read while ingestion is behind."""
         if not 1 <= len(user) <= MAX_ID_CHARS:
             return error(view, 400, f"user id must have 1..{MAX_ID_CHARS} characters")
+        if restoring(encode_key(user)):
+            return error(view, 503, "this worker is restoring the user's partition from the "
+                                    "changelog, retry later")
         if sa.backlog > s.backlog_messages:
             await sa.read_pacer.wait()
         return None
@@ -83,13 +144,14 @@ def register(sa: StreamApp) -> None:
         return {"host": s.web_host, "port": s.web_port}
 
     @app.page("/recommendations/{user}")
+    @routable
     @app.table_route(table=sa.user_state, match_info="user")
     @timed("recommendations")
     async def recommendations(view: Any, request: Any, user: str) -> Any:
         bad = await admit_read(view, user)
         if bad is not None:
             return bad
-        raw_k = request.query.get("k", "10")
+        raw_k = request.query.get("k", str(DEFAULT_K))
         try:
             k = int(raw_k)
         except ValueError:
@@ -121,6 +183,7 @@ def register(sa: StreamApp) -> None:
                           "served_by": worker_ident()})
 
     @app.page("/users/{user}")
+    @routable
     @app.table_route(table=sa.user_state, match_info="user")
     @timed("users")
     async def user_state_view(view: Any, request: Any, user: str) -> Any:
@@ -162,6 +225,10 @@ def register(sa: StreamApp) -> None:
         body = generate_latest(m.registry)
         return view.bytes(body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    @app.page(OPENAPI_PATH)
+    async def openapi_view(view: Any, request: Any) -> Any:
+        return view.json(openapi)
+
     @app.page("/noop")
     @timed("noop")
     async def noop(view: Any, request: Any) -> Any:
@@ -198,6 +265,9 @@ def register(sa: StreamApp) -> None:
             if denied is not None:
                 return denied
             version = request.query.get("version") or None
+            if version is not None and version not in list_versions(s.bundle_dir):
+                # never let a request name a path: only published versions are loaded
+                return error(self, 409, f"no published bundle version {version[:80]!r}")
             try:
                 done = await sa.watcher.rollback(version)
             except BundleError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,6 +50,39 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class PrivateBroker:
+    """A broker of one test's own, on free ports, so the test may stop and restart it."""
+
+    def __init__(self) -> None:
+        self.port, self.controller_port = free_port(), free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+
+    def _script(self, cmd: str) -> None:
+        res = subprocess.run([str(ROOT / "scripts" / "kafka.sh"), cmd], capture_output=True,
+                             text=True, env={**os.environ, "KAFKA_PORT": str(self.port),
+                                             "KAFKA_CONTROLLER_PORT": str(self.controller_port)})
+        assert res.returncode == 0, f"kafka.sh {cmd} on port {self.port} failed:\n{res.stderr}"
+
+    def start(self) -> None:
+        self._script("start")
+
+    def stop(self) -> None:
+        self._script("stop")
+
+    def remove(self) -> None:
+        """Stop and delete its data and run directories."""
+        self._script("reset")
+        shutil.rmtree(ROOT / "kafka" / "run" / str(self.port), ignore_errors=True)
+
+
+@pytest.fixture
+def private_broker() -> Iterator[PrivateBroker]:
+    broker = PrivateBroker()
+    broker.start()
+    yield broker
+    broker.remove()
 
 
 class Names:
@@ -127,14 +161,15 @@ class Worker(AdvrecProcess):
 
     def __init__(self, names: Names, tmp: Path, *, partitions: int = 4,
                  bundle_dir: Path | None = None, extra_env: dict[str, str] | None = None,
-                 port: int | None = None, data_dir: Path | None = None) -> None:
+                 port: int | None = None, data_dir: Path | None = None,
+                 bootstrap: str = BOOTSTRAP) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = data_dir or tmp / f"tables-{self.port}"
         self.log_path = tmp / f"worker-{self.port}-{uuid.uuid4().hex[:4]}.log"
         self.env = {
             **os.environ,
-            "ADVREC_BROKER": f"kafka://{BOOTSTRAP}",
+            "ADVREC_BROKER": f"kafka://{bootstrap}",
             "ADVREC_APP_ID": names.app_id,
             "ADVREC_TOPIC_CLICKS": names.clicks,
             "ADVREC_TOPIC_DLQ": names.dlq,
@@ -174,16 +209,18 @@ def workers(names: Names, tmp_path: Path) -> Iterator[list[Worker]]:
         w.stop()
 
 
-def send(topic: str, payloads: list[Payload], rate: float = 0.0) -> None:
-    stats = asyncio.run(produce(BOOTSTRAP, topic, payloads, rate=rate, progress=False))
+def send(topic: str, payloads: list[Payload], rate: float = 0.0,
+         bootstrap: str = BOOTSTRAP) -> None:
+    stats = asyncio.run(produce(bootstrap, topic, payloads, rate=rate, progress=False))
     assert stats.failed == 0 and stats.sent == len(payloads), stats
 
 
-def consume_all(topic: str, expected: int, timeout: float = 60.0) -> list:
+def consume_all(topic: str, expected: int, timeout: float = 60.0,
+                bootstrap: str = BOOTSTRAP) -> list:
     """Read ``topic`` from the beginning until ``expected`` messages came (or timeout)."""
 
     async def run() -> list:
-        consumer = AIOKafkaConsumer(topic, bootstrap_servers=BOOTSTRAP, group_id=None,
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
                                     auto_offset_reset="earliest", enable_auto_commit=False)
         await consumer.start()
         out: list = []
@@ -225,14 +262,14 @@ class TrainerProcess(AdvrecProcess):
 
     def __init__(self, names: Names, tmp: Path, *, bundle_dir: Path,
                  checkpoint_dir: Path | None = None,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, bootstrap: str = BOOTSTRAP) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.checkpoint_dir = checkpoint_dir or tmp / "checkpoints"
         self.log_path = tmp / f"trainer-{self.port}.log"
         self.env = {
             **os.environ,
-            "ADVREC_BROKER": f"kafka://{BOOTSTRAP}",
+            "ADVREC_BROKER": f"kafka://{bootstrap}",
             "ADVREC_TOPIC_TRAIN": names.train,
             "ADVREC_TRAINER_GROUP": f"{names.app_id}-trainer",
             "ADVREC_BUNDLE_DIR": str(bundle_dir),

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
 
+from advrec.bundle import write_bundle
 from advrec.contract import ClickEvent, encode_event, encode_key
-from tests.bundles import publish_toy
+from tests.bundles import publish_toy, toy_model
 from tests.integration.conftest import Names, Worker, send, wait_for
 
 pytestmark = pytest.mark.kafka
@@ -148,17 +151,67 @@ def test_fifty_swaps_under_sixteen_clients_fail_no_request(serving) -> None:
     assert worker.metric("advrec_model_swaps_total") - swaps_before == 50
 
 
-def test_corrupt_bundles_are_rejected_and_the_old_version_keeps_answering(serving) -> None:
+def _truncated_at_publish(root: Path) -> str:
+    """A publisher that wrote half the model and checksummed what it wrote."""
+    whole = toy_model(len(VOCAB), seed=98)
+    return write_bundle(root, whole[: len(whole) // 2], VOCAB, {"max_len": 10},
+                        make_current=False, keep=100)
+
+
+def _damaged_after_publish(damage: Callable[[Path], None], **toy: object) -> Callable[[Path], str]:
+    def make(root: Path) -> str:
+        version = write_bundle(root, toy_model(len(VOCAB), seed=97, **toy), VOCAB,  # type: ignore[arg-type]
+                               {"max_len": 10}, make_current=False, keep=100)
+        damage(root / version)
+        return version
+    return make
+
+
+def point_current(root: Path, version: str) -> None:
+    """Move CURRENT the way any writer could: without advrec.bundle's checks."""
+    tmp = root / ".CURRENT.test"
+    tmp.write_text(version + "\n")
+    tmp.replace(root / "CURRENT")
+
+
+def _no_damage(_d: Path) -> None:
+    return None
+
+
+BAD_BUNDLES = {
+    "truncated at publish": (_truncated_at_publish, "load_error"),
+    "truncated on disk": (_damaged_after_publish(
+        lambda d: (d / "model.onnx").write_bytes((d / "model.onnx").read_bytes()[:100])),
+        "checksum_mismatch"),
+    "wrong checksum": (_damaged_after_publish(lambda d: (d / "meta.json").write_text(
+        (d / "meta.json").read_text().replace('"model_sha256": "', '"model_sha256": "0'))),
+        "checksum_mismatch"),
+    "NaN weights": (_damaged_after_publish(_no_damage, nan=True), "nan_output"),
+    "wrong input name": (_damaged_after_publish(_no_damage, input_name="tokens"),
+                         "bad_signature"),
+    "vocabulary mismatch": (_damaged_after_publish(_no_damage, extra_cols=3), "vocab_mismatch"),
+    "no meta.json": (_damaged_after_publish(lambda d: (d / "meta.json").unlink()),
+                     "missing_meta"),
+}
+
+
+@pytest.mark.parametrize("fault", list(BAD_BUNDLES))
+def test_a_bad_bundle_is_rejected_with_its_reason_and_the_old_one_keeps_answering(
+        serving, fault: str) -> None:
     worker, names, bundles, _first = serving
     send(names.clicks, [click("bob", "i3", 0)])
     wait_for(lambda: httpx.get(f"{worker.url}/users/bob").status_code == 200, 60, "bob")
     live = live_version(worker)
-    bad = publish_toy(bundles, VOCAB, seed=99)
-    (bundles / bad / "model.onnx").write_bytes(b"\x00garbage")
-    wait_for(lambda: worker.metric("advrec_bundles_rejected_total") >= 1, 30, "rejection")
+    make, reason = BAD_BUNDLES[fault]
+    counted = worker.metric("advrec_bundles_rejected_total", f'reason="{reason}"')
+    bad = make(bundles)
+    point_current(bundles, bad)  # the pointer moves only once the damage is done
+    wait_for(lambda: worker.metric("advrec_bundles_rejected_total", f'reason="{reason}"')
+             >= counted + 1, 30, f"rejection of the {fault} bundle")
     assert recommend(worker, "bob")["model_version"] == live
     ready = httpx.get(f"{worker.url}/readyz").json()
-    assert ready["rejected"] == {bad: "checksum_mismatch"}
+    assert ready["rejected"][bad] == reason
+    assert ready["model_version"] == live
 
 
 def test_admin_needs_the_bearer_token_and_rollback_works(serving) -> None:
@@ -178,3 +231,5 @@ def test_admin_needs_the_bearer_token_and_rollback_works(serving) -> None:
                        headers={"Authorization": "Bearer let-me-in"}).json()
     assert status["live"]["version"] == first and status["current_pointer"] == first
     assert "let-me-in" not in httpx.get(f"{worker.url}/metrics").text
+    assert "let-me-in" not in worker.log_text()  # settings are logged with secrets hidden
+    assert "admin_token" in worker.log_text()  # ... and they were logged

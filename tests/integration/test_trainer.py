@@ -94,6 +94,10 @@ def test_kill_9_resumes_from_checkpoint_and_never_leaves_a_half_bundle(
     finally:
         final.stop()
     assert_every_bundle_loads(bundles)
+    # The model on disk has trained on each of the 80 batches exactly once: batches trained
+    # after a checkpoint died with the process and were trained again from that checkpoint.
+    learner, extra = load_checkpoint(ckpt_dir / "trainer.ckpt")
+    assert learner.batches_seen == len(payloads) and extra["next_offset"] == len(payloads)
 
 
 def test_a_new_item_is_served_after_the_next_export(kafka: str, names: Names,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from advrec.contract import REASONS, ClickEvent, InvalidEvent, decode_event, encode_event
+from tests.payloads import KINDS, HostilePayloads
 
 NOW = int(time.time() * 1000)
 
@@ -56,3 +58,23 @@ def test_deep_nesting_is_rejected_not_crashing() -> None:
     payload = msgpack.packb({"user": "u", "item": "i", "ts": NOW, "extra": nested})
     check(payload)
     check(b"\x91" * 4000)  # 4000 nested one-element arrays, never terminated
+
+
+def test_a_hundred_thousand_hostile_messages_are_each_valid_or_rejected_with_a_reason() -> None:
+    verdicts: Counter = Counter()
+    kinds_seen: Counter = Counter()
+    for kind, key, value in HostilePayloads(seed=1, now_ms=NOW).take(100_000):
+        kinds_seen[kind] += 1
+        try:
+            event = decode_event(value, key, now_ms=NOW)
+        except InvalidEvent as exc:
+            assert exc.reason in REASONS, (kind, exc.reason)
+            verdicts[exc.reason] += 1
+            continue
+        assert kind in ("valid", "deep_nesting"), (kind, value[:80])  # nothing broken passes
+        assert decode_event(encode_event(event)) == event
+        verdicts["valid"] += 1
+    assert sum(verdicts.values()) == 100_000
+    assert set(kinds_seen) == set(KINDS)
+    assert verdicts["valid"] >= kinds_seen["valid"]  # every valid message was accepted
+    assert set(verdicts) == {"valid", *REASONS}, verdicts  # every reason was triggered

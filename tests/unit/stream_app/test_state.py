@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from advrec.contract import ClickEvent
-from stream_app.state import UserState, merge_trending, update_trending
+from advrec.contract import EVENT_TYPES, MAX_ID_CHARS, ClickEvent
+from stream_app.state import UserState, merge_trending, state_size_bound, update_trending
 
 T0 = 1_700_000_000_000
 
@@ -69,3 +69,15 @@ async def test_read_pacer_spaces_reads_to_its_rate_and_is_free_at_zero() -> None
     for _ in range(1000):
         await free.wait()
     assert loop.time() - started < 0.05
+
+
+def test_a_users_state_stays_within_its_bound_however_much_the_user_sends() -> None:
+    state = UserState()
+    widest = "\U0001f600" * MAX_ID_CHARS  # 4 UTF-8 bytes per character
+    for n in range(5000):
+        event = ClickEvent(user=widest, item=f"{n:08d}{widest[8:]}", ts=10**12 + n,
+                           type=EVENT_TYPES[n % len(EVENT_TYPES)], id=f"{n:0128d}")
+        assert state.apply(event, history_len=50, dedup_window=128) is not None
+    size = len(state.to_bytes())
+    assert len(state.history) == 50 and len(state.fingerprints) == 128
+    assert size <= state_size_bound(50, 128) <= 30 * 1024, size

@@ -1,0 +1,243 @@
+"""The OpenAPI 3.0 document of the worker's HTTP API (``GET /openapi.json``).
+
+The limits in it (user id length, ``k``, history length) come from the same constants and
+settings the views check, so the document and the code cannot disagree about them; the
+integration test ``tests/integration/test_http_fuzz.py`` fuzzes a live worker against it
+(schemathesis) and checks that every route the views register is described here.
+
+Status codes, as the views produce them:
+
+* 400: a bad user id or ``k``; 401: admin call without the right bearer token; 404: unknown
+  user, or admin endpoints disabled (no ``ADVREC_ADMIN_TOKEN``); 405: method not allowed;
+  409: rollback refused. Every error body is JSON ``{"error": <message>, "status": <code>}``.
+* 503 only means "not now": ``/readyz`` before the worker is started and has a model (or
+  declared fallback mode), and the per-user reads while the partition that owns the user is
+  not assigned to any worker (start-up, rebalance, recovery) or its owner is unreachable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from advrec.contract import MAX_ID_CHARS
+from stream_app.settings import Settings
+
+__all__ = ["DEFAULT_K", "FALLBACK_CAUSES", "OPENAPI_PATH", "build_openapi"]
+
+OPENAPI_PATH = "/openapi.json"
+DEFAULT_K = 10  # recommendations per answer when the request names no k
+FALLBACK_CAUSES = ("no_history", "no_known_items", "no_model", "model_error")
+
+JSON = "application/json"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(description: str, schema: dict[str, Any],
+          headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": description, "content": {JSON: {"schema": schema}}}
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(description, _ref("Error"))
+
+
+def _schemas(s: Settings) -> dict[str, Any]:
+    items = {"type": "array", "items": {"type": "string"}}
+    version = {"type": "string", "nullable": True}
+    return {
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {"type": "string", "minLength": 1,
+                          "description": "What was wrong, for a person to read"},
+                "status": {"type": "integer", "minimum": 400, "maximum": 599},
+                "served_by": _ref("ServedBy"),
+            },
+        },
+        "ServedBy": {
+            "type": "object",
+            "description": "The worker that owns the user's partition and answered",
+            "required": ["host", "port"],
+            "properties": {"host": {"type": "string"},
+                           "port": {"type": "integer", "minimum": 1, "maximum": 65535}},
+        },
+        "Recommendations": {
+            "type": "object",
+            "required": ["user", "items", "fallback", "model_version", "served_by"],
+            "properties": {
+                "user": {"type": "string"},
+                "items": {**items, "maxItems": s.max_k,
+                          "description": "Best first; never an item the user already saw"},
+                "fallback": {"type": "boolean",
+                             "description": "True: trending items, not the model's answer"},
+                "fallback_cause": {"type": "string", "enum": list(FALLBACK_CAUSES)},
+                "model_version": version,
+                "served_by": _ref("ServedBy"),
+            },
+        },
+        "UserState": {
+            "type": "object",
+            "required": ["user", "history", "last_ts", "count", "types", "served_by"],
+            "properties": {
+                "user": {"type": "string"},
+                "history": {**items, "maxItems": s.history_len,
+                            "description": "Last items, oldest first"},
+                "last_ts": {"type": "integer", "description": "Latest event time (ms)"},
+                "count": {"type": "integer", "minimum": 0},
+                "types": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "served_by": _ref("ServedBy"),
+            },
+        },
+        "Readiness": {
+            "type": "object",
+            "required": ["ready", "model_version", "providers", "fallback_mode",
+                         "published_version", "rejected"],
+            "properties": {
+                "ready": {"type": "boolean"},
+                "model_version": version,
+                "providers": items,
+                "fallback_mode": {"type": "boolean"},
+                "published_version": version,
+                "rejected": {"type": "object", "additionalProperties": {"type": "string"},
+                             "description": "Rejected bundle version -> reason"},
+            },
+        },
+        "ModelStatus": {
+            "type": "object",
+            "required": ["live", "current_pointer", "versions", "rejected", "swaps"],
+            "properties": {
+                "live": {
+                    "type": "object",
+                    "nullable": True,
+                    "required": ["version", "providers", "vocab_size", "loaded_at", "meta"],
+                    "properties": {
+                        "version": {"type": "string"},
+                        "providers": items,
+                        "vocab_size": {"type": "integer", "minimum": 0},
+                        "loaded_at": {"type": "number"},
+                        "meta": {"type": "object"},
+                    },
+                },
+                "current_pointer": version,
+                "versions": items,
+                "rejected": {"type": "object", "additionalProperties": {"type": "string"}},
+                "swaps": {"type": "integer", "minimum": 0},
+            },
+        },
+    }
+
+
+def build_openapi(settings: Settings) -> dict[str, Any]:
+    """Return the OpenAPI document of the HTTP API for a worker with ``settings``."""
+    s = settings
+    user = {
+        "name": "user", "in": "path", "required": True,
+        "description": "User id, the same string as in click events",
+        "schema": {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS},
+    }
+    k = {
+        "name": "k", "in": "query", "required": False,
+        "description": "How many items to recommend",
+        "schema": {"type": "integer", "minimum": 1, "maximum": s.max_k, "default": DEFAULT_K},
+    }
+    unavailable = _error("The user's partition has no reachable owner now (start-up, "
+                         "rebalance, recovery): retry later")
+    bad_request = _error(f"Bad user id (1..{MAX_ID_CHARS} characters) or bad k (1..{s.max_k})")
+    unauthorized = _json("Missing or wrong bearer token", _ref("Error"), headers={
+        "WWW-Authenticate": {"schema": {"type": "string", "enum": ["Bearer"]}}})
+    admin_disabled = _error("Admin endpoints are disabled (no ADVREC_ADMIN_TOKEN set)")
+    admin = [{"bearerAuth": []}]
+    paths: dict[str, Any] = {
+        "/recommendations/{user}": {"get": {
+            "operationId": "recommendations",
+            "summary": "Top-k items for a user (the model's, else the trending fallback)",
+            "parameters": [user, k],
+            "responses": {"200": _json("Recommendations", _ref("Recommendations")),
+                          "400": bad_request, "503": unavailable},
+        }},
+        "/users/{user}": {"get": {
+            "operationId": "userState",
+            "summary": "A user's state: recent history, last event time, counts",
+            "parameters": [user],
+            "responses": {"200": _json("The user's state", _ref("UserState")),
+                          "400": bad_request,
+                          "404": _error("No event of this user was applied"),
+                          "503": unavailable},
+        }},
+        "/healthz": {"get": {
+            "operationId": "healthz", "summary": "Liveness: the event loop answers",
+            "responses": {"200": _json("Alive", {
+                "type": "object", "required": ["status"],
+                "properties": {"status": {"type": "string", "enum": ["ok"]}}})},
+        }},
+        "/readyz": {"get": {
+            "operationId": "readyz",
+            "summary": "Readiness: started, and a model live (or declared fallback mode)",
+            "responses": {"200": _json("Ready", _ref("Readiness")),
+                          "503": _json("Not ready yet", _ref("Readiness"))},
+        }},
+        "/metrics": {"get": {
+            "operationId": "metrics", "summary": "Prometheus metrics",
+            "responses": {"200": {"description": "Prometheus text exposition",
+                                  "content": {"text/plain": {"schema": {"type": "string"}}}}},
+        }},
+        "/noop": {"get": {
+            "operationId": "noop", "summary": "Does nothing (measures the HTTP overhead)",
+            "responses": {"200": _json("Done", {
+                "type": "object", "required": ["ok"],
+                "properties": {"ok": {"type": "boolean", "enum": [True]}}})},
+        }},
+        "/admin/model": {"get": {
+            "operationId": "adminModel", "summary": "The live model, the bundles, the swaps",
+            "security": admin,
+            "responses": {"200": _json("Model status", _ref("ModelStatus")),
+                          "401": unauthorized, "404": admin_disabled},
+        }},
+        "/admin/rollback": {"post": {
+            "operationId": "adminRollback",
+            "summary": "Serve an older bundle and repoint CURRENT at it",
+            "security": admin,
+            "parameters": [{
+                "name": "version", "in": "query", "required": False,
+                "description": "A published bundle version (default: the newest good one "
+                               "older than the live model)",
+                "schema": {"type": "string"},
+            }],
+            "responses": {
+                "200": _json("Rolled back", {
+                    "type": "object", "required": ["rolled_back_to"],
+                    "properties": {"rolled_back_to": {"type": "string"}}}),
+                "401": unauthorized, "404": admin_disabled,
+                "409": _error("No such published version, no older one, or it was "
+                              "rejected"),
+            },
+        }},
+        OPENAPI_PATH: {"get": {
+            "operationId": "openapi", "summary": "This document",
+            "responses": {"200": _json("OpenAPI 3.0 document", {"type": "object"})},
+        }},
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "advrec worker API",
+            "version": "1",
+            "description": "Recommendations and user state (answered by the worker that owns "
+                           "the user's partition), health, metrics and admin. Errors are "
+                           'JSON {"error": message, "status": code}; 503 only means "not now".',
+        },
+        "paths": paths,
+        "components": {
+            "schemas": _schemas(s),
+            "securitySchemes": {"bearerAuth": {
+                "type": "http", "scheme": "bearer",
+                "description": "The ADVREC_ADMIN_TOKEN of the worker"}},
+        },
+    }
