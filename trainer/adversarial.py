@@ -29,6 +29,7 @@ __all__ = [
     "UpdateFn",
     "discriminator_reward",
     "get_update",
+    "mask_seen",
     "update_apr",
     "update_irgan",
     "update_irgan_apr",
@@ -43,6 +44,9 @@ class AdversarialConfig:
     loss: str = "full"  # "full" softmax CE, or "sampled" (n_negatives + logQ) for huge vocabularies
     n_negatives: int = 256  # sampled softmax: hundreds come close to the full softmax
     grad_clip: float = 5.0  # max global grad norm per step (0 = off); guards the PG spikes
+    # the history's items (but the target) leave the softmax, as they leave the served and
+    # evaluated list: G learns to rank what it will be asked to rank (full softmax only)
+    mask_history: bool = True
     # IRGAN (Wang et al., SIGIR 2017)
     irgan_ml_weight: float = 1.0  # ML term kept next to the policy gradient, for stability
     pg_weight: float = 0.2  # policy-gradient term weight (0.1..0.5 kept G close to ML)
@@ -127,6 +131,16 @@ class _Candidates:
         return pos if self.ids is None else self.ids.gather(1, pos)
 
 
+def mask_seen(logits: torch.Tensor, history: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Set the columns of each row's history items to ``NEG``, except its target.
+
+    logits [B, V+1], history [B, L] rows (0 = padding, already ``NEG``), target [B].
+    """
+    seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, history, True)  # (B, V+1)
+    seen.scatter_(1, target.unsqueeze(1), False)  # a re-clicked target stays a target
+    return logits.masked_fill(seen, NEG)  # (B, V+1)
+
+
 def _sample_negatives(batch: Batch, n_items: int, n: int) -> torch.Tensor:
     """Draw ``n`` shared negative rows [n] from q (popularity) or uniformly."""
     device = batch.history.device
@@ -140,7 +154,10 @@ def _candidates(gen: Generator, hidden: torch.Tensor, batch: Batch, cfg: Adversa
                 negatives: torch.Tensor | None) -> _Candidates:
     """Score the candidates of ``cfg.loss`` from G's hidden states [B, D]."""
     if negatives is None:
-        return _Candidates(gen.score(hidden), batch.target, None, 1)  # (B, V+1)
+        logits = gen.score(hidden)  # (B, V+1)
+        if cfg.mask_history:
+            logits = mask_seen(logits, batch.history, batch.target)
+        return _Candidates(logits, batch.target, None, 1)
     table = gen.item_table()  # (V+1, D)
     B = hidden.shape[0]
     negs = negatives.unsqueeze(0).expand(B, -1)  # (B, N)

@@ -34,6 +34,7 @@ from trainer.adversarial import MODES, AdversarialConfig
 from trainer.baselines import ItemKNN, RecencyPopularity, StreamingBaseline
 from trainer.learner import OnlineLearner, TrainConfig
 from trainer.metrics import ranking_metrics
+from trainer.model import ModelConfig
 
 __all__ = [
     "BASELINES",
@@ -509,16 +510,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--order", choices=("file", "interleave"), default=None,
                    help="sequences source: event order")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    # defaults come from the dataclasses the sidecar uses, so they are set in one place
+    mc, tc = ModelConfig(), TrainConfig()
     m = p.add_argument_group("model and training (TrainConfig / ModelConfig defaults)")
-    m.add_argument("--dim", type=int, default=64)
-    m.add_argument("--layers", type=int, default=2)
-    m.add_argument("--heads", type=int, default=2)
-    m.add_argument("--max-len", type=int, default=50)
-    m.add_argument("--dropout", type=float, default=0.2)
-    m.add_argument("--lr", type=float, default=1e-3)
-    m.add_argument("--steps-per-batch", type=int, default=1)
+    m.add_argument("--dim", type=int, default=mc.d_model)
+    m.add_argument("--layers", type=int, default=mc.n_layers)
+    m.add_argument("--heads", type=int, default=mc.n_heads)
+    m.add_argument("--max-len", type=int, default=mc.max_len)
+    m.add_argument("--dropout", type=float, default=mc.dropout)
+    m.add_argument("--lr", type=float, default=tc.lr)
+    m.add_argument("--steps-per-batch", type=int, default=tc.steps_per_batch,
+                   help="G updates per arriving batch, each with a fresh replay sample")
     m.add_argument("--replay-ratio", type=float, default=None,
-                   help="replayed per new example (default 1.0 prequential, 0 for loo)")
+                   help=f"replayed per new example (default {tc.replay_ratio} prequential, "
+                        "0 for loo)")
+    m.add_argument("--warmup-batches", type=int, default=tc.warmup_batches,
+                   help="the first N batches get --warmup-steps-per-batch updates")
+    m.add_argument("--warmup-steps-per-batch", type=int, default=tc.warmup_steps_per_batch)
+    m.add_argument("--replay-size", type=int, default=tc.replay_size,
+                   help="examples the replay buffer keeps")
+    m.add_argument("--replay-policy", choices=("reservoir", "fifo"), default=tc.replay_policy,
+                   help="reservoir: uniform over the whole past; fifo: the most recent")
+    m.add_argument("--mask-history", action=argparse.BooleanOptionalAction,
+                   default=AdversarialConfig.mask_history,
+                   help="leave the history's items (but the target) out of the training softmax")
     m.add_argument("--threads", type=int, default=1, help="torch threads")
     o = p.add_argument_group("loo protocol")
     o.add_argument("--epochs", type=int, default=10)
@@ -527,15 +542,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configs(args: argparse.Namespace, replay_default: float
-             ) -> tuple[Any, TrainConfig, AdversarialConfig]:
-    from trainer.model import ModelConfig
-
+             ) -> tuple[ModelConfig, TrainConfig, AdversarialConfig]:
     model_cfg = ModelConfig(max_len=args.max_len, d_model=args.dim, n_layers=args.layers,
                             n_heads=args.heads, dropout=args.dropout)
     replay = replay_default if args.replay_ratio is None else args.replay_ratio
     train_cfg = TrainConfig(lr=args.lr, steps_per_batch=args.steps_per_batch,
-                            replay_ratio=replay, num_threads=args.threads)
-    return model_cfg, train_cfg, AdversarialConfig()
+                            warmup_batches=args.warmup_batches,
+                            warmup_steps_per_batch=args.warmup_steps_per_batch,
+                            replay_size=args.replay_size, replay_ratio=replay,
+                            replay_policy=args.replay_policy, num_threads=args.threads)
+    return model_cfg, train_cfg, AdversarialConfig(mask_history=args.mask_history)
 
 
 def _load(args: argparse.Namespace) -> EventLog:
@@ -584,7 +600,7 @@ def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: li
                          argv: list[str] | None) -> int:
     evs = events.events[: args.limit] if args.limit else events.events
     examples = list(build_examples(evs, args.max_len))
-    model_cfg, train_cfg, adv_cfg = _configs(args, 1.0)
+    model_cfg, train_cfg, adv_cfg = _configs(args, TrainConfig.replay_ratio)
     jobs = [(m, s) for m in methods for s in (range(1) if m in BASELINES else range(args.seeds))]
     bar = None
     if not args.no_progress:

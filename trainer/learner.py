@@ -42,10 +42,16 @@ class TrainConfig:
     """Optimisation and stream settings of the online learner."""
 
     mode: str = "none"  # none | irgan | apr | irgan+apr (trainer.adversarial.MODES)
-    lr: float = 1e-3  # G's Adam step (SASRec's default)
+    lr: float = 3e-3  # G's Adam step (SASRec: 1e-3; online 3e-3 learned faster, docs/results.md)
     d_lr: float = 3e-3  # D sees one real item per example: at 1e-3 it stayed near chance longer
-    steps_per_batch: int = 1  # updates per arriving batch, each with a fresh replay sample
-    replay_size: int = 20000  # examples kept (20k x L=50 rows is 4 MB)
+    # updates per arriving batch, each with a fresh replay sample: 1 left the generator far
+    # behind item-kNN; 4 costs 4x the training compute (docs/results.md, "what we tried")
+    steps_per_batch: int = 4
+    # optional warm-up: the first ``warmup_batches`` batches get at least
+    # ``warmup_steps_per_batch`` updates each; off, as it did not help (docs/results.md)
+    warmup_batches: int = 0
+    warmup_steps_per_batch: int = 1
+    replay_size: int = 20000  # examples kept (20k x L=20 int64 rows is 3.2 MB)
     replay_ratio: float = 1.0  # replayed examples per new example in each update
     replay_policy: str = "reservoir"  # reservoir: uniform over the past; fifo: the most recent
     skip_flags: tuple[str, ...] = ("suspect",)  # examples carrying these flags are not trained on
@@ -58,6 +64,7 @@ class TrainConfig:
         get_update(self.mode)  # raises on an unknown mode
         assert self.lr > 0 and self.d_lr > 0, "learning rates must be > 0"
         assert self.steps_per_batch >= 1, f"steps_per_batch {self.steps_per_batch} < 1"
+        assert self.warmup_batches >= 0 and self.warmup_steps_per_batch >= 1, "warmup settings"
         assert self.replay_size >= 0 and self.replay_ratio >= 0, "replay settings must be >= 0"
         assert self.replay_policy in ("reservoir", "fifo"), f"policy {self.replay_policy!r}"
         assert self.eval_chunk >= 1 and self.num_threads >= 0
@@ -233,6 +240,13 @@ class OnlineLearner:
 
     # ------------------------------------------------------------------ training
 
+    def steps_for_next_batch(self) -> int:
+        """Return how many updates the next batch gets (more during the warm-up)."""
+        cfg = self.train_cfg
+        if self.batches_seen < cfg.warmup_batches:
+            return max(cfg.steps_per_batch, cfg.warmup_steps_per_batch)
+        return cfg.steps_per_batch
+
     def train_batch(self, batch: Sequence[TrainingExample]) -> dict[str, float]:
         """Grow the vocabulary, update on the batch mixed with replay, then store the batch."""
         skip = set(self.train_cfg.skip_flags)
@@ -258,7 +272,8 @@ class OnlineLearner:
             log_q = self._log_q()
             players = Players(self.generator, self.discriminator,
                               self.g_optimizer, self.d_optimizer)
-            for _ in range(self.train_cfg.steps_per_batch):
+            steps = self.steps_for_next_batch()
+            for _ in range(steps):
                 old_h, old_t = self.replay.sample(n_replay, self._np_rng)
                 step_batch = Batch(
                     trim_padding(torch.from_numpy(np.concatenate([history, old_h]))
@@ -267,7 +282,7 @@ class OnlineLearner:
                     log_q)
                 stats = self._update(players, step_batch, self.adv_cfg, self.adv_state)
                 for key, value in stats.items():
-                    sums[key] = sums.get(key, 0.0) + value / self.train_cfg.steps_per_batch
+                    sums[key] = sums.get(key, 0.0) + value / steps
                 out["replay_examples"] = float(len(old_t))
         self.replay.add(history, target, self._np_rng)
         self.examples_seen += len(examples)

@@ -23,12 +23,15 @@ class TrainerSettings:
     trainer_metrics_bind: str = "127.0.0.1"  # 0.0.0.0 in containers
     trainer_metrics_port: int = 9108
     trainer_mode: str = "irgan"  # none | irgan | apr | irgan+apr; best measured: docs/results.md
-    trainer_lr: float = 1e-3
+    # the model and optimisation defaults below equal TrainConfig / ModelConfig's (a unit test
+    # checks), which `advrec evaluate` measured: docs/results.md
+    trainer_lr: float = 3e-3
+    trainer_steps_per_batch: int = 4  # G updates per arriving batch (training cost scales)
     trainer_seed: int = 0
     # torch threads: 1 when sharing 2 cores with the stream app (2 threads on a busy 2-core
     # machine fell from ~1.2k to ~0.2k examples/s); 0 leaves torch's default
     trainer_threads: int = 1
-    trainer_max_len: int = 50  # history length the model reads (the stream keeps as many)
+    trainer_max_len: int = 20  # history length the model reads (the stream may keep more)
     trainer_dim: int = 64
     trainer_layers: int = 2
     trainer_replay_size: int = 20_000
@@ -49,7 +52,8 @@ class TrainerSettings:
             raise ConfigError(f"setting {ENV_PREFIX}TRAINER_MODE={self.trainer_mode!r} is not "
                               f"one of {sorted(MODES)}")
         for name in ("export_every_batches", "checkpoint_every_batches", "bundles_keep",
-                     "trainer_max_len", "trainer_dim", "trainer_layers"):
+                     "trainer_max_len", "trainer_dim", "trainer_layers",
+                     "trainer_steps_per_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting {ENV_PREFIX}{name.upper()}={getattr(self, name)!r}"
                                   " must be >= 1")

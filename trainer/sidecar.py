@@ -19,6 +19,7 @@ import logging
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,9 @@ class Sidecar:
         self.batches_since_checkpoint = 0
         self.last_export = time.monotonic()
         self.recent: dict[str, float] = {}
+        # All torch work on one thread: serial anyway, and one malloc arena instead of one
+        # per pool thread (a pool of several let the trainer's RSS creep up by hundreds of MB).
+        self.torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
 
     # ------------------------------------------------------------------ set-up
 
@@ -81,6 +85,7 @@ class Sidecar:
                 ModelConfig(max_len=s.trainer_max_len, d_model=s.trainer_dim,
                             n_layers=s.trainer_layers),
                 TrainConfig(mode=s.trainer_mode, lr=s.trainer_lr, seed=s.trainer_seed,
+                            steps_per_batch=s.trainer_steps_per_batch,
                             replay_size=s.trainer_replay_size,
                             replay_ratio=s.trainer_replay_ratio, num_threads=s.trainer_threads),
                 AdversarialConfig())
@@ -238,9 +243,10 @@ class Sidecar:
     async def run(self, stop: asyncio.Event, *, max_batches: int | None = None) -> None:
         """Consume and train until ``stop`` is set (or ``max_batches`` were trained)."""
         from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+        from aiokafka.errors import KafkaError
 
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.build)
+        await loop.run_in_executor(self.torch_thread, self.build)
         tp = TopicPartition(self.s.topic_train, 0)
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.s.bootstrap, group_id=self.s.trainer_group,
@@ -268,10 +274,18 @@ class Sidecar:
         examples_at_log = 0.0
         try:
             while not stop.is_set():
-                records = await consumer.getmany(timeout_ms=500)
+                try:
+                    records = await consumer.getmany(timeout_ms=500)
+                except KafkaError as exc:
+                    if not exc.retriable:
+                        raise
+                    log.warning("fetch failed (%s); retrying", exc)
+                    await asyncio.sleep(1.0)
+                    continue
                 for msgs in records.values():
                     for msg in msgs:
-                        await loop.run_in_executor(None, self.step, msg.value, msg.offset)
+                        await loop.run_in_executor(self.torch_thread, self.step, msg.value,
+                                                   msg.offset)
                         trained += 1
                         if self.batches_since_checkpoint >= self.s.checkpoint_every_batches:
                             await self._checkpoint_and_commit(consumer, tp)
@@ -279,7 +293,7 @@ class Sidecar:
                             stop.set()
                             break
                 if self.export_due():
-                    await loop.run_in_executor(None, self.export)
+                    await loop.run_in_executor(self.torch_thread, self.export)
                 now = time.monotonic()
                 if now - last_log >= self.s.log_every_s:
                     total = self.m.registry.get_sample_value("advrec_trainer_examples_total")
@@ -301,7 +315,7 @@ class Sidecar:
             await consumer.stop()
 
     async def _checkpoint_and_commit(self, consumer: Any, tp: Any) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.checkpoint)
+        await asyncio.get_running_loop().run_in_executor(self.torch_thread, self.checkpoint)
         if self.next_offset is not None:
             try:
                 await consumer.commit({tp: self.next_offset})

@@ -136,3 +136,13 @@ def test_apr_perturbation_increases_the_loss() -> None:
 def test_get_update_rejects_an_unknown_mode() -> None:
     with pytest.raises(ValueError, match="irgan"):
         get_update("gan")
+
+
+def test_mask_seen_hides_history_but_not_the_target() -> None:
+    logits = torch.zeros(2, 6)  # (B, V+1)
+    history = torch.tensor([[0, 2, 3], [0, 0, 4]])  # (B, L), 0 = padding
+    target = torch.tensor([3, 5])  # row 0 re-clicks item 3
+    masked = adversarial.mask_seen(logits, history, target)
+    hidden = masked <= adversarial.NEG / 2
+    assert hidden.tolist() == [[True, False, True, False, False, False],
+                               [True, False, False, False, True, False]]

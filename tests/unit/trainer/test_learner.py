@@ -157,3 +157,44 @@ def test_config_rejects_unknown_mode() -> None:
         TrainConfig(mode="gan")
     with pytest.raises(AssertionError):
         dataclasses.replace(TrainConfig(), replay_policy="lifo")
+
+
+def test_warmup_batches_get_more_updates() -> None:
+    learner = _learner(steps_per_batch=2, warmup_batches=2, warmup_steps_per_batch=5)
+    calls: list[int] = []
+    update = learner._update
+
+    def counting(*args: object) -> dict[str, float]:
+        calls.append(learner.batches_seen)
+        return update(*args)  # type: ignore[arg-type]
+
+    learner._update = counting  # type: ignore[assignment]
+    for batch in planted_stream(4, 16):
+        learner.train_batch(batch)
+    # batches 0 and 1 are warm-up batches (5 updates), then steps_per_batch (2)
+    assert [calls.count(b) for b in range(4)] == [5, 5, 2, 2]
+
+
+def test_trainer_settings_defaults_match_the_learner_defaults() -> None:
+    from trainer.model import ModelConfig
+    from trainer.settings import TrainerSettings
+
+    s, train, model = TrainerSettings(), TrainConfig(), ModelConfig()
+    assert (s.trainer_lr, s.trainer_steps_per_batch) == (train.lr, train.steps_per_batch)
+    assert (s.trainer_replay_size, s.trainer_replay_ratio) == (train.replay_size,
+                                                               train.replay_ratio)
+    assert (s.trainer_max_len, s.trainer_dim, s.trainer_layers) == (model.max_len, model.d_model,
+                                                                    model.n_layers)
+
+
+def test_evaluate_cli_defaults_are_the_learner_defaults() -> None:
+    from trainer.adversarial import AdversarialConfig
+    from trainer.evaluate import _configs, build_parser
+
+    args = build_parser().parse_args(["--dataset", "movielens", "x.csv"])
+    model_cfg, train_cfg, adv_cfg = _configs(args, TrainConfig.replay_ratio)
+    from trainer.model import ModelConfig
+
+    assert model_cfg == ModelConfig()
+    assert dataclasses.replace(train_cfg, num_threads=0) == TrainConfig()
+    assert adv_cfg == AdversarialConfig()
