@@ -22,7 +22,7 @@ class TrainerSettings:
     checkpoint_dir: str = "var/checkpoints"
     trainer_metrics_bind: str = "127.0.0.1"  # 0.0.0.0 in containers
     trainer_metrics_port: int = 9108
-    trainer_mode: str = "irgan"  # none | irgan | apr | irgan+apr; best measured: docs/results.md
+    trainer_mode: str = "apr"  # none | irgan | apr | irgan+apr; best measured: docs/results.md
     # the model and optimisation defaults below equal TrainConfig / ModelConfig's (a unit test
     # checks), which `advrec evaluate` measured: docs/results.md
     trainer_lr: float = 3e-3

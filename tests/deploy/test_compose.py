@@ -104,7 +104,7 @@ def test_settings_match_the_k8s_configmap(compose: dict[str, Any]) -> None:
     differ = {k for k in env if str(env[k]) != configmap[k]}
     # Only the broker, the replication (one local broker) and the trainer mode may differ.
     assert differ <= {"ADVREC_BROKER", "ADVREC_REPLICATION", "ADVREC_TRAINER_MODE"}
-    assert env["ADVREC_TRAINER_MODE"] == "${ADVREC_TRAINER_MODE:-irgan}"
+    assert env["ADVREC_TRAINER_MODE"] == "${ADVREC_TRAINER_MODE:-apr}"
     assert compose["services"]["worker"]["environment"]["ADVREC_WEB_HOST"] == "worker"
 
 
@@ -116,7 +116,7 @@ def test_settings_parse(compose: dict[str, Any]) -> None:
     worker = from_env(Settings, ENV_PREFIX, {**env, "ADVREC_WEB_HOST": "worker"})
     trainer = from_env(TrainerSettings, ENV_PREFIX, env)
     assert worker.bootstrap == "kafka:19092" == trainer.bootstrap
-    assert trainer.trainer_mode == "irgan" and worker.admin_token == ""
+    assert trainer.trainer_mode == "apr" and worker.admin_token == ""
 
 
 def test_app_services_share_bundles_and_run_hardened(compose: dict[str, Any]) -> None:
