@@ -65,6 +65,32 @@ def start_worker(run_dir: Path, env_extra: dict[str, str]) -> tuple[subprocess.P
     raise RuntimeError("worker did not become ready")
 
 
+def pair_env(name: str, run_dir: Path, bootstrap: str) -> dict[str, str]:
+    """Environment for a worker and a trainer with topics, app, group and dirs of their own."""
+    t = tag()
+    return {"ADVREC_BROKER": f"kafka://{bootstrap}", "ADVREC_TOPIC_CLICKS": f"{name}-{t}",
+            "ADVREC_TOPIC_DLQ": f"{name}-{t}-dlq", "ADVREC_TOPIC_TRAIN": f"{name}-{t}-train",
+            "ADVREC_APP_ID": f"{name}-{t}", "ADVREC_BUNDLE_DIR": str(run_dir / "bundles"),
+            "ADVREC_CHECKPOINT_DIR": str(run_dir / "ckpt"),
+            "ADVREC_TRAINER_GROUP": f"{name}-{t}-trainer",
+            "ADVREC_TRAINER_METRICS_PORT": str(free_port())}
+
+
+def start_trainer(run_dir: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "advrec.cli", "trainer"],
+                            env={**os.environ, **env, "ADVREC_LOG_LEVEL": "warning"},
+                            stdout=open(run_dir / "trainer.log", "wb"),
+                            stderr=subprocess.STDOUT)
+
+
+def stop_processes(*procs: subprocess.Popen) -> None:
+    """SIGTERM all, then wait for each (up to 60 s)."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(60)
+
+
 def machine() -> dict:
     return {"python": sys.version.split()[0], "platform": platform.platform(),
             "cpus": os.cpu_count(), "processor": platform.processor()}

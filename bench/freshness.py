@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -26,10 +25,12 @@ from advrec.contract import ClickEvent, encode_event, encode_key
 from advrec.replay import produce
 from advrec.synthetic import SyntheticConfig, synthetic_events
 from bench._common import (
-    free_port,
     machine,
+    pair_env,
     print_table,
+    start_trainer,
     start_worker,
+    stop_processes,
     tag,
     write_result,
 )
@@ -63,18 +64,9 @@ def main() -> int:
     run_dir = Path("var") / f"bench-fresh-{tag()}"
     run_dir.mkdir(parents=True)
     bundles = run_dir / "bundles"
-    t = tag()
-    env = {"ADVREC_BROKER": f"kafka://{args.bootstrap}", "ADVREC_TOPIC_CLICKS": f"fresh-{t}",
-           "ADVREC_TOPIC_DLQ": f"fresh-{t}-dlq", "ADVREC_TOPIC_TRAIN": f"fresh-{t}-train",
-           "ADVREC_APP_ID": f"fresh-{t}", "ADVREC_BUNDLE_DIR": str(bundles),
-           "ADVREC_CHECKPOINT_DIR": str(run_dir / "ckpt"),
-           "ADVREC_TRAINER_GROUP": f"fresh-{t}-trainer",
-           "ADVREC_TRAINER_METRICS_PORT": str(free_port())}
+    env = pair_env("fresh", run_dir, args.bootstrap)
     worker, url = start_worker(run_dir, env)
-    trainer = subprocess.Popen([sys.executable, "-m", "advrec.cli", "trainer"],
-                               env={**os.environ, **env, "ADVREC_LOG_LEVEL": "warning"},
-                               stdout=open(run_dir / "trainer.log", "wb"),
-                               stderr=subprocess.STDOUT)
+    trainer = start_trainer(run_dir, env)
     probes: list[tuple[float, int]] = []
     served: list[tuple[float, int]] = []  # (wall time first seen, last_event_ms of the model)
     stop = threading.Event()
@@ -102,10 +94,7 @@ def main() -> int:
     finally:
         stop.set()
         poller.join()
-        trainer.terminate()
-        worker.terminate()
-        trainer.wait(60)
-        worker.wait(60)
+        stop_processes(trainer, worker)
     delays = []
     for wall, ts in probes:
         if wall - started < args.warmup:

@@ -34,12 +34,14 @@ from advrec.replay import produce
 from advrec.synthetic import SyntheticConfig, synthetic_events
 from bench._common import (
     RESULTS,
-    free_port,
     machine,
+    pair_env,
     print_table,
     rss_mib,
     scrape,
+    start_trainer,
     start_worker,
+    stop_processes,
     tag,
 )
 
@@ -131,22 +133,11 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = Path("var") / f"bench-soak-{tag()}"
     run_dir.mkdir(parents=True)
-    t = tag()
-    trainer_port = free_port()
-    env = {"ADVREC_BROKER": f"kafka://{args.bootstrap}", "ADVREC_TOPIC_CLICKS": f"soak-{t}",
-           "ADVREC_TOPIC_DLQ": f"soak-{t}-dlq", "ADVREC_TOPIC_TRAIN": f"soak-{t}-train",
-           "ADVREC_APP_ID": f"soak-{t}", "ADVREC_BUNDLE_DIR": str(run_dir / "bundles"),
-           "ADVREC_CHECKPOINT_DIR": str(run_dir / "ckpt"),
-           "ADVREC_TRAINER_GROUP": f"soak-{t}-trainer",
-           "ADVREC_TRAINER_METRICS_PORT": str(trainer_port),
-           "ADVREC_TRAINER_THREADS": "1",
+    env = {**pair_env("soak", run_dir, args.bootstrap), "ADVREC_TRAINER_THREADS": "1",
            "ADVREC_EXPORT_EVERY_S": str(args.export_every)}
     worker, url = start_worker(run_dir, env)
-    trainer = subprocess.Popen([sys.executable, "-m", "advrec.cli", "trainer"],
-                               env={**os.environ, **env, "ADVREC_LOG_LEVEL": "warning"},
-                               stdout=open(run_dir / "trainer.log", "wb"),
-                               stderr=subprocess.STDOUT)
-    trainer_url = f"http://127.0.0.1:{trainer_port}"
+    trainer = start_trainer(run_dir, env)
+    trainer_url = f"http://127.0.0.1:{env['ADVREC_TRAINER_METRICS_PORT']}"
     stop = threading.Event()
     statuses: Counter = Counter()
     latencies: list[float] = []
@@ -185,10 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             c.join()
         producer.join()
         alive = {"worker": worker.poll() is None, "trainer": trainer.poll() is None}
-        trainer.terminate()
-        worker.terminate()
-        trainer.wait(60)
-        worker.wait(60)
+        stop_processes(trainer, worker)
 
     after = [s for s in samples if s["t"] >= warmup]
     errors = sum(n for status, n in statuses.items() if status != 200)

@@ -29,6 +29,13 @@ __all__ = [
 SMOOTH = 2000  # scored events per rolling window of the stream curves
 
 
+def _save(fig: Any, path: Path) -> None:
+    """Lay out, write the PNG and free the figure (pyplot keeps every open one)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def rolling(values: np.ndarray, window: int) -> np.ndarray:
     """Return the trailing mean over ``window`` values (shorter at the start)."""
     values = np.asarray(values, dtype=np.float64)
@@ -65,9 +72,7 @@ def plot_metric_over_stream(runs: Sequence[MethodRun], path: Path, metric: str =
     ax.set_title(f"Prequential {metric.upper()}@{k} over the stream")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -92,9 +97,7 @@ def plot_training(runs: Sequence[MethodRun], path: Path, window: int = 20) -> Pa
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -112,9 +115,7 @@ def plot_d_scores(snapshots: Sequence[dict[str, Any]], path: Path, title: str = 
         ax.set_xlabel("D logit")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title or "Discriminator scores", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -134,9 +135,7 @@ def plot_item_pca(embeddings: np.ndarray, counts: np.ndarray, path: Path,
         ax.set_xlabel(f"PC1 ({var[0]:.0%})")
         ax.set_ylabel(f"PC2 ({var[1]:.0%})" if var.size > 1 else "PC2")
     ax.set_title(title or "Item embeddings (PCA)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -150,9 +149,7 @@ def plot_loo_validation(history: dict[str, list[dict[str, float]]], path: Path,
     ax.set_ylabel(f"validation {metric}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 

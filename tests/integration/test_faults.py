@@ -29,6 +29,7 @@ from tests.integration.conftest import (
 from tests.integration.reference import (
     Stream,
     assert_states_match,
+    fetch_states,
     reference_state,
     states_match,
 )
@@ -73,8 +74,7 @@ def known_users(worker: Worker, candidates: list[str]) -> list[str]:
 
 def owners(worker: Worker, users: list[str]) -> dict[str, int]:
     """Which worker port holds each user's partition, as ``worker`` sees it now."""
-    with httpx.Client(base_url=worker.url, timeout=10) as client:
-        return {u: client.get(f"/users/{u}").json()["served_by"]["port"] for u in users}
+    return {u: state["served_by"]["port"] for u, state in fetch_states(worker, users).items()}
 
 
 def test_broker_outage_of_15s_loses_nothing_and_counts_each_event_once(
