@@ -1,9 +1,11 @@
 """Serving throughput and latency: /recommendations vs a no-op endpoint, micro-batching on
 and off, steady vs a swap every 2 s, and resident memory during swaps.
 
-A real 10k-item generator (random weights: latency does not depend on training) is
-exported to a bundle; a worker serves 500 users with 50-item histories; aiohttp clients at
-concurrency 1, 8 and 32 hit each endpoint for a fixed time. Writes bench/results/serve.json.
+A real 10k-item generator at the trainer's default shape (random weights: latency does not
+depend on training) is exported to a bundle; a worker serves 500 users with 50-item
+histories; aiohttp clients at concurrency 1, 8 and 32 load /recommendations and /noop in
+alternating slices (8 each), so that the machine's drift hits both sides of a ratio alike.
+Writes bench/results/serve.json.
 """
 
 from __future__ import annotations
@@ -43,15 +45,42 @@ def make_bundle(root: Path, n_items: int) -> str:
     from trainer.model import Generator, ModelConfig
 
     torch.manual_seed(0)
-    gen = Generator(ModelConfig(n_items=n_items))
+    gen = Generator(ModelConfig(n_items=n_items))  # the trainer's shape: L, d, layers
     gen.grow(n_items)  # (V+1, D) live rows: random weights serve as fast as trained ones
-    model = export_onnx(gen, 50)
+    max_len = gen.config.max_len
+    model = export_onnx(gen, max_len)
     vocab = [f"i{n}" for n in range(gen.n_items)]
-    return write_bundle(root, model, vocab, {"max_len": 50, "last_event_ms": 0,
+    return write_bundle(root, model, vocab, {"max_len": max_len, "last_event_ms": 0,
                                              "examples_seen": 0, "metrics": {}}, keep=3)
 
 
 async def load(url: str, paths: list[str], concurrency: int, seconds: float) -> dict:
+    latencies, errors, elapsed = await _load(url, paths, concurrency, seconds)
+    return _stats(latencies, errors, elapsed)
+
+
+def _stats(latencies: list[float], errors: int, elapsed: float) -> dict:
+    latencies.sort()
+    q = statistics.quantiles(latencies, n=100) if len(latencies) > 2 else [0.0] * 99
+    return {"requests": len(latencies), "errors": errors, "rps": len(latencies) / elapsed,
+            "p50_ms": q[49] * 1000, "p99_ms": q[98] * 1000}
+
+
+def side_by_side(url: str, a: list[str], b: list[str], concurrency: int, seconds: float,
+                 rounds: int = 8) -> tuple[dict, dict]:
+    """Load ``a`` and ``b`` in alternating slices (``rounds`` each, ``seconds`` in all per
+    side), so that drift in the machine's speed hits both sides alike."""
+    totals = {"a": ([], 0, 0.0), "b": ([], 0, 0.0)}
+    for _ in range(rounds):
+        for side, paths in (("a", a), ("b", b)):
+            lat, err, el = asyncio.run(_load(url, paths, concurrency, seconds / rounds))
+            prev = totals[side]
+            totals[side] = (prev[0] + lat, prev[1] + err, prev[2] + el)
+    return _stats(*totals["a"]), _stats(*totals["b"])
+
+
+async def _load(url: str, paths: list[str], concurrency: int,
+                seconds: float) -> tuple[list[float], int, float]:
     latencies: list[float] = []
     errors = 0
     stop_at = time.perf_counter() + seconds
@@ -74,10 +103,7 @@ async def load(url: str, paths: list[str], concurrency: int, seconds: float) -> 
         started = time.perf_counter()
         await asyncio.gather(*(client(i, session) for i in range(concurrency)))
         elapsed = time.perf_counter() - started
-    latencies.sort()
-    q = statistics.quantiles(latencies, n=100) if len(latencies) > 2 else [0.0] * 99
-    return {"requests": len(latencies), "errors": errors, "rps": len(latencies) / elapsed,
-            "p50_ms": q[49] * 1000, "p99_ms": q[98] * 1000}
+    return latencies, errors, elapsed
 
 
 def measure_swaps(url: str, paths: list[str], pid: int, bundles: Path, version: str,
@@ -87,13 +113,14 @@ def measure_swaps(url: str, paths: list[str], pid: int, bundles: Path, version: 
     stop = threading.Event()
     peak = [rss_mib(pid)]
     model = (bundles / version / "model.onnx").read_bytes()
-    vocab = load_bundle(bundles, version).vocab
+    bundle = load_bundle(bundles, version)
+    vocab = bundle.vocab
 
     def swapper() -> None:
         n = 0
         while not stop.is_set():
             n += 1
-            write_bundle(bundles, model, vocab, {"max_len": 50, "last_event_ms": 0,
+            write_bundle(bundles, model, vocab, {"max_len": bundle.max_len, "last_event_ms": 0,
                                                  "examples_seen": n, "metrics": {}}, keep=3)
             stop.wait(2.0)
 
@@ -150,8 +177,7 @@ def main() -> int:
                 assert time.monotonic() < deadline, "events not consumed"
                 time.sleep(0.5)
             for c in (1, 8, 32):
-                rec = asyncio.run(load(url, paths, c, args.seconds))
-                noop = asyncio.run(load(url, ["/noop"], c, args.seconds))
+                rec, noop = side_by_side(url, paths, ["/noop"], c, args.seconds)
                 result["runs"][f"{label}/c{c}"] = {"recommendations": rec, "noop": noop,
                                                     "ratio": rec["rps"] / noop["rps"]}
                 rows.append((f"{label} c={c}",

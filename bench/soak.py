@@ -162,10 +162,13 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     swaps = scrape(f"{url}/metrics", "advrec_model_swaps_total")
                     lag = scrape(f"{url}/metrics", "advrec_consumer_lag_messages")
+                    rocksdb = scrape(f"{url}/metrics",
+                                     'advrec_rocksdb_memory_bytes{kind="cache"}') / 2**20
                     batches = scrape(f"{trainer_url}/metrics", "advrec_trainer_batches_total")
                 except OSError:
-                    swaps = lag = batches = float("nan")
+                    swaps = lag = rocksdb = batches = float("nan")
                 samples.append({"t": round(elapsed, 1), "worker_rss_mib": rss_mib(worker.pid),
+                                "worker_rocksdb_mib": rocksdb,
                                 "trainer_rss_mib": rss_mib(trainer.pid), "lag": lag,
                                 "swaps": swaps, "trainer_batches": batches,
                                 "requests": sum(statuses.values())})
@@ -212,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
          if lat else "-"),
         ("model swaps", f"{swaps:.0f}"),
         ("worker RSS growth", f"{w_growth:+.1%} (after {warmup:.0f} s warm-up)"),
+        ("worker RocksDB cache", " -> ".join(f"{s['worker_rocksdb_mib']:.1f}" for s in (
+            after[0], after[-1])) + " MiB" if after else "-"),
         ("trainer RSS growth", f"{t_growth:+.1%}"),
         ("max consumer lag", f"{max_lag:.0f} messages"),
         ("goals", ", ".join(f"{k}={'met' if v else 'MISSED'}" for k, v in goals.items())),

@@ -1,8 +1,10 @@
 """The Faust app: App, topics and tables, wired to the serving model and the metrics.
 
 Reading order of the package: ``contract`` (in ``advrec``) -> ``settings`` -> ``state`` ->
-this module (App, topics, tables) -> ``agents`` (ingest, batcher, timers) -> ``views``
-(HTTP) -> ``serving`` and ``hotswap`` (the model) -> ``main`` (the ``advrec worker`` CLI).
+``rocks`` (the tables' RocksDB under one memory budget) -> this module (App, topics,
+tables) -> ``agents`` (ingest, batcher, timers) -> ``views`` (HTTP) and ``routing`` (which
+worker owns a user) -> ``serving`` and ``hotswap`` (the model) -> ``main`` (the
+``advrec worker`` CLI).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from advrec.types import ItemId
 from stream_app.hotswap import BundleWatcher
 from stream_app.metrics import StreamMetrics
+from stream_app.rocks import STORE_URL
 from stream_app.serving import ModelServer
 from stream_app.settings import Settings
 
@@ -74,12 +77,12 @@ def rocksdb_options(s: Settings) -> dict[str, int]:
 
     Faust's defaults (64 MB memtables x 3 and a 2 GB block cache, per store) let a worker's
     memory climb by the volume written until memtables flush: +68 % in 8 minutes of
-    bench/soak.py. Bound per store: memtables x 2 + block cache.
+    bench/soak.py. Here memtables are small and every store draws its cache, index and
+    filter blocks and memtables from one budget per worker (``stream_app.rocks``).
     """
     mib = 1024 * 1024
     return {"write_buffer_size": s.rocksdb_write_buffer_mb * mib, "max_write_buffer_number": 2,
-            "block_cache_size": s.rocksdb_cache_mb * mib,
-            "block_cache_compressed_size": s.rocksdb_cache_mb * mib}
+            "memory_budget": s.rocksdb_memory_mb * mib}
 
 
 def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> StreamApp:
@@ -89,7 +92,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     app = faust.App(
         s.app_id,
         broker=s.broker,
-        store="rocksdb://",
+        store=STORE_URL,
         datadir=str(s.worker_dir),
         autodiscover=False,
         # One key encoding everywhere: raw UTF-8 user ids on `clicks`, in tables and from

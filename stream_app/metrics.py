@@ -32,6 +32,7 @@ class StreamMetrics:
     dlq_writes: Counter
     processing_seconds: Histogram
     table_keys: Gauge
+    rocksdb_memory: Gauge
     consumer_lag: Gauge
     examples_emitted: Counter
     train_batches_sent: Counter
@@ -69,6 +70,10 @@ class StreamMetrics:
                                          buckets=_PROCESS_BUCKETS, registry=r),
             table_keys=Gauge(f"{p}_table_keys", "Keys held locally, by table (counted once "
                              "per assigned partition, then on insert)", ["table"], registry=r),
+            rocksdb_memory=Gauge(f"{p}_rocksdb_memory_bytes",
+                                 "RocksDB memory of the worker's stores, by kind: cache (the "
+                                 "one shared block cache, memtables charged to it included), "
+                                 "memtables, table_readers", ["kind"], registry=r),
             consumer_lag=Gauge(f"{p}_consumer_lag_messages",
                                "Messages behind the log end, by topic partition",
                                ["topic", "partition"], registry=r),

@@ -15,14 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+from onnx import TensorProto, helper
 
 from advrec.bundle import INPUT_NAME, OUTPUT_NAME, Bundle, BundleError, load_bundle
 from advrec.types import ItemId
 
 __all__ = [
-    "LoadedModel", "ModelServer", "cpu_limit", "load_model", "release_freed_memory",
-    "select_providers", "top_k_batch",
+    "LoadedModel", "ModelServer", "cpu_limit", "load_model", "ranking_graph",
+    "release_freed_memory", "select_providers",
 ]
 
 log = logging.getLogger(__name__)
@@ -51,9 +53,49 @@ def select_providers(wanted: str) -> list[str]:
     return chosen
 
 
+# The served graph: the bundle's generator with exclusion and top-k appended, so one
+# onnxruntime call returns the ranked rows (no [B, V+1] score matrix crosses into Python).
+EXCLUDE_NAME = "exclude"  # int64 [B, S]: rows never to recommend (seen items), padded with 0
+K_NAME = "k"  # int64 [1]: how many rows to return
+TOP_SCORES = "top_scores"  # float32 [B, k], best first; -inf where fewer than k rows remain
+TOP_ROWS = "top_rows"  # int64 [B, k]
+
+
+def ranking_graph(model: onnx.ModelProto) -> bytes:
+    """Return ``model`` (history -> scores) extended to (history, exclude, k) -> top k.
+
+    The excluded rows and column 0 (padding) are set to -inf before ``TopK``, which is why
+    an ``exclude`` row is padded with 0. ``scores`` stays an output for the warm-up checks.
+    """
+    ranked = onnx.ModelProto()
+    ranked.CopyFrom(model)
+    g = ranked.graph
+    g.input.extend([
+        helper.make_tensor_value_info(EXCLUDE_NAME, TensorProto.INT64, ["batch", "n_exclude"]),
+        helper.make_tensor_value_info(K_NAME, TensorProto.INT64, [1]),
+    ])
+    minus_inf = helper.make_tensor("minus_inf", TensorProto.FLOAT, [1], [-np.inf])
+    g.node.extend([
+        helper.make_node("Shape", [EXCLUDE_NAME], ["_exclude_shape"]),  # (2,)
+        helper.make_node("ConstantOfShape", ["_exclude_shape"], ["_minus_inf"],
+                         value=minus_inf),  # (B, S)
+        helper.make_node("ScatterElements", [OUTPUT_NAME, EXCLUDE_NAME, "_minus_inf"],
+                         ["_allowed_scores"], axis=1),  # (B, V+1)
+        helper.make_node("TopK", ["_allowed_scores", K_NAME], [TOP_SCORES, TOP_ROWS],
+                         axis=1, largest=1, sorted=1),  # (B, k) each
+    ])
+    g.output.extend([
+        helper.make_tensor_value_info(TOP_SCORES, TensorProto.FLOAT, ["batch", "k"]),
+        helper.make_tensor_value_info(TOP_ROWS, TensorProto.INT64, ["batch", "k"]),
+    ])
+    if not any(o.domain in ("", "ai.onnx") and o.version >= 11 for o in ranked.opset_import):
+        raise BundleError("bad_signature", "the model's opset is older than 11 (ScatterElements)")
+    return ranked.SerializeToString()
+
+
 @dataclass
 class LoadedModel:
-    """A verified bundle with a warmed onnxruntime session."""
+    """A verified bundle with a warmed onnxruntime session of its ranking graph."""
 
     bundle: Bundle
     session: ort.InferenceSession
@@ -71,29 +113,41 @@ class LoadedModel:
     def max_len(self) -> int:
         return self.bundle.max_len
 
+    def known_rows(self, history: list[ItemId]) -> list[int]:
+        """Return the rows of the items of ``history`` the model knows, oldest first."""
+        index = self.index
+        return [r for r in map(index.get, history) if r is not None]
+
     def encode(self, history: list[ItemId]) -> np.ndarray:
         """Return the left-padded row indices of the last ``max_len`` known items."""
-        rows = [r for r in (self.index.get(i) for i in history) if r is not None]
-        rows = rows[-self.max_len:]
+        rows = self.known_rows(history)[-self.max_len:]
         out = np.zeros(self.max_len, dtype=np.int64)
         if rows:
             out[-len(rows):] = rows
         return out
 
-    def seen_rows(self, history: list[ItemId]) -> list[int]:
-        """Return the rows of every known item in ``history`` (all of it, not just the last L)."""
-        index = self.index
-        return [index[i] for i in history if i in index]
-
-    def run(self, histories: np.ndarray) -> np.ndarray:
-        """Score a batch: int64 [B, L] -> float32 [B, V+1] (blocking; call off the loop)."""
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: histories})[0]
-
     def recommend_batch(self, histories: list[list[ItemId]], ks: list[int]) -> list[list[int]]:
-        """Return the top-k rows for each history, seen items excluded (blocking)."""
-        rows = np.stack([self.encode(h) for h in histories])  # (B, L)
-        scores = self.run(rows)  # (B, V+1)
-        return top_k_batch(scores, [self.seen_rows(h) for h in histories], ks)
+        """Return the top-k rows for each history, every known history item excluded.
+
+        Blocking: one onnxruntime call for the whole batch (run it off the event loop).
+        """
+        known = [self.known_rows(h) for h in histories]
+        n, L = len(histories), self.max_len
+        model_in = np.zeros((n, L), dtype=np.int64)  # (B, L), left-padded
+        exclude = np.zeros((n, 1 + max(map(len, known))), dtype=np.int64)  # (B, S), 0-padded
+        for i, rows in enumerate(known):
+            tail = rows[-L:]
+            if tail:
+                model_in[i, L - len(tail):] = tail
+            exclude[i, 1:1 + len(rows)] = rows
+        k = min(max(ks), len(self.bundle.vocab))
+        if k <= 0:
+            return [[] for _ in ks]
+        scores, rows = self.session.run(
+            [TOP_SCORES, TOP_ROWS],
+            {INPUT_NAME: model_in, EXCLUDE_NAME: exclude, K_NAME: np.array([k], np.int64)})
+        finite = np.isfinite(scores).sum(axis=1)  # (B,): -inf (excluded) sorts last
+        return [rows[i, :min(ki, int(finite[i]))].tolist() for i, ki in enumerate(ks)]
 
 
 def _malloc_trim() -> Any:
@@ -117,11 +171,32 @@ def release_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
+def _check_signature(model: onnx.ModelProto, version: str, n_cols: int) -> None:
+    """Raise unless the graph is history int64 [B, L] -> scores [B, V+1] (V from the vocab)."""
+    inputs, outputs = model.graph.input, model.graph.output
+    dims = [d.dim_value or None for d in inputs[0].type.tensor_type.shape.dim] if inputs else []
+    if ([i.name for i in inputs] != [INPUT_NAME] or [o.name for o in outputs] != [OUTPUT_NAME]
+            or inputs[0].type.tensor_type.elem_type != TensorProto.INT64 or len(dims) != 2):
+        raise BundleError("bad_signature",
+                          f"{version}: expected {INPUT_NAME}[B, L] int64 -> {OUTPUT_NAME}[B, V+1]")
+    out_dims = [d.dim_value or None for d in outputs[0].type.tensor_type.shape.dim]
+    if len(out_dims) == 2 and out_dims[1] is not None and out_dims[1] != n_cols:
+        raise BundleError("vocab_mismatch", f"{version}: model scores {out_dims[1]} columns, "
+                                            f"vocabulary needs {n_cols}")
+
+
 def load_model(root: Path | str, version: str, *, providers: str = "auto",
                threads: int = 0) -> LoadedModel:
-    """Verify a bundle, build its session and warm it up; raise ``BundleError`` if unusable."""
+    """Verify a bundle, build its ranking session and warm it up; raise ``BundleError`` if
+    unusable."""
     started = time.perf_counter()
     bundle = load_bundle(root, version)
+    n_cols = len(bundle.vocab) + 1
+    try:
+        model = onnx.load_from_string(bundle.model_bytes)
+    except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX file
+        raise BundleError("load_error", f"{version}: not an ONNX model: {exc}"[:500]) from None
+    _check_signature(model, version, n_cols)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or cpu_limit()
     opts.inter_op_num_threads = 1
@@ -130,27 +205,21 @@ def load_model(root: Path | str, version: str, *, providers: str = "auto",
     # (2-core machine: the /recommendations rate roughly doubled without it).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        session = ort.InferenceSession(bundle.model_bytes, sess_options=opts,
+        session = ort.InferenceSession(ranking_graph(model), sess_options=opts,
                                        providers=select_providers(providers))
+    except BundleError:
+        raise
     except Exception as exc:  # onnxruntime raises its own untyped errors on bad graphs
         raise BundleError("load_error", f"{version}: {exc}"[:500]) from None
-    inputs, outputs = session.get_inputs(), session.get_outputs()
-    if ([i.name for i in inputs] != [INPUT_NAME] or [o.name for o in outputs] != [OUTPUT_NAME]
-            or inputs[0].type != "tensor(int64)" or len(inputs[0].shape) != 2):
-        raise BundleError("bad_signature",
-                          f"{version}: expected {INPUT_NAME}[B, L] int64 -> {OUTPUT_NAME}[B, V+1]")
-    width = outputs[0].shape[1] if len(outputs[0].shape) == 2 else None
-    n_cols = len(bundle.vocab) + 1
-    if isinstance(width, int) and width != n_cols:
-        raise BundleError("vocab_mismatch",
-                          f"{version}: model scores {width} columns, vocabulary needs {n_cols}")
     # Warm-up doubles as a health check: both an empty and a full history must give finite
     # scores over exactly V+1 columns (NaN weights or a wrong vocabulary show up here).
     probe = np.zeros((2, bundle.max_len), dtype=np.int64)
     if bundle.vocab:
         probe[1] = np.arange(bundle.max_len) % len(bundle.vocab) + 1
+    feed = {INPUT_NAME: probe, EXCLUDE_NAME: np.zeros((2, 1), dtype=np.int64),
+            K_NAME: np.array([1], dtype=np.int64)}
     try:
-        scores = session.run([OUTPUT_NAME], {INPUT_NAME: probe})[0]
+        scores, _ = session.run([OUTPUT_NAME, TOP_ROWS], feed)
     except Exception as exc:
         raise BundleError("load_error", f"{version}: warm-up failed: {exc}"[:500]) from None
     if scores.shape != (2, n_cols):
@@ -162,32 +231,6 @@ def load_model(root: Path | str, version: str, *, providers: str = "auto",
     return LoadedModel(bundle=bundle, session=session, providers=session.get_providers(),
                        index=index, loaded_at=time.time(),
                        load_seconds=time.perf_counter() - started)
-
-
-def top_k_batch(scores: np.ndarray, seen: list[list[int]], ks: list[int]) -> list[list[int]]:
-    """Return each row's ``k`` best columns, never column 0 nor that row's ``seen`` rows."""
-    scores = scores.astype(np.float32, copy=True)  # (B, V+1)
-    n_rows = scores.shape[0]
-    scores[:, 0] = -np.inf
-    width = max((len(s) for s in seen), default=0)
-    if width:
-        mask = np.zeros((n_rows, width), dtype=np.int64)  # (B, H): padded with row 0
-        for i, rows in enumerate(seen):
-            mask[i, : len(rows)] = rows
-        scores[np.arange(n_rows)[:, None], mask] = -np.inf
-    k_max = min(max(ks), scores.shape[1] - 1)
-    if k_max <= 0:
-        return [[] for _ in ks]
-    part = np.argpartition(-scores, k_max - 1, axis=1)[:, :k_max]  # (B, k_max)
-    part_scores = np.take_along_axis(scores, part, axis=1)
-    order = np.argsort(-part_scores, axis=1, kind="stable")
-    ranked = np.take_along_axis(part, order, axis=1)  # (B, k_max), best first
-    ranked_scores = np.take_along_axis(part_scores, order, axis=1)
-    out = []
-    for i, k in enumerate(ks):
-        ok = np.isfinite(ranked_scores[i, :k])
-        out.append([int(r) for r in ranked[i, :k][ok]])
-    return out
 
 
 @dataclass

@@ -27,7 +27,8 @@ class Settings:
     topic_dlq: str = "clicks-dlq"
     topic_train: str = "train-batches"
     rocksdb_write_buffer_mb: int = 2  # per table store (table x partition), two of them
-    rocksdb_cache_mb: int = 8  # block cache per table store
+    rocksdb_memory_mb: int = 16  # all RocksDB memory of the worker: one cache for every store
+    trim_interval_s: float = 10.0  # return memory freed by native code to the OS this often
     history_len: int = 50  # last L items kept per user (bounds state size per user)
     dedup_window: int = 128  # fingerprints of the most recent events kept per user
     ingest_batch: int = 1000  # events taken from the stream at once; table writes coalesce
@@ -57,7 +58,8 @@ class Settings:
         checks = {
             "partitions": self.partitions >= 1,
             "rocksdb_write_buffer_mb": self.rocksdb_write_buffer_mb >= 1,
-            "rocksdb_cache_mb": self.rocksdb_cache_mb >= 1,
+            "rocksdb_memory_mb": self.rocksdb_memory_mb >= 2,
+            "trim_interval_s": self.trim_interval_s > 0,
             "history_len": 1 <= self.history_len <= 1000,
             "dedup_window": self.dedup_window >= 1,
             "ingest_batch": self.ingest_batch >= 1,

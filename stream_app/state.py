@@ -44,6 +44,16 @@ class UserState:
                    fingerprints=[(f, t) for f, t in zip(fp[::2], fp[1::2], strict=True)],
                    floor_ts=fl)
 
+    @staticmethod
+    def history_from_bytes(data: bytes | None) -> list[ItemId]:
+        """Decode only the history of a ``user_state`` value (the serving path's need)."""
+        if not data:
+            return []
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        unpacker.feed(data)
+        unpacker.read_array_header()
+        return unpacker.unpack()
+
     def to_bytes(self) -> bytes:
         flat = [x for pair in self.fingerprints for x in pair]
         return msgpack.packb([self.history, self.last_ts, self.count, self.types, flat,

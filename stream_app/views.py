@@ -11,11 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 import faust.web
 from aiohttp import ClientError, web
+from faust.exceptions import SameNode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from advrec.bundle import BundleError, list_versions, read_current
 from advrec.contract import MAX_ID_CHARS, encode_key
 from stream_app.openapi import DEFAULT_K, OPENAPI_PATH, build_openapi
+from stream_app.routing import KeyRouter
 from stream_app.state import UserState
 
 if TYPE_CHECKING:
@@ -61,6 +63,7 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 def register(sa: StreamApp) -> None:
     """Attach the web views to ``sa.app``."""
     app, s, m = sa.app, sa.settings, sa.metrics
+    router = KeyRouter(app, sa.user_state, s.partitions)
     app.web.web_app.middlewares.append(json_errors)
     openapi = build_openapi(s)
 
@@ -92,29 +95,33 @@ def register(sa: StreamApp) -> None:
         if not app.in_recovery:
             return False
         recovery = app.tables.recovery
-        try:
-            tp = app.producer.key_partition(sa.user_state.changelog_topic.get_topic_name(), key)
-        except Exception:  # no metadata yet: cannot tell, so the answer could be stale
-            return True
+        tp = router.topic_partition(key)
         if tp not in recovery.active_tps:
             return False
         return tp not in recovery.active_highwaters or recovery.active_remaining()[tp] > 0
 
-    def routable(fun: Handler) -> Handler:
-        """Answer 503 while this worker cannot yet tell which worker owns a key."""
+    def owned(fun: Handler) -> Handler:
+        """Answer a per-user read here if this worker owns the user, else proxy it to the
+        owner; 503 while this worker cannot yet tell which worker owns a key."""
         @wraps(fun)
-        async def wrapper(view: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        async def wrapper(view: Any, request: Any, user: str) -> Any:
             if not sa.started:
                 return error(view, 503, "worker is starting (tables not recovered yet), "
                                         "retry later")
-            return await fun(view, request, *args, **kwargs)
+            if not 1 <= len(user) <= MAX_ID_CHARS:
+                return error(view, 400, f"user id must have 1..{MAX_ID_CHARS} characters")
+            key = encode_key(user)
+            if not router.is_local(key):
+                try:
+                    return await router.route(key, view.web, request)
+                except SameNode:  # the partition moved here meanwhile
+                    pass
+            return await fun(view, request, user)
         return wrapper
 
     async def admit_read(view: Any, user: str) -> Any | None:
-        """Return a 400 response for a bad user id, a 503 while local state is being
-        restored from the changelog; pace the read while ingestion is behind."""
-        if not 1 <= len(user) <= MAX_ID_CHARS:
-            return error(view, 400, f"user id must have 1..{MAX_ID_CHARS} characters")
+        """Return a 503 while local state is being restored from the changelog; pace the
+        read while ingestion is behind."""
         if restoring(encode_key(user)):
             return error(view, 503, "this worker is restoring the user's partition from the "
                                     "changelog, retry later")
@@ -144,9 +151,8 @@ def register(sa: StreamApp) -> None:
         return {"host": s.web_host, "port": s.web_port}
 
     @app.page("/recommendations/{user}")
-    @routable
-    @app.table_route(table=sa.user_state, match_info="user")
     @timed("recommendations")
+    @owned
     async def recommendations(view: Any, request: Any, user: str) -> Any:
         bad = await admit_read(view, user)
         if bad is not None:
@@ -158,14 +164,14 @@ def register(sa: StreamApp) -> None:
             return error(view, 400, f"k must be an integer, got {raw_k[:20]!r}")
         if not 1 <= k <= s.max_k:
             return error(view, 400, f"k must be between 1 and {s.max_k}, got {k}")
-        state = UserState.from_bytes(sa.user_state.get(encode_key(user)))
+        history = UserState.history_from_bytes(router.read(encode_key(user)))
         answer = None
-        cause = "no_history" if not state.history else "no_known_items"
+        cause = "no_history" if not history else "no_known_items"
         if sa.server.current is None:
             cause = "no_model"
-        elif state.history:
+        elif history:
             try:
-                answer = await sa.server.recommend(state.history, k)
+                answer = await sa.server.recommend(history, k)
             except Exception:
                 log.exception("model call failed; answering with the trending fallback")
                 cause = "model_error"
@@ -173,7 +179,7 @@ def register(sa: StreamApp) -> None:
             items, version = answer
             return view.json({"user": user, "items": items, "model_version": version,
                               "fallback": False, "served_by": worker_ident()})
-        seen = set(state.history)
+        seen = set(history)
         items = [i for i in sa.trending_cache if i not in seen][:k]
         m.fallback_answers.labels(cause=cause).inc()
         live = sa.server.current
@@ -183,14 +189,13 @@ def register(sa: StreamApp) -> None:
                           "served_by": worker_ident()})
 
     @app.page("/users/{user}")
-    @routable
-    @app.table_route(table=sa.user_state, match_info="user")
     @timed("users")
+    @owned
     async def user_state_view(view: Any, request: Any, user: str) -> Any:
         bad = await admit_read(view, user)
         if bad is not None:
             return bad
-        raw = sa.user_state.get(encode_key(user))
+        raw = router.read(encode_key(user))
         if raw is None:
             return view.json({"error": f"unknown user {user!r}", "status": 404,
                               "served_by": worker_ident()}, status=404)

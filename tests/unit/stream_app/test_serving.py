@@ -10,10 +10,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from advrec.bundle import BundleError, write_bundle
+from advrec.bundle import INPUT_NAME, OUTPUT_NAME, BundleError, write_bundle
 from stream_app.hotswap import BundleWatcher
 from stream_app.metrics import StreamMetrics
-from stream_app.serving import ModelServer, load_model, select_providers, top_k_batch
+from stream_app.serving import ModelServer, load_model, select_providers
 from tests.bundles import publish_toy, toy_model
 
 VOCAB = [f"i{n}" for n in range(30)]
@@ -39,10 +39,21 @@ def test_encode_left_pads_and_skips_unknown_items(tmp_path: Path) -> None:
     assert model.encode([f"i{n}" for n in range(6)]).tolist() == [3, 4, 5, 6]
 
 
-def test_top_k_never_returns_padding_or_excluded_rows() -> None:
-    scores = np.array([100.0, 1.0, 5.0, 3.0, 4.0], dtype=np.float32)
-    assert top_k_batch(scores[None], [[2]], [3]) == [[4, 3, 1]]
-    assert top_k_batch(scores[None], [[1, 2, 3, 4]], [3]) == [[]]
+def raw_scores(root: Path, version: str, histories: np.ndarray) -> np.ndarray:
+    """The bundle's own scores [B, V+1], straight from its graph (no ranking appended)."""
+    session = ort.InferenceSession((root / version / "model.onnx").read_bytes(),
+                                   providers=["CPUExecutionProvider"])
+    return session.run([OUTPUT_NAME], {INPUT_NAME: histories})[0]
+
+
+def test_top_k_never_returns_padding_or_seen_rows(tmp_path: Path) -> None:
+    vocab = VOCAB[:4]  # rows 1..4
+    version = publish_toy(tmp_path, vocab)
+    model = load_model(tmp_path, version)
+    scores = raw_scores(tmp_path, version, model.encode(["i1"])[None])[0]
+    assert model.recommend_batch([["i1"]], [3]) == [sorted([1, 3, 4], key=lambda r: -scores[r])]
+    assert model.recommend_batch([vocab], [3]) == [[]]  # everything seen: nothing left
+    assert model.recommend_batch([["i0", "i1", "i2"]], [10]) == [[4]]  # k beyond what is left
 
 
 @pytest.mark.parametrize(("kwargs", "reason"), [
@@ -140,13 +151,17 @@ async def test_rollback_serves_the_previous_version_and_repoints_current(
     await server.stop()
 
 
-def test_batched_top_k_agrees_with_a_plain_sort_per_row() -> None:
-    rng = np.random.default_rng(0)
-    scores = rng.normal(size=(6, 40)).astype(np.float32)
-    seen = [[1, 2], [], [5, 6, 7], list(range(1, 39)), [3], [9]]
+def test_batched_top_k_agrees_with_a_plain_sort_of_the_bundles_scores(tmp_path: Path) -> None:
+    vocab = [f"i{n}" for n in range(39)]  # rows 1..39
+    version = publish_toy(tmp_path, vocab, max_len=3)
+    model = load_model(tmp_path, version)
+    histories = [["i0", "i1"], ["i4"], ["i4", "i5", "i6", "zzz"], vocab[:38], ["i2"], ["i8"] * 4]
     ks = [5, 10, 3, 5, 1, 39]
-    got = top_k_batch(scores, seen, ks)
-    for i in range(6):
-        allowed = [r for r in range(1, 40) if r not in seen[i]]
+    got = model.recommend_batch(histories, ks)
+    scores = raw_scores(tmp_path, version, np.stack([model.encode(h) for h in histories]))
+    for i, history in enumerate(histories):
+        seen = {vocab.index(item) + 1 for item in history if item in vocab}
+        allowed = [r for r in range(1, 40) if r not in seen]
         assert got[i] == sorted(allowed, key=lambda r: -scores[i, r])[: ks[i]]
     assert got[3] == [39]  # only one row left that is neither padding nor seen
+    assert len(got[5]) == 38  # k = 39 asked, one item seen

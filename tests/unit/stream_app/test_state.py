@@ -42,6 +42,15 @@ def test_state_round_trips_through_bytes() -> None:
     assert UserState.from_bytes(None) == UserState()
 
 
+def test_the_serving_path_decodes_exactly_the_history() -> None:
+    s = UserState()
+    for n in range(60):
+        s.apply(ClickEvent("u", f"i{n}", T0 + n, id=f"e{n}"), history_len=50, dedup_window=200)
+    assert UserState.history_from_bytes(s.to_bytes()) == s.history == [f"i{n}" for n in
+                                                                        range(10, 60)]
+    assert UserState.history_from_bytes(None) == UserState.history_from_bytes(b"") == []
+
+
 def test_trending_keeps_only_the_newest_buckets_and_ranks_by_count() -> None:
     minute = 60_000
     buckets = update_trending({}, [("a", T0), ("b", T0), ("b", T0)], minute, 2, 10)
