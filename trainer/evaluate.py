@@ -499,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: pop, knn and adversarial modes "
                         f"({', '.join(MODES)})")
     p.add_argument("--seeds", type=int, default=1, help="seeds per neural method (mean ± std)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds run are first-seed .. first-seed + seeds - 1")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--limit", type=int, default=None, help="replay only the first N events")
     p.add_argument("--variant", choices=("A", "B"), default="A",
@@ -534,6 +536,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mask-history", action=argparse.BooleanOptionalAction,
                    default=AdversarialConfig.mask_history,
                    help="leave the history's items (but the target) out of the training softmax")
+    m.add_argument("--item-bias", action=argparse.BooleanOptionalAction, default=mc.item_bias,
+                   help="add a learned per-item offset to G's scores")
+    m.add_argument("--tied-output", action=argparse.BooleanOptionalAction,
+                   default=mc.tied_output,
+                   help="score candidates with the input item table (--no-tied-output: own table)")
+    m.add_argument("--item-lr-mult", type=float, default=tc.item_lr_mult,
+                   help="learning-rate multiplier of G's item tables")
+    ac = AdversarialConfig()
+    m.add_argument("--apr-eps", type=float, default=ac.apr_eps,
+                   help="APR: L2 radius of the input perturbation per example")
+    m.add_argument("--apr-lambda", type=float, default=ac.apr_lambda,
+                   help="APR: weight of the adversarial loss")
     m.add_argument("--threads", type=int, default=1, help="torch threads")
     o = p.add_argument_group("loo protocol")
     o.add_argument("--epochs", type=int, default=10)
@@ -544,14 +558,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _configs(args: argparse.Namespace, replay_default: float
              ) -> tuple[ModelConfig, TrainConfig, AdversarialConfig]:
     model_cfg = ModelConfig(max_len=args.max_len, d_model=args.dim, n_layers=args.layers,
-                            n_heads=args.heads, dropout=args.dropout)
+                            n_heads=args.heads, dropout=args.dropout,
+                            item_bias=args.item_bias, tied_output=args.tied_output)
     replay = replay_default if args.replay_ratio is None else args.replay_ratio
-    train_cfg = TrainConfig(lr=args.lr, steps_per_batch=args.steps_per_batch,
+    train_cfg = TrainConfig(lr=args.lr, item_lr_mult=args.item_lr_mult,
+                            steps_per_batch=args.steps_per_batch,
                             warmup_batches=args.warmup_batches,
                             warmup_steps_per_batch=args.warmup_steps_per_batch,
                             replay_size=args.replay_size, replay_ratio=replay,
                             replay_policy=args.replay_policy, num_threads=args.threads)
-    return model_cfg, train_cfg, AdversarialConfig(mask_history=args.mask_history)
+    adv_cfg = AdversarialConfig(mask_history=args.mask_history, apr_eps=args.apr_eps,
+                                apr_lambda=args.apr_lambda)
+    return model_cfg, train_cfg, adv_cfg
 
 
 def _load(args: argparse.Namespace) -> EventLog:
@@ -577,8 +595,9 @@ def main(argv: list[str] | None = None) -> int:
         print(ERROR.format(f"unknown dataset source {args.dataset[0]!r}; choose from "
                            f"{', '.join(SOURCES)}"), file=sys.stderr)
         return 2
-    if args.seeds < 1 or args.batch_size < 1:
-        print(ERROR.format("--seeds and --batch-size must be >= 1"), file=sys.stderr)
+    if args.seeds < 1 or args.batch_size < 1 or args.first_seed < 0:
+        print(ERROR.format("--seeds and --batch-size must be >= 1, --first-seed >= 0"),
+              file=sys.stderr)
         return 2
     torch.set_num_threads(max(1, args.threads))
     try:
@@ -601,7 +620,8 @@ def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: li
     evs = events.events[: args.limit] if args.limit else events.events
     examples = list(build_examples(evs, args.max_len))
     model_cfg, train_cfg, adv_cfg = _configs(args, TrainConfig.replay_ratio)
-    jobs = [(m, s) for m in methods for s in (range(1) if m in BASELINES else range(args.seeds))]
+    neural_seeds = range(args.first_seed, args.first_seed + args.seeds)
+    jobs = [(m, s) for m in methods for s in (range(1) if m in BASELINES else neural_seeds)]
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
@@ -629,7 +649,7 @@ def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: li
         "dataset": {"source": args.dataset[0], "path": str(args.dataset[1]),
                     "events": len(evs), "events_in_file": len(events),
                     "users": len({e.user for e in evs}), "items": len({e.item for e in evs})},
-        "batch_size": args.batch_size, "seeds": args.seeds,
+        "batch_size": args.batch_size, "seeds": args.seeds, "first_seed": args.first_seed,
         "baselines_note": "pop and knn are deterministic: run once, std 0",
         "model_config": dataclasses.asdict(model_cfg),
         "train_config": dataclasses.asdict(train_cfg),

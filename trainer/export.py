@@ -40,9 +40,10 @@ class ExportError(RuntimeError):
 def _scoring_copy(generator: Generator) -> Generator:
     """Return an eval-mode CPU copy of G whose item table holds exactly the live rows."""
     g = copy.deepcopy(generator).cpu().eval()
-    # the table keeps spare capacity for growth; the served model needs only V+1 rows
-    live = g.item_table().detach().clone()  # (V+1, D)
-    g.items.emb = nn.Embedding.from_pretrained(live, freeze=True, padding_idx=0)
+    # the tables keep spare capacity for growth; the served model needs only V+1 rows
+    for table in g.item_tables():
+        live = table.emb.weight[: g.n_items + 1].detach().clone()  # (V+1, D) or (V+1, 1)
+        table.emb = nn.Embedding.from_pretrained(live, freeze=True, padding_idx=0)
     return g
 
 

@@ -43,6 +43,8 @@ class TrainConfig:
 
     mode: str = "none"  # none | irgan | apr | irgan+apr (trainer.adversarial.MODES)
     lr: float = 3e-3  # G's Adam step (SASRec: 1e-3; online 3e-3 learned faster, docs/results.md)
+    # G's per-item tables (input rows, output rows, item bias) step at lr * item_lr_mult
+    item_lr_mult: float = 1.0
     d_lr: float = 3e-3  # D sees one real item per example: at 1e-3 it stayed near chance longer
     # updates per arriving batch, each with a fresh replay sample: 1 left the generator far
     # behind item-kNN; 4 costs 4x the training compute (docs/results.md, "what we tried")
@@ -62,7 +64,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         get_update(self.mode)  # raises on an unknown mode
-        assert self.lr > 0 and self.d_lr > 0, "learning rates must be > 0"
+        assert self.lr > 0 and self.d_lr > 0 and self.item_lr_mult > 0, "learning rates must be > 0"
         assert self.steps_per_batch >= 1, f"steps_per_batch {self.steps_per_batch} < 1"
         assert self.warmup_batches >= 0 and self.warmup_steps_per_batch >= 1, "warmup settings"
         assert self.replay_size >= 0 and self.replay_ratio >= 0, "replay settings must be >= 0"
@@ -154,7 +156,15 @@ class OnlineLearner:
     # ------------------------------------------------------------------ plumbing
 
     def _build_optimizers(self) -> None:
-        self.g_optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.train_cfg.lr)
+        lr, mult = self.train_cfg.lr, self.train_cfg.item_lr_mult
+        if mult == 1.0:  # one group, as checkpoints written before item_lr_mult hold
+            self.g_optimizer = torch.optim.Adam(self.generator.parameters(), lr=lr)
+        else:  # two groups: the item tables (stepping at lr * mult) and everything else
+            tables = [t.emb.weight for t in self.generator.item_tables()]
+            table_ids = {id(p) for p in tables}
+            rest = [p for p in self.generator.parameters() if id(p) not in table_ids]
+            self.g_optimizer = torch.optim.Adam(
+                [{"params": rest}, {"params": tables, "lr": lr * mult}], lr=lr)
         self.d_optimizer = torch.optim.Adam(self.discriminator.parameters(),
                                             lr=self.train_cfg.d_lr)
 

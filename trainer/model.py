@@ -1,10 +1,12 @@
 """The networks: a SASRec-like generator G that scores every item, and a small discriminator D.
 
 Histories are item rows, oldest first, left-padded with 0, so the newest item always sits at
-the last position. G's item table is tied: the same rows embed the history and score the
-candidates. Both tables have a capacity larger than the live vocabulary (``n_items``) so that
-most vocabulary growth is a counter bump; only when capacity runs out is a table reallocated,
-and then the optimizer must be told (``replace_param``).
+the last position. G's item table is tied by default: the same rows embed the history and
+score the candidates (``ModelConfig.tied_output=False`` gives the scorer its own table, and
+``item_bias`` adds a learned per-item offset to the scores). All item tables have a capacity
+larger than the live vocabulary (``n_items``) so that most vocabulary growth is a counter
+bump; only when capacity runs out is a table reallocated, and then the optimizer must be
+told (``replace_param``).
 """
 
 from __future__ import annotations
@@ -165,6 +167,10 @@ class ModelConfig:
     dropout: float = 0.1  # 0.1 and 0.2 measured alike, 0.0 worse (docs/results.md)
     init_std: float = 0.02  # new item rows start this small, so they enter no top-k by chance
     d_disc: int = 32  # D is deliberately small: IRGAN may cost at most 2x plain training
+    # a learned per-item score offset (popularity) added to every item's logit
+    item_bias: bool = False
+    # score candidates with their own output table instead of the input (history) table
+    tied_output: bool = True
 
     def __post_init__(self) -> None:
         assert self.n_items >= 1, f"n_items must be >= 1, got {self.n_items}"
@@ -230,6 +236,10 @@ class Generator(nn.Module):
         self.config = config
         D = config.d_model
         self.items = _ItemTable(config.n_items, D, config.init_std)
+        # optional per-item output parts; every item table grows in lock-step with ``items``
+        self.out_items = (None if config.tied_output
+                          else _ItemTable(config.n_items, D, config.init_std))
+        self.out_bias = _ItemTable(config.n_items, 1, 0.0) if config.item_bias else None
         self.pos_emb = nn.Embedding(config.max_len + 1, D, padding_idx=0)  # 0 = padding
         self.drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(
@@ -238,7 +248,9 @@ class Generator(nn.Module):
         self.ln_f = nn.LayerNorm(D)
         self.emb_scale = math.sqrt(D)
         for name, p in self.named_parameters():
-            if name.endswith("weight") and p.dim() == 2 and not name.startswith("items."):
+            if name.startswith(("items.", "out_items.", "out_bias.")):
+                continue  # item tables initialise themselves (and keep row 0 at zero)
+            if name.endswith("weight") and p.dim() == 2:
                 nn.init.normal_(p, std=config.init_std)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
@@ -250,13 +262,24 @@ class Generator(nn.Module):
         """Number of live items V (the vocabulary size)."""
         return self.items.n_items
 
+    def item_tables(self) -> list[_ItemTable]:
+        """Return every per-item table: input rows, then the optional output rows and bias."""
+        return [t for t in (self.items, self.out_items, self.out_bias) if t is not None]
+
     def grow(self, n_new: int) -> list[tuple[nn.Parameter, nn.Parameter]]:
         """Add ``n_new`` item rows keeping learned ones; return replaced parameters."""
-        return self.items.grow(n_new)
+        return [pair for table in self.item_tables() for pair in table.grow(n_new)]
 
     def item_table(self) -> torch.Tensor:
-        """Return the live item rows [V+1, D], row 0 (padding) included."""
-        return self.items.emb.weight[: self.n_items + 1]  # (V+1, D)
+        """Return the live rows [V+1, D] that score candidates, row 0 (padding) included."""
+        table = self.items if self.out_items is None else self.out_items
+        return table.emb.weight[: self.n_items + 1]  # (V+1, D)
+
+    def item_bias(self) -> torch.Tensor | None:
+        """Return the live per-item score offsets [V+1] (row 0 is 0), or None without them."""
+        if self.out_bias is None:
+            return None
+        return self.out_bias.emb.weight[: self.n_items + 1, 0]  # (V+1,)
 
     def embed(self, history: torch.Tensor) -> torch.Tensor:
         """Return the input embeddings of a history [B, L] -> [B, L, D] (what APR perturbs)."""
@@ -296,9 +319,10 @@ class Generator(nn.Module):
         table = self.item_table() if table is None else table  # (V+1, D)
         # the padding column gets NEG through the bias of one fused matmul: concatenating a
         # column onto [B, V] copied the whole score matrix (~12% of a training step)
-        pad = torch.zeros_like(table[:, 0])  # (V+1,)
-        pad = torch.cat([torch.full_like(pad[:1], NEG), pad[1:]])  # (V+1,)
-        return F.linear(hidden, table, pad)  # (B, V+1)
+        item_bias = self.item_bias()  # (V+1,) or None
+        offset = torch.zeros_like(table[:, 0]) if item_bias is None else item_bias  # (V+1,)
+        offset = torch.cat([torch.full_like(offset[:1], NEG), offset[1:]])  # (V+1,)
+        return F.linear(hidden, table, offset)  # (B, V+1)
 
     def forward(self, history: torch.Tensor) -> torch.Tensor:
         """Score every item for each history: [B, L] int64 -> [B, V+1] float32."""
@@ -310,9 +334,10 @@ class Generator(nn.Module):
         return self.score(self.last_hidden(history, emb), table)
 
     def resize(self, capacity: int, n_items: int) -> None:
-        """Reshape the item table to a saved capacity before ``load_state_dict``."""
-        self.items.resize(capacity)
-        self.items.n_items = n_items
+        """Reshape the item tables to a saved capacity before ``load_state_dict``."""
+        for table in self.item_tables():
+            table.resize(capacity)
+            table.n_items = n_items
 
 
 # ---------------------------------------------------------------------------- discriminator

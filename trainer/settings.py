@@ -36,6 +36,10 @@ class TrainerSettings:
     trainer_layers: int = 2
     trainer_replay_size: int = 20_000
     trainer_replay_ratio: float = 1.0
+    # history items (but the target) leave the training softmax: on for streams without
+    # re-clicks (ml-latest-small), off for session streams with many (yoochoose), where it
+    # cost 2 % HR@10 (docs/results.md)
+    trainer_mask_history: bool = True
     export_every_s: float = 5.0  # publish a bundle at most this often...
     export_every_batches: int = 50  # ...or after this many batches, whichever first
     quality_delta: float = 0.02  # reject if window HR@10 < live's HR@10 - delta (absolute)

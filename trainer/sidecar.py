@@ -88,7 +88,7 @@ class Sidecar:
                             steps_per_batch=s.trainer_steps_per_batch,
                             replay_size=s.trainer_replay_size,
                             replay_ratio=s.trainer_replay_ratio, num_threads=s.trainer_threads),
-                AdversarialConfig())
+                AdversarialConfig(mask_history=s.trainer_mask_history))
             log.info("starting a fresh %s learner", s.trainer_mode)
         self.live = copy.deepcopy(self.learner) if self.live_version else None
         self.m.resumed_offset.set(-1 if self.resumed_at is None else self.resumed_at)

@@ -120,6 +120,21 @@ def test_evaluate_cli_end_to_end_on_movielens(tmp_path: Path,
     assert "hr@10" in capsys.readouterr().out
 
 
+def test_first_seed_reruns_exactly_one_seed_of_a_longer_run(tmp_path: Path) -> None:
+    common = ["--dataset", "movielens", str(ML), "--limit", "1500", "--methods", "none",
+              "--no-progress", "--dim", "16", "--layers", "1", "--max-len", "8"]
+    assert evaluate.main([*common, "--seeds", "2", "--out", str(tmp_path / "both")]) == 0
+    assert evaluate.main([*common, "--seeds", "1", "--first-seed", "1",
+                          "--out", str(tmp_path / "second")]) == 0
+    both = json.loads((tmp_path / "both" / "results.json").read_text())["runs"]
+    second = json.loads((tmp_path / "second" / "results.json").read_text())["runs"]
+    assert [r["seed"] for r in both] == [0, 1] and [r["seed"] for r in second] == [1]
+    def quality(run: dict) -> dict:
+        return {k: v for k, v in run["metrics"].items() if k != "seconds"}
+
+    assert quality(second[0]) == quality(both[1]) != quality(both[0])
+
+
 # ---------------------------------------------------------------------------- leave-one-out
 
 

@@ -1,5 +1,6 @@
 """ONNX export: parity with torch on padded/empty histories, dynamic batch, bundle layout, CLI."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from tests.unit.trainer.planted import SMALL, planted_stream
 from trainer.checkpoint import save_checkpoint
 from trainer.export import ExportError, check_parity, export_onnx, main, publish_bundle
 from trainer.learner import OnlineLearner, TrainConfig
+from trainer.model import ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +139,25 @@ def test_export_cli_help_names_the_command(capsys: pytest.CaptureFixture[str]) -
 def test_dynamo_exporter_gives_the_same_scores(learner: OnlineLearner) -> None:
     model_bytes = export_onnx(learner.generator, SMALL.max_len, dynamo=True)
     assert check_parity(learner.generator, model_bytes, _histories(7, len(learner.vocab))) < 1e-4
+
+
+@pytest.mark.parametrize("model_cfg", [
+    dataclasses.replace(SMALL, item_bias=True),
+    dataclasses.replace(SMALL, item_bias=True, tied_output=False),
+], ids=["bias", "bias+untied"])
+def test_output_parts_export_with_parity(model_cfg: ModelConfig, tmp_path: Path) -> None:
+    learner = OnlineLearner(model_cfg, TrainConfig(mode="apr", replay_size=300, item_lr_mult=3.0))
+    for batch in planted_stream(4, 64):  # more items than the initial capacity: tables grew
+        learner.train_batch(batch)
+    gen = learner.generator
+    assert gen.item_bias() is not None and gen.item_bias()[1:].abs().max() > 0  # learned
+    histories = _histories(16, len(learner.vocab))
+    onnx_bytes = export_onnx(gen, model_cfg.max_len)
+    assert check_parity(gen, onnx_bytes, histories) < 1e-4
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    got = session.run([OUTPUT_NAME], {INPUT_NAME: histories})[0]  # (B, V+1)
+    np.testing.assert_array_equal(_top10(got), _top10(learner._score_rows(histories)))
+    version = publish_bundle(learner, tmp_path, {})
+    bundle = load_bundle(tmp_path, version)  # the same three files, the same signature
+    assert bundle.meta["model_config"]["item_bias"] is True
+    assert bundle.meta["vocab_size"] == len(learner.vocab)

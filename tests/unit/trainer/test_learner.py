@@ -176,10 +176,12 @@ def test_warmup_batches_get_more_updates() -> None:
 
 
 def test_trainer_settings_defaults_match_the_learner_defaults() -> None:
+    from trainer.adversarial import AdversarialConfig
     from trainer.model import ModelConfig
     from trainer.settings import TrainerSettings
 
     s, train, model = TrainerSettings(), TrainConfig(), ModelConfig()
+    assert s.trainer_mask_history == AdversarialConfig().mask_history
     assert (s.trainer_lr, s.trainer_steps_per_batch) == (train.lr, train.steps_per_batch)
     assert (s.trainer_replay_size, s.trainer_replay_ratio) == (train.replay_size,
                                                                train.replay_ratio)
@@ -198,3 +200,41 @@ def test_evaluate_cli_defaults_are_the_learner_defaults() -> None:
     assert model_cfg == ModelConfig()
     assert dataclasses.replace(train_cfg, num_threads=0) == TrainConfig()
     assert adv_cfg == AdversarialConfig()
+
+
+def test_item_lr_mult_puts_the_item_tables_in_their_own_group() -> None:
+    model_cfg = dataclasses.replace(SMALL, item_bias=True, tied_output=False)
+    learner = OnlineLearner(model_cfg, TrainConfig(lr=2e-3, item_lr_mult=5.0, replay_size=500))
+    rest, tables = learner.g_optimizer.param_groups
+    assert tables["lr"] == pytest.approx(1e-2) and rest["lr"] == pytest.approx(2e-3)
+    assert [id(p) for p in tables["params"]] == [
+        id(t.emb.weight) for t in learner.generator.item_tables()]
+    assert len(tables["params"]) + len(rest["params"]) == len(
+        list(learner.generator.parameters()))
+    assert len(_learner().g_optimizer.param_groups) == 1  # the default: one group, as before
+
+
+def test_output_parts_and_item_lr_resume_exactly() -> None:
+    batches = planted_stream(5, 64, seed=3)  # 64 items a batch: the tables reallocate
+    model_cfg = dataclasses.replace(SMALL, item_bias=True, tied_output=False)
+    learner = OnlineLearner(model_cfg, TrainConfig(mode="apr", item_lr_mult=3.0,
+                                                   replay_size=500))
+    for batch in batches[:3]:
+        learner.train_batch(batch)
+    state = learner.state_dict()
+    expected = [(learner.evaluate_batch(b), learner.train_batch(b)) for b in batches[3:]]
+    resumed = OnlineLearner.from_state_dict(state)
+    assert resumed.model_cfg == model_cfg and resumed.train_cfg.item_lr_mult == 3.0
+    assert [(resumed.evaluate_batch(b), resumed.train_batch(b)) for b in batches[3:]] == expected
+    # each replaced table must have reached the optimizer: every table has Adam state
+    for table in resumed.generator.item_tables():
+        assert resumed.g_optimizer.state[table.emb.weight]["exp_avg"].shape == \
+            table.emb.weight.shape
+
+
+def test_trainer_mask_history_is_a_setting() -> None:
+    from trainer.settings import load_trainer_settings
+
+    assert load_trainer_settings({}).trainer_mask_history is True
+    off = load_trainer_settings({"ADVREC_TRAINER_MASK_HISTORY": "false"})
+    assert off.trainer_mask_history is False

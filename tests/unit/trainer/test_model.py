@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.model import (
+    NEG,
     Discriminator,
     Generator,
     ModelConfig,
@@ -129,3 +130,94 @@ def test_discriminator_scores_pairs_and_grows() -> None:
 def test_config_rejects_inconsistent_shapes() -> None:
     with pytest.raises(AssertionError, match="divisible"):
         dataclasses.replace(CFG, d_model=15)
+
+
+# ---------------------------------------------------------------------------- output parts
+
+HEAD_CFGS = [dataclasses.replace(CFG, item_bias=True),
+             dataclasses.replace(CFG, tied_output=False),
+             dataclasses.replace(CFG, item_bias=True, tied_output=False)]
+
+
+def _head_generator(cfg: ModelConfig, n_items: int = 30) -> Generator:
+    torch.manual_seed(0)
+    gen = Generator(cfg)
+    gen.grow(n_items)
+    with torch.no_grad():  # trained-looking output parts, so that a lost row would show
+        for table in gen.item_tables()[1:]:
+            table.emb.weight[1 : n_items + 1].normal_(std=0.5)
+    return gen
+
+
+@pytest.mark.parametrize("cfg", HEAD_CFGS, ids=["bias", "untied", "bias+untied"])
+def test_output_parts_score_every_item(cfg: ModelConfig) -> None:
+    gen = _head_generator(cfg).eval()
+    h = _histories()
+    with torch.no_grad():
+        hidden = gen.last_hidden(h)  # (B, D)
+        scores = gen(h)  # (B, V+1)
+        table = gen.item_table()  # (V+1, D)
+        expected = hidden @ table.t()  # (B, V+1)
+        if cfg.item_bias:
+            expected = expected + gen.item_bias()
+    assert table.shape == (31, CFG.d_model)
+    if not cfg.tied_output:  # scoring rows are not the rows that embed the history
+        assert not torch.equal(table, gen.items.emb.weight[:31])
+    torch.testing.assert_close(scores[:, 1:], expected[:, 1:])
+    assert (scores[:, 0] == NEG).all()  # padding is never recommended
+
+
+def test_item_bias_starts_at_zero_and_shifts_scores() -> None:
+    torch.manual_seed(0)
+    gen = Generator(dataclasses.replace(CFG, item_bias=True)).eval()
+    gen.grow(30)
+    assert gen.item_bias() is not None and (gen.item_bias() == 0).all()  # (V+1,)
+    h = _histories()
+    with torch.no_grad():
+        before = gen(h)
+        gen.out_bias.emb.weight[5, 0] = 3.0
+        after = gen(h)
+    torch.testing.assert_close(after[:, 5], before[:, 5] + 3.0)
+    torch.testing.assert_close(after[:, :5], before[:, :5])
+    assert Generator(CFG).item_bias() is None and Generator(CFG).out_bias is None
+
+
+@pytest.mark.parametrize("cfg", HEAD_CFGS, ids=["bias", "untied", "bias+untied"])
+@pytest.mark.parametrize("n_new", [3, 100])  # within capacity; beyond it (reallocation)
+def test_output_parts_grow_in_lock_step(cfg: ModelConfig, n_new: int) -> None:
+    gen = _head_generator(cfg).eval()
+    h = _histories()
+    with torch.no_grad():
+        before = gen(h)
+    replaced = gen.grow(n_new)
+    n_tables = len(gen.item_tables())
+    assert n_tables == 1 + (not cfg.tied_output) + cfg.item_bias
+    assert len(replaced) == (n_tables if 30 + n_new > CFG.n_items * 2 else 0)
+    assert {t.capacity for t in gen.item_tables()} == {gen.items.capacity}
+    with torch.no_grad():
+        after = gen(h)
+    assert after.shape == (6, 31 + n_new)
+    torch.testing.assert_close(after[:, :31], before)
+    if cfg.item_bias:
+        assert (gen.item_bias()[31:] == 0).all()  # new items start with no offset
+    if not cfg.tied_output:
+        assert gen.item_table()[31:].abs().max() < 0.2  # new rows start small
+
+
+@pytest.mark.parametrize("cfg", HEAD_CFGS, ids=["bias", "untied", "bias+untied"])
+def test_output_parts_resize_and_reload(cfg: ModelConfig) -> None:
+    gen = _head_generator(cfg, n_items=40).eval()
+    torch.manual_seed(3)
+    other = Generator(cfg).eval()
+    other.resize(gen.items.capacity, gen.n_items)
+    other.load_state_dict(gen.state_dict())
+    h = _histories()
+    with torch.no_grad():
+        torch.testing.assert_close(other(h), gen(h))
+
+
+def test_default_generator_has_a_tied_table_and_no_bias() -> None:
+    gen = _generator()
+    assert gen.out_items is None and gen.out_bias is None
+    assert gen.item_tables() == [gen.items]
+    assert gen.item_table().data_ptr() == gen.items.emb.weight.data_ptr()
