@@ -120,10 +120,14 @@ class LoadedModel:
 
     def encode(self, history: list[ItemId]) -> np.ndarray:
         """Return the left-padded row indices of the last ``max_len`` known items."""
-        rows = self.known_rows(history)[-self.max_len:]
-        out = np.zeros(self.max_len, dtype=np.int64)
-        if rows:
-            out[-len(rows):] = rows
+        return self._left_pad(self.known_rows(history))
+
+    def _left_pad(self, rows: list[int]) -> np.ndarray:
+        """The model input for known ``rows``: the last ``max_len`` of them, left-padded."""
+        tail = rows[-self.max_len:]
+        out = np.zeros(self.max_len, dtype=np.int64)  # (L,)
+        if tail:
+            out[-len(tail):] = tail
         return out
 
     def recommend_batch(self, histories: list[list[ItemId]], ks: list[int]) -> list[list[int]]:
@@ -132,13 +136,10 @@ class LoadedModel:
         Blocking: one onnxruntime call for the whole batch (run it off the event loop).
         """
         known = [self.known_rows(h) for h in histories]
-        n, L = len(histories), self.max_len
-        model_in = np.zeros((n, L), dtype=np.int64)  # (B, L), left-padded
-        exclude = np.zeros((n, 1 + max(map(len, known))), dtype=np.int64)  # (B, S), 0-padded
+        model_in = np.stack([self._left_pad(rows) for rows in known])  # (B, L)
+        exclude = np.zeros((len(known), 1 + max(map(len, known))),
+                           dtype=np.int64)  # (B, S), 0-padded
         for i, rows in enumerate(known):
-            tail = rows[-L:]
-            if tail:
-                model_in[i, L - len(tail):] = tail
             exclude[i, 1:1 + len(rows)] = rows
         k = min(max(ks), len(self.bundle.vocab))
         if k <= 0:
