@@ -22,7 +22,7 @@ from advrec.contract import (
     encode_dead_letter,
     encode_key,
 )
-from stream_app.rocks import shared_memory
+from stream_app.rocks import local_stores, shared_memory
 from stream_app.serving import release_freed_memory
 from stream_app.state import UserState, merge_trending, update_trending
 
@@ -71,7 +71,7 @@ class KeyCount:
         for partition in self.by_partition.keys() - active:
             del self.by_partition[partition]
         for partition in active - self.by_partition.keys():
-            db = store._dbs.get(partition)  # Faust's RocksDB store: one DB per partition
+            db = local_stores(self.table).get(partition)
             self.by_partition[partition] = 0 if db is None else store._size1(db)
         return sum(self.by_partition.values())
 
@@ -84,7 +84,7 @@ def rocksdb_memory(tables: Sequence[Any], budget: int) -> dict[str, int]:
     """
     totals = {"cache": shared_memory(budget)[0].get_usage(), "memtables": 0, "table_readers": 0}
     for table in tables:
-        for db in list(getattr(table.data, "_dbs", {}).values()):
+        for db in list(local_stores(table).values()):
             try:
                 totals["memtables"] += db.property_int_value(
                     "rocksdb.cur-size-all-mem-tables") or 0

@@ -19,7 +19,7 @@ import rocksdict
 from faust.stores import STORES
 from faust.stores import rocksdb as faust_rocksdb
 
-__all__ = ["BoundedOptions", "Store", "shared_memory"]
+__all__ = ["BoundedOptions", "Store", "local_stores", "shared_memory"]
 
 STORE_URL = "bounded-rocksdb://"
 
@@ -35,6 +35,11 @@ def shared_memory(budget: int) -> tuple[rocksdict.Cache, rocksdict.WriteBufferMa
             budget // 2, False, cache)
         _SHARED[budget] = (cache, manager)
     return _SHARED[budget]
+
+
+def local_stores(table: Any) -> dict[int, Any]:
+    """The open RocksDB of each local partition of a Faust table ({} for other stores)."""
+    return getattr(table.data, "_dbs", {})  # Faust keeps them per partition, privately
 
 
 class BoundedOptions(faust_rocksdb.RocksDBOptions):

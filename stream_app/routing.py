@@ -17,6 +17,8 @@ import faust
 from aiokafka.partitioner import murmur2
 from faust.types import TP
 
+from stream_app.rocks import local_stores
+
 __all__ = ["KeyRouter"]
 
 
@@ -43,10 +45,7 @@ class KeyRouter:
 
     def read(self, key: bytes) -> bytes | None:
         """Read ``key`` from the local store of its partition (call only when local)."""
-        dbs: dict[int, Any] | None = getattr(self.table.data, "_dbs", None)
-        if dbs is None:  # not a RocksDB store (tests may use memory://): the table API
-            return self.table.get(key)
-        db = dbs.get(self.partition(key))
+        db = local_stores(self.table).get(self.partition(key))
         return None if db is None else db.get(key)
 
     async def route(self, key: bytes, web: Any, request: Any) -> Any:
