@@ -91,6 +91,15 @@ def stop_processes(*procs: subprocess.Popen) -> None:
         proc.wait(60)
 
 
+def finish(run_dir: Path, ok: bool, failure: str) -> int:
+    """Exit status of a bench run: remove its run directory if ``ok``, else keep the logs."""
+    if ok:
+        subprocess.run(["rm", "-rf", str(run_dir)], check=False)
+        return 0
+    print(f"{failure}; logs kept in {run_dir}", file=sys.stderr)
+    return 1
+
+
 def machine() -> dict:
     return {"python": sys.version.split()[0], "platform": platform.platform(),
             "cpus": os.cpu_count(), "processor": platform.processor()}

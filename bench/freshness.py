@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -25,6 +24,7 @@ from advrec.contract import ClickEvent, encode_event, encode_key
 from advrec.replay import produce
 from advrec.synthetic import SyntheticConfig, synthetic_events
 from bench._common import (
+    finish,
     machine,
     pair_env,
     print_table,
@@ -119,11 +119,7 @@ def main() -> int:
         ("bundles served", str(len(served))),
         ("results", str(path)),
     ])
-    if delays:
-        subprocess.run(["rm", "-rf", str(run_dir)], check=False)
-        return 0
-    print(f"no probe was served; logs kept in {run_dir}", file=sys.stderr)
-    return 1
+    return finish(run_dir, bool(delays), "no probe was served")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -34,6 +33,7 @@ from advrec.replay import produce
 from advrec.synthetic import SyntheticConfig, synthetic_events
 from bench._common import (
     RESULTS,
+    finish,
     machine,
     pair_env,
     print_table,
@@ -222,11 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         ("goals", ", ".join(f"{k}={'met' if v else 'MISSED'}" for k, v in goals.items())),
         ("results", str(path)),
     ])
-    if all(goals.values()):
-        subprocess.run(["rm", "-rf", str(run_dir)], check=False)
-        return 0
-    print(f"a goal was missed; logs kept in {run_dir}", file=sys.stderr)
-    return 1
+    return finish(run_dir, all(goals.values()), "a goal was missed")
 
 
 if __name__ == "__main__":
