@@ -250,7 +250,7 @@ class ModelServer:
     event loop stays free for ingestion (onnxruntime releases the GIL).
     """
 
-    def __init__(self, *, max_batch: int = 32, max_wait_ms: float = 2.0, threads: int = 2,
+    def __init__(self, *, max_batch: int = 32, max_wait_ms: float = 2.0, threads: int = 1,
                  metrics: Any = None) -> None:
         assert max_batch >= 1 and threads >= 1
         self.current: LoadedModel | None = None
