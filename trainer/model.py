@@ -33,6 +33,17 @@ __all__ = [
 NEG = -1e9
 
 
+def static_dim(x: torch.Tensor, dim: int) -> int:
+    """Return ``x.shape[dim]`` as a plain int, also while being traced for ONNX export.
+
+    Only the batch axis of the exported graph is dynamic; every other size is fixed (L, D,
+    heads). A traced size would be exported as Shape/Gather/Unsqueeze/Concat chains that
+    onnxruntime does not fold (142 nodes after its optimizer instead of ~100), each one paid
+    on every served call. Never use it for the batch axis: write -1 there.
+    """
+    return int(x.shape[dim])
+
+
 # ---------------------------------------------------------------------------- blocks
 
 
@@ -45,7 +56,7 @@ def attention_bias(history: torch.Tensor) -> torch.Tensor:
     Built from comparisons of ``arange`` (no ``torch.eye(dtype=bool)``, which exports to
     an op onnxruntime lacks).
     """
-    pos = torch.arange(history.shape[1], device=history.device)  # (L,)
+    pos = torch.arange(static_dim(history, 1), device=history.device)  # (L,)
     causal = pos.unsqueeze(0) <= pos.unsqueeze(1)  # (L, L): key j <= query i
     diag = pos.unsqueeze(0) == pos.unsqueeze(1)  # (L, L)
     valid_key = (history > 0).unsqueeze(1)  # (B, 1, L)
@@ -98,7 +109,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Attend over ``x`` [B, L, D]; with ``last_only`` compute only the last query."""
-        B, L, D = x.shape
+        L, D = static_dim(x, 1), static_dim(x, 2)
         nh, hs = self.n_heads, D // self.n_heads
         if last_only:
             # only the newest position is scored: its query alone, keys/values of all (~40%
@@ -110,12 +121,14 @@ class SelfAttention(nn.Module):
             bias = bias[:, :, -1:, :]  # (B, 1, 1, L)
         else:
             q, k, v = self.qkv(x).split(D, dim=2)  # (B, L, D) each
-        T = q.shape[1]
-        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, L, nh, hs).transpose(1, 2)  # (B, nh, L, hs)
-        v = v.view(B, L, nh, hs).transpose(1, 2)  # (B, nh, L, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        T = static_dim(q, 1)
+        q = q.view(-1, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(-1, L, nh, hs).transpose(1, 2)  # (B, nh, L, hs)
+        v = v.view(-1, L, nh, hs).transpose(1, 2)  # (B, nh, L, hs)
+        # the scale given as a number: derived inside the op it exports as Shape/Sqrt/Div
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                           scale=hs**-0.5)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(-1, T, D)  # (B, T, D)
         return self.resid_drop(self.proj(y))
 
 
@@ -290,7 +303,7 @@ class Generator(nn.Module):
 
     def _encode(self, history: torch.Tensor, emb: torch.Tensor | None,
                 last_only: bool) -> torch.Tensor:
-        L = history.shape[1]
+        L = static_dim(history, 1)
         assert L <= self.config.max_len, f"history length {L} > max_len {self.config.max_len}"
         if emb is None:
             emb = self.embed(history)  # (B, L, D)

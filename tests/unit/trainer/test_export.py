@@ -79,6 +79,13 @@ def test_onnx_model_is_self_contained_with_the_bundle_signature(model_bytes: byt
     assert inp.type.tensor_type.shape.dim[0].dim_param  # symbolic (dynamic) batch axis
 
 
+def test_exported_graph_reads_no_tensor_shapes(model_bytes: bytes) -> None:
+    # every size but the batch is a constant (trainer.model.static_dim): no Shape ops and
+    # the arithmetic on them, which onnxruntime would run on every served call
+    ops = {node.op_type for node in onnx.load_from_string(model_bytes).graph.node}
+    assert "Shape" not in ops and "Sqrt" not in ops, sorted(ops)
+
+
 def test_check_parity_reports_a_mismatch(learner: OnlineLearner, model_bytes: bytes) -> None:
     other = OnlineLearner(SMALL, TrainConfig(seed=5))
     other.train_batch(planted_stream(6, 64)[0])
