@@ -83,11 +83,13 @@ class Sidecar:
             s = self.s
             self.learner = OnlineLearner(
                 ModelConfig(max_len=s.trainer_max_len, d_model=s.trainer_dim,
-                            n_layers=s.trainer_layers),
+                            n_layers=s.trainer_layers, dropout=s.trainer_dropout),
                 TrainConfig(mode=s.trainer_mode, lr=s.trainer_lr, seed=s.trainer_seed,
                             steps_per_batch=s.trainer_steps_per_batch,
                             replay_size=s.trainer_replay_size,
-                            replay_ratio=s.trainer_replay_ratio, num_threads=s.trainer_threads),
+                            replay_ratio=s.trainer_replay_ratio,
+                            replay_policy=s.trainer_replay_policy,
+                            num_threads=s.trainer_threads),
                 AdversarialConfig(mask_history=s.trainer_mask_history))
             log.info("starting a fresh %s learner", s.trainer_mode)
         self.live = copy.deepcopy(self.learner) if self.live_version else None

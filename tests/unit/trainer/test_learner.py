@@ -1,6 +1,7 @@
 """Online learner: prequential ranks, exact resume, seeding, vocabulary growth, replay."""
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,10 +184,10 @@ def test_trainer_settings_defaults_match_the_learner_defaults() -> None:
     s, train, model = TrainerSettings(), TrainConfig(), ModelConfig()
     assert s.trainer_mask_history == AdversarialConfig().mask_history
     assert (s.trainer_lr, s.trainer_steps_per_batch) == (train.lr, train.steps_per_batch)
-    assert (s.trainer_replay_size, s.trainer_replay_ratio) == (train.replay_size,
-                                                               train.replay_ratio)
-    assert (s.trainer_max_len, s.trainer_dim, s.trainer_layers) == (model.max_len, model.d_model,
-                                                                    model.n_layers)
+    assert (s.trainer_replay_size, s.trainer_replay_ratio, s.trainer_replay_policy) == (
+        train.replay_size, train.replay_ratio, train.replay_policy)
+    assert (s.trainer_max_len, s.trainer_dim, s.trainer_layers, s.trainer_dropout) == (
+        model.max_len, model.d_model, model.n_layers, model.dropout)
 
 
 def test_evaluate_cli_defaults_are_the_learner_defaults() -> None:
@@ -238,3 +239,33 @@ def test_trainer_mask_history_is_a_setting() -> None:
     assert load_trainer_settings({}).trainer_mask_history is True
     off = load_trainer_settings({"ADVREC_TRAINER_MASK_HISTORY": "false"})
     assert off.trainer_mask_history is False
+
+
+def test_trainer_replay_policy_and_dropout_are_settings() -> None:
+    from advrec.config import ConfigError
+    from trainer.settings import load_trainer_settings
+
+    s = load_trainer_settings({"ADVREC_TRAINER_REPLAY_POLICY": "fifo",
+                               "ADVREC_TRAINER_DROPOUT": "0.2"})
+    assert (s.trainer_replay_policy, s.trainer_dropout) == ("fifo", 0.2)
+    with pytest.raises(ConfigError, match="TRAINER_REPLAY_POLICY='newest'"):
+        load_trainer_settings({"ADVREC_TRAINER_REPLAY_POLICY": "newest"})
+    with pytest.raises(ConfigError, match=r"TRAINER_DROPOUT=1\.0"):
+        load_trainer_settings({"ADVREC_TRAINER_DROPOUT": "1"})
+
+
+def test_sidecar_builds_its_learner_from_the_settings(tmp_path: Path) -> None:
+    from trainer.settings import load_trainer_settings
+    from trainer.sidecar import Sidecar
+
+    s = load_trainer_settings({"ADVREC_TRAINER_REPLAY_POLICY": "fifo",
+                               "ADVREC_TRAINER_DROPOUT": "0.2",
+                               "ADVREC_TRAINER_STEPS_PER_BATCH": "6",
+                               "ADVREC_BUNDLE_DIR": str(tmp_path / "bundles"),
+                               "ADVREC_CHECKPOINT_DIR": str(tmp_path / "checkpoints")})
+    sidecar = Sidecar(s)
+    sidecar.build()
+    learner = sidecar.learner
+    assert learner.train_cfg.replay_policy == "fifo" and learner.replay.policy == "fifo"
+    assert learner.model_cfg.dropout == 0.2 and learner.generator.config.dropout == 0.2
+    assert learner.train_cfg.steps_per_batch == 6
