@@ -39,6 +39,19 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of a process: its main thread and all its other threads."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {"main": 0.0, "other": 0.0}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out["main" if tid == str(pid) else "other"] += (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def tag() -> str:
     return uuid.uuid4().hex[:8]
 

@@ -34,6 +34,7 @@ from bench._common import (
     scrape,
     start_worker,
     tag,
+    thread_cpu_seconds,
     write_result,
 )
 
@@ -67,16 +68,34 @@ def _stats(latencies: list[float], errors: int, elapsed: float) -> dict:
 
 
 def side_by_side(url: str, a: list[str], b: list[str], concurrency: int, seconds: float,
-                 rounds: int = 8) -> tuple[dict, dict]:
+                 pid: int, rounds: int = 8) -> tuple[dict, dict]:
     """Load ``a`` and ``b`` in alternating slices (``rounds`` each, ``seconds`` in all per
-    side), so that drift in the machine's speed hits both sides alike."""
+    side), so that drift in the machine's speed hits both sides alike.
+
+    Each side also reports the CPU time per request of the worker ``pid`` (its event-loop
+    thread, and all other threads: inference, onnxruntime, RocksDB, Kafka) and of this
+    client process: in a closed loop on a shared machine these say where a request's cost
+    goes when the rates alone cannot.
+    """
     totals = {"a": ([], 0, 0.0), "b": ([], 0, 0.0)}
+    cpu = {side: {"worker_loop": 0.0, "worker_other": 0.0, "client": 0.0} for side in totals}
     for _ in range(rounds):
         for side, paths in (("a", a), ("b", b)):
+            before, client = thread_cpu_seconds(pid), time.process_time()
             lat, err, el = asyncio.run(_load(url, paths, concurrency, seconds / rounds))
+            after = thread_cpu_seconds(pid)
+            cpu[side]["worker_loop"] += after["main"] - before["main"]
+            cpu[side]["worker_other"] += after["other"] - before["other"]
+            cpu[side]["client"] += time.process_time() - client
             prev = totals[side]
             totals[side] = (prev[0] + lat, prev[1] + err, prev[2] + el)
-    return _stats(*totals["a"]), _stats(*totals["b"])
+    out = []
+    for side in ("a", "b"):
+        stats = _stats(*totals[side])
+        n = max(stats["requests"], 1)
+        stats["cpu_us_per_request"] = {k: v / n * 1e6 for k, v in cpu[side].items()}
+        out.append(stats)
+    return out[0], out[1]
 
 
 async def _load(url: str, paths: list[str], concurrency: int,
@@ -177,13 +196,25 @@ def main() -> int:
                 assert time.monotonic() < deadline, "events not consumed"
                 time.sleep(0.5)
             for c in (1, 8, 32):
-                rec, noop = side_by_side(url, paths, ["/noop"], c, args.seconds)
+                calls0 = scrape(f"{url}/metrics", "advrec_microbatch_size_count")
+                rec, noop = side_by_side(url, paths, ["/noop"], c, args.seconds, proc.pid)
+                calls = scrape(f"{url}/metrics", "advrec_microbatch_size_count") - calls0
+                rec["mean_microbatch"] = rec["requests"] / max(calls, 1)
                 result["runs"][f"{label}/c{c}"] = {"recommendations": rec, "noop": noop,
                                                     "ratio": rec["rps"] / noop["rps"]}
                 rows.append((f"{label} c={c}",
                              f"rec {rec['rps']:7.0f}/s p50 {rec['p50_ms']:6.2f} p99 "
                              f"{rec['p99_ms']:6.2f} ms | noop {noop['rps']:7.0f}/s | "
                              f"ratio {rec['rps'] / noop['rps']:.2f} | errors {rec['errors']}"))
+                if c == 32:
+                    for name, side in (("rec", rec), ("noop", noop)):
+                        us = side["cpu_us_per_request"]
+                        rows.append((f"{label} c=32 {name} CPU" + (
+                                         f" (mean batch {rec['mean_microbatch']:.1f})"
+                                         if name == "rec" else ""),
+                                     f"worker loop {us['worker_loop']:.0f} + other threads "
+                                     f"{us['worker_other']:.0f} + client {us['client']:.0f} "
+                                     "us per request"))
             if label == "microbatch":
                 # steady vs. a swap every 2 s, and memory above the no-model baseline
                 result["swap"] = measure_swaps(url, paths, proc.pid, bundles, version,
