@@ -23,7 +23,7 @@ from advrec.bundle import INPUT_NAME, OUTPUT_NAME, Bundle, BundleError, load_bun
 from advrec.types import ItemId
 
 __all__ = [
-    "LoadedModel", "ModelServer", "cpu_limit", "load_model", "ranking_graph",
+    "LoadedModel", "ModelServer", "cpu_limit", "intra_op_threads", "load_model", "ranking_graph",
     "release_freed_memory", "select_providers",
 ]
 
@@ -39,6 +39,17 @@ def cpu_limit() -> int:
     except (OSError, ValueError):
         pass
     return max(1, len(os.sched_getaffinity(0)))
+
+
+def intra_op_threads(cpus: int) -> int:
+    """Return onnxruntime's intra-op thread count for ``cpus`` CPUs: one core is left to the
+    event loop, which has a request's other half of the work.
+
+    On 2 cores one thread beat two at every load measured: at micro-batches of ~15 two
+    threads were no faster per call and cost 160 vs 125 us of CPU per request; at single
+    requests 645 vs 414 us (threads that sleep between ops are woken for every op).
+    """
+    return max(1, cpus - 1)
 
 
 def select_providers(wanted: str) -> list[str]:
@@ -199,7 +210,7 @@ def load_model(root: Path | str, version: str, *, providers: str = "auto",
         raise BundleError("load_error", f"{version}: not an ONNX model: {exc}"[:500]) from None
     _check_signature(model, version, n_cols)
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or cpu_limit()
+    opts.intra_op_num_threads = threads or intra_op_threads(cpu_limit())
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Spinning intra-op threads burn the cores the event loop needs between model calls

@@ -42,7 +42,7 @@ class Settings:
     web_port: int = 6066
     web_host: str = "127.0.0.1"  # advertised to other workers for routed table lookups
     ort_providers: str = "auto"  # auto | cpu | cuda,cpu
-    ort_threads: int = 0  # 0: follow the container's CPU limit
+    ort_threads: int = 0  # 0: the container's CPU limit less one core (serving.intra_op_threads)
     # model calls in flight at once, off the event loop; one call already uses every core
     # (ort_threads), and with one in flight requests queue into bigger micro-batches. With
     # the trainer busy beside the worker (2 cores): 464 vs 572 us of worker CPU per request

@@ -13,7 +13,7 @@ import pytest
 from advrec.bundle import INPUT_NAME, OUTPUT_NAME, BundleError, write_bundle
 from stream_app.hotswap import BundleWatcher
 from stream_app.metrics import StreamMetrics
-from stream_app.serving import ModelServer, load_model, select_providers
+from stream_app.serving import ModelServer, intra_op_threads, load_model, select_providers
 from tests.bundles import publish_toy, toy_model
 
 VOCAB = [f"i{n}" for n in range(30)]
@@ -165,3 +165,7 @@ def test_batched_top_k_agrees_with_a_plain_sort_of_the_bundles_scores(tmp_path: 
         assert got[i] == sorted(allowed, key=lambda r: -scores[i, r])[: ks[i]]
     assert got[3] == [39]  # only one row left that is neither padding nor seen
     assert len(got[5]) == 38  # k = 39 asked, one item seen
+
+
+def test_intra_op_threads_leave_a_core_to_the_event_loop() -> None:
+    assert [intra_op_threads(n) for n in (1, 2, 4, 16)] == [1, 1, 3, 15]
