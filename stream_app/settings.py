@@ -43,8 +43,8 @@ class Settings:
     web_host: str = "127.0.0.1"  # advertised to other workers for routed table lookups
     ort_providers: str = "auto"  # auto | cpu | cuda,cpu
     ort_threads: int = 0  # 0: the container's CPU limit less one core (serving.intra_op_threads)
-    # model calls in flight at once, off the event loop; one call already uses every core
-    # (ort_threads), and with one in flight requests queue into bigger micro-batches. With
+    # model calls in flight at once, off the event loop; one call already runs on ort_threads
+    # cores, and with one in flight requests queue into bigger micro-batches. With
     # the trainer busy beside the worker (2 cores): 464 vs 572 us of worker CPU per request
     # at c=32 (ratio to the no-op 0.48 vs 0.41); on an idle machine the two measured alike
     infer_threads: int = 1
