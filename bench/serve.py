@@ -4,8 +4,9 @@ and off, steady vs a swap every 2 s, and resident memory during swaps.
 A real 10k-item generator at the trainer's default shape (random weights: latency does not
 depend on training) is exported to a bundle; a worker serves 500 users with 50-item
 histories; aiohttp clients at concurrency 1, 8 and 32 load /recommendations and /noop in
-alternating slices (8 each), so that the machine's drift hits both sides of a ratio alike.
-Writes bench/results/serve.json.
+alternating slices (8 each), so that the machine's drift hits both sides of a ratio alike;
+each side's CPU time per request (worker event loop, worker's other threads, client) is
+recorded beside its rate. Writes bench/results/serve.json.
 """
 
 from __future__ import annotations
