@@ -45,9 +45,10 @@ def intra_op_threads(cpus: int) -> int:
     """Return onnxruntime's intra-op thread count for ``cpus`` CPUs: one core is left to the
     event loop, which has a request's other half of the work.
 
-    On 2 cores one thread beat two at every load measured: at micro-batches of ~15 two
-    threads were no faster per call and cost 160 vs 125 us of CPU per request; at single
-    requests 645 vs 414 us (threads that sleep between ops are woken for every op).
+    On 2 cores one thread beat two at every load measured: with a training run on the other
+    core, at micro-batches of ~15, two threads were no faster per call and cost 160 vs 125 us
+    of CPU per request, at single requests 645 vs 414 us (threads that sleep between ops are
+    woken for every op); idle, 153 vs 137 us at c=32 (bench/serve's CPU split).
     """
     return max(1, cpus - 1)
 

@@ -45,8 +45,8 @@ class Settings:
     ort_threads: int = 0  # 0: the container's CPU limit less one core (serving.intra_op_threads)
     # model calls in flight at once, off the event loop; one call already runs on ort_threads
     # cores, and with one in flight requests queue into bigger micro-batches. With
-    # the trainer busy beside the worker (2 cores): 464 vs 572 us of worker CPU per request
-    # at c=32 (ratio to the no-op 0.48 vs 0.41); on an idle machine the two measured alike
+    # the trainer busy beside the worker (2 cores, two intra-op threads then): 464 vs 572 us
+    # of worker CPU per request at c=32 (ratio to the no-op 0.48 vs 0.41); idle, alike
     infer_threads: int = 1
     microbatch_max: int = 32  # requests merged into one model call
     microbatch_wait_ms: float = 2.0
