@@ -6,7 +6,9 @@ depend on training) is exported to a bundle; a worker serves 500 users with 50-i
 histories; aiohttp clients at concurrency 1, 8 and 32 load /recommendations and /noop in
 alternating slices (8 each), so that the machine's drift hits both sides of a ratio alike;
 each side's CPU time per request (worker event loop, worker's other threads, client) is
-recorded beside its rate. Writes bench/results/serve.json.
+recorded beside its rate. A last run at c=32 serves a model over the same 10k items that
+costs almost nothing (d=8, one layer): the ceiling of the HTTP, state and batching path on
+this machine. Writes bench/results/serve.json.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+from yarl import URL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -40,14 +43,16 @@ from bench._common import (
 )
 
 
-def make_bundle(root: Path, n_items: int) -> str:
+def make_bundle(root: Path, n_items: int, **shape: int) -> str:
+    """Publish a random generator for ``n_items`` items; ``shape`` overrides the trainer's
+    default ModelConfig (L, d, layers)."""
     import torch
 
     from trainer.export import export_onnx
     from trainer.model import Generator, ModelConfig
 
     torch.manual_seed(0)
-    gen = Generator(ModelConfig(n_items=n_items))  # the trainer's shape: L, d, layers
+    gen = Generator(ModelConfig(n_items=n_items, **shape))
     gen.grow(n_items)  # (V+1, D) live rows: random weights serve as fast as trained ones
     max_len = gen.config.max_len
     model = export_onnx(gen, max_len)
@@ -105,14 +110,18 @@ async def _load(url: str, paths: list[str], concurrency: int,
     errors = 0
     stop_at = time.perf_counter() + seconds
 
+    # URLs parsed once: parsing 500 distinct strings per pass (yarl's cache is smaller)
+    # made a /recommendations request cost the client more than a /noop one
+    urls = [URL(url + path) for path in paths]
+
     async def client(i: int, session: aiohttp.ClientSession) -> None:
         nonlocal errors
         n = i
         while time.perf_counter() < stop_at:
-            path = paths[n % len(paths)]
+            target = urls[n % len(urls)]
             n += concurrency
             t0 = time.perf_counter()
-            async with session.get(url + path) as r:
+            async with session.get(target) as r:
                 await r.read()
                 if r.status != 200:
                     errors += 1
@@ -184,11 +193,15 @@ def main() -> int:
     paths = [f"/recommendations/user{u}?k=10" for u in range(500)]
     result: dict = {"settings": vars(args), "machine": machine(), "n_items": n_items,
                     "runs": {}}
+    # the same path with a model that costs almost nothing (same 10k items, d=8, one layer):
+    # how far the HTTP, state and batching path alone stays from the no-op
+    make_bundle(run_dir / "tiny-bundles", args.items, d_model=8, n_heads=1, n_layers=1)
     rows = []
-    for label, micro in (("microbatch", "32"), ("no_microbatch", "1")):
+    for label, micro, root in (("microbatch", "32", bundles), ("no_microbatch", "1", bundles),
+                               ("tiny_model", "32", run_dir / "tiny-bundles")):
         env = {"ADVREC_BROKER": f"kafka://{args.bootstrap}", "ADVREC_TOPIC_CLICKS": topic,
                "ADVREC_TOPIC_DLQ": topic + "-dlq", "ADVREC_TOPIC_TRAIN": topic + "-train",
-               "ADVREC_APP_ID": f"bench-{tag()}", "ADVREC_BUNDLE_DIR": str(bundles),
+               "ADVREC_APP_ID": f"bench-{tag()}", "ADVREC_BUNDLE_DIR": str(root),
                "ADVREC_MICROBATCH_MAX": micro, "ADVREC_LOG_LEVEL": "warning"}
         proc, url = start_worker(run_dir, env)
         try:
@@ -196,7 +209,7 @@ def main() -> int:
             while scrape(f"{url}/metrics", "advrec_events_consumed_total") < len(events):
                 assert time.monotonic() < deadline, "events not consumed"
                 time.sleep(0.5)
-            for c in (1, 8, 32):
+            for c in (32,) if label == "tiny_model" else (1, 8, 32):
                 calls0 = scrape(f"{url}/metrics", "advrec_microbatch_size_count")
                 rec, noop = side_by_side(url, paths, ["/noop"], c, args.seconds, proc.pid)
                 calls = scrape(f"{url}/metrics", "advrec_microbatch_size_count") - calls0

@@ -94,6 +94,73 @@ async def test_concurrent_requests_are_micro_batched_and_exclude_seen(tmp_path: 
     assert sizes == 16 and calls < 16  # fewer model calls than requests
 
 
+def test_prepare_matches_a_row_by_row_left_pad(tmp_path: Path) -> None:
+    model = load_model(tmp_path, publish_toy(tmp_path, VOCAB, max_len=4))
+    rng = np.random.default_rng(0)
+    known = [rng.integers(1, 31, size=n).tolist() for n in (0, 1, 3, 4, 5, 9, 0, 2)]
+    model_in, exclude = model.prepare(known)
+    assert model_in.shape == (8, 4) and exclude.shape == (8, 10)
+    for i, rows in enumerate(known):
+        tail = rows[-4:]
+        assert model_in[i].tolist() == [0] * (4 - len(tail)) + tail
+        assert exclude[i].tolist() == [0] + rows + [0] * (9 - len(rows))
+    assert model.prepare([[]])[0].tolist() == [[0, 0, 0, 0]]
+
+
+async def test_a_batch_runs_on_one_model_even_if_a_swap_lands_after_queueing(
+        tmp_path: Path) -> None:
+    # the new model has another vocabulary order: rows encoded under the old one are wrong
+    server = ModelServer(max_batch=8)
+    server.swap(load_model(tmp_path, publish_toy(tmp_path, VOCAB)))
+    await server.start()
+    new = load_model(tmp_path, publish_toy(tmp_path, VOCAB[::-1]))
+    try:
+        pending = [asyncio.ensure_future(server.recommend([f"i{n}"], 29)) for n in range(4)]
+        await asyncio.sleep(0)  # queued, encoded under the old model, not yet dispatched
+        server.swap(new)
+        answers = await asyncio.gather(*pending)
+    finally:
+        await server.stop()
+    for n, answer in enumerate(answers):
+        assert answer is not None
+        items, version = answer
+        assert version == new.version
+        assert f"i{n}" not in items and len(items) == 29  # its own item excluded, no other
+
+
+async def test_stop_fails_queued_requests_instead_of_leaving_them_waiting(
+        tmp_path: Path) -> None:
+    server = ModelServer()
+    server.swap(load_model(tmp_path, publish_toy(tmp_path, VOCAB)))
+    await server.start()
+    server._free = 0  # every model slot busy: the request stays queued
+    pending = asyncio.ensure_future(server.recommend(["i1"], 3))
+    await asyncio.sleep(0.01)
+    assert not pending.done()
+    await server.stop()
+    with pytest.raises(RuntimeError, match="stopped"):
+        await pending
+
+
+async def test_a_failing_model_call_fails_its_batch_and_the_next_one_is_served(
+        tmp_path: Path) -> None:
+    server = ModelServer()
+    model = load_model(tmp_path, publish_toy(tmp_path, VOCAB))
+    server.swap(model)
+    await server.start()
+    try:
+        bad = load_model(tmp_path, publish_toy(tmp_path, VOCAB, seed=4))
+        bad.session = None  # type: ignore[assignment]  # run() raises AttributeError
+        server.swap(bad)
+        with pytest.raises(AttributeError):
+            await server.recommend(["i1"], 3)
+        server.swap(model)
+        answer = await server.recommend(["i1"], 3)
+    finally:
+        await server.stop()
+    assert answer is not None and len(answer[0]) == 3 and answer[1] == model.version
+
+
 async def test_no_usable_history_returns_none_for_the_fallback(tmp_path: Path) -> None:
     server = ModelServer()
     assert await server.recommend(["i1"], 5) is None  # no model yet
