@@ -293,8 +293,9 @@ class ModelServer:
 
     Batches form adaptively: a request that finds a slot free and no batch in flight runs
     at once (no added latency at low load); while every slot is busy, requests pile up for
-    the next free one. With ``threads`` > 1, a free slot beside a running batch waits up to
-    ``max_wait`` after its oldest request for the batch to fill.
+    the next free one. With ``threads`` > 1, a free slot beside a running batch waits for
+    the batch to fill: until it holds ``max_batch`` requests, the running batch ends, or
+    its oldest request has waited ``max_wait``.
     """
 
     def __init__(self, *, max_batch: int = 32, max_wait_ms: float = 2.0, threads: int = 1,
@@ -354,8 +355,11 @@ class ModelServer:
         assert self._loop is not None
         future = self._loop.create_future()
         self._pending.append(_Request(history, rows, model, k, future, self._loop.time()))
-        if self._flush_at is None:
-            # once per loop iteration: requests read in the same iteration share a batch
+        if self._flush_at is None or len(self._pending) == self.max_batch:
+            # once per loop iteration: requests read in the same iteration share a batch;
+            # a full batch does not wait out a fill deadline
+            if self._flush_at is not None:
+                self._flush_at.cancel()
             self._flush_at = self._loop.call_soon(self._flush)
         return await future
 
@@ -421,7 +425,9 @@ class ModelServer:
                 self._fail(requests, exc)
             if self.metrics is not None:
                 self.metrics.microbatch_size.observe(len(requests))
-        if self._pending and self._flush_at is None:
+        if self._pending:  # a slot is free now: no fill deadline to wait for
+            if self._flush_at is not None:
+                self._flush_at.cancel()
             self._flush()
 
     @staticmethod

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -159,6 +161,41 @@ async def test_a_failing_model_call_fails_its_batch_and_the_next_one_is_served(
     finally:
         await server.stop()
     assert answer is not None and len(answer[0]) == 3 and answer[1] == model.version
+
+
+async def test_with_two_slots_a_batch_waits_to_fill_only_until_full_or_a_slot_frees(
+        tmp_path: Path) -> None:
+    server = ModelServer(max_batch=4, max_wait_ms=60_000, threads=2)
+    model = load_model(tmp_path, publish_toy(tmp_path, VOCAB))
+    real_rank, sizes, gate = model.rank, [], threading.Event()
+
+    def rank(model_in: np.ndarray, exclude: np.ndarray, k: int) -> Any:
+        sizes.append(len(model_in))
+        if len(sizes) == 1:
+            gate.wait(10)  # the first batch holds its slot until released
+        return real_rank(model_in, exclude, k)
+
+    model.rank = rank  # type: ignore[method-assign]
+    server.swap(model)
+    await server.start()
+    try:
+        first = asyncio.ensure_future(server.recommend(["i0"], 3))
+        await asyncio.sleep(0.05)  # running alone: nothing else was in flight
+        queued = []
+        for n in range(1, 5):  # one at a time: the first three wait to fill the batch
+            queued.append(asyncio.ensure_future(server.recommend([f"i{n}"], 3)))
+            await asyncio.sleep(0.01)
+        full = await asyncio.wait_for(asyncio.gather(*queued), 5)  # the 4th completes it
+        partial = asyncio.gather(*(server.recommend([f"i{n}"], 3) for n in range(5, 7)))
+        await asyncio.sleep(0.05)
+        assert not partial.done()  # beside a running batch it waits to fill up...
+        gate.set()
+        await asyncio.wait_for(partial, 5)  # ...but not once the slot frees
+        await first
+    finally:
+        gate.set()
+        await server.stop()
+    assert sizes == [1, 4, 2] and all(answer is not None for answer in full)
 
 
 async def test_no_usable_history_returns_none_for_the_fallback(tmp_path: Path) -> None:
