@@ -332,10 +332,8 @@ class ModelServer:
         if self._flush_at is not None:
             self._flush_at.cancel()
             self._flush_at = None
-        while self._pending:
-            request = self._pending.popleft()
-            if not request.future.done():
-                request.future.set_exception(RuntimeError("the model server stopped"))
+        self._fail(list(self._pending), RuntimeError("the model server stopped"))
+        self._pending.clear()
         workers, self._workers = self._workers, []
         for _ in workers:
             self._jobs.put(None)
