@@ -3,8 +3,9 @@ and off, steady vs a swap every 2 s, and resident memory during swaps.
 
 A real 10k-item generator at the trainer's default shape (random weights: latency does not
 depend on training) is exported to a bundle; a worker serves 500 users with 50-item
-histories; aiohttp clients at concurrency 1, 8 and 32 load /recommendations and /noop in
-alternating slices (8 each), so that the machine's drift hits both sides of a ratio alike;
+histories; keep-alive connections at concurrency 1, 8 and 32 (bench/_loadgen.py: a lean
+client, since it shares the machine's cores with the worker) load /recommendations and
+/noop in alternating slices (8 each), so that the machine's drift hits both sides alike;
 each side's CPU time per request (worker event loop, worker's other threads, client) is
 recorded beside its rate. A last run at c=32 serves a much cheaper model over the same 10k
 items (d=8, one layer: 0.39 vs 0.99 ms per call of 12 histories, measured alone; the top-k
@@ -23,15 +24,13 @@ import threading
 import time
 from pathlib import Path
 
-import aiohttp
-from yarl import URL
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from advrec.bundle import list_versions, load_bundle, write_bundle
 from advrec.contract import ClickEvent, encode_event, encode_key
 from advrec.replay import produce
 from advrec.topics import default_topics, ensure_topics
+from bench import _loadgen as loadgen
 from bench._common import (
     machine,
     print_table,
@@ -60,11 +59,6 @@ def make_bundle(root: Path, n_items: int, **shape: int) -> str:
     vocab = [f"i{n}" for n in range(gen.n_items)]
     return write_bundle(root, model, vocab, {"max_len": max_len, "last_event_ms": 0,
                                              "examples_seen": 0, "metrics": {}}, keep=3)
-
-
-async def load(url: str, paths: list[str], concurrency: int, seconds: float) -> dict:
-    latencies, errors, elapsed = await _load(url, paths, concurrency, seconds)
-    return _stats(latencies, errors, elapsed)
 
 
 def _stats(latencies: list[float], errors: int, elapsed: float) -> dict:
@@ -107,69 +101,60 @@ def side_by_side(url: str, a: list[str], b: list[str], concurrency: int, seconds
 
 async def _load(url: str, paths: list[str], concurrency: int,
                 seconds: float) -> tuple[list[float], int, float]:
-    latencies: list[float] = []
-    errors = 0
-    stop_at = time.perf_counter() + seconds
-
-    # URLs parsed once: /noop is one URL but /recommendations 500, and parsing them on
-    # every request cost the client 181 vs 153 us of CPU per request (one run, c=32)
-    urls = [URL(url + path) for path in paths]
-
-    async def client(i: int, session: aiohttp.ClientSession) -> None:
-        nonlocal errors
-        n = i
-        while time.perf_counter() < stop_at:
-            target = urls[n % len(urls)]
-            n += concurrency
-            t0 = time.perf_counter()
-            async with session.get(target) as r:
-                await r.read()
-                if r.status != 200:
-                    errors += 1
-            latencies.append(time.perf_counter() - t0)
-
-    conn = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=conn) as session:
-        started = time.perf_counter()
-        await asyncio.gather(*(client(i, session) for i in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    return latencies, errors, elapsed
+    tally, elapsed = await loadgen.load(url, paths, concurrency, seconds)
+    return tally.latencies, tally.errors, elapsed
 
 
 def measure_swaps(url: str, paths: list[str], pid: int, bundles: Path, version: str,
-                  seconds: float) -> dict:
-    """p99 at concurrency 8 steady, then with a new bundle every 2 s; peak RSS meanwhile."""
-    steady = asyncio.run(load(url, paths, 8, seconds * 2))
-    stop = threading.Event()
-    peak = [rss_mib(pid)]
+                  seconds: float, rounds: int = 4) -> dict:
+    """p99 at concurrency 8 steady vs with a new bundle every 2 s, in alternating slices
+    (``rounds`` each, ``seconds`` * 2 in all per side: one p99 window each way swung from
+    0.8x to 1.7x between runs); peak RSS meanwhile."""
     model = (bundles / version / "model.onnx").read_bytes()
     bundle = load_bundle(bundles, version)
-    vocab = bundle.vocab
+    done = threading.Event()
+    peak = [rss_mib(pid)]
+    published = [0]
 
-    def swapper() -> None:
-        n = 0
-        while not stop.is_set():
-            n += 1
-            write_bundle(bundles, model, vocab, {"max_len": bundle.max_len, "last_event_ms": 0,
-                                                 "examples_seen": n, "metrics": {}}, keep=3)
+    def swapper(stop: threading.Event) -> None:
+        while not stop.is_set():  # one at the slice's start, then every 2 s
+            published[0] += 1
+            write_bundle(bundles, model, bundle.vocab,
+                         {"max_len": bundle.max_len, "last_event_ms": 0,
+                          "examples_seen": published[0], "metrics": {}}, keep=3)
             stop.wait(2.0)
 
     def sampler() -> None:
-        while not stop.is_set():
+        while not done.is_set():
             peak[0] = max(peak[0], rss_mib(pid))
-            stop.wait(0.05)
+            done.wait(0.05)
 
-    threads = [threading.Thread(target=swapper), threading.Thread(target=sampler)]
-    for t in threads:
-        t.start()
+    swaps0 = scrape(f"{url}/metrics", "advrec_model_swaps_total")
+    totals: dict[str, tuple[list[float], int, float]] = {
+        "steady": ([], 0, 0.0), "swapping": ([], 0, 0.0)}
+    watcher = threading.Thread(target=sampler)
+    watcher.start()
     try:
-        swapping = asyncio.run(load(url, paths, 8, seconds * 2))
+        for _ in range(rounds):
+            for side in ("steady", "swapping"):
+                stop = threading.Event()
+                thread = threading.Thread(target=swapper, args=(stop,))
+                if side == "swapping":
+                    thread.start()
+                try:
+                    lat, err, el = asyncio.run(_load(url, paths, 8, seconds * 2 / rounds))
+                finally:
+                    stop.set()
+                    if thread.is_alive():
+                        thread.join()
+                prev = totals[side]
+                totals[side] = (prev[0] + lat, prev[1] + err, prev[2] + el)
     finally:
-        stop.set()
-        for t in threads:
-            t.join()
-    return {"steady": steady, "swapping": swapping,
-            "swaps": scrape(f"{url}/metrics", "advrec_model_swaps_total"),
+        done.set()
+        watcher.join()
+    steady, swapping = _stats(*totals["steady"]), _stats(*totals["swapping"])
+    return {"steady": steady, "swapping": swapping, "published": published[0],
+            "swaps": scrape(f"{url}/metrics", "advrec_model_swaps_total") - swaps0,
             "p99_ratio": swapping["p99_ms"] / steady["p99_ms"], "rss_peak_mib": peak[0]}
 
 

@@ -127,8 +127,9 @@ class LoadedModel:
 
     def known_rows(self, history: list[ItemId]) -> list[int]:
         """Return the rows of the items of ``history`` the model knows, oldest first."""
-        index = self.index
-        return [r for r in map(index.get, history) if r is not None]
+        # map in C, filter only when an item is unknown: 2.6 vs 4.5 us for 50 known items
+        rows = list(map(self.index.get, history))
+        return [r for r in rows if r is not None] if None in rows else rows
 
     def encode(self, history: list[ItemId]) -> np.ndarray:
         """Return the left-padded row indices of the last ``max_len`` known items."""
@@ -279,6 +280,7 @@ class _Batch:
     model_in: np.ndarray  # (B, L)
     exclude: np.ndarray  # (B, S)
     k: int
+    taken: threading.Lock  # held until an inference thread takes the batch
 
 
 class ModelServer:
@@ -291,12 +293,20 @@ class ModelServer:
     under a batch, only the model call leaves the loop, and the thread touches Python
     objects twice per batch (taking the job, posting the result).
 
+    The loop hands a batch over: it blocks (GIL released) until a thread has taken it, at
+    most ``handover_timeout``. A thread woken while the loop goes on running Python gets
+    the GIL only when the loop next blocks (the loop's short socket calls release it, but
+    retake it before the woken thread runs): at c=32 on 2 cores the model call then started
+    0.5 ms after its batch was queued (median), 0.08 ms with the handover.
+
     Batches form adaptively: a request that finds a slot free and no batch in flight runs
     at once (no added latency at low load); while every slot is busy, requests pile up for
     the next free one. With ``threads`` > 1, a free slot beside a running batch waits for
     the batch to fill: until it holds ``max_batch`` requests, the running batch ends, or
     its oldest request has waited ``max_wait``.
     """
+
+    handover_timeout = 0.005  # s: the most the loop waits for a thread to take a batch
 
     def __init__(self, *, max_batch: int = 32, max_wait_ms: float = 2.0, threads: int = 1,
                  metrics: Any = None) -> None:
@@ -382,17 +392,20 @@ class ModelServer:
                      for r in requests]
             model_in, exclude = model.prepare(known)
             batch = _Batch(model, requests, model_in, exclude,
-                           model.top_k([r.k for r in requests]))
+                           model.top_k([r.k for r in requests]), threading.Lock())
         except Exception as exc:  # fail the requests, never the server
             log.exception("could not encode a batch of %d", len(requests))
             self._fail(requests, exc)
             return
         self._free -= 1
+        batch.taken.acquire()
         self._jobs.put(batch)
+        batch.taken.acquire(timeout=self.handover_timeout)  # see the class docstring
 
     def _infer(self) -> None:
         """An inference thread: run each batch's model call, post the outcome to the loop."""
         while (batch := self._jobs.get()) is not None:
+            batch.taken.release()  # the loop, waiting on it, lets go of the GIL
             try:
                 outcome: Any = batch.model.rank(batch.model_in, batch.exclude, batch.k)
             except Exception as exc:
@@ -404,29 +417,34 @@ class ModelServer:
                 return
 
     def _done(self, batch: _Batch, outcome: Any) -> None:
-        """Answer a batch's requests (on the loop) and refill the freed slot."""
+        """Refill the freed slot, then answer the batch's requests (on the loop).
+
+        The next batch goes first: its model call then overlaps this batch's answers rather
+        than waiting for them (from a call's end to the next one's dispatch: 0.13 vs 0.32 ms,
+        median at c=32).
+        """
         self._free += 1
+        if self._pending:  # a slot is free now: no fill deadline to wait for
+            if self._flush_at is not None:
+                self._flush_at.cancel()
+            self._flush()
         requests = batch.requests
         if isinstance(outcome, Exception):
             log.error("model call failed for a batch of %d: %s", len(requests), outcome,
                       exc_info=outcome)
             self._fail(requests, outcome)
-        else:
-            try:
-                best = batch.model.picked(*outcome, [r.k for r in requests])
-                vocab, version = batch.model.bundle.vocab, batch.model.version
-                for request, picked in zip(requests, best, strict=True):
-                    if not request.future.done():
-                        request.future.set_result(([vocab[r - 1] for r in picked], version))
-            except Exception as exc:
-                log.exception("could not rank a batch of %d", len(requests))
-                self._fail(requests, exc)
-            if self.metrics is not None:
-                self.metrics.microbatch_size.observe(len(requests))
-        if self._pending:  # a slot is free now: no fill deadline to wait for
-            if self._flush_at is not None:
-                self._flush_at.cancel()
-            self._flush()
+            return
+        try:
+            best = batch.model.picked(*outcome, [r.k for r in requests])
+            vocab, version = batch.model.bundle.vocab, batch.model.version
+            for request, picked in zip(requests, best, strict=True):
+                if not request.future.done():
+                    request.future.set_result(([vocab[r - 1] for r in picked], version))
+        except Exception as exc:
+            log.exception("could not rank a batch of %d", len(requests))
+            self._fail(requests, exc)
+        if self.metrics is not None:
+            self.metrics.microbatch_size.observe(len(requests))
 
     @staticmethod
     def _fail(requests: list[_Request], exc: Exception) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +162,83 @@ async def test_a_failing_model_call_fails_its_batch_and_the_next_one_is_served(
     finally:
         await server.stop()
     assert answer is not None and len(answer[0]) == 3 and answer[1] == model.version
+
+
+async def test_a_freed_slot_takes_the_next_batch_before_the_finished_one_is_answered(
+        tmp_path: Path) -> None:
+    server = ModelServer()
+    model = load_model(tmp_path, publish_toy(tmp_path, VOCAB))
+    real_rank, real_prepare, gate = model.rank, model.prepare, threading.Event()
+    answered_at_dispatch: list[bool] = []
+
+    def rank(model_in: np.ndarray, exclude: np.ndarray, k: int) -> Any:
+        gate.wait(10)  # the first batch holds the slot until released
+        return real_rank(model_in, exclude, k)
+
+    def prepare(known: list[list[int]]) -> Any:
+        if gate.is_set():  # encoding the second batch: is the first one answered yet?
+            assert first_future is not None
+            answered_at_dispatch.append(first_future.done())
+        return real_prepare(known)
+
+    model.rank, model.prepare = rank, prepare  # type: ignore[method-assign]
+    server.swap(model)
+    first_future: asyncio.Future | None = None
+    await server.start()
+    try:
+        first = asyncio.ensure_future(server.recommend(["i0"], 3))
+        await asyncio.sleep(0)  # queued, not yet dispatched
+        first_future = server._pending[0].future
+        await asyncio.sleep(0.05)  # dispatched: its model call waits on the gate
+        second = asyncio.ensure_future(server.recommend(["i1"], 3))
+        await asyncio.sleep(0.05)  # queued behind the busy slot
+        gate.set()
+        answers = await asyncio.wait_for(asyncio.gather(first, second), 5)
+    finally:
+        gate.set()
+        await server.stop()
+    assert answered_at_dispatch == [False]
+    assert all(answer is not None and len(answer[0]) == 3 for answer in answers)
+
+
+class _SlowQueue:
+    """A job queue whose ``get`` returns its job late, as a thread slow to wake would."""
+
+    def __init__(self, inner: Any, delay: float) -> None:
+        self.inner, self.delay, self.taken = inner, delay, 0
+
+    def put(self, job: Any) -> None:
+        self.inner.put(job)
+
+    def get(self) -> Any:
+        job = self.inner.get()
+        time.sleep(self.delay)
+        self.taken += 1
+        return job
+
+
+@pytest.mark.parametrize(("timeout", "taken_first"), [(5.0, True), (0.001, False)])
+async def test_the_loop_hands_a_batch_over_but_waits_at_most_the_timeout(
+        tmp_path: Path, timeout: float, taken_first: bool) -> None:
+    server = ModelServer()
+    server.handover_timeout = timeout
+    server._jobs = jobs = _SlowQueue(server._jobs, 0.05)  # type: ignore[assignment]
+    server.swap(load_model(tmp_path, publish_toy(tmp_path, VOCAB)))
+    real_dispatch, taken_on_return = server._dispatch, []
+
+    def dispatch(requests: list[Any]) -> None:
+        real_dispatch(requests)
+        taken_on_return.append(jobs.taken)
+
+    server._dispatch = dispatch  # type: ignore[method-assign]
+    await server.start()
+    try:
+        answer = await asyncio.wait_for(server.recommend(["i1"], 3), 5)
+    finally:
+        server._jobs = jobs.inner
+        await server.stop()
+    assert taken_on_return == [1 if taken_first else 0]  # blocked for the thread, or not
+    assert answer is not None and len(answer[0]) == 3  # served either way
 
 
 async def test_with_two_slots_a_batch_waits_to_fill_only_until_full_or_a_slot_frees(
