@@ -138,14 +138,15 @@ def measure_swaps(url: str, paths: list[str], pid: int, bundles: Path, version: 
         for _ in range(rounds):
             for side in ("steady", "swapping"):
                 stop = threading.Event()
-                thread = threading.Thread(target=swapper, args=(stop,))
-                if side == "swapping":
+                thread = (threading.Thread(target=swapper, args=(stop,))
+                          if side == "swapping" else None)
+                if thread is not None:
                     thread.start()
                 try:
                     lat, err, el = asyncio.run(_load(url, paths, 8, seconds * 2 / rounds))
                 finally:
                     stop.set()
-                    if thread.is_alive():
+                    if thread is not None:
                         thread.join()
                 prev = totals[side]
                 totals[side] = (prev[0] + lat, prev[1] + err, prev[2] + el)
