@@ -7,9 +7,11 @@ histories; keep-alive connections at concurrency 1, 8 and 32 (bench/_loadgen.py:
 client, since it shares the machine's cores with the worker) load /recommendations and
 /noop in alternating slices (8 each), so that the machine's drift hits both sides alike;
 each side's CPU time per request (worker event loop, worker's other threads, client) is
-recorded beside its rate. A last run at c=32 serves a much cheaper model over the same 10k
-items (d=8, one layer: 0.39 vs 0.99 ms per call of 12 histories, measured alone; the top-k
-over 10k items remains), to show how much of the gap the model's size accounts for.
+recorded beside its rate, and each pair of slices gives a ratio of its own (``ratio_by_round``:
+how far the machine's drift moves the ratio within one run). A last run at c=32 serves a
+much cheaper model over the same 10k items (d=8, one layer: 0.39 vs 0.99 ms per call of 12
+histories, measured alone; the top-k over 10k items remains), to show how much of the gap
+the model's size accounts for.
 Writes bench/results/serve.json.
 """
 
@@ -80,6 +82,7 @@ def side_by_side(url: str, a: list[str], b: list[str], concurrency: int, seconds
     """
     totals = {"a": ([], 0, 0.0), "b": ([], 0, 0.0)}
     cpu = {side: {"worker_loop": 0.0, "worker_other": 0.0, "client": 0.0} for side in totals}
+    by_round: dict[str, list[float]] = {"a": [], "b": []}
     for _ in range(rounds):
         for side, paths in (("a", a), ("b", b)):
             before, client = thread_cpu_seconds(pid), time.process_time()
@@ -88,6 +91,7 @@ def side_by_side(url: str, a: list[str], b: list[str], concurrency: int, seconds
             cpu[side]["worker_loop"] += after["main"] - before["main"]
             cpu[side]["worker_other"] += after["other"] - before["other"]
             cpu[side]["client"] += time.process_time() - client
+            by_round[side].append(len(lat) / el)
             prev = totals[side]
             totals[side] = (prev[0] + lat, prev[1] + err, prev[2] + el)
     out = []
@@ -95,8 +99,15 @@ def side_by_side(url: str, a: list[str], b: list[str], concurrency: int, seconds
         stats = _stats(*totals[side])
         n = max(stats["requests"], 1)
         stats["cpu_us_per_request"] = {k: v / n * 1e6 for k, v in cpu[side].items()}
+        stats["rps_by_round"] = by_round[side]
         out.append(stats)
     return out[0], out[1]
+
+
+def round_ratios(a: dict, b: dict) -> list[float]:
+    """The ratio of ``a``'s rate to ``b``'s in each pair of adjacent slices of a
+    ``side_by_side`` run: how far the machine's drift moves one ratio within a run."""
+    return [x / y for x, y in zip(a["rps_by_round"], b["rps_by_round"], strict=True)]
 
 
 async def _load(url: str, paths: list[str], concurrency: int,
@@ -201,12 +212,15 @@ def main() -> int:
                 rec, noop = side_by_side(url, paths, ["/noop"], c, args.seconds, proc.pid)
                 calls = scrape(f"{url}/metrics", "advrec_microbatch_size_count") - calls0
                 rec["mean_microbatch"] = rec["requests"] / max(calls, 1)
+                spread = round_ratios(rec, noop)
                 result["runs"][f"{label}/c{c}"] = {"recommendations": rec, "noop": noop,
-                                                    "ratio": rec["rps"] / noop["rps"]}
+                                                    "ratio": rec["rps"] / noop["rps"],
+                                                    "ratio_by_round": spread}
                 rows.append((f"{label} c={c}",
                              f"rec {rec['rps']:7.0f}/s p50 {rec['p50_ms']:6.2f} p99 "
                              f"{rec['p99_ms']:6.2f} ms | noop {noop['rps']:7.0f}/s | "
-                             f"ratio {rec['rps'] / noop['rps']:.2f} | errors {rec['errors']}"))
+                             f"ratio {rec['rps'] / noop['rps']:.2f} (slices {min(spread):.2f}"
+                             f"-{max(spread):.2f}) | errors {rec['errors']}"))
                 if c == 32:
                     for name, side in (("rec", rec), ("noop", noop)):
                         us = side["cpu_us_per_request"]
