@@ -9,6 +9,7 @@ import pytest
 from aiohttp import web
 
 from bench import _loadgen as loadgen
+from tests.unit.bench.servers import start_catch_all
 
 BIG = b"x" * 300_000  # arrives in several reads
 
@@ -28,15 +29,9 @@ async def server() -> AsyncIterator[tuple[str, list[str]]]:
         return web.Response(body=BIG if request.path == "/big" else b'{"ok":true}',
                             content_type="application/json")
 
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, url = await start_catch_all(handle)
     try:
-        yield f"http://127.0.0.1:{port}", seen
+        yield url, seen
     finally:
         await runner.cleanup()
 

@@ -11,6 +11,7 @@ import pytest
 from aiohttp import web
 
 from bench.serve import round_ratios, side_by_side
+from tests.unit.bench.servers import start_catch_all
 
 
 @pytest.fixture
@@ -26,14 +27,7 @@ def server() -> Iterator[str]:
         return web.json_response({"ok": True})
 
     async def start() -> None:
-        app = web.Application()
-        app.router.add_get("/{tail:.*}", handle)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        box["runner"] = runner
-        box["port"] = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        box["runner"], box["url"] = await start_catch_all(handle)
         ready.set()
 
     def run() -> None:
@@ -45,7 +39,7 @@ def server() -> Iterator[str]:
     thread.start()
     assert ready.wait(10), "test server did not start"
     try:
-        yield f"http://127.0.0.1:{box['port']}"
+        yield str(box["url"])
     finally:
         runner = box["runner"]
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)  # type: ignore[attr-defined]
