@@ -280,30 +280,39 @@ class _Batch:
     model_in: np.ndarray  # (B, L)
     exclude: np.ndarray  # (B, S)
     k: int
-    taken: threading.Lock  # held until an inference thread takes the batch
+    # a batch the loop hands over: held until an inference thread takes it
+    taken: threading.Lock | None = None
 
 
 class ModelServer:
     """Holds the live model (one reference) and answers recommendation requests.
 
-    Requests wait in a queue on the event loop. A free model slot takes up to ``max_batch``
-    of them at once, snapshots the live model, encodes them into one input and hands that
-    to an inference thread; the thread makes the onnxruntime call (which releases the GIL)
-    and posts the result back to the loop in one callback. So a swap never changes the model
-    under a batch, only the model call leaves the loop, and the thread touches Python
-    objects twice per batch (taking the job, posting the result).
+    Requests wait in a queue. A model slot takes a batch of them, snapshots the live model,
+    encodes the batch into one input and makes the onnxruntime call on an inference thread
+    (the call releases the GIL); the answers go back to the loop in one callback. So a swap
+    never changes the model under a batch, and only the encoding and the call leave the loop.
 
-    The loop hands a batch over: it blocks (GIL released) until a thread has taken it, at
-    most ``handover_timeout``. A thread woken while the loop goes on running Python gets
-    the GIL only when the loop next blocks (the loop's short socket calls release it, but
-    retake it before the woken thread runs): at c=32 on 2 cores the model call then started
-    0.5 ms after its batch was queued (median), 0.08 ms with the handover.
+    How big a batch is: at most ``max_batch``, and at most an even share of the requests in
+    the server (queued, on a model slot, or answered and not yet resumed), one share per
+    slot and one for the loop. While one half is on the model, the loop answers and reads
+    the other half, so the two overlap. Taking all that was queued instead, at c=32 on
+    2 cores the batches fell into a cycle of 2 and 30: the model ran 30 while the loop had
+    2 to answer, then the loop answered 30 while the model ran 2.
 
-    Batches form adaptively: a request that finds a slot free and no batch in flight runs
-    at once (no added latency at low load); while every slot is busy, requests pile up for
-    the next free one. With ``threads`` > 1, a free slot beside a running batch waits for
-    the batch to fill: until it holds ``max_batch`` requests, the running batch ends, or
-    its oldest request has waited ``max_wait``.
+    A slot whose call ends takes its next batch itself, on its thread, before it posts the
+    answers; it does not wait for the loop to get round to the finished batch. Only an idle
+    slot is handed a batch by the loop, which blocks (GIL released) until the thread has
+    taken it, at most ``handover_timeout``: a thread woken while the loop goes on running
+    Python gets the GIL only when the loop next blocks (the loop's short socket calls
+    release it, but retake it before the woken thread runs), and at c=32 the model call
+    then started 0.5 ms after its batch was queued (median), 0.08 ms with the hand-over.
+    bench/serve, c=32 on 2 cores, against the no-op endpoint in alternating runs: 0.50x with
+    the share alone, 0.53x with the share and the self-refilling slot, 0.47x before either.
+
+    A request that finds a slot free and no batch in flight runs at once (no added latency
+    at low load). With ``threads`` > 1, a free slot beside a running batch waits for its
+    share to fill: until the queue holds it, the running batch ends, or the oldest request
+    has waited ``max_wait``.
     """
 
     handover_timeout = 0.005  # s: the most the loop waits for a thread to take a batch
@@ -317,10 +326,14 @@ class ModelServer:
         self.metrics = metrics
         self.threads = threads
         self._pending: deque[_Request] = deque()
+        # the loop and the inference threads both take batches: this guards the taking
+        # (_pending's left end) and _free
+        self._lock = threading.Lock()
         self._jobs: SimpleQueue[_Batch | None] = SimpleQueue()
         self._workers: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._free = threads  # model slots with no batch
+        self._outstanding = 0  # requests inside recommend() (written on the loop only)
         self._flush_at: asyncio.Handle | None = None  # a scheduled _flush
 
     def swap(self, model: LoadedModel) -> LoadedModel | None:
@@ -342,8 +355,10 @@ class ModelServer:
         if self._flush_at is not None:
             self._flush_at.cancel()
             self._flush_at = None
-        self._fail(list(self._pending), RuntimeError("the model server stopped"))
-        self._pending.clear()
+        with self._lock:
+            queued = list(self._pending)
+            self._pending.clear()
+        self._fail(queued, RuntimeError("the model server stopped"))
         workers, self._workers = self._workers, []
         for _ in workers:
             self._jobs.put(None)
@@ -362,69 +377,124 @@ class ModelServer:
             await self.start()
         assert self._loop is not None
         future = self._loop.create_future()
-        self._pending.append(_Request(history, rows, model, k, future, self._loop.time()))
-        if self._flush_at is None or len(self._pending) == self.max_batch:
+        self._outstanding += 1
+        try:
+            self._pending.append(_Request(history, rows, model, k, future, self._loop.time()))
             # once per loop iteration: requests read in the same iteration share a batch;
-            # a full batch does not wait out a fill deadline
-            if self._flush_at is not None:
-                self._flush_at.cancel()
-            self._flush_at = self._loop.call_soon(self._flush)
-        return await future
+            # a batch waiting to fill (a timer) goes as soon as its share is queued
+            if self._flush_at is None or (isinstance(self._flush_at, asyncio.TimerHandle)
+                                          and len(self._pending) >= self._share()):
+                if self._flush_at is not None:
+                    self._flush_at.cancel()
+                self._flush_at = self._loop.call_soon(self._flush)
+            return await future
+        finally:
+            self._outstanding -= 1
+
+    def _share(self) -> int:
+        """The most requests one batch takes: ``max_batch``, or an even share of those in the
+        server between the model slots and the loop if that is smaller."""
+        return max(1, min(self.max_batch, -(-self._outstanding // (self.threads + 1))))
+
+    def _take(self, beside: int) -> list[_Request] | None:
+        """Take a slot's next batch off the queue, or None to leave the slot free; call with
+        ``_lock`` held. ``beside``: how many other slots have a batch in flight."""
+        if not self._pending:
+            return None
+        share = self._share()
+        if beside > 0 and len(self._pending) < share:
+            assert self._loop is not None
+            if self._loop.time() < self._pending[0].queued_at + self.max_wait:
+                return None  # wait to fill
+        return [self._pending.popleft() for _ in range(min(len(self._pending), share))]
 
     def _flush(self) -> None:
         """Hand queued requests to free model slots (on the loop)."""
         assert self._loop is not None
         self._flush_at = None
-        while self._pending and self._free > 0:
-            if self._free < self.threads and len(self._pending) < self.max_batch:
-                # another batch is in flight: give this one until max_wait to fill up
-                deadline = self._pending[0].queued_at + self.max_wait
-                if self._loop.time() < deadline:
-                    self._flush_at = self._loop.call_at(deadline, self._flush)
+        while True:
+            with self._lock:
+                if self._free == 0:
                     return
-            self._dispatch([self._pending.popleft()
-                            for _ in range(min(len(self._pending), self.max_batch))])
+                requests = self._take(beside=self.threads - self._free)
+                if requests is None:
+                    if self._pending:  # waiting to fill beside a running batch
+                        deadline = self._pending[0].queued_at + self.max_wait
+                        self._flush_at = self._loop.call_at(deadline, self._flush)
+                    return
+                self._free -= 1
+            batch = self._encode(requests)
+            if isinstance(batch, Exception):
+                with self._lock:
+                    self._free += 1
+                self._fail(requests, batch)
+                continue
+            self._hand_over(batch)
 
-    def _dispatch(self, requests: list[_Request]) -> None:
+    def _hand_over(self, batch: _Batch) -> None:
+        """Queue ``batch`` for an idle thread and block until it is taken, at most
+        ``handover_timeout`` (see the class docstring)."""
+        batch.taken = threading.Lock()
+        batch.taken.acquire()
+        self._jobs.put(batch)
+        batch.taken.acquire(timeout=self.handover_timeout)
+
+    def _refill(self) -> _Batch | None:
+        """The next batch of a slot whose call just ended (on its thread), or None: the slot
+        is free again."""
+        while True:
+            with self._lock:
+                requests = self._take(beside=self.threads - 1 - self._free)
+                if requests is None:
+                    self._free += 1
+                    return None
+            batch = self._encode(requests)
+            if not isinstance(batch, Exception):
+                return batch
+            if not self._post(self._fail, requests, batch):
+                return None
+
+    def _encode(self, requests: list[_Request]) -> _Batch | Exception:
+        """Encode ``requests`` for the live model, or return the error (never raise: the
+        caller fails the requests, never the server)."""
         model = self.current or requests[0].model  # one snapshot: a swap never splits a batch
         try:
             known = [r.rows if r.model is model else model.known_rows(r.history)
                      for r in requests]
             model_in, exclude = model.prepare(known)
-            batch = _Batch(model, requests, model_in, exclude,
-                           model.top_k([r.k for r in requests]), threading.Lock())
-        except Exception as exc:  # fail the requests, never the server
+            return _Batch(model, requests, model_in, exclude, model.top_k([r.k for r in requests]))
+        except Exception as exc:
             log.exception("could not encode a batch of %d", len(requests))
-            self._fail(requests, exc)
-            return
-        self._free -= 1
-        batch.taken.acquire()
-        self._jobs.put(batch)
-        batch.taken.acquire(timeout=self.handover_timeout)  # see the class docstring
+            return exc
+
+    def _post(self, callback: Any, *args: Any) -> bool:
+        """Run ``callback(*args)`` on the loop (from a thread); False once the loop is closed."""
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            return False
+        return True
 
     def _infer(self) -> None:
-        """An inference thread: run each batch's model call, post the outcome to the loop."""
-        while (batch := self._jobs.get()) is not None:
-            batch.taken.release()  # the loop, waiting on it, lets go of the GIL
+        """An inference thread: run each batch's model call, take the slot's next batch,
+        post the outcome to the loop."""
+        batch = self._jobs.get()
+        while batch is not None:
+            if batch.taken is not None:
+                batch.taken.release()  # the loop, waiting on it, lets go of the GIL
             try:
                 outcome: Any = batch.model.rank(batch.model_in, batch.exclude, batch.k)
             except Exception as exc:
                 outcome = exc
-            assert self._loop is not None
-            try:
-                self._loop.call_soon_threadsafe(self._done, batch, outcome)
-            except RuntimeError:  # the loop is closed: nobody is waiting any more
+            following = self._refill()
+            if not self._post(self._done, batch, outcome):
                 return
+            batch = following if following is not None else self._jobs.get()
 
     def _done(self, batch: _Batch, outcome: Any) -> None:
-        """Refill the freed slot, then answer the batch's requests (on the loop).
-
-        The next batch goes first: its model call then overlaps this batch's answers rather
-        than waiting for them (from a call's end to the next one's dispatch: 0.13 vs 0.32 ms,
-        median at c=32).
-        """
-        self._free += 1
-        if self._pending:  # a slot is free now: no fill deadline to wait for
+        """Answer a batch's requests (on the loop); its slot has moved on already."""
+        if self._pending and self._free > 0:  # left free by its thread: hand the queue over
             if self._flush_at is not None:
                 self._flush_at.cancel()
             self._flush()

@@ -224,13 +224,13 @@ async def test_the_loop_hands_a_batch_over_but_waits_at_most_the_timeout(
     server.handover_timeout = timeout
     server._jobs = jobs = _SlowQueue(server._jobs, 0.05)  # type: ignore[assignment]
     server.swap(load_model(tmp_path, publish_toy(tmp_path, VOCAB)))
-    real_dispatch, taken_on_return = server._dispatch, []
+    real_hand_over, taken_on_return = server._hand_over, []
 
-    def dispatch(requests: list[Any]) -> None:
-        real_dispatch(requests)
+    def hand_over(batch: Any) -> None:
+        real_hand_over(batch)
         taken_on_return.append(jobs.taken)
 
-    server._dispatch = dispatch  # type: ignore[method-assign]
+    server._hand_over = hand_over  # type: ignore[method-assign]
     await server.start()
     try:
         answer = await asyncio.wait_for(server.recommend(["i1"], 3), 5)
@@ -241,39 +241,89 @@ async def test_the_loop_hands_a_batch_over_but_waits_at_most_the_timeout(
     assert answer is not None and len(answer[0]) == 3  # served either way
 
 
-async def test_with_two_slots_a_batch_waits_to_fill_only_until_full_or_a_slot_frees(
-        tmp_path: Path) -> None:
-    server = ModelServer(max_batch=4, max_wait_ms=60_000, threads=2)
-    model = load_model(tmp_path, publish_toy(tmp_path, VOCAB))
-    real_rank, sizes, gate = model.rank, [], threading.Event()
+def gated_rank(model: Any) -> tuple[list[int], threading.Event, threading.Event]:
+    """Make ``model``'s first call wait for a gate; return (batch sizes called, the gate,
+    an event set when the second call starts)."""
+    real_rank, sizes, gate, second = model.rank, [], threading.Event(), threading.Event()
 
     def rank(model_in: np.ndarray, exclude: np.ndarray, k: int) -> Any:
         sizes.append(len(model_in))
         if len(sizes) == 1:
             gate.wait(10)  # the first batch holds its slot until released
+        elif len(sizes) == 2:
+            second.set()
         return real_rank(model_in, exclude, k)
 
-    model.rank = rank  # type: ignore[method-assign]
+    model.rank = rank
+    return sizes, gate, second
+
+
+async def test_a_batch_takes_at_most_an_even_share_of_the_requests_in_the_server(
+        tmp_path: Path) -> None:
+    # one slot: half for the model, half for the loop to answer and read meanwhile
+    server = ModelServer(max_batch=32)
+    model = load_model(tmp_path, publish_toy(tmp_path, VOCAB))
+    sizes, gate, _ = gated_rank(model)
+    server.swap(model)
+    await server.start()
+    try:
+        first = asyncio.ensure_future(server.recommend(["i0"], 3))
+        await asyncio.sleep(0.05)  # alone on the slot: nothing else was in the server
+        rest = asyncio.gather(*(server.recommend([f"i{n}"], 3) for n in range(1, 10)))
+        await asyncio.sleep(0.05)  # queued behind the busy slot: 10 in the server
+        gate.set()
+        answers = await asyncio.wait_for(asyncio.gather(first, rest), 5)
+    finally:
+        gate.set()
+        await server.stop()
+    assert sizes == [1, 5, 4]
+    assert answers[0] is not None and all(a is not None for a in answers[1])
+
+
+async def test_a_slot_whose_call_ends_starts_the_queued_batch_without_the_loop(
+        tmp_path: Path) -> None:
+    server = ModelServer()
+    model = load_model(tmp_path, publish_toy(tmp_path, VOCAB))
+    sizes, gate, second_started = gated_rank(model)
+    server.swap(model)
+    await server.start()
+    try:
+        first = asyncio.ensure_future(server.recommend(["i0"], 3))
+        await asyncio.sleep(0.05)  # on the slot, held by the gate
+        second = asyncio.ensure_future(server.recommend(["i1"], 3))
+        await asyncio.sleep(0.05)  # queued
+        gate.set()
+        started = second_started.wait(5)  # blocks the loop: nothing runs on it meanwhile
+        answers = await asyncio.wait_for(asyncio.gather(first, second), 5)
+    finally:
+        gate.set()
+        await server.stop()
+    assert started and sizes == [1, 1]
+    assert all(answer is not None for answer in answers)
+
+
+async def test_with_two_slots_a_batch_waits_to_fill_its_share_only_until_a_slot_frees(
+        tmp_path: Path) -> None:
+    server = ModelServer(max_batch=32, max_wait_ms=60_000, threads=2)
+    model = load_model(tmp_path, publish_toy(tmp_path, VOCAB))
+    sizes, gate, _ = gated_rank(model)
     server.swap(model)
     await server.start()
     try:
         first = asyncio.ensure_future(server.recommend(["i0"], 3))
         await asyncio.sleep(0.05)  # running alone: nothing else was in flight
-        queued = []
-        for n in range(1, 5):  # one at a time: the first three wait to fill the batch
-            queued.append(asyncio.ensure_future(server.recommend([f"i{n}"], 3)))
-            await asyncio.sleep(0.01)
-        full = await asyncio.wait_for(asyncio.gather(*queued), 5)  # the 4th completes it
-        partial = asyncio.gather(*(server.recommend([f"i{n}"], 3) for n in range(5, 7)))
+        # 6 in the server, a share of 2 (two slots and the loop): 2, 2, and 1 left to fill
+        group = [asyncio.ensure_future(server.recommend([f"i{n}"], 3)) for n in range(1, 6)]
+        await asyncio.wait_for(asyncio.gather(*group[:4]), 5)
         await asyncio.sleep(0.05)
-        assert not partial.done()  # beside a running batch it waits to fill up...
+        assert not group[4].done()  # beside the running batch it waits to fill its share...
         gate.set()
-        await asyncio.wait_for(partial, 5)  # ...but not once the slot frees
+        await asyncio.wait_for(group[4], 5)  # ...but not once that slot frees
         await first
     finally:
         gate.set()
         await server.stop()
-    assert sizes == [1, 4, 2] and all(answer is not None for answer in full)
+    assert sizes == [1, 2, 2, 1]
 
 
 async def test_no_usable_history_returns_none_for_the_fallback(tmp_path: Path) -> None:
