@@ -44,9 +44,9 @@ class Settings:
     ort_providers: str = "auto"  # auto | cpu | cuda,cpu
     ort_threads: int = 0  # 0: the container's CPU limit less one core (serving.intra_op_threads)
     # model calls in flight at once, off the event loop; one call already runs on ort_threads
-    # cores, and with one in flight requests queue into bigger micro-batches. With
-    # the trainer busy beside the worker (2 cores, two intra-op threads then): 464 vs 572 us
-    # of worker CPU per request at c=32 (ratio to the no-op 0.48 vs 0.41); idle, alike
+    # cores, and each slot's batches are a share of the requests in the server, so more
+    # slots make smaller batches. 2 cores, c=32, ratio to the no-op: 0.53-0.54 with one,
+    # 0.41-0.43 with two (mean batch 12.4 vs 6.4)
     infer_threads: int = 1
     microbatch_max: int = 32  # requests merged into one model call
     microbatch_wait_ms: float = 2.0

@@ -254,7 +254,7 @@ def gated_rank(model: Any) -> tuple[list[int], threading.Event, threading.Event]
             second.set()
         return real_rank(model_in, exclude, k)
 
-    model.rank = rank
+    model.rank = rank  # type: ignore[method-assign]
     return sizes, gate, second
 
 
