@@ -6,6 +6,9 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -241,89 +244,80 @@ async def test_the_loop_hands_a_batch_over_but_waits_at_most_the_timeout(
     assert answer is not None and len(answer[0]) == 3  # served either way
 
 
-def gated_rank(model: Any) -> tuple[list[int], threading.Event, threading.Event]:
-    """Make ``model``'s first call wait for a gate; return (batch sizes called, the gate,
-    an event set when the second call starts)."""
+@dataclass
+class HeldSlot:
+    """A started server whose first model call (for ``first``) waits on ``gate``."""
+
+    server: ModelServer
+    first: asyncio.Future
+    gate: threading.Event
+    second_started: threading.Event  # set when the second model call starts
+    sizes: list[int]  # the batch size of each model call
+
+
+@asynccontextmanager
+async def held_slot(tmp_path: Path, **options: Any) -> AsyncIterator[HeldSlot]:
+    server = ModelServer(**options)
+    model = load_model(tmp_path, publish_toy(tmp_path, VOCAB))
     real_rank, sizes, gate, second = model.rank, [], threading.Event(), threading.Event()
 
     def rank(model_in: np.ndarray, exclude: np.ndarray, k: int) -> Any:
         sizes.append(len(model_in))
         if len(sizes) == 1:
-            gate.wait(10)  # the first batch holds its slot until released
+            gate.wait(10)
         elif len(sizes) == 2:
             second.set()
         return real_rank(model_in, exclude, k)
 
     model.rank = rank  # type: ignore[method-assign]
-    return sizes, gate, second
+    server.swap(model)
+    await server.start()
+    try:
+        first = asyncio.ensure_future(server.recommend(["i0"], 3))
+        await asyncio.sleep(0.05)  # alone on a slot: nothing else was in the server
+        yield HeldSlot(server, first, gate, second, sizes)
+    finally:
+        gate.set()
+        await server.stop()
 
 
 async def test_a_batch_takes_at_most_an_even_share_of_the_requests_in_the_server(
         tmp_path: Path) -> None:
     # one slot: half for the model, half for the loop to answer and read meanwhile
-    server = ModelServer(max_batch=32)
-    model = load_model(tmp_path, publish_toy(tmp_path, VOCAB))
-    sizes, gate, _ = gated_rank(model)
-    server.swap(model)
-    await server.start()
-    try:
-        first = asyncio.ensure_future(server.recommend(["i0"], 3))
-        await asyncio.sleep(0.05)  # alone on the slot: nothing else was in the server
-        rest = asyncio.gather(*(server.recommend([f"i{n}"], 3) for n in range(1, 10)))
+    async with held_slot(tmp_path, max_batch=32) as held:
+        rest = asyncio.gather(*(held.server.recommend([f"i{n}"], 3) for n in range(1, 10)))
         await asyncio.sleep(0.05)  # queued behind the busy slot: 10 in the server
-        gate.set()
-        answers = await asyncio.wait_for(asyncio.gather(first, rest), 5)
-    finally:
-        gate.set()
-        await server.stop()
-    assert sizes == [1, 5, 4]
-    assert answers[0] is not None and all(a is not None for a in answers[1])
+        held.gate.set()
+        first, others = await asyncio.wait_for(asyncio.gather(held.first, rest), 5)
+    assert held.sizes == [1, 5, 4]
+    assert first is not None and all(answer is not None for answer in others)
 
 
 async def test_a_slot_whose_call_ends_starts_the_queued_batch_without_the_loop(
         tmp_path: Path) -> None:
-    server = ModelServer()
-    model = load_model(tmp_path, publish_toy(tmp_path, VOCAB))
-    sizes, gate, second_started = gated_rank(model)
-    server.swap(model)
-    await server.start()
-    try:
-        first = asyncio.ensure_future(server.recommend(["i0"], 3))
-        await asyncio.sleep(0.05)  # on the slot, held by the gate
-        second = asyncio.ensure_future(server.recommend(["i1"], 3))
+    async with held_slot(tmp_path) as held:
+        second = asyncio.ensure_future(held.server.recommend(["i1"], 3))
         await asyncio.sleep(0.05)  # queued
-        gate.set()
-        started = second_started.wait(5)  # blocks the loop: nothing runs on it meanwhile
-        answers = await asyncio.wait_for(asyncio.gather(first, second), 5)
-    finally:
-        gate.set()
-        await server.stop()
-    assert started and sizes == [1, 1]
+        held.gate.set()
+        started = held.second_started.wait(5)  # blocks the loop: nothing runs on it meanwhile
+        answers = await asyncio.wait_for(asyncio.gather(held.first, second), 5)
+    assert started and held.sizes == [1, 1]
     assert all(answer is not None for answer in answers)
 
 
 async def test_with_two_slots_a_batch_waits_to_fill_its_share_only_until_a_slot_frees(
         tmp_path: Path) -> None:
-    server = ModelServer(max_batch=32, max_wait_ms=60_000, threads=2)
-    model = load_model(tmp_path, publish_toy(tmp_path, VOCAB))
-    sizes, gate, _ = gated_rank(model)
-    server.swap(model)
-    await server.start()
-    try:
-        first = asyncio.ensure_future(server.recommend(["i0"], 3))
-        await asyncio.sleep(0.05)  # running alone: nothing else was in flight
+    async with held_slot(tmp_path, max_batch=32, max_wait_ms=60_000, threads=2) as held:
         # 6 in the server, a share of 2 (two slots and the loop): 2, 2, and 1 left to fill
-        group = [asyncio.ensure_future(server.recommend([f"i{n}"], 3)) for n in range(1, 6)]
+        group = [asyncio.ensure_future(held.server.recommend([f"i{n}"], 3))
+                 for n in range(1, 6)]
         await asyncio.wait_for(asyncio.gather(*group[:4]), 5)
         await asyncio.sleep(0.05)
         assert not group[4].done()  # beside the running batch it waits to fill its share...
-        gate.set()
+        held.gate.set()
         await asyncio.wait_for(group[4], 5)  # ...but not once that slot frees
-        await first
-    finally:
-        gate.set()
-        await server.stop()
-    assert sizes == [1, 2, 2, 1]
+        await held.first
+    assert held.sizes == [1, 2, 2, 1]
 
 
 async def test_no_usable_history_returns_none_for_the_fallback(tmp_path: Path) -> None:
