@@ -32,6 +32,7 @@ __all__ = [
     "REJECT_REASONS",
     "Bundle",
     "BundleError",
+    "bundle_files",
     "list_versions",
     "load_bundle",
     "read_current",
@@ -189,6 +190,13 @@ def _prune(root: Path, keep: int) -> None:
     for stale in root.glob(".tmp-*"):  # left by a writer killed mid-export
         if not stale.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def bundle_files(root: Path | str, version: str) -> list[tuple[str, bytes]]:
+    """Return a written bundle's files as (name, bytes), ``meta.json`` last: what travels on
+    the bundle topic (``advrec.channel``) and is rebuilt into a directory by each worker."""
+    path = Path(root) / version
+    return [(name, (path / name).read_bytes()) for name in (MODEL_FILE, VOCAB_FILE, META_FILE)]
 
 
 def load_bundle(root: Path | str, version: str) -> Bundle:

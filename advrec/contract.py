@@ -11,13 +11,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import msgpack
+from aiokafka.partitioner import murmur2
 
 from advrec.types import ItemId, TimestampMs, UserId
 
 __all__ = [
+    "DECODE_REASONS",
     "EVENT_TYPES",
     "MAX_EVENT_BYTES",
     "MAX_ID_CHARS",
@@ -32,6 +35,7 @@ __all__ = [
     "encode_dead_letter",
     "encode_event",
     "encode_key",
+    "partition_for",
 ]
 
 MAX_EVENT_BYTES = 4096  # a click is ~100 bytes; anything this big is abuse or a bug
@@ -40,7 +44,7 @@ MIN_TS_MS = 631_152_000_000  # 1990-01-01: older than any public interaction log
 FUTURE_SLACK_MS = 24 * 3600 * 1000  # producers' clocks may run ahead, but not by a day
 EVENT_TYPES = ("click", "view", "cart", "purchase")
 
-REASONS = (
+DECODE_REASONS = (  # what decode_event itself can find wrong
     "not_msgpack",  # bytes that do not decode as one msgpack object
     "not_a_map",  # valid msgpack, but not a map
     "oversize",  # payload larger than MAX_EVENT_BYTES
@@ -50,6 +54,12 @@ REASONS = (
     "bad_timestamp",  # ts before 1990 or more than a day in the future
     "bad_event_type",  # type not one of EVENT_TYPES
     "key_mismatch",  # message key is not encode_key(user)
+)
+REASONS = (
+    *DECODE_REASONS,
+    # the partition is not the one partition_for(key) names: the producer used another
+    # partitioner (librdkafka's default), so reads routed by the key would miss the state
+    "wrong_partition",
 )
 
 
@@ -92,6 +102,15 @@ class ClickEvent:
 def encode_key(user: UserId) -> bytes:
     """Return the Kafka message key for ``user``: its raw UTF-8 bytes (never JSON)."""
     return user.encode("utf-8")
+
+
+@lru_cache(maxsize=65536)  # murmur2 is pure Python (~5 us a short key); users come back
+def partition_for(key: bytes, partitions: int) -> int:
+    """Return the partition of ``key`` under the Java client's default partitioner (murmur2,
+    as aiokafka and librdkafka's ``murmur2_random``): where a user's events must land, and
+    where the worker routes the user's reads."""
+    assert partitions >= 1, partitions
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def encode_event(event: ClickEvent) -> bytes:

@@ -9,7 +9,20 @@ from dataclasses import dataclass, field
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-__all__ = ["TopicMismatch", "TopicSpec", "default_topics", "ensure_topics"]
+__all__ = ["TopicMismatch", "TopicSpec", "channel_topics", "default_topics", "ensure_topics"]
+
+# A channel topic (advrec.channel: bundles, checkpoints) is compacted down to the last few
+# versions. Compaction only rewrites closed segments, so segments roll every 10 minutes or
+# 64 MiB; a tombstone stays a day for readers that lag; records up to 2 MiB (chunks are
+# 512 KiB). Together these bound what a new reader reads at start-up.
+CHANNEL_CONFIG = {
+    "cleanup.policy": "compact",
+    "min.cleanable.dirty.ratio": "0.1",
+    "segment.ms": str(10 * 60 * 1000),
+    "segment.bytes": str(64 * 1024 * 1024),
+    "delete.retention.ms": str(24 * 3600 * 1000),
+    "max.message.bytes": str(2 * 1024 * 1024),
+}
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +39,21 @@ class TopicSpec:
     config: dict[str, str] = field(default_factory=dict)
 
 
+def channel_topics(*, train: str = "train-batches", bundles: str = "model-bundles",
+                   checkpoints: str | None = "trainer-checkpoints",
+                   replication: int = 1) -> list[TopicSpec]:
+    """Return the trainer's topics: `train-batches` and the compacted channel topics, all of
+    one partition (one active trainer; one total order of each channel's records)."""
+    specs = [TopicSpec(train, 1, replication),
+             TopicSpec(bundles, 1, replication, dict(CHANNEL_CONFIG))]
+    if checkpoints is not None:
+        specs.append(TopicSpec(checkpoints, 1, replication, dict(CHANNEL_CONFIG)))
+    return specs
+
+
 def default_topics(*, clicks: str = "clicks", dlq: str = "clicks-dlq",
-                   train: str = "train-batches", partitions: int = 4,
-                   replication: int = 1, app_id: str | None = None,
+                   train: str = "train-batches", bundles: str = "model-bundles",
+                   partitions: int = 4, replication: int = 1, app_id: str | None = None,
                    tables: tuple[str, ...] = ("user_state", "trending")) -> list[TopicSpec]:
     """Return the topics advrec reads and writes, and with ``app_id`` the table changelogs.
 
@@ -41,7 +66,8 @@ def default_topics(*, clicks: str = "clicks", dlq: str = "clicks-dlq",
         TopicSpec(clicks, partitions, replication),
         TopicSpec(dlq, partitions, replication, {"retention.ms": str(14 * 24 * 3600 * 1000)}),
         # one partition: one consumer-group member (the active trainer) owns it
-        TopicSpec(train, 1, replication),
+        *channel_topics(train=train, bundles=bundles, checkpoints=None,
+                        replication=replication),
     ]
     if app_id is not None:
         specs += [TopicSpec(f"{app_id}-{table}-changelog", partitions, replication,

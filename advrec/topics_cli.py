@@ -1,12 +1,14 @@
-"""``advrec topics``: create `clicks`, `clicks-dlq` and `train-batches` explicitly."""
+"""``advrec topics``: create `clicks`, `clicks-dlq`, `train-batches`, `model-bundles`,
+`trainer-checkpoints` and the table changelogs explicitly."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
-from advrec.topics import TopicMismatch, default_topics, ensure_topics
+from advrec.topics import TopicMismatch, channel_topics, default_topics, ensure_topics
 
 __all__ = ["main"]
 
@@ -28,7 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(ensure_topics(bootstrap, default_topics(
             clicks=s.topic_clicks, dlq=s.topic_dlq, train=s.topic_train,
-            partitions=s.partitions, replication=s.replication, app_id=s.app_id)))
+            bundles=s.topic_bundles, partitions=s.partitions, replication=s.replication,
+            app_id=s.app_id) + channel_topics(
+                train=s.topic_train, bundles=s.topic_bundles,
+                checkpoints=os.environ.get("ADVREC_TOPIC_CHECKPOINTS", "trainer-checkpoints"),
+                replication=s.replication)[2:]))
     except (TopicMismatch, ConnectionError) as exc:
         print(f"advrec topics: {exc}", file=sys.stderr)
         return 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
@@ -9,9 +10,11 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 from urllib.request import urlopen
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +59,9 @@ def tag() -> str:
     return uuid.uuid4().hex[:8]
 
 
-def start_worker(run_dir: Path, env_extra: dict[str, str]) -> tuple[subprocess.Popen, str]:
+def start_worker(run_dir: Path, env_extra: dict[str, str], *,
+                 wait: bool = True) -> tuple[subprocess.Popen, str]:
+    """Start a worker; with ``wait``, return once its /readyz says 200."""
     port = free_port()
     env = {**os.environ, "ADVREC_WEB_PORT": str(port), "ADVREC_WEB_BIND": "127.0.0.1",
            "ADVREC_DATA_DIR": str(run_dir / f"tables-{port}"),
@@ -66,16 +71,23 @@ def start_worker(run_dir: Path, env_extra: dict[str, str]) -> tuple[subprocess.P
     proc = subprocess.Popen([sys.executable, "-m", "advrec.cli", "worker"], env=env,
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
+    if wait:
+        wait_ready(proc, url)
+    return proc, url
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         try:
             if urlopen(f"{url}/readyz", timeout=2).status == 200:
-                return proc, url
+                return
         except OSError:
             pass
         if proc.poll() is not None:
-            raise RuntimeError(f"worker exited; see {log.name}")
-        time.sleep(0.5)
-    raise RuntimeError("worker did not become ready")
+            raise RuntimeError(f"worker exited; see {url} log in the run directory")
+        time.sleep(0.2)
+    raise RuntimeError(f"worker {url} did not become ready in {timeout:.0f} s")
 
 
 def pair_env(name: str, run_dir: Path, bootstrap: str) -> dict[str, str]:
@@ -83,17 +95,51 @@ def pair_env(name: str, run_dir: Path, bootstrap: str) -> dict[str, str]:
     t = tag()
     return {"ADVREC_BROKER": f"kafka://{bootstrap}", "ADVREC_TOPIC_CLICKS": f"{name}-{t}",
             "ADVREC_TOPIC_DLQ": f"{name}-{t}-dlq", "ADVREC_TOPIC_TRAIN": f"{name}-{t}-train",
-            "ADVREC_APP_ID": f"{name}-{t}", "ADVREC_BUNDLE_DIR": str(run_dir / "bundles"),
-            "ADVREC_CHECKPOINT_DIR": str(run_dir / "ckpt"),
+            "ADVREC_TOPIC_BUNDLES": f"{name}-{t}-bundles",
+            "ADVREC_TOPIC_CHECKPOINTS": f"{name}-{t}-checkpoints",
+            "ADVREC_APP_ID": f"{name}-{t}", "ADVREC_CHECKPOINT_DIR": str(run_dir / "ckpt"),
             "ADVREC_TRAINER_GROUP": f"{name}-{t}-trainer",
             "ADVREC_TRAINER_METRICS_PORT": str(free_port())}
 
 
 def start_trainer(run_dir: Path, env: dict[str, str]) -> subprocess.Popen:
+    own = {"ADVREC_BUNDLE_DIR": str(run_dir / "trainer-bundles")}  # never a worker's cache
     return subprocess.Popen([sys.executable, "-m", "advrec.cli", "trainer"],
-                            env={**os.environ, **env, "ADVREC_LOG_LEVEL": "warning"},
+                            env={**os.environ, **own, **env, "ADVREC_LOG_LEVEL": "warning"},
                             stdout=open(run_dir / "trainer.log", "wb"),
                             stderr=subprocess.STDOUT)
+
+
+class BundleTopic:
+    """A bundle topic the benchmark publishes to as the trainer does (chunks, manifest,
+    tombstones beyond ``keep``, pointer), from an event loop on a thread of its own."""
+
+    def __init__(self, bootstrap: str, topic: str, keep: int = 3) -> None:
+        from advrec.channel import TopicView
+        from advrec.channel_io import ChannelPublisher
+        from advrec.topics import CHANNEL_CONFIG, TopicSpec, ensure_topics
+
+        self.topic, self.keep = topic, keep
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self._run(ensure_topics(bootstrap, [TopicSpec(topic, 1, config=dict(CHANNEL_CONFIG))]))
+        self.publisher = ChannelPublisher(bootstrap, topic, producer_id="bench")
+        self.view = TopicView()
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(120)
+
+    def publish(self, version: str, files: list[tuple[str, bytes]]) -> Any:
+        done = self._run(self.publisher.publish(
+            version, files, stale=self.view.stale(self.keep, adding=version)))
+        self.view.note_published(done.manifest, done.tombstoned)
+        return done
+
+    def close(self) -> None:
+        self._run(self.publisher.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
 
 
 def stop_processes(*procs: subprocess.Popen) -> None:

@@ -28,12 +28,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from advrec.bundle import list_versions, load_bundle, write_bundle
+from advrec.bundle import bundle_files, load_bundle, write_bundle
 from advrec.contract import ClickEvent, encode_event, encode_key
 from advrec.replay import produce
 from advrec.topics import default_topics, ensure_topics
 from bench import _loadgen as loadgen
 from bench._common import (
+    BundleTopic,
     machine,
     print_table,
     rss_mib,
@@ -117,10 +118,12 @@ async def _load(url: str, paths: list[str], concurrency: int,
 
 
 def measure_swaps(url: str, paths: list[str], pid: int, bundles: Path, version: str,
-                  seconds: float, rounds: int = 4) -> dict:
-    """p99 at concurrency 8 steady vs with a new bundle every 2 s, in alternating slices
-    (``rounds`` each, ``seconds`` * 2 in all per side: one p99 window each way swung from
-    0.8x to 1.7x between runs); peak RSS meanwhile."""
+                  topic: BundleTopic, seconds: float, rounds: int = 4) -> dict:
+    """p99 at concurrency 8 steady vs with a new bundle every 2 s on the bundle topic, in
+    alternating slices (``rounds`` each, ``seconds`` * 2 in all per side: one p99 window
+    each way swung from 0.8x to 1.7x between runs); peak RSS meanwhile. Each swap costs the
+    worker what a trainer's publish does: rebuilding the bundle from its chunks, then
+    loading and warming it."""
     model = (bundles / version / "model.onnx").read_bytes()
     bundle = load_bundle(bundles, version)
     done = threading.Event()
@@ -130,9 +133,10 @@ def measure_swaps(url: str, paths: list[str], pid: int, bundles: Path, version: 
     def swapper(stop: threading.Event) -> None:
         while not stop.is_set():  # one at the slice's start, then every 2 s
             published[0] += 1
-            write_bundle(bundles, model, bundle.vocab,
-                         {"max_len": bundle.max_len, "last_event_ms": 0,
-                          "examples_seen": published[0], "metrics": {}}, keep=3)
+            new = write_bundle(bundles, model, bundle.vocab,
+                               {"max_len": bundle.max_len, "last_event_ms": 0,
+                                "examples_seen": published[0], "metrics": {}}, keep=3)
+            topic.publish(new, bundle_files(bundles, new))
             stop.wait(2.0)
 
     def sampler() -> None:
@@ -193,13 +197,20 @@ def main() -> int:
                     "runs": {}}
     # the same path with a much cheaper model (same 10k items, d=8, one layer): how far
     # the HTTP, state and batching path stays from the no-op when the model costs little
-    make_bundle(run_dir / "tiny-bundles", args.items, d_model=8, n_heads=1, n_layers=1)
+    tiny = run_dir / "tiny-bundles"
+    tiny_version = make_bundle(tiny, args.items, d_model=8, n_heads=1, n_layers=1)
+    main_topic = BundleTopic(args.bootstrap, f"{topic}-bundles")
+    main_topic.publish(version, bundle_files(bundles, version))
+    tiny_topic = BundleTopic(args.bootstrap, f"{topic}-tiny-bundles")
+    tiny_topic.publish(tiny_version, bundle_files(tiny, tiny_version))
     rows = []
-    for label, micro, root in (("microbatch", "32", bundles), ("no_microbatch", "1", bundles),
-                               ("tiny_model", "32", run_dir / "tiny-bundles")):
+    for label, micro, bundle_topic in (("microbatch", "32", main_topic),
+                                       ("no_microbatch", "1", main_topic),
+                                       ("tiny_model", "32", tiny_topic)):
         env = {"ADVREC_BROKER": f"kafka://{args.bootstrap}", "ADVREC_TOPIC_CLICKS": topic,
                "ADVREC_TOPIC_DLQ": topic + "-dlq", "ADVREC_TOPIC_TRAIN": topic + "-train",
-               "ADVREC_APP_ID": f"bench-{tag()}", "ADVREC_BUNDLE_DIR": str(root),
+               "ADVREC_TOPIC_BUNDLES": bundle_topic.topic, "ADVREC_APP_ID": f"bench-{tag()}",
+               "ADVREC_BUNDLE_DIR": str(run_dir / f"cache-{tag()}"),
                "ADVREC_MICROBATCH_MAX": micro, "ADVREC_LOG_LEVEL": "warning"}
         proc, url = start_worker(run_dir, env)
         try:
@@ -233,7 +244,7 @@ def main() -> int:
             if label == "microbatch":
                 # steady vs. a swap every 2 s, and memory above the no-model baseline
                 result["swap"] = measure_swaps(url, paths, proc.pid, bundles, version,
-                                               args.seconds)
+                                               main_topic, args.seconds)
                 swap = result["swap"]
                 rows.append(("steady c=8", f"p99 {swap['steady']['p99_ms']:.2f} ms"))
                 rows.append(("swap every 2 s c=8",
@@ -244,17 +255,16 @@ def main() -> int:
             proc.terminate()
             proc.wait(60)
     # memory of one loaded session above the process baseline: a worker without a model
-    empty = run_dir / "empty-bundles"
-    empty.mkdir()
-    env["ADVREC_BUNDLE_DIR"] = str(empty)
+    empty_topic = BundleTopic(args.bootstrap, f"{topic}-empty-bundles")
+    env["ADVREC_TOPIC_BUNDLES"] = empty_topic.topic
+    env["ADVREC_BUNDLE_DIR"] = str(run_dir / "empty-cache")
     env["ADVREC_MICROBATCH_MAX"] = "32"
     env["ADVREC_APP_ID"] = f"bench-{tag()}"
     proc, url = start_worker(run_dir, env)
     try:
         time.sleep(3)
         base = rss_mib(proc.pid)
-        shutil.copytree(bundles / list_versions(bundles)[-1], empty / "0000000000001")
-        (empty / "CURRENT").write_text("0000000000001\n")
+        empty_topic.publish(version, bundle_files(bundles, version))
         deadline = time.monotonic() + 60
         while scrape(f"{url}/metrics", "advrec_model_swaps_total") < 1:
             assert time.monotonic() < deadline
@@ -274,6 +284,8 @@ def main() -> int:
                            f"= {swap['swap_memory_vs_one_model']:.2f}x one model"))
     result["goals"] = {"recommendations_vs_noop_c32": ">= 0.5", "swap_p99_vs_steady": "<= 1.5",
                        "swap_memory_vs_one_model": "<= 2.2"}
+    for bundle_topic in (main_topic, tiny_topic, empty_topic):
+        bundle_topic.close()
     shutil.rmtree(run_dir, ignore_errors=True)
     path = write_result("serve", result)
     print_table(f"bench/serve ({n_items} items)", [*rows, ("results", str(path))])

@@ -55,27 +55,31 @@ def main() -> int:
     run = ROOT / "var" / f"demo-{int(time.time())}"
     run.mkdir(parents=True)
     env = {**os.environ, "ADVREC_DATA_DIR": str(run / "tables"),
-           "ADVREC_BUNDLE_DIR": str(run / "bundles"),
            "ADVREC_CHECKPOINT_DIR": str(run / "checkpoints"),
            "ADVREC_APP_ID": f"advrec-demo-{run.name}", "ADVREC_TOPIC_CLICKS": f"clicks-{run.name}",
            "ADVREC_TOPIC_TRAIN": f"train-batches-{run.name}",
            "ADVREC_TOPIC_DLQ": f"clicks-dlq-{run.name}", "ADVREC_TRAINER_GROUP": run.name,
+           "ADVREC_TOPIC_BUNDLES": f"model-bundles-{run.name}",
+           "ADVREC_TOPIC_CHECKPOINTS": f"trainer-checkpoints-{run.name}",
            "ADVREC_WEB_PORT": str(args.port), "ADVREC_READY_WITHOUT_MODEL": "1",
            "ADVREC_TRAINER_MODE": args.mode}
+    # worker and trainer share nothing but Kafka, as in a deployment: each its own directory
+    worker_env = {**env, "ADVREC_BUNDLE_DIR": str(run / "worker-bundles")}
+    trainer_env = {**env, "ADVREC_BUNDLE_DIR": str(run / "trainer-bundles")}
     subprocess.run([str(ROOT / "scripts" / "kafka.sh"), "start"], check=True)
     advrec = [sys.executable, "-m", "advrec.cli"]
     procs: list[subprocess.Popen] = []
     logs = {name: open(run / f"{name}.log", "wb") for name in ("worker", "trainer", "replay")}
     print(f"demo state and logs in {run}")
     try:
-        procs.append(subprocess.Popen([*advrec, "worker"], env=env, stdout=logs["worker"],
-                                      stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen([*advrec, "worker"], env=worker_env,
+                                      stdout=logs["worker"], stderr=subprocess.STDOUT))
         for _ in range(120):
             if get_json(f"http://127.0.0.1:{args.port}/readyz").get("ready"):
                 break
             time.sleep(0.5)
-        procs.append(subprocess.Popen([*advrec, "trainer"], env=env, stdout=logs["trainer"],
-                                      stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen([*advrec, "trainer"], env=trainer_env,
+                                      stdout=logs["trainer"], stderr=subprocess.STDOUT))
         n_events = int(args.rate * args.seconds)
         procs.append(subprocess.Popen(
             [*advrec, "replay", "synthetic", "--rate", str(args.rate), "--limit",

@@ -21,6 +21,7 @@ from advrec.contract import (
     encode_batch,
     encode_dead_letter,
     encode_key,
+    partition_for,
 )
 from stream_app.rocks import local_stores, shared_memory
 from stream_app.serving import release_freed_memory
@@ -109,6 +110,11 @@ async def apply_batch(sa: StreamApp, events: Sequence[EventT],
         msg = ev.message
         try:
             click = decode_event(ev.value, msg.key)
+            expected = partition_for(msg.key, s.partitions)
+            if msg.partition != expected:
+                raise InvalidEvent("wrong_partition", (
+                    f"key {msg.key[:40]!r} belongs on partition {expected} (murmur2), came on "
+                    f"{msg.partition}: set the producer's partitioner to murmur2"))
         except InvalidEvent as exc:
             m.events_invalid.labels(reason=exc.reason).inc()
             raw = ev.value if isinstance(ev.value, bytes) else None
@@ -216,15 +222,19 @@ def register(sa: StreamApp) -> None:
             log.exception("could not publish a training batch; will retry")
 
     @app.task
-    async def load_first_model() -> None:
+    async def follow_bundles() -> None:
         await sa.server.start()
-        await sa.watcher.check()
+        await sa.feed.start()  # its own thread: reads the bundle topic, swaps via the watcher
         await app.tables.recovery.completed.wait()  # the first assignment's state is local
         sa.started = True
 
+    @app.on_before_shutdown.connect
+    async def stop_feed(app: Any, **kwargs: Any) -> None:
+        await sa.feed.stop()
+
     @app.timer(s.watch_interval_s)
-    async def watch_bundles() -> None:
-        await sa.watcher.check()  # catches, counts and logs everything itself
+    async def refresh_model_age() -> None:
+        sa.watcher.update_age()  # the live model ages between swaps too
 
     @app.timer(2.0)
     async def refresh_trending() -> None:

@@ -3,8 +3,8 @@
 Reading order of the package: ``contract`` (in ``advrec``) -> ``settings`` -> ``state`` ->
 ``rocks`` (the tables' RocksDB under one memory budget) -> this module (App, topics,
 tables) -> ``agents`` (ingest, batcher, timers) -> ``views`` (HTTP) and ``routing`` (which
-worker owns a user) -> ``serving`` and ``hotswap`` (the model) -> ``main`` (the
-``advrec worker`` CLI).
+worker owns a user) -> ``serving``, ``hotswap`` and ``feed`` (the model: ONNX sessions, the
+swap, the bundle topic) -> ``main`` (the ``advrec worker`` CLI).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import faust
 from prometheus_client import CollectorRegistry
 
 from advrec.types import ItemId
+from stream_app.feed import BundleFeed
 from stream_app.hotswap import BundleWatcher
 from stream_app.metrics import StreamMetrics
 from stream_app.rocks import STORE_URL
@@ -66,6 +67,7 @@ class StreamApp:
     metrics: StreamMetrics
     server: ModelServer
     watcher: BundleWatcher
+    feed: BundleFeed
     trending_cache: list[ItemId] = field(default_factory=list)
     started: bool = False
     backlog: int = 0  # messages between the log end and the last ingested batch
@@ -140,9 +142,11 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
                          threads=s.infer_threads, metrics=metrics)
     watcher = BundleWatcher(s.bundle_dir, server, providers=s.ort_providers,
                             threads=s.ort_threads, metrics=metrics)
+    feed = BundleFeed(s, watcher, metrics)
     sa = StreamApp(settings=s, app=app, clicks=clicks, clicks_dlq=clicks_dlq,
                    train_batches=train_batches, examples=app.channel(), user_state=user_state,
                    trending=trending, metrics=metrics, server=server, watcher=watcher,
+                   feed=feed,
                    read_pacer=ReadPacer(s.read_rate_under_backlog))
     from stream_app import agents, views  # registering needs the app; keeps imports acyclic
 

@@ -1,4 +1,9 @@
-"""Hot swap: notice a new bundle, verify and warm it off the request path, swap one reference."""
+"""Hot swap: verify and warm a bundle off the request path, then swap one reference.
+
+Which version to serve is the bundle feed's call (``stream_app.feed``: the topic's pointer
+or pin); the watcher loads it from the local cache, checks it, and swaps it in, or rejects
+it with a reason while the live model keeps serving.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from advrec.bundle import BundleError, list_versions, read_current, set_current
+from advrec.bundle import BundleError
 from stream_app.serving import LoadedModel, ModelServer, load_model, release_freed_memory
 
 __all__ = ["BundleWatcher"]
@@ -17,11 +22,11 @@ log = logging.getLogger(__name__)
 
 
 class BundleWatcher:
-    """Polls the bundle root's ``CURRENT`` pointer and swaps models into a ``ModelServer``.
+    """Loads versions from the bundle cache ``root`` into a ``ModelServer``.
 
     A bundle that fails verification, loading or warm-up is rejected once (counted by
-    reason, logged) and remembered, and the live model keeps serving. Nothing raised here
-    escapes ``check``: a crashing timer would take the worker down.
+    reason, logged) and remembered, and the live model keeps serving. Nothing raised while
+    loading escapes ``activate``: the feed and the admin API call it from the worker's loop.
     """
 
     def __init__(self, root: Path | str, server: ModelServer, *, providers: str = "auto",
@@ -33,40 +38,42 @@ class BundleWatcher:
         self.metrics = metrics
         self.rejected: dict[str, str] = {}  # version -> reason
         self.swaps = 0
+        self.loading: str | None = None  # the version being loaded: never pruned meanwhile
         self._lock = asyncio.Lock()
 
-    async def check(self) -> bool:
-        """Swap in the version ``CURRENT`` names if it is new and good; return True if swapped."""
-        try:
-            version = read_current(self.root)
-            live = self.server.current
-            if version is None or (live is not None and live.version == version):
-                self._update_age()
-                return False
-            if version in self.rejected:
-                return False
-            return await self.activate(version)
-        except Exception:  # an unexpected bug must not kill the worker's timer
-            log.exception("bundle watcher failed; the live model keeps serving")
-            return False
+    def reject(self, version: str, reason: str, detail: str) -> None:
+        """Remember ``version`` as unusable (e.g. its chunks were refused), count and log it."""
+        if version in self.rejected:
+            return
+        self.rejected[version] = reason
+        if self.metrics is not None:
+            self.metrics.bundles_rejected.labels(reason=reason).inc()
+        live = self.server.current
+        log.error("rejected bundle %s (%s): %s; still serving %s", version, reason, detail,
+                  live.version if live else "the trending fallback")
 
     async def activate(self, version: str) -> bool:
         """Load ``version`` in a thread, then swap it in; False (and counted) if rejected."""
         async with self._lock:
             live = self.server.current
             if live is not None and live.version == version:
+                return True
+            if version in self.rejected:
                 return False
+            self.loading = version
             try:
                 model = await asyncio.get_running_loop().run_in_executor(
                     None, lambda: load_model(self.root, version, providers=self.providers,
                                              threads=self.threads))
             except BundleError as exc:
-                self.rejected[version] = exc.reason
-                if self.metrics is not None:
-                    self.metrics.bundles_rejected.labels(reason=exc.reason).inc()
-                log.error("rejected bundle %s (%s): %s; still serving %s", version, exc.reason,
-                          exc.detail, live.version if live else "the trending fallback")
+                self.reject(version, exc.reason, exc.detail)
                 return False
+            except Exception as exc:  # an unexpected bug must not kill the caller
+                log.exception("loading bundle %s failed", version)
+                self.reject(version, "load_error", f"{type(exc).__name__}: {exc}"[:300])
+                return False
+            finally:
+                self.loading = None
             del live  # the server holds the old model only until in-flight batches finish
             self.server.swap(model)
             self.swaps += 1
@@ -76,23 +83,6 @@ class BundleWatcher:
                      model.version, len(model.bundle.vocab), ",".join(model.providers),
                      model.load_seconds)
             return True
-
-    async def rollback(self, version: str | None = None) -> str:
-        """Serve ``version`` (default: the newest good one older than live); repoint CURRENT."""
-        live = self.server.current
-        versions = [v for v in list_versions(self.root) if v not in self.rejected]
-        if version is None:
-            older = [v for v in versions if live is None or v < live.version]
-            if not older:
-                raise BundleError("missing", "no older bundle to roll back to")
-            version = older[-1]
-        if not await self.activate(version):
-            current = self.server.current
-            if current is None or current.version != version:
-                reason = self.rejected.get(version, "missing")
-                raise BundleError(reason, f"cannot roll back to {version}")
-        set_current(self.root, version)
-        return version
 
     def _report(self, model: LoadedModel) -> None:
         if self.metrics is None:
@@ -106,9 +96,10 @@ class BundleWatcher:
                            "mode": str(model.bundle.meta.get("mode", ""))})
         m.model_version_timestamp.set(float(model.bundle.meta.get("created", 0.0)))
         m.provider_info.info({"providers": ",".join(model.providers)})
-        self._update_age()
+        self.update_age()
 
-    def _update_age(self) -> None:
+    def update_age(self) -> None:
+        """Set the freshness gauge: now minus the newest event time the live model saw."""
         live = self.server.current
         if self.metrics is None or live is None:
             return

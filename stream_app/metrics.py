@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from advrec.bundle import REJECT_REASONS
+from advrec.channel import REJECT_REASONS as CHANNEL_REJECT_REASONS
 from advrec.contract import REASONS
 
 __all__ = ["FALLBACK_CAUSES", "StreamMetrics"]
@@ -47,6 +48,13 @@ class StreamMetrics:
     microbatch_size: Histogram
     provider_info: Info
     model_ready: Gauge
+    model_pinned: Gauge
+    pin_info: Info
+    bundle_chunks_rejected: Counter
+    bundles_assembled: Counter
+    bundle_feed_records: Counter
+    bundle_feed_bytes: Counter
+    bundle_feed_cpu: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None,
@@ -106,12 +114,30 @@ class StreamMetrics:
             provider_info=Info(f"{p}_onnxruntime", "onnxruntime providers in use", registry=r),
             model_ready=Gauge(f"{p}_model_ready", "1 while a warmed model is serving",
                               registry=r),
+            model_pinned=Gauge(f"{p}_model_pinned", "1 while a pin on the bundle topic holds "
+                               "the fleet on one version", registry=r),
+            pin_info=Info(f"{p}_model_pin", "The pinned version and who pinned it (empty: "
+                          "no pin)", registry=r),
+            bundle_chunks_rejected=Counter(f"{p}_bundle_chunks_rejected",
+                                           "Records of the bundle topic refused, by reason",
+                                           ["reason"], registry=r),
+            bundles_assembled=Counter(f"{p}_bundles_assembled", "Versions rebuilt from the "
+                                      "bundle topic into the local cache", registry=r),
+            bundle_feed_records=Counter(f"{p}_bundle_feed_records",
+                                        "Records read from the bundle topic", registry=r),
+            bundle_feed_bytes=Counter(f"{p}_bundle_feed_bytes",
+                                      "Bytes (keys and values) read from the bundle topic",
+                                      registry=r),
+            bundle_feed_cpu=Counter(f"{p}_bundle_feed_cpu_seconds",
+                                    "CPU time of the bundle feed's thread", registry=r),
         )
         # Known label values start at 0: increase() misses a series whose first sample is 1.
         for reason in REASONS:
             m.events_invalid.labels(reason=reason)
-        for reason in REJECT_REASONS:
+        for reason in dict.fromkeys(REJECT_REASONS + CHANNEL_REJECT_REASONS):
             m.bundles_rejected.labels(reason=reason)
+        for reason in CHANNEL_REJECT_REASONS:
+            m.bundle_chunks_rejected.labels(reason=reason)
         for cause in FALLBACK_CAUSES:
             m.fallback_answers.labels(cause=cause)
         return m

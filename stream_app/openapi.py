@@ -98,20 +98,26 @@ def _schemas(s: Settings) -> dict[str, Any]:
         "Readiness": {
             "type": "object",
             "required": ["ready", "model_version", "providers", "fallback_mode",
-                         "published_version", "rejected"],
+                         "published_version", "pinned_version", "bundle_topic_read",
+                         "rejected"],
             "properties": {
                 "ready": {"type": "boolean"},
                 "model_version": version,
                 "providers": items,
                 "fallback_mode": {"type": "boolean"},
-                "published_version": version,
+                "published_version": {**version, "description": "The topic's current version"},
+                "pinned_version": {**version, "description": "The version a pin holds the "
+                                                             "fleet on, if any"},
+                "bundle_topic_read": {"type": "boolean", "description": "The bundle topic was "
+                                      "read up to where it ended at start-up"},
                 "rejected": {"type": "object", "additionalProperties": {"type": "string"},
                              "description": "Rejected bundle version -> reason"},
             },
         },
         "ModelStatus": {
             "type": "object",
-            "required": ["live", "current_pointer", "versions", "rejected", "swaps"],
+            "required": ["live", "current_pointer", "pin", "versions", "topic_versions",
+                         "rejected", "swaps"],
             "properties": {
                 "live": {
                     "type": "object",
@@ -126,10 +132,24 @@ def _schemas(s: Settings) -> dict[str, Any]:
                     },
                 },
                 "current_pointer": version,
-                "versions": items,
+                "pin": {"type": "object", "nullable": True,
+                        "required": ["version", "by", "reason", "at_ms"],
+                        "properties": {"version": {"type": "string"}, "by": {"type": "string"},
+                                       "reason": {"type": "string"},
+                                       "at_ms": {"type": "integer"}}},
+                "versions": {**items, "description": "Versions in this worker's cache, "
+                                                     "oldest first"},
+                "topic_versions": {**items, "description": "Whole versions on the bundle "
+                                                           "topic, oldest first"},
                 "rejected": {"type": "object", "additionalProperties": {"type": "string"}},
                 "swaps": {"type": "integer", "minimum": 0},
             },
+        },
+        "PinStatus": {
+            "type": "object",
+            "required": ["pinned", "current_pointer"],
+            "properties": {"pinned": version, "by": version, "released": {"type": "boolean"},
+                           "current_pointer": version},
         },
     }
 
@@ -202,7 +222,8 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
         }},
         "/admin/rollback": {"post": {
             "operationId": "adminRollback",
-            "summary": "Serve an older bundle and repoint CURRENT at it",
+            "summary": "Pin the whole fleet to an older bundle (a pin record on the bundle "
+                       "topic); new bundles wait until DELETE /admin/pin",
             "security": admin,
             "parameters": [{
                 "name": "version", "in": "query", "required": False,
@@ -212,13 +233,33 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             }],
             "responses": {
                 "200": _json("Rolled back", {
-                    "type": "object", "required": ["rolled_back_to"],
-                    "properties": {"rolled_back_to": {"type": "string"}}}),
+                    "type": "object", "required": ["rolled_back_to", "pinned"],
+                    "properties": {"rolled_back_to": {"type": "string"},
+                                   "pinned": {"type": "string"}}}),
                 "401": unauthorized, "404": admin_disabled,
                 "409": _error("No such published version, no older one, or it was "
                               "rejected"),
+                "503": _error("The pin could not be written to the bundle topic now"),
             },
         }},
+        "/admin/pin": {
+            "get": {
+                "operationId": "adminPin", "summary": "The pin on the bundle topic, if any",
+                "security": admin,
+                "responses": {"200": _json("Pin status", _ref("PinStatus")),
+                              "401": unauthorized, "404": admin_disabled},
+            },
+            "delete": {
+                "operationId": "adminReleasePin",
+                "summary": "Release the pin: the fleet serves the topic's current version "
+                           "again and the trainer's next bundle goes live",
+                "security": admin,
+                "responses": {"200": _json("Released (or there was no pin)",
+                                           _ref("PinStatus")),
+                              "401": unauthorized, "404": admin_disabled,
+                              "503": _error("The release could not be written now")},
+            },
+        },
         OPENAPI_PATH: {"get": {
             "operationId": "openapi", "summary": "This document",
             "responses": {"200": _json("OpenAPI 3.0 document", {"type": "object"})},

@@ -13,13 +13,12 @@ once.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any
 
 import faust
-from aiokafka.partitioner import murmur2
 from faust.types import TP
 
+from advrec.contract import partition_for
 from stream_app.rocks import local_stores
 
 __all__ = ["KeyRouter"]
@@ -33,12 +32,10 @@ class KeyRouter:
         self.app = app
         self.table = table
         self.partitions = partitions
-        # murmur2 is pure Python (~5 us for a short key); the cache outlives a request
-        self.partition = lru_cache(maxsize=4096)(self._partition)
 
-    def _partition(self, key: bytes) -> int:
-        """The Kafka default partitioner: positive murmur2 of the key modulo the count."""
-        return (murmur2(key) & 0x7FFFFFFF) % self.partitions
+    def partition(self, key: bytes) -> int:
+        """The Kafka default partitioner (``advrec.contract.partition_for``, cached)."""
+        return partition_for(key, self.partitions)
 
     def topic_partition(self, key: bytes) -> TP:
         """The changelog partition that holds ``key`` (recovery is tracked per changelog TP)."""

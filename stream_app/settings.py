@@ -19,13 +19,16 @@ class Settings:
     broker: str = "kafka://127.0.0.1:9092"
     app_id: str = "advrec"
     data_dir: str = "var/stream"  # Faust RocksDB tables live here, one folder per worker port
-    bundle_dir: str = "var/bundles"
+    bundle_dir: str = "var/bundles"  # this worker's cache of bundles rebuilt from the topic
     partitions: int = 4  # of `clicks`; tables and changelogs get the same count
     replication: int = 1
     session_timeout_s: float = 10.0  # a dead worker's partitions move after this (Faust: 60)
     topic_clicks: str = "clicks"
     topic_dlq: str = "clicks-dlq"
     topic_train: str = "train-batches"
+    topic_bundles: str = "model-bundles"  # bundles, the pointer and pins (advrec.channel)
+    bundles_keep: int = 5  # versions kept in the cache for rollback (plus live and pinned)
+    bundle_max_mb: int = 1024  # a bigger version on the topic is refused (disk bound)
     rocksdb_write_buffer_mb: int = 2  # per table store (table x partition), two of them
     rocksdb_memory_mb: int = 16  # all RocksDB memory of the worker: one cache for every store
     trim_interval_s: float = 10.0  # return memory freed by native code to the OS this often
@@ -50,7 +53,7 @@ class Settings:
     infer_threads: int = 1
     microbatch_max: int = 32  # requests merged into one model call
     microbatch_wait_ms: float = 2.0
-    watch_interval_s: float = 1.0  # how often the bundle pointer is checked
+    watch_interval_s: float = 1.0  # how often the live model's age gauge is refreshed
     ready_without_model: bool = False  # declare fallback mode: ready while no bundle exists
     admin_token: str = ""  # bearer token for /admin/*; empty disables admin endpoints
     max_k: int = 200
@@ -70,6 +73,8 @@ class Settings:
             "train_batch_size": self.train_batch_size >= 1,
             "microbatch_max": self.microbatch_max >= 1,
             "max_k": 1 <= self.max_k <= 1000,
+            "bundles_keep": self.bundles_keep >= 1,
+            "bundle_max_mb": self.bundle_max_mb >= 1,
             "web_port": 0 < self.web_port < 65536,
             "ort_providers": self.ort_providers in ("auto", "cpu", "cuda", "cuda,cpu"),
         }

@@ -14,8 +14,8 @@ from aiohttp import ClientError, web
 from faust.exceptions import SameNode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from advrec.bundle import BundleError, list_versions, read_current
 from advrec.contract import MAX_ID_CHARS, encode_key
+from stream_app.feed import PinError
 from stream_app.openapi import DEFAULT_K, OPENAPI_PATH, build_openapi
 from stream_app.routing import KeyRouter
 from stream_app.state import UserState
@@ -211,15 +211,19 @@ def register(sa: StreamApp) -> None:
     @timed("readyz")
     async def readyz(view: Any, request: Any) -> Any:
         live = sa.server.current
-        published = read_current(s.bundle_dir)
-        fallback_mode = live is None and s.ready_without_model and published is None
-        ready = sa.started and (live is not None or fallback_mode)
+        feed = sa.feed.snapshot
+        fallback_mode = live is None and s.ready_without_model
+        # ready once the tables are local and the bundle topic was read and its current
+        # version tried: a new pod answers with the fleet's model from its first request
+        ready = sa.started and sa.feed.ready.is_set() and (live is not None or fallback_mode)
         body = {
             "ready": ready,
             "model_version": live.version if live else None,
             "providers": live.providers if live else [],
             "fallback_mode": fallback_mode,
-            "published_version": published,
+            "published_version": feed.pointer,
+            "pinned_version": feed.pin.version if feed.pin else None,
+            "bundle_topic_read": feed.caught_up,
             "rejected": dict(sa.watcher.rejected),
         }
         return view.json(body, status=200 if ready else 503)
@@ -246,16 +250,25 @@ def register(sa: StreamApp) -> None:
         if denied is not None:
             return denied
         live = sa.server.current
+        feed = sa.feed.snapshot
+        pin = feed.pin
         return view.json({
             "live": None if live is None else {
                 "version": live.version, "providers": live.providers,
                 "vocab_size": len(live.bundle.vocab), "loaded_at": live.loaded_at,
                 "meta": live.bundle.meta},
-            "current_pointer": read_current(s.bundle_dir),
-            "versions": list_versions(s.bundle_dir),
+            "current_pointer": feed.pointer,
+            "pin": None if pin is None else {"version": pin.version, "by": pin.by,
+                                             "reason": pin.reason, "at_ms": pin.at},
+            "versions": list(feed.local),
+            "topic_versions": list(feed.topic),
             "rejected": dict(sa.watcher.rejected),
             "swaps": sa.watcher.swaps,
         })
+
+    def admin_caller(request: Any) -> str:
+        peer = request.remote or "?"
+        return f"admin@{s.web_host}:{s.web_port} from {peer}"
 
     class AdminRollback(faust.web.View):
         async def post(self, request: Any) -> Any:
@@ -270,14 +283,47 @@ def register(sa: StreamApp) -> None:
             if denied is not None:
                 return denied
             version = request.query.get("version") or None
-            if version is not None and version not in list_versions(s.bundle_dir):
-                # never let a request name a path: only published versions are loaded
+            if version is not None and version not in sa.feed.snapshot.local:
+                # never let a request name a path: only versions rebuilt from the topic load
                 return error(self, 409, f"no published bundle version {version[:80]!r}")
             try:
-                done = await sa.watcher.rollback(version)
-            except BundleError as exc:
-                return error(self, 409, str(exc))
-            log.warning("rolled back to bundle %s by admin request", done)
-            return self.json({"rolled_back_to": done})
+                done = await sa.feed.rollback(version, by=admin_caller(request))
+            except PinError as exc:
+                return error(self, exc.status, str(exc))
+            log.warning("rolled the fleet back to bundle %s by admin request", done)
+            return self.json({"rolled_back_to": done, "pinned": done})
+
+    class AdminPin(faust.web.View):
+        async def get(self, request: Any) -> Any:
+            return await self._timed(request, self._show)
+
+        async def delete(self, request: Any) -> Any:
+            return await self._timed(request, self._release)
+
+        async def _timed(self, request: Any, fun: Handler) -> Any:
+            started = time.perf_counter()
+            denied = admin_denied(self, request)
+            response = denied if denied is not None else await fun(request)
+            m.request_seconds.labels(endpoint="admin", status_class=_status_class(
+                response.status)).observe(time.perf_counter() - started)
+            return response
+
+        async def _show(self, request: Any) -> Any:
+            pin = sa.feed.snapshot.pin
+            return self.json({"pinned": pin.version if pin else None,
+                              "by": pin.by if pin else None,
+                              "current_pointer": sa.feed.snapshot.pointer})
+
+        async def _release(self, request: Any) -> Any:
+            if sa.feed.snapshot.pin is None:
+                return self.json({"pinned": None, "released": False,
+                                  "current_pointer": sa.feed.snapshot.pointer})
+            try:
+                await sa.feed.pin(None, by=admin_caller(request), reason="released")
+            except PinError as exc:
+                return error(self, exc.status, str(exc))
+            return self.json({"pinned": None, "released": True,
+                              "current_pointer": sa.feed.snapshot.pointer})
 
     app.page("/admin/rollback")(AdminRollback)
+    app.page("/admin/pin")(AdminPin)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from advrec.bundle import INPUT_NAME, OUTPUT_NAME, write_bundle
+from advrec.bundle import INPUT_NAME, OUTPUT_NAME, bundle_files, write_bundle
+from advrec.channel_io import ChannelPublisher
+from advrec.topics import CHANNEL_CONFIG, TopicSpec, ensure_topics
 
 
 def toy_model(n_items: int, dim: int = 8, *, seed: int = 0, nan: bool = False,
@@ -45,3 +50,50 @@ def publish_toy(root: Path, vocab: list[str], *, seed: int = 0, max_len: int = 1
     model = toy_model(len(vocab), seed=seed, **kw)  # type: ignore[arg-type]
     return write_bundle(root, model, vocab, {"max_len": max_len, "last_event_ms": 0,
                                              "examples_seen": 0, "metrics": {}}, keep=keep)
+
+
+def publish_files(bootstrap: str, topic: str, version: str,
+                  files: list[tuple[str, bytes]], *, stale: int | None = None) -> None:
+    """Publish files as one version on a bundle topic, as the trainer does (chunks, manifest,
+    pointer); the topic is created if missing. ``stale``: tombstone all but this many newest
+    versions this helper published there."""
+    done = _published.setdefault(topic, [])
+
+    async def run() -> int:
+        await ensure_topics(bootstrap, [TopicSpec(topic, 1, config=dict(CHANNEL_CONFIG))])
+        pub = ChannelPublisher(bootstrap, topic, producer_id="tests", chunk_bytes=16 * 1024)
+        try:
+            old = done[: len(done) + 1 - stale] if stale else []
+            return (await pub.publish(version, files, stale=old)).chunks
+        finally:
+            await pub.stop()
+
+    done.append((version, asyncio.run(run())))
+
+
+def publish_dir(bootstrap: str, topic: str, root: Path, version: str) -> None:
+    """Publish whatever files ``root/version`` holds (meta.json last, if there is one)."""
+    names = sorted(p.name for p in (root / version).iterdir())
+    names.sort(key=lambda n: n == "meta.json")
+    publish_files(bootstrap, topic, version, [(n, (root / version / n).read_bytes())
+                                              for n in names])
+
+
+def publish_toy_to_topic(bootstrap: str, topic: str, vocab: list[str], *, seed: int = 0,
+                         max_len: int = 10, stale: int | None = None, **kw: object) -> str:
+    """Publish a toy bundle to a bundle topic; return its version (later calls, later
+    versions: versions are millisecond times, and two calls may share a millisecond)."""
+    global _last_version
+    _last_version = max(int(time.time() * 1000), _last_version + 1)
+    version = f"{_last_version:013d}"
+    with tempfile.TemporaryDirectory() as scratch:
+        write_bundle(scratch, toy_model(len(vocab), seed=seed, **kw),  # type: ignore[arg-type]
+                     vocab, {"max_len": max_len, "last_event_ms": 0, "examples_seen": 0,
+                             "metrics": {}, "version": version}, keep=1)
+        files = bundle_files(scratch, version)
+    publish_files(bootstrap, topic, version, files, stale=stale)
+    return version
+
+
+_published: dict[str, list[tuple[str, int]]] = {}  # topic -> (version, chunks) published here
+_last_version = 0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,7 @@ import torch
 
 from trainer.learner import OnlineLearner
 
-__all__ = ["load_checkpoint", "save_checkpoint"]
+__all__ = ["load_checkpoint", "read_extra", "save_checkpoint"]
 
 CHECKPOINT_FORMAT = 1
 
@@ -20,16 +22,29 @@ def save_checkpoint(path: Path | str, learner: OnlineLearner,
     """Write the learner's state (and ``extra``: plain values only) to ``path`` atomically.
 
     The file is written under a temporary name, fsynced, then renamed over ``path``, so a
-    crash mid-save leaves the previous checkpoint intact.
+    crash mid-save leaves the previous checkpoint intact. ``extra`` also goes to
+    ``<path>.json``, written the same way after it, so ``read_extra`` need not load the
+    model to tell where a checkpoint resumes.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": CHECKPOINT_FORMAT, "learner": learner.state_dict(),
                "extra": dict(extra or {})}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _replace(path, lambda fh: torch.save(payload, fh))
+    _replace(_extra_path(path), lambda fh: fh.write(json.dumps(dict(extra or {})).encode()))
+
+
+def _extra_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}.json")
+
+
+def _replace(path: Path, write: Any) -> None:
+    """Write ``path`` atomically: a temporary name unique to this call, fsync, rename."""
+    # a unique name, not the pid: two containers sharing a volume may both run as pid 1
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
     try:
         with open(tmp, "wb") as fh:
-            torch.save(payload, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -40,6 +55,16 @@ def save_checkpoint(path: Path | str, learner: OnlineLearner,
         os.fsync(fd)  # make the rename itself durable
     finally:
         os.close(fd)
+
+
+def read_extra(path: Path | str) -> dict[str, Any]:
+    """Return the ``extra`` of the checkpoint at ``path`` (from its JSON beside it if it is
+    as new as the checkpoint, else from the checkpoint itself)."""
+    path = Path(path)
+    side = _extra_path(path)
+    if side.exists() and side.stat().st_mtime_ns >= path.stat().st_mtime_ns:
+        return json.loads(side.read_text())
+    return load_checkpoint(path)[1]
 
 
 def load_checkpoint(path: Path | str, *,

@@ -6,10 +6,13 @@ Also the ``advrec export`` command: checkpoint in, bundle out.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import copy
 import io
 import logging
+import os
 import pickle
+import socket
 import sys
 import warnings
 from pathlib import Path
@@ -17,9 +20,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from aiokafka.errors import KafkaError
 from torch import nn
 
-from advrec.bundle import INPUT_NAME, OUTPUT_NAME, write_bundle
+from advrec.bundle import INPUT_NAME, OUTPUT_NAME, bundle_files, write_bundle
+from advrec.channel_io import publish_to_topic
 from advrec.config import settings_as_dict
 from trainer.learner import OnlineLearner
 from trainer.model import Generator
@@ -150,6 +155,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="versions to keep for rollback (default: %(default)s)")
     parser.add_argument("--parity-tol", type=float, default=PARITY_TOL, metavar="X",
                         help="max abs score difference ONNX vs torch (default: %(default)s)")
+    parser.add_argument("--publish", action="store_true",
+                        help="also publish the bundle to the bundle topic as the current "
+                             "version: every worker of the fleet swaps to it (unless a pin "
+                             "holds the fleet)")
+    parser.add_argument("--broker", default=os.environ.get("ADVREC_BROKER",
+                                                           "kafka://127.0.0.1:9092"),
+                        help="Kafka, with --publish [ADVREC_BROKER] (default: %(default)s)")
+    parser.add_argument("--topic", default=os.environ.get("ADVREC_TOPIC_BUNDLES",
+                                                          "model-bundles"),
+                        help="bundle topic, with --publish [ADVREC_TOPIC_BUNDLES] "
+                             "(default: %(default)s)")
     args = parser.parse_args(argv)
     from trainer.checkpoint import load_checkpoint
 
@@ -158,7 +174,15 @@ def main(argv: list[str] | None = None) -> int:
         metrics = extra.get("metrics", {}) if isinstance(extra, dict) else {}
         version = publish_bundle(learner, args.bundle_dir, metrics, keep=args.keep,
                                  parity_tol=args.parity_tol)
-    except (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError) as exc:
+        if args.publish:
+            bootstrap = ",".join(u.split("://", 1)[-1] for u in args.broker.split(";"))
+            done = asyncio.run(publish_to_topic(
+                bootstrap, args.topic, version, bundle_files(args.bundle_dir, version),
+                keep=args.keep, producer_id=f"advrec-export@{socket.gethostname()}"))
+            print(f"published {version} to {args.topic} ({done.chunks} chunks, "
+                  f"{done.bytes / 1e6:.1f} MB)")
+    except (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError,
+            KafkaError) as exc:
         print(f"advrec export: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     print(f"published {version} under {args.bundle_dir} "

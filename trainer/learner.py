@@ -257,14 +257,21 @@ class OnlineLearner:
             return max(cfg.steps_per_batch, cfg.warmup_steps_per_batch)
         return cfg.steps_per_batch
 
-    def train_batch(self, batch: Sequence[TrainingExample]) -> dict[str, float]:
-        """Grow the vocabulary, update on the batch mixed with replay, then store the batch."""
+    def train_batch(self, batch: Sequence[TrainingExample],
+                    fraction: float = 1.0) -> dict[str, float]:
+        """Grow the vocabulary, update on the batch mixed with replay, then store the batch.
+
+        With ``fraction`` < 1 (the trainer shedding load) the update uses a random sample of
+        that share of the batch; every example still grows the vocabulary and enters the
+        replay buffer, so the rest may be trained on later.
+        """
+        assert 0.0 < fraction <= 1.0, f"fraction {fraction} outside (0, 1]"
         skip = set(self.train_cfg.skip_flags)
         examples = [e for e in batch if not skip.intersection(e.flags)]
         if batch:
             newest = max(e.ts for e in batch)
             self.last_event_ms = max(newest, self.last_event_ms or newest)
-        out: dict[str, float] = {"examples": float(len(examples)),
+        out: dict[str, float] = {"examples": 0.0, "shed": 0.0,
                                  "skipped": float(len(batch) - len(examples))}
         if not examples:
             return out
@@ -272,9 +279,17 @@ class OnlineLearner:
         for e in examples:
             self.vocab.add_many(e.history)
             self.vocab.add(e.item)
-        history = self._encode([e.history for e in examples])  # (B, L)
-        target = np.array([self.vocab.index(e.item) for e in examples], dtype=np.int64)  # (B,)
-        n_replay = round(self.train_cfg.replay_ratio * len(examples))
+        history = self._encode([e.history for e in examples])  # (N, L)
+        target = np.array([self.vocab.index(e.item) for e in examples], dtype=np.int64)  # (N,)
+        if fraction < 1.0:
+            n = max(1, round(fraction * len(examples)))
+            pick = np.sort(self._np_rng.choice(len(examples), size=n, replace=False))
+            train_h, train_t = history[pick], target[pick]  # (B, L), (B,)
+        else:
+            train_h, train_t = history, target
+        out["examples"] = float(len(train_t))
+        out["shed"] = float(len(target) - len(train_t))
+        n_replay = round(self.train_cfg.replay_ratio * len(train_t))
         sums: dict[str, float] = {}
         with self._rng():
             self._grow(len(self.vocab) - before)
@@ -286,9 +301,9 @@ class OnlineLearner:
             for _ in range(steps):
                 old_h, old_t = self.replay.sample(n_replay, self._np_rng)
                 step_batch = Batch(
-                    trim_padding(torch.from_numpy(np.concatenate([history, old_h]))
+                    trim_padding(torch.from_numpy(np.concatenate([train_h, old_h]))
                                  .to(self.device)),
-                    torch.from_numpy(np.concatenate([target, old_t])).to(self.device),
+                    torch.from_numpy(np.concatenate([train_t, old_t])).to(self.device),
                     log_q)
                 stats = self._update(players, step_batch, self.adv_cfg, self.adv_state)
                 for key, value in stats.items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 
 from advrec.config import ConfigError, from_env
@@ -17,9 +19,14 @@ class TrainerSettings:
 
     broker: str = "kafka://127.0.0.1:9092"
     topic_train: str = "train-batches"
+    topic_bundles: str = "model-bundles"  # where bundles go, for every worker (advrec.channel)
+    topic_checkpoints: str = "trainer-checkpoints"  # where a standby finds the active's state
     trainer_group: str = "advrec-trainer"  # one active trainer: owner of the one partition
-    bundle_dir: str = "var/bundles"
-    checkpoint_dir: str = "var/checkpoints"
+    trainer_id: str = ""  # names this trainer on the topics; empty: host name and process id
+    # a dead active trainer's partition moves to a standby after this long
+    trainer_session_timeout_s: float = 30.0
+    bundle_dir: str = "var/bundles"  # this trainer's own copy of what it publishes
+    checkpoint_dir: str = "var/checkpoints"  # this trainer's cache of checkpoints
     trainer_metrics_bind: str = "127.0.0.1"  # 0.0.0.0 in containers
     trainer_metrics_port: int = 9108
     trainer_mode: str = "apr"  # none | irgan | apr | irgan+apr; best measured: docs/results.md
@@ -48,8 +55,21 @@ class TrainerSettings:
     export_every_batches: int = 50  # ...or after this many batches, whichever first
     quality_delta: float = 0.02  # reject if window HR@10 < live's HR@10 - delta (absolute)
     quality_min_examples: int = 200  # smaller windows are too noisy to block a publish
-    bundles_keep: int = 5
-    checkpoint_every_batches: int = 20  # offsets are committed right after each checkpoint
+    bundles_keep: int = 5  # versions kept on the bundle topic (and on disk) for rollback
+    bundle_chunk_kb: int = 512  # chunk size on the topics (Kafka's default limit is 1 MiB)
+    # a checkpoint (model, optimizers, replay: ~30 MB at 10k items) goes to the checkpoint
+    # topic after this many batches, but not more often than every min interval; offsets are
+    # committed right after. A standby that takes over redoes the batches since the last one.
+    checkpoint_every_batches: int = 20
+    checkpoint_min_interval_s: float = 30.0
+    # load shedding (trainer/shedding.py): keep the batches trained on younger than this
+    # by training on a sample of each batch, down to a minimum share; beyond shed_skip_lag_s
+    # jump to the newest batches (0: never); score at least shed_eval_min examples of a
+    # shed batch for the prequential metrics
+    shed_target_lag_s: float = 3.0  # a batch the trainer keeps up with waits ~1 s
+    shed_min_fraction: float = 0.05
+    shed_skip_lag_s: float = 300.0
+    shed_eval_min: int = 64
     log_every_s: float = 5.0
     log_level: str = "info"
 
@@ -61,7 +81,7 @@ class TrainerSettings:
                               f"one of {sorted(MODES)}")
         for name in ("export_every_batches", "checkpoint_every_batches", "bundles_keep",
                      "trainer_max_len", "trainer_dim", "trainer_layers",
-                     "trainer_steps_per_batch"):
+                     "trainer_steps_per_batch", "bundle_chunk_kb", "shed_eval_min"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting {ENV_PREFIX}{name.upper()}={getattr(self, name)!r}"
                                   " must be >= 1")
@@ -73,10 +93,30 @@ class TrainerSettings:
                               "must be in [0, 1)")
         if self.export_every_s <= 0 or self.quality_delta < 0:
             raise ConfigError(f"setting {ENV_PREFIX}EXPORT_EVERY_S / QUALITY_DELTA out of range")
+        if not 0.0 < self.shed_min_fraction <= 1.0:
+            raise ConfigError(f"setting {ENV_PREFIX}SHED_MIN_FRACTION="
+                              f"{self.shed_min_fraction!r} must be in (0, 1]")
+        if self.shed_target_lag_s <= 0:
+            raise ConfigError(f"setting {ENV_PREFIX}SHED_TARGET_LAG_S="
+                              f"{self.shed_target_lag_s!r} must be > 0")
+        if self.shed_skip_lag_s and self.shed_skip_lag_s <= self.shed_target_lag_s:
+            raise ConfigError(f"setting {ENV_PREFIX}SHED_SKIP_LAG_S={self.shed_skip_lag_s!r}"
+                              " must be 0 or above SHED_TARGET_LAG_S")
+        if not 6.0 <= self.trainer_session_timeout_s <= 300.0:
+            raise ConfigError(f"setting {ENV_PREFIX}TRAINER_SESSION_TIMEOUT_S="
+                              f"{self.trainer_session_timeout_s!r} must be in [6, 300]")
+        if self.checkpoint_min_interval_s < 0:
+            raise ConfigError(f"setting {ENV_PREFIX}CHECKPOINT_MIN_INTERVAL_S="
+                              f"{self.checkpoint_min_interval_s!r} must be >= 0")
 
     @property
     def bootstrap(self) -> str:
         return ",".join(u.split("://", 1)[-1] for u in self.broker.split(";"))
+
+    @property
+    def identity(self) -> str:
+        """The name this trainer writes on the topics (who published a bundle, a checkpoint)."""
+        return self.trainer_id or f"{socket.gethostname()}-{os.getpid()}"
 
 
 def load_trainer_settings(environ: dict[str, str] | None = None,

@@ -1,12 +1,20 @@
 """``advrec trainer``: the sidecar that learns from ``train-batches`` and publishes bundles.
 
+One trainer of a fleet is active: the one the consumer group assigns the single partition of
+`train-batches`. The others stand by and do not train. On becoming active a trainer resumes
+from the newest checkpoint on the checkpoint topic, whoever wrote it, at that checkpoint's
+offset (``take_over``); no volume is shared between pods.
+
 Per batch, in this order: evaluate the current generator on it (prequential: the batch is
 not yet trained on), evaluate the live (last published) generator on it for the quality
-gate, then train on it mixed with replay. Every ``export_every_s`` seconds or
-``export_every_batches`` batches, export, check ONNX parity and the quality gate, publish.
-Every ``checkpoint_every_batches`` batches, checkpoint atomically, *then* commit the offset:
-a restarted trainer resumes from the checkpoint's offset, so each batch shapes the model
-exactly once (batches after the checkpoint are trained again from the checkpointed state).
+gate, then train on it mixed with replay: on a sample of it while the trainer is behind
+(``trainer.shedding``). Every ``export_every_s`` seconds or ``export_every_batches``
+batches, export, check ONNX parity and the quality gate, and publish the bundle to the
+bundle topic (``advrec.channel``) for every worker, unless an operator's pin holds the
+fleet on one version. After ``checkpoint_every_batches`` batches (at most every
+``checkpoint_min_interval_s``), checkpoint to the checkpoint topic, *then* commit the
+offset: a trainer that takes over resumes from the checkpoint's offset, so each batch shapes
+the model once, but for the batches since the last checkpoint, which are trained again.
 """
 
 from __future__ import annotations
@@ -16,19 +24,32 @@ import asyncio
 import copy
 import dataclasses
 import logging
+import shutil
 import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from advrec.bundle import read_current, write_bundle
+from advrec.bundle import bundle_files, write_bundle
+from advrec.channel import (
+    Assembled,
+    Assembler,
+    ChannelError,
+    Pointer,
+    TopicView,
+    decode_record,
+)
+from advrec.channel_io import ChannelPublisher, follow_topic, last_record
 from advrec.config import ConfigError, settings_as_dict
-from advrec.contract import decode_batch
+from advrec.contract import TrainingExample, decode_batch
+from advrec.topics import channel_topics, ensure_topics
 from trainer.settings import TrainerSettings, load_trainer_settings
+from trainer.shedding import LoadShedder
 from trainer.telemetry import TrainerMetrics
 
 __all__ = ["Sidecar", "main"]
@@ -39,27 +60,64 @@ CHECKPOINT_FILE = "trainer.ckpt"
 PARITY_TOLERANCE = 1e-3  # torch vs onnxruntime max abs score difference allowed at export
 # train_batch stats -> `kind` label of advrec_trainer_loss (pg and apr are G's extra terms)
 LOSS_KINDS = {"loss_ml": "ml", "loss_g": "g", "loss_d": "d", "pg_term": "pg", "apr_loss": "apr"}
+BUNDLE_TOPIC_WAIT_S = 60.0  # how long to wait for the bundle topic's pointer and pin at start
+SKIP_KEEP = 2  # batches a trainer far behind still trains on when it jumps to the newest
+
+
+@dataclass
+class _Export:
+    """A bundle exported and written locally, waiting to be published."""
+
+    version: str
+    files: list[tuple[str, bytes]]
+    candidate: Any  # a frozen copy of the learner: the next quality gate's baseline
+    cand_hr: float
+    live_hr: float
+    examples: int
+    started: float
 
 
 class Sidecar:
-    """The trainer's state and its blocking steps (run in a worker thread by ``run``)."""
+    """The trainer's state and steps: blocking torch work runs on one thread, Kafka on the
+    loop."""
 
     def __init__(self, settings: TrainerSettings, metrics: TrainerMetrics | None = None) -> None:
         self.s = settings
         self.m = metrics or TrainerMetrics.create()
+        self.identity = settings.identity
         self.learner: Any = None
         self.live: Any = None  # frozen copy of the learner as last published (quality gate)
-        self.live_version: str | None = read_current(settings.bundle_dir)
         self.next_offset: int | None = None  # next train-batches offset to train on
         self.resumed_at: int | None = None
+        self.active = False
+        self.assignments = 0  # times this trainer was given train-batches
+        self.bundles = TopicView()  # the bundle topic as read back: versions, pointer, pin
+        self.checkpoints = TopicView()  # the checkpoint topic as last read and written
         self.window = {"cand_hits": 0.0, "live_hits": 0.0, "n": 0}
         self.batches_since_export = 0
         self.batches_since_checkpoint = 0
         self.last_export = time.monotonic()
+        self.last_checkpoint = time.monotonic()
         self.recent: dict[str, float] = {}
+        self.shedder = LoadShedder(target_lag_s=settings.shed_target_lag_s,
+                                   min_fraction=settings.shed_min_fraction,
+                                   skip_lag_s=settings.shed_skip_lag_s)
+        self._rng = np.random.default_rng(settings.trainer_seed)
+        self._pin_logged: str | None = None
+        self._shed_level = 0
+        chunk = settings.bundle_chunk_kb * 1024
+        self.bundle_pub = ChannelPublisher(settings.bootstrap, settings.topic_bundles,
+                                           producer_id=self.identity, chunk_bytes=chunk)
+        self.checkpoint_pub = ChannelPublisher(settings.bootstrap, settings.topic_checkpoints,
+                                               producer_id=self.identity, chunk_bytes=chunk)
         # All torch work on one thread: serial anyway, and one malloc arena instead of one
         # per pool thread (a pool of several let the trainer's RSS creep up by hundreds of MB).
         self.torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
+
+    @property
+    def live_version(self) -> str | None:
+        """The version the bundle topic names as current (whoever published it)."""
+        return self.bundles.pointer.version if self.bundles.pointer else None
 
     # ------------------------------------------------------------------ set-up
 
@@ -67,37 +125,141 @@ class Sidecar:
     def checkpoint_path(self) -> Path:
         return Path(self.s.checkpoint_dir) / CHECKPOINT_FILE
 
-    def build(self) -> None:
-        """Resume from the checkpoint if there is one, else start a fresh learner."""
-        from trainer.adversarial import AdversarialConfig
+    def build(self, checkpoint: Path | None = None) -> None:
+        """Resume from ``checkpoint`` (or the local one) if there is one, else start fresh."""
         from trainer.checkpoint import load_checkpoint
-        from trainer.learner import OnlineLearner, TrainConfig
-        from trainer.model import ModelConfig
 
-        if self.checkpoint_path.exists():
-            self.learner, extra = load_checkpoint(self.checkpoint_path)
+        path = checkpoint or (self.checkpoint_path if self.checkpoint_path.exists() else None)
+        if path is not None:
+            self.learner, extra = load_checkpoint(path)
             self.next_offset = self.resumed_at = extra.get("next_offset")
-            log.info("resumed from %s: %d examples seen, next offset %s", self.checkpoint_path,
+            log.info("resumed from %s: %d examples seen, next offset %s", path,
                      self.learner.examples_seen, self.next_offset)
         else:
-            s = self.s
-            self.learner = OnlineLearner(
-                ModelConfig(max_len=s.trainer_max_len, d_model=s.trainer_dim,
-                            n_layers=s.trainer_layers, dropout=s.trainer_dropout),
-                TrainConfig(mode=s.trainer_mode, lr=s.trainer_lr, seed=s.trainer_seed,
-                            steps_per_batch=s.trainer_steps_per_batch,
-                            replay_size=s.trainer_replay_size,
-                            replay_ratio=s.trainer_replay_ratio,
-                            replay_policy=s.trainer_replay_policy,
-                            num_threads=s.trainer_threads),
-                AdversarialConfig(mask_history=s.trainer_mask_history))
-            log.info("starting a fresh %s learner", s.trainer_mode)
+            self.learner = self.fresh_learner()
+            self.next_offset = self.resumed_at = None
+            log.info("starting a fresh %s learner", self.s.trainer_mode)
         self.live = copy.deepcopy(self.learner) if self.live_version else None
         self.m.resumed_offset.set(-1 if self.resumed_at is None else self.resumed_at)
 
+    def fresh_learner(self) -> Any:
+        from trainer.adversarial import AdversarialConfig
+        from trainer.learner import OnlineLearner, TrainConfig
+        from trainer.model import ModelConfig
+
+        s = self.s
+        return OnlineLearner(
+            ModelConfig(max_len=s.trainer_max_len, d_model=s.trainer_dim,
+                        n_layers=s.trainer_layers, dropout=s.trainer_dropout),
+            TrainConfig(mode=s.trainer_mode, lr=s.trainer_lr, seed=s.trainer_seed,
+                        steps_per_batch=s.trainer_steps_per_batch,
+                        replay_size=s.trainer_replay_size, replay_ratio=s.trainer_replay_ratio,
+                        replay_policy=s.trainer_replay_policy, num_threads=s.trainer_threads),
+            AdversarialConfig(mask_history=s.trainer_mask_history))
+
+    def _local_offset(self) -> int | None:
+        """The next offset of the local checkpoint (this pod's own, from before a restart)."""
+        from trainer.checkpoint import read_extra
+
+        if not self.checkpoint_path.exists():
+            return None
+        try:
+            return read_extra(self.checkpoint_path).get("next_offset")
+        except Exception:
+            log.warning("the local checkpoint %s is unreadable; ignoring it",
+                        self.checkpoint_path, exc_info=True)
+            return None
+
+    async def take_over(self, consumer: Any, tp: Any) -> None:
+        """Become the active trainer: resume from the newest state (this process's own, the
+        checkpoint topic's, or the local checkpoint's), then seek to its offset."""
+        loop = asyncio.get_running_loop()
+        self.active = False  # until the state is restored: the loop trains nothing meanwhile
+        self.assignments += 1
+        try:
+            fetched = await self.fetch_checkpoint()
+        except Exception:
+            log.exception("could not read the checkpoint topic; resuming without it")
+            fetched = None
+        theirs = fetched.manifest.meta.get("next_offset") if fetched else None
+        mine = self.next_offset if self.learner is not None else None
+        local = await loop.run_in_executor(self.torch_thread, self._local_offset)
+        best = max((x for x in (theirs, mine, local) if x is not None), default=None)
+        if fetched is not None and theirs == best and (mine is None or theirs > mine):
+            await loop.run_in_executor(self.torch_thread, self.build,
+                                       fetched.path / CHECKPOINT_FILE)
+            if fetched.manifest.producer != self.identity:
+                self.m.takeovers.inc()
+                log.warning("took over from trainer %s: its checkpoint %s (%s batches seen), "
+                            "resuming at offset %s", fetched.manifest.producer,
+                            fetched.version, fetched.manifest.meta.get("batches_seen"), theirs)
+        elif self.learner is None or (local is not None and local == best
+                                      and (mine is None or local > mine)):
+            await loop.run_in_executor(self.torch_thread, self.build, None)
+        self.batches_since_checkpoint = 0
+        self.last_checkpoint = time.monotonic()
+        if self.next_offset is not None:
+            consumer.seek(tp, self.next_offset)
+        self.active = True
+        self.m.active.set(1)
+        log.info("active trainer %s: owns %s, resuming at offset %s", self.identity, tp,
+                 self.next_offset if self.next_offset is not None else "the committed offset")
+
+    async def fetch_checkpoint(self) -> Assembled | None:
+        """Read the newest checkpoint on the checkpoint topic into the local cache.
+
+        The pointer is the last record a complete publish writes, so the topic's last record
+        usually names the newest checkpoint and where its chunks start: only those are read.
+        Otherwise (a publish cut short) the whole topic is.
+        """
+        s = self.s
+        root = Path(s.checkpoint_dir) / "channel"
+        view, assembler = TopicView(), Assembler(root, max_bytes=16 << 30)
+        done: dict[str, Assembled] = {}
+
+        def handle(record: Any) -> None:
+            try:
+                rec = view.apply(record.key, record.value, record.offset)
+            except ChannelError as exc:
+                log.warning("checkpoint topic, offset %d: %s", record.offset, exc)
+                return
+            for event in assembler.feed(rec):
+                if isinstance(event, Assembled):
+                    for old in done.values():
+                        shutil.rmtree(old.path, ignore_errors=True)
+                    done.clear()
+                    done[event.version] = event
+                else:
+                    log.warning("checkpoint topic: %s (%s)", event.detail, event.reason)
+
+        started = time.perf_counter()
+        last, _ = await last_record(s.bootstrap, s.topic_checkpoints)
+        start = None
+        if last is not None:
+            try:
+                tail = decode_record(last.key, last.value, last.offset)
+            except ChannelError:
+                tail = None
+            if isinstance(tail, Pointer) and tail.first_offset is not None:
+                start = tail.first_offset
+        try:
+            await follow_topic(s.bootstrap, s.topic_checkpoints, handle, stop=asyncio.Event(),
+                               start_offset=start, until_caught_up=True,
+                               client_id=f"advrec-trainer-{self.identity}-ckpt")
+        finally:
+            assembler.close()
+        self.checkpoints = view
+        if not done:
+            log.info("no checkpoint on %s", s.topic_checkpoints)
+            return None
+        found = next(iter(done.values()))
+        log.info("read checkpoint %s from %s in %.1fs (%d records, %d bytes)", found.version,
+                 s.topic_checkpoints, time.perf_counter() - started, view.records, view.bytes)
+        return found
+
     # ------------------------------------------------------------------ per batch
 
-    def step(self, payload: bytes, offset: int) -> dict[str, float]:
+    def step(self, payload: bytes, offset: int, fraction: float = 1.0) -> dict[str, float]:
         """Evaluate, then train on one ``train-batches`` message (blocking)."""
         started = time.perf_counter()
         try:
@@ -108,28 +270,37 @@ class Sidecar:
             self.next_offset = offset + 1
             return {}
         learner = self.learner
-        pre = learner.evaluate_batch(batch)
+        scored = batch if fraction >= 1.0 else self._sample(batch, fraction)
+        pre = learner.evaluate_batch(scored)
         n_total = pre["n_eval"] + pre["n_unknown_target"]
         cand_hits = pre.get("hr@10", 0.0) * pre["n_eval"]
         live_hits = cand_hits
         if self.live is not None:
-            live = self.live.evaluate_batch(batch, ks=(10,))
+            live = self.live.evaluate_batch(scored, ks=(10,))
             live_hits = live.get("hr@10", 0.0) * live["n_eval"]
         self.window["cand_hits"] += cand_hits
         self.window["live_hits"] += live_hits
         self.window["n"] += int(n_total)
-        stats = learner.train_batch(batch)
+        stats = learner.train_batch(batch, fraction)
         self.next_offset = offset + 1
         self.batches_since_export += 1
         self.batches_since_checkpoint += 1
-        self._report(pre, stats, n_total, time.perf_counter() - started)
+        self._report(pre, stats, n_total, time.perf_counter() - started, fraction)
         return {**pre, **stats}
 
+    def _sample(self, batch: list[TrainingExample], fraction: float) -> list[TrainingExample]:
+        """A random share of ``batch`` to score while shedding (at least ``shed_eval_min``)."""
+        n = min(len(batch), max(self.s.shed_eval_min, round(fraction * len(batch))))
+        pick = np.sort(self._rng.choice(len(batch), size=n, replace=False))
+        return [batch[i] for i in pick]
+
     def _report(self, pre: dict[str, float], stats: dict[str, float], n_total: float,
-                seconds: float) -> None:
+                seconds: float, fraction: float) -> None:
         m = self.m
         m.batches.inc()
         m.examples.inc(stats.get("examples", 0.0))
+        m.shed_examples.inc(stats.get("shed", 0.0))
+        m.train_fraction.set(fraction)
         m.step_seconds.observe(seconds)
         if n_total:
             for key in ("hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20", "mrr@20"):
@@ -169,16 +340,20 @@ class Sidecar:
             return True, cand, live
         return cand >= live - self.s.quality_delta, cand, live
 
-    def export(self) -> str | None:
-        """Export, check parity and quality, publish atomically; return the new version."""
+    def _next_window(self) -> dict[str, float]:
+        self.last_export = time.monotonic()
+        self.batches_since_export = 0
+        window, self.window = self.window, {"cand_hits": 0.0, "live_hits": 0.0, "n": 0}
+        return window
+
+    def prepare_export(self) -> _Export | None:
+        """Gate, export, check parity and write the bundle locally (blocking); None if it
+        must not be published."""
         from trainer.export import check_parity, export_onnx
 
         started = time.perf_counter()
-        self.last_export = time.monotonic()
-        self.batches_since_export = 0
         ok, cand, live = self.gate()
-        window = self.window
-        self.window = {"cand_hits": 0.0, "live_hits": 0.0, "n": 0}
+        window = self._next_window()
         if not ok:
             self.m.exports.labels(outcome="rejected_quality").inc()
             log.warning("quality gate: candidate HR@10 %.4f < live %.4f - %.3f over %d "
@@ -203,6 +378,7 @@ class Sidecar:
             "examples_seen": learner.examples_seen,
             "batches_seen": learner.batches_seen,
             "last_event_ms": learner.last_event_ms,
+            "trainer": self.identity,
             "metrics": {"window_hr_at_10": cand, "live_window_hr_at_10": live,
                         "window_examples": window["n"], "parity_max_abs": diff},
             "model": dataclasses.asdict(learner.model_cfg),
@@ -211,14 +387,40 @@ class Sidecar:
         }
         version = write_bundle(self.s.bundle_dir, model_bytes, learner.vocab.items(), meta,
                                keep=self.s.bundles_keep)
-        self.live = copy.deepcopy(learner)
-        self.live_version = version
+        return _Export(version, bundle_files(self.s.bundle_dir, version),
+                       copy.deepcopy(learner), cand, live, int(window["n"]), started)
+
+    async def export(self) -> str | None:
+        """Export and publish a bundle to the bundle topic; return its version, or None."""
+        if self.bundles.pin is not None:  # the fleet is held on one version: nothing goes live
+            self._next_window()
+            self.m.exports.labels(outcome="pinned").inc()
+            return None
+        loop = asyncio.get_running_loop()
+        prepared = await loop.run_in_executor(self.torch_thread, self.prepare_export)
+        if prepared is None:
+            return None
+        version = prepared.version
+        try:
+            done = await self.bundle_pub.publish(
+                version, prepared.files, meta={"trainer": self.identity},
+                stale=self.bundles.stale(self.s.bundles_keep, adding=version))
+        except Exception:
+            self.m.exports.labels(outcome="failed").inc()
+            log.exception("could not publish bundle %s to %s; the fleet keeps serving %s",
+                          version, self.s.topic_bundles, self.live_version)
+            return None
+        self.bundles.note_published(done.manifest, done.tombstoned)
+        self.live = prepared.candidate
         self.m.exports.labels(outcome="published").inc()
-        self.m.export_seconds.observe(time.perf_counter() - started)
+        self.m.export_seconds.observe(time.perf_counter() - prepared.started)
+        self.m.bundle_bytes.set(done.bytes)
+        learner = self.learner
         self.m.model_info.info({"version": version, "mode": learner.train_cfg.mode,
                                 "vocab_size": str(len(learner.vocab))})
-        log.info("published bundle %s (vocabulary %d, window HR@10 %.4f vs live %.4f)",
-                 version, len(learner.vocab), cand, live)
+        log.info("published bundle %s (vocabulary %d, window HR@10 %.4f vs live %.4f; "
+                 "%d chunks, %.1f MB in %.2fs)", version, len(learner.vocab), prepared.cand_hr,
+                 prepared.live_hr, done.chunks, done.bytes / 1e6, done.seconds)
         return version
 
     def _probe_histories(self) -> np.ndarray:
@@ -230,50 +432,123 @@ class Sidecar:
 
     # ------------------------------------------------------------------ checkpoint
 
-    def checkpoint(self) -> None:
+    def checkpoint_due(self) -> bool:
+        return (self.batches_since_checkpoint >= self.s.checkpoint_every_batches
+                and time.monotonic() - self.last_checkpoint >= self.s.checkpoint_min_interval_s)
+
+    def save_checkpoint(self) -> tuple[bytes, dict[str, Any]]:
+        """Write the local checkpoint (blocking); return its bytes and what it resumes at."""
         from trainer.checkpoint import save_checkpoint
 
         started = time.perf_counter()
-        save_checkpoint(self.checkpoint_path, self.learner,
-                        {"next_offset": self.next_offset, "topic": self.s.topic_train,
-                         "saved_at": time.time()})
+        extra = {"next_offset": self.next_offset, "topic": self.s.topic_train,
+                 "saved_at": time.time(), "trainer": self.identity,
+                 "batches_seen": self.learner.batches_seen,
+                 "examples_seen": self.learner.examples_seen}
+        save_checkpoint(self.checkpoint_path, self.learner, extra)
         self.batches_since_checkpoint = 0
+        self.last_checkpoint = time.monotonic()
         self.m.checkpoint_seconds.observe(time.perf_counter() - started)
+        return self.checkpoint_path.read_bytes(), extra
+
+    async def checkpoint(self, consumer: Any, tp: Any) -> None:
+        """Checkpoint locally and to the checkpoint topic, then commit the offset."""
+        loop = asyncio.get_running_loop()
+        data, extra = await loop.run_in_executor(self.torch_thread, self.save_checkpoint)
+        version = f"{int(time.time() * 1000):013d}"
+        try:
+            done = await self.checkpoint_pub.publish(
+                version, [(CHECKPOINT_FILE, data)], meta=extra,
+                stale=self.checkpoints.stale(1, adding=version, keep_pointer=False))
+        except Exception:
+            log.exception("could not publish checkpoint %s; the offset is not committed, so "
+                          "a trainer that takes over redoes these batches", version)
+            return
+        self.checkpoints.note_published(done.manifest, done.tombstoned)
+        self.m.checkpoint_publish_seconds.observe(done.seconds)
+        self.m.checkpoint_bytes.set(done.bytes)
+        log.debug("checkpoint %s published: %.1f MB in %.2fs", version, done.bytes / 1e6,
+                  done.seconds)
+        if self.next_offset is not None:
+            try:
+                await consumer.commit({tp: self.next_offset})
+            except Exception:  # the checkpoint is the truth; the commit only helps standbys
+                log.warning("offset commit failed after checkpoint", exc_info=True)
+
+    # ------------------------------------------------------------------ the bundle topic
+
+    def _on_bundle_record(self, record: Any) -> None:
+        try:
+            self.bundles.apply(record.key, record.value, record.offset)
+        except ChannelError as exc:
+            log.warning("bundle topic, offset %d: %s", record.offset, exc)
+        pin = self.bundles.pin
+        self.m.pinned.set(1 if pin else 0)
+        label = pin.version if pin else None
+        if label != self._pin_logged:
+            if pin is not None:
+                log.warning("the fleet is pinned to bundle %s (by %s); training goes on, "
+                            "nothing is published until the pin is released", pin.version,
+                            pin.by)
+            else:
+                log.info("the pin on bundle %s was released; the next bundle that passes the "
+                         "quality gate goes live", self._pin_logged)
+            self._pin_logged = label
 
     # ------------------------------------------------------------------ the loop
 
     async def run(self, stop: asyncio.Event, *, max_batches: int | None = None) -> None:
         """Consume and train until ``stop`` is set (or ``max_batches`` were trained)."""
         from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+        from aiokafka.coordinator.assignors.sticky.sticky_assignor import (
+            StickyPartitionAssignor,
+        )
         from aiokafka.errors import KafkaError
 
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.torch_thread, self.build)
-        tp = TopicPartition(self.s.topic_train, 0)
+        s = self.s
+        await _ensure_topics_with_retry(s, stop)
+        # import the torch side now: a standby that takes over must not spend seconds on it
+        await asyncio.get_running_loop().run_in_executor(self.torch_thread, _import_torch_side)
+        bundles_read = asyncio.Event()
+        follower = asyncio.create_task(follow_topic(
+            s.bootstrap, s.topic_bundles, self._on_bundle_record, stop=stop,
+            on_caught_up=bundles_read.set, client_id=f"advrec-trainer-{self.identity}"))
+        try:  # the pointer and any pin must be known before anything is published
+            await asyncio.wait_for(bundles_read.wait(), BUNDLE_TOPIC_WAIT_S)
+        except TimeoutError:
+            log.warning("the bundle topic was not read within %.0fs; going on",
+                        BUNDLE_TOPIC_WAIT_S)
+        tp = TopicPartition(s.topic_train, 0)
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.s.bootstrap, group_id=self.s.trainer_group,
+            bootstrap_servers=s.bootstrap, group_id=s.trainer_group,
             enable_auto_commit=False, auto_offset_reset="earliest",
-            max_poll_records=8, session_timeout_ms=30_000, max_poll_interval_ms=600_000)
+            # sticky: a standby that joins must not take the partition from the active
+            # trainer (round-robin hands it to the first member id, forcing a take-over)
+            partition_assignment_strategy=(StickyPartitionAssignor,),
+            max_poll_records=8, max_poll_interval_ms=600_000,
+            session_timeout_ms=int(s.trainer_session_timeout_s * 1000),
+            # a standby learns of a rebalance at its next heartbeat: Kafka's default 3 s
+            heartbeat_interval_ms=int(min(3.0, s.trainer_session_timeout_s / 3) * 1000))
         sidecar = self
 
         class Listener(ConsumerRebalanceListener):
             async def on_partitions_revoked(self, revoked: Any) -> None:
-                sidecar.m.active.set(0)
+                if tp in revoked:
+                    sidecar.active = False
+                    sidecar.m.active.set(0)
 
             async def on_partitions_assigned(self, assigned: Any) -> None:
                 if tp in assigned:
-                    sidecar.m.active.set(1)
-                    if sidecar.next_offset is not None:
-                        consumer.seek(tp, sidecar.next_offset)
-                    log.info("active trainer: owns %s, resuming at offset %s", tp,
-                             sidecar.next_offset if sidecar.next_offset is not None
-                             else "the committed offset")
+                    await sidecar.take_over(consumer, tp)
 
         await _start_with_retry(consumer, stop)
-        consumer.subscribe([self.s.topic_train], listener=Listener())
+        consumer.subscribe([s.topic_train], listener=Listener())
+        log.info("trainer %s waiting for %s (standby until assigned)", self.identity,
+                 s.topic_train)
         trained = 0
         last_log = time.monotonic()
         examples_at_log = 0.0
+        loop = asyncio.get_running_loop()
         try:
             while not stop.is_set():
                 try:
@@ -284,45 +559,102 @@ class Sidecar:
                     log.warning("fetch failed (%s); retrying", exc)
                     await asyncio.sleep(1.0)
                     continue
-                for msgs in records.values():
-                    for msg in msgs:
-                        await loop.run_in_executor(self.torch_thread, self.step, msg.value,
-                                                   msg.offset)
-                        trained += 1
-                        if self.batches_since_checkpoint >= self.s.checkpoint_every_batches:
-                            await self._checkpoint_and_commit(consumer, tp)
-                        if max_batches is not None and trained >= max_batches:
-                            stop.set()
-                            break
-                if self.export_due():
-                    await loop.run_in_executor(self.torch_thread, self.export)
+                fetched_in = self.assignments
+                for msg in records.get(tp, []):
+                    if fetched_in != self.assignments:
+                        break  # a take-over since the fetch has seeked where to go on
+                    if not self.active:
+                        # fetched before this trainer took over (or after it lost the
+                        # partition): put them back, never drop them
+                        if tp in consumer.assignment():
+                            consumer.seek(tp, msg.offset)
+                        break
+                    end = consumer.highwater(tp)
+                    backlog = 0 if end is None else max(0, end - msg.offset - 1)
+                    lag = max(0.0, time.time() - msg.timestamp / 1000)  # written by a worker
+                    if self.shedder.should_skip(lag) and backlog > SKIP_KEEP:
+                        await self._skip_ahead(consumer, tp, msg.offset, end, lag)
+                        break
+                    fraction = self.shedder.update(lag, time.monotonic())
+                    self.m.backlog.set(backlog)
+                    self.m.lag.set(lag)
+                    self._log_shedding(lag)
+                    await loop.run_in_executor(self.torch_thread, self.step, msg.value,
+                                               msg.offset, fraction)
+                    trained += 1
+                    if self.checkpoint_due():
+                        await self.checkpoint(consumer, tp)
+                    if self.active and self.export_due():
+                        await self.export()
+                    if max_batches is not None and trained >= max_batches:
+                        stop.set()
+                        break
                 now = time.monotonic()
-                if now - last_log >= self.s.log_every_s:
+                if now - last_log >= s.log_every_s and self.learner is not None:
                     total = self.m.registry.get_sample_value("advrec_trainer_examples_total")
                     rate = ((total or 0.0) - examples_at_log) / (now - last_log)
                     examples_at_log, last_log = total or 0.0, now
-                    r = self.recent
-                    losses = " ".join(f"{k[5:]}={v:.3f}" for k, v in sorted(r.items())
-                                      if k.startswith("loss_"))
-                    extra = "".join(f" {k}={r[k]:.3f}" for k in ("d_acc_real", "d_acc_fake",
-                                                                 "g_reward") if k in r)
-                    log.info("batches %d | %.0f examples/s | live %s | prequential HR@10 "
-                             "%.3f NDCG@10 %.3f | vocabulary %d | %s%s",
-                             self.learner.batches_seen, rate, self.live_version,
-                             r.get("hr@10", 0.0), r.get("ndcg@10", 0.0),
-                             len(self.learner.vocab), losses, extra)
-            if self.batches_since_checkpoint:
-                await self._checkpoint_and_commit(consumer, tp)
+                    self._log_progress(rate)
+            if self.active and self.batches_since_checkpoint:
+                await self.checkpoint(consumer, tp)
         finally:
             await consumer.stop()
+            await self.bundle_pub.stop()
+            await self.checkpoint_pub.stop()
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
 
-    async def _checkpoint_and_commit(self, consumer: Any, tp: Any) -> None:
-        await asyncio.get_running_loop().run_in_executor(self.torch_thread, self.checkpoint)
-        if self.next_offset is not None:
-            try:
-                await consumer.commit({tp: self.next_offset})
-            except Exception:  # the checkpoint is the truth; the commit only speeds up standbys
-                log.warning("offset commit failed after checkpoint", exc_info=True)
+    async def _skip_ahead(self, consumer: Any, tp: Any, offset: int, end: int,
+                          lag: float) -> None:
+        """Jump over all but the newest batches (the trainer is too far behind to catch up)."""
+        target = end - SKIP_KEEP
+        skipped = target - offset
+        self.m.skipped_batches.inc(skipped)
+        log.warning("%.0fs behind: skipping %d batches to train on the newest (offset %d -> "
+                    "%d)", lag, skipped, offset, target)
+        self.next_offset = target
+        consumer.seek(tp, target)
+
+    def _log_shedding(self, lag: float) -> None:
+        level = self.shedder.level
+        if level == self._shed_level:
+            return
+        self._shed_level = level
+        if level == 0:
+            log.info("caught up (batches %.1fs old): training on every example again", lag)
+        else:
+            log.warning("shedding load: training on %.0f%% of each batch (batches %.1fs old; "
+                        "the rest goes to the replay buffer)", 100 * self.shedder.fraction,
+                        lag)
+
+    def _log_progress(self, rate: float) -> None:
+        r = self.recent
+        losses = " ".join(f"{k[5:]}={v:.3f}" for k, v in sorted(r.items())
+                          if k.startswith("loss_"))
+        extra = "".join(f" {k}={r[k]:.3f}" for k in ("d_acc_real", "d_acc_fake", "g_reward")
+                        if k in r)
+        log.info("batches %d | %.0f examples/s | live %s | prequential HR@10 %.3f NDCG@10 "
+                 "%.3f | vocabulary %d | %s%s", self.learner.batches_seen, rate,
+                 self.live_version, r.get("hr@10", 0.0), r.get("ndcg@10", 0.0),
+                 len(self.learner.vocab), losses, extra)
+
+
+def _import_torch_side() -> None:
+    import trainer.checkpoint
+    import trainer.export
+    import trainer.learner  # noqa: F401
+
+
+async def _ensure_topics_with_retry(s: TrainerSettings, stop: asyncio.Event) -> None:
+    specs = channel_topics(train=s.topic_train, bundles=s.topic_bundles,
+                           checkpoints=s.topic_checkpoints)
+    while not stop.is_set():
+        try:
+            await ensure_topics(s.bootstrap, specs, timeout_s=10.0)
+            return
+        except ConnectionError as exc:
+            log.warning("Kafka not reachable yet (%s); retrying", exc)
+            await asyncio.sleep(2.0)
 
 
 async def _start_with_retry(consumer: Any, stop: asyncio.Event) -> None:

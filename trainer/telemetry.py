@@ -9,7 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 __all__ = ["EXPORT_OUTCOMES", "TrainerMetrics"]
 
 # What became of an export (label of advrec_trainer_exports_total).
-EXPORT_OUTCOMES = ("published", "rejected_quality", "rejected_parity", "failed")
+# pinned: an operator's pin holds the fleet on one version, so nothing is exported
+EXPORT_OUTCOMES = ("published", "rejected_quality", "rejected_parity", "failed", "pinned")
 
 # A training step on 2 cores takes ~50-500 ms; an export 0.2-2 s; checkpoints similar.
 _STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -36,6 +37,16 @@ class TrainerMetrics:
     resumed_offset: Gauge
     model_info: Info
     active: Gauge
+    takeovers: Counter
+    checkpoint_publish_seconds: Histogram
+    checkpoint_bytes: Gauge
+    bundle_bytes: Gauge
+    pinned: Gauge
+    train_fraction: Gauge
+    backlog: Gauge
+    lag: Gauge
+    shed_examples: Counter
+    skipped_batches: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None,
@@ -76,6 +87,29 @@ class TrainerMetrics:
                                  registry=r),
             model_info=Info(f"{p}_model", "Last published bundle", registry=r),
             active=Gauge(f"{p}_active", "1 while this trainer owns train-batches", registry=r),
+            takeovers=Counter(f"{p}_takeovers", "Times this trainer became active and resumed "
+                              "from a checkpoint another trainer published", registry=r),
+            checkpoint_publish_seconds=Histogram(
+                f"{p}_checkpoint_publish_seconds", "Time to write a checkpoint to its topic",
+                buckets=_STEP_BUCKETS, registry=r),
+            checkpoint_bytes=Gauge(f"{p}_checkpoint_bytes",
+                                   "Bytes of the last checkpoint published", registry=r),
+            bundle_bytes=Gauge(f"{p}_bundle_bytes", "Bytes of the last bundle published "
+                               "(chunks, manifest, pointer)", registry=r),
+            pinned=Gauge(f"{p}_pinned", "1 while a pin on the bundle topic stops publishing",
+                         registry=r),
+            train_fraction=Gauge(f"{p}_train_fraction", "Share of the last batch trained on "
+                                 "(below 1 while shedding load)", registry=r),
+            backlog=Gauge(f"{p}_backlog_batches",
+                          "Batches waiting on train-batches behind the one being trained",
+                          registry=r),
+            lag=Gauge(f"{p}_lag_seconds", "Age of the batch being trained on (now minus "
+                      "when the worker wrote it)", registry=r),
+            shed_examples=Counter(f"{p}_shed_examples", "Examples not trained on directly "
+                                  "while shedding load (they still enter the replay buffer)",
+                                  registry=r),
+            skipped_batches=Counter(f"{p}_skipped_batches", "Batches jumped over to reach the "
+                                    "newest while far behind", registry=r),
         )
         # Outcomes start at 0: increase() misses a series whose first sample is 1.
         for outcome in EXPORT_OUTCOMES:

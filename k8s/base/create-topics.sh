@@ -4,8 +4,9 @@
 #
 # Env: ADVREC_BROKER (kafka://host:port[,host:port]), ADVREC_PARTITIONS (partitions of
 # `clicks`, default 8), ADVREC_REPLICATION (replication factor, default 1: a single
-# broker), WAIT_SECONDS (how long to wait for the broker, default 300). The ADVREC_ names
-# are the stream app's settings, so topics and Faust's own changelogs agree.
+# broker), WAIT_SECONDS (how long to wait for the broker, default 300),
+# ADVREC_TOPIC_BUNDLES / ADVREC_TOPIC_CHECKPOINTS (model-bundles / trainer-checkpoints). The
+# ADVREC_ names are the app's settings, so topics and Faust's own changelogs agree.
 # Faust creates only its internal topics (changelogs, repartition); source topics must exist
 # with the right partition count before a worker starts, or its agent crash-loops.
 set -euo pipefail
@@ -56,6 +57,14 @@ create clicks-dlq "$PARTITIONS" retention.ms=1209600000
 # Mini-batches for the trainer. One partition: the group assigns it to exactly one trainer,
 # the active one; the others stand by.
 create train-batches 1 retention.ms=86400000
-# Model bundles for every pod, latest per key: compacted, large messages (a bundle is MBs).
-create model-bundles 1 cleanup.policy=compact max.message.bytes=67108864 \
-  min.cleanable.dirty.ratio=0.1 segment.ms=3600000
+# Model bundles for every pod and the active trainer's checkpoints, as chunks, manifests and a
+# pointer (advrec/channel.py). One partition each: one total order. Compacted down to the last
+# few versions (the trainer tombstones older ones); segments roll every 10 min or 64 MiB so
+# compaction keeps up, tombstones stay a day, records up to 2 MiB (chunks are 512 KiB). The
+# same settings as advrec.topics.CHANNEL_CONFIG (a test compares them).
+CHANNEL="cleanup.policy=compact min.cleanable.dirty.ratio=0.1 segment.ms=600000
+  segment.bytes=67108864 delete.retention.ms=86400000 max.message.bytes=2097152"
+# shellcheck disable=SC2086  # the settings are meant to split into arguments
+create "${ADVREC_TOPIC_BUNDLES:-model-bundles}" 1 $CHANNEL
+# shellcheck disable=SC2086
+create "${ADVREC_TOPIC_CHECKPOINTS:-trainer-checkpoints}" 1 $CHANNEL

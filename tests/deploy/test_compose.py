@@ -119,15 +119,19 @@ def test_settings_parse(compose: dict[str, Any]) -> None:
     assert trainer.trainer_mode == "apr" and worker.admin_token == ""
 
 
-def test_app_services_share_bundles_and_run_hardened(compose: dict[str, Any]) -> None:
+def test_app_services_share_no_volume_and_run_hardened(compose: dict[str, Any]) -> None:
     services = compose["services"]
     for name in ADVREC_SERVICES:
         service = services[name]
         assert service["read_only"] is True, name
         assert service["cap_drop"] == ["ALL"], name
         assert "/tmp" in service["tmpfs"], name
-    bundles = "bundles:/var/lib/advrec/bundles"
-    assert bundles in services["worker"]["volumes"] and bundles in services["trainer"]["volumes"]
+    # as in Kubernetes, worker and trainer share nothing but Kafka
+    assert "bundles:/var/lib/advrec/bundles" in services["worker"]["volumes"]
+    assert "trainer-bundles:/var/lib/advrec/bundles" in services["trainer"]["volumes"]
+    named = {name: {v.split(":")[0] for v in services[name]["volumes"]}
+             for name in ("worker", "trainer")}
+    assert not named["worker"] & named["trainer"]
     assert "stream:/var/lib/advrec/stream" in services["worker"]["volumes"]
 
 

@@ -38,6 +38,11 @@ EXPECTED_CONFIG = {
     "ADVREC_DATA_DIR": "/var/lib/advrec/stream",
     "ADVREC_BUNDLE_DIR": "/var/lib/advrec/bundles",
     "ADVREC_CHECKPOINT_DIR": "/var/lib/advrec/checkpoints",
+    "ADVREC_TOPIC_BUNDLES": "model-bundles",
+    "ADVREC_TOPIC_CHECKPOINTS": "trainer-checkpoints",
+    "ADVREC_BUNDLES_KEEP": "5",
+    "ADVREC_CHECKPOINT_MIN_INTERVAL_S": "30",
+    "ADVREC_TRAINER_SESSION_TIMEOUT_S": "30",
     "ADVREC_WEB_BIND": "0.0.0.0",
     "ADVREC_WEB_PORT": "6066",
     "ADVREC_PARTITIONS": "8",
@@ -244,8 +249,11 @@ def test_writable_paths_are_emptydirs_where_settings_point(objects: list[Obj]) -
               for name in ("worker", "trainer")}
     assert settings["ADVREC_DATA_DIR"] in mounts["worker"]
     assert settings["ADVREC_CHECKPOINT_DIR"] in mounts["trainer"]
+    # Worker and trainer share nothing but Kafka: each has a bundle directory of its own
+    # (the worker's is a cache of the bundle topic, the trainer's a copy of what it sent).
     bundles = settings["ADVREC_BUNDLE_DIR"]
-    assert mounts["worker"][bundles] == mounts["trainer"][bundles], "bundle dir not shared"
+    assert mounts["worker"][bundles] != mounts["trainer"][bundles], "bundle dir shared"
+    assert not set(mounts["worker"].values()) & set(mounts["trainer"].values())
 
 
 def test_configmap_keys_are_the_settings_env_names(objects: list[Obj]) -> None:
@@ -269,7 +277,8 @@ def test_configmap_is_what_the_settings_read(objects: list[Obj]) -> None:
     trainer = from_env(TrainerSettings, ENV_PREFIX, settings)
     assert worker.partitions == 8 and worker.web_bind == "0.0.0.0"
     assert trainer.trainer_metrics_bind == "0.0.0.0"
-    assert worker.bundle_dir == trainer.bundle_dir
+    assert worker.topic_bundles == trainer.topic_bundles == "model-bundles"
+    assert worker.bundles_keep == trainer.bundles_keep
 
 
 def test_settings_fit_the_containers(objects: list[Obj]) -> None:
@@ -367,15 +376,30 @@ def test_topics_job_runs_the_shared_script(objects: list[Obj]) -> None:
     assert c["command"] == ["/bin/bash", f"{mount['mountPath']}/create-topics.sh"]
 
 
-def test_create_topics_script_creates_the_four_topics() -> None:
+def test_create_topics_script_creates_the_five_topics() -> None:
     script = (BASE / "create-topics.sh").read_text()
     assert subprocess.run(["bash", "-n", str(BASE / "create-topics.sh")],
                           check=False).returncode == 0
-    creates = dict(re.findall(r'^create (\S+) ("\$PARTITIONS"|\d+)', script, re.MULTILINE))
+    creates = dict(re.findall(r'^create ("\$\{[A-Z_]+:-[a-z-]+\}"|\S+) ("\$PARTITIONS"|\d+)',
+                              script, re.MULTILINE))
     assert creates == {"clicks": '"$PARTITIONS"', "clicks-dlq": '"$PARTITIONS"',
-                       "train-batches": "1", "model-bundles": "1"}
-    assert re.search(r"^create model-bundles .*cleanup\.policy=compact", script, re.MULTILINE)
+                       "train-batches": "1", '"${ADVREC_TOPIC_BUNDLES:-model-bundles}"': "1",
+                       '"${ADVREC_TOPIC_CHECKPOINTS:-trainer-checkpoints}"': "1"}
     assert "--if-not-exists" in script
+
+
+def test_the_channel_topics_get_the_settings_the_app_creates_them_with() -> None:
+    # The Job and `advrec worker` / `advrec trainer` (which create missing topics themselves)
+    # must agree on compaction and sizes: a bundle topic that is never compacted grows
+    # without bound, and a too small max.message.bytes refuses every chunk.
+    from advrec.topics import CHANNEL_CONFIG
+
+    script = (BASE / "create-topics.sh").read_text()
+    [raw] = re.findall(r'^CHANNEL="([^"]*)"', script, re.MULTILINE)
+    assert dict(kv.split("=", 1) for kv in raw.split()) == CHANNEL_CONFIG
+    for topic in ("ADVREC_TOPIC_BUNDLES", "ADVREC_TOPIC_CHECKPOINTS"):
+        assert re.search(rf'^create "\$\{{{topic}:-[a-z-]+\}}" 1 \$CHANNEL$', script,
+                         re.MULTILINE), topic
 
 
 # -- overlays ---------------------------------------------------------------------------------

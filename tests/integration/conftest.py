@@ -94,6 +94,8 @@ class Names:
         self.clicks = f"clicks-{tag}"
         self.dlq = f"clicks-dlq-{tag}"
         self.train = f"train-batches-{tag}"
+        self.bundles = f"model-bundles-{tag}"
+        self.checkpoints = f"trainer-checkpoints-{tag}"
 
 
 @pytest.fixture
@@ -166,6 +168,7 @@ class Worker(AdvrecProcess):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = data_dir or tmp / f"tables-{self.port}"
+        self.bundle_dir = bundle_dir or tmp / f"bundles-{self.port}"  # its own cache
         self.log_path = tmp / f"worker-{self.port}-{uuid.uuid4().hex[:4]}.log"
         self.env = {
             **os.environ,
@@ -174,9 +177,10 @@ class Worker(AdvrecProcess):
             "ADVREC_TOPIC_CLICKS": names.clicks,
             "ADVREC_TOPIC_DLQ": names.dlq,
             "ADVREC_TOPIC_TRAIN": names.train,
+            "ADVREC_TOPIC_BUNDLES": names.bundles,
             "ADVREC_PARTITIONS": str(partitions),
             "ADVREC_DATA_DIR": str(self.data_dir),
-            "ADVREC_BUNDLE_DIR": str(bundle_dir or tmp / "bundles"),
+            "ADVREC_BUNDLE_DIR": str(self.bundle_dir),
             "ADVREC_WEB_PORT": str(self.port),
             "ADVREC_WEB_BIND": "127.0.0.1",
             "ADVREC_WEB_HOST": "127.0.0.1",
@@ -271,7 +275,10 @@ class TrainerProcess(AdvrecProcess):
             **os.environ,
             "ADVREC_BROKER": f"kafka://{bootstrap}",
             "ADVREC_TOPIC_TRAIN": names.train,
+            "ADVREC_TOPIC_BUNDLES": names.bundles,
+            "ADVREC_TOPIC_CHECKPOINTS": names.checkpoints,
             "ADVREC_TRAINER_GROUP": f"{names.app_id}-trainer",
+            "ADVREC_CHECKPOINT_MIN_INTERVAL_S": "0",
             "ADVREC_BUNDLE_DIR": str(bundle_dir),
             "ADVREC_CHECKPOINT_DIR": str(self.checkpoint_dir),
             "ADVREC_TRAINER_METRICS_PORT": str(self.port),

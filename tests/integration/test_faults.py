@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from advrec.contract import ClickEvent, InvalidEvent, decode_dead_letter, decode_event
-from tests.bundles import publish_toy
+from tests.bundles import publish_toy_to_topic
 from tests.integration.conftest import (
     Names,
     PrivateBroker,
@@ -80,11 +80,11 @@ def owners(worker: Worker, users: list[str]) -> dict[str, int]:
 def test_broker_outage_of_15s_loses_nothing_and_counts_each_event_once(
         private_broker: PrivateBroker, names: Names, tmp_path: Path, workers) -> None:
     bootstrap = private_broker.bootstrap
-    bundle_dir = tmp_path / "bundles"
-    worker = Worker(names, tmp_path, bundle_dir=bundle_dir, bootstrap=bootstrap)
+    worker = Worker(names, tmp_path, bootstrap=bootstrap)
     workers.append(worker)
     worker.start().wait_ready()
-    trainer = TrainerProcess(names, tmp_path, bundle_dir=bundle_dir, bootstrap=bootstrap,
+    trainer = TrainerProcess(names, tmp_path, bundle_dir=tmp_path / "trainer-bundles",
+                             bootstrap=bootstrap,
                              extra_env={"ADVREC_EXPORT_EVERY_S": "2"})
     trainer.start()
     try:
@@ -130,10 +130,9 @@ def test_broker_outage_of_15s_loses_nothing_and_counts_each_event_once(
 
 def test_worker_killed_under_load_recovers_and_the_other_worker_keeps_answering(
         kafka: str, names: Names, tmp_path: Path, workers) -> None:
-    bundle_dir = tmp_path / "bundles"
-    publish_toy(bundle_dir, [f"i{n}" for n in range(2000)])
-    a = Worker(names, tmp_path, bundle_dir=bundle_dir)
-    b = Worker(names, tmp_path, bundle_dir=bundle_dir)
+    publish_toy_to_topic(kafka, names.bundles, [f"i{n}" for n in range(2000)])
+    a = Worker(names, tmp_path)
+    b = Worker(names, tmp_path)
     workers.extend([a, b])
     a.start().wait_ready()
     b.start().wait_ready()
@@ -155,7 +154,7 @@ def test_worker_killed_under_load_recovers_and_the_other_worker_keeps_answering(
     for t in probers:
         t.start()
     a.kill9()
-    restarted = Worker(names, tmp_path, bundle_dir=bundle_dir, port=a.port,
+    restarted = Worker(names, tmp_path, bundle_dir=a.bundle_dir, port=a.port,
                        data_dir=a.data_dir)
     workers.append(restarted)
     time.sleep(5.0)  # b alone for a while: it takes over a's partitions

@@ -12,7 +12,7 @@ import pytest
 
 from advrec.bundle import write_bundle
 from advrec.contract import ClickEvent, encode_event, encode_key
-from tests.bundles import publish_toy, toy_model
+from tests.bundles import publish_dir, publish_toy_to_topic, toy_model
 from tests.integration.conftest import Names, Worker, send, wait_for
 
 pytestmark = pytest.mark.kafka
@@ -37,16 +37,13 @@ def serving(kafka: str, tmp_path_factory: pytest.TempPathFactory):
     """One worker for the module (start-up is the slow part); tests run in file order."""
     tmp = tmp_path_factory.mktemp("serving")
     names = Names()
-    bundles = tmp / "bundles"
-    first = publish_toy(bundles, VOCAB, seed=0)
-    worker = Worker(names, tmp, bundle_dir=bundles,
-                    extra_env={"ADVREC_READY_WITHOUT_MODEL": "0",
-                               "ADVREC_ADMIN_TOKEN": "let-me-in",
-                               "ADVREC_WATCH_INTERVAL_S": "0.2"})
+    first = publish_toy_to_topic(kafka, names.bundles, VOCAB, seed=0)
+    worker = Worker(names, tmp, extra_env={"ADVREC_READY_WITHOUT_MODEL": "0",
+                                           "ADVREC_ADMIN_TOKEN": "let-me-in"})
     worker.start()
     try:
         worker.wait_ready()
-        yield worker, names, bundles, first
+        yield worker, names, kafka, first
     finally:
         worker.stop()
 
@@ -95,7 +92,7 @@ def test_too_long_user_id_gets_a_400(serving) -> None:
 
 
 def test_fifty_swaps_under_sixteen_clients_fail_no_request(serving) -> None:
-    worker, names, bundles, first = serving
+    worker, names, kafka, first = serving
     send(names.clicks, [click(f"user{n}", f"i{n % 150}", n) for n in range(64)])
     wait_for(lambda: httpx.get(f"{worker.url}/users/user63").status_code == 200, 60,
              "users known")
@@ -119,7 +116,8 @@ def test_fifty_swaps_under_sixteen_clients_fail_no_request(serving) -> None:
     async def swapper() -> None:
         async with httpx.AsyncClient(base_url=worker.url, timeout=10) as http:
             for seed in range(1, 51):
-                version = publish_toy(bundles, VOCAB, seed=seed)
+                version = await asyncio.to_thread(publish_toy_to_topic, kafka, names.bundles,
+                                                  VOCAB, seed=seed, stale=5)
                 published.add(version)
                 # the next bundle only once this one is live: 50 real swaps, at any speed
                 for _ in range(600):
@@ -158,7 +156,10 @@ def _truncated_at_publish(root: Path) -> str:
                         make_current=False, keep=100)
 
 
-def _damaged_after_publish(damage: Callable[[Path], None], **toy: object) -> Callable[[Path], str]:
+def _damaged_before_publish(damage: Callable[[Path], None],
+                            **toy: object) -> Callable[[Path], str]:
+    """A bundle damaged between export and publish: the bundle topic carries it intact
+    (its chunks and manifest agree), so only the bundle's own checks can refuse it."""
     def make(root: Path) -> str:
         version = write_bundle(root, toy_model(len(VOCAB), seed=97, **toy), VOCAB,  # type: ignore[arg-type]
                                {"max_len": 10}, make_current=False, keep=100)
@@ -167,45 +168,39 @@ def _damaged_after_publish(damage: Callable[[Path], None], **toy: object) -> Cal
     return make
 
 
-def point_current(root: Path, version: str) -> None:
-    """Move CURRENT the way any writer could: without advrec.bundle's checks."""
-    tmp = root / ".CURRENT.test"
-    tmp.write_text(version + "\n")
-    tmp.replace(root / "CURRENT")
-
-
 def _no_damage(_d: Path) -> None:
     return None
 
 
 BAD_BUNDLES = {
     "truncated at publish": (_truncated_at_publish, "load_error"),
-    "truncated on disk": (_damaged_after_publish(
+    "truncated model": (_damaged_before_publish(
         lambda d: (d / "model.onnx").write_bytes((d / "model.onnx").read_bytes()[:100])),
         "checksum_mismatch"),
-    "wrong checksum": (_damaged_after_publish(lambda d: (d / "meta.json").write_text(
+    "wrong checksum": (_damaged_before_publish(lambda d: (d / "meta.json").write_text(
         (d / "meta.json").read_text().replace('"model_sha256": "', '"model_sha256": "0'))),
         "checksum_mismatch"),
-    "NaN weights": (_damaged_after_publish(_no_damage, nan=True), "nan_output"),
-    "wrong input name": (_damaged_after_publish(_no_damage, input_name="tokens"),
+    "NaN weights": (_damaged_before_publish(_no_damage, nan=True), "nan_output"),
+    "wrong input name": (_damaged_before_publish(_no_damage, input_name="tokens"),
                          "bad_signature"),
-    "vocabulary mismatch": (_damaged_after_publish(_no_damage, extra_cols=3), "vocab_mismatch"),
-    "no meta.json": (_damaged_after_publish(lambda d: (d / "meta.json").unlink()),
+    "vocabulary mismatch": (_damaged_before_publish(_no_damage, extra_cols=3),
+                            "vocab_mismatch"),
+    "no meta.json": (_damaged_before_publish(lambda d: (d / "meta.json").unlink()),
                      "missing_meta"),
 }
 
 
 @pytest.mark.parametrize("fault", list(BAD_BUNDLES))
 def test_a_bad_bundle_is_rejected_with_its_reason_and_the_old_one_keeps_answering(
-        serving, fault: str) -> None:
-    worker, names, bundles, _first = serving
+        serving, tmp_path: Path, fault: str) -> None:
+    worker, names, kafka, _first = serving
     send(names.clicks, [click("bob", "i3", 0)])
     wait_for(lambda: httpx.get(f"{worker.url}/users/bob").status_code == 200, 60, "bob")
     live = live_version(worker)
     make, reason = BAD_BUNDLES[fault]
     counted = worker.metric("advrec_bundles_rejected_total", f'reason="{reason}"')
-    bad = make(bundles)
-    point_current(bundles, bad)  # the pointer moves only once the damage is done
+    bad = make(tmp_path)
+    publish_dir(kafka, names.bundles, tmp_path, bad)
     wait_for(lambda: worker.metric("advrec_bundles_rejected_total", f'reason="{reason}"')
              >= counted + 1, 30, f"rejection of the {fault} bundle")
     assert recommend(worker, "bob")["model_version"] == live
@@ -215,21 +210,28 @@ def test_a_bad_bundle_is_rejected_with_its_reason_and_the_old_one_keeps_answerin
 
 
 def test_admin_needs_the_bearer_token_and_rollback_works(serving) -> None:
-    worker, _names, bundles, _first = serving
-    first = publish_toy(bundles, VOCAB, seed=100)
+    worker, names, kafka, _first = serving
+    first = publish_toy_to_topic(kafka, names.bundles, VOCAB, seed=100)
     wait_for(lambda: live_version(worker) == first, 30, "a good bundle live")
-    second = publish_toy(bundles, VOCAB, seed=101)
+    second = publish_toy_to_topic(kafka, names.bundles, VOCAB, seed=101)
     wait_for(lambda: httpx.get(f"{worker.url}/readyz").json()["model_version"] == second, 30,
              "second bundle live")
     url = f"{worker.url}/admin/rollback"
     assert httpx.post(url).status_code == 401
     assert httpx.post(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert httpx.get(f"{worker.url}/admin/model").status_code == 401
-    r = httpx.post(url, headers={"Authorization": "Bearer let-me-in"})
+    r = httpx.post(url, headers={"Authorization": "Bearer let-me-in"}, timeout=30)
     assert r.status_code == 200 and r.json()["rolled_back_to"] == first
     status = httpx.get(f"{worker.url}/admin/model",
                        headers={"Authorization": "Bearer let-me-in"}).json()
-    assert status["live"]["version"] == first and status["current_pointer"] == first
+    assert status["live"]["version"] == first and status["current_pointer"] == second
+    assert status["pin"]["version"] == first  # the whole fleet is held on it
+    assert httpx.delete(f"{worker.url}/admin/pin", timeout=30).status_code == 401
+    r = httpx.delete(f"{worker.url}/admin/pin", timeout=30,
+                     headers={"Authorization": "Bearer let-me-in"})
+    assert r.status_code == 200 and r.json() == {"pinned": None, "released": True,
+                                                 "current_pointer": second}
+    assert live_version(worker) == second
     assert "let-me-in" not in httpx.get(f"{worker.url}/metrics").text
     assert "let-me-in" not in worker.log_text()  # settings are logged with secrets hidden
     assert "admin_token" in worker.log_text()  # ... and they were logged

@@ -102,8 +102,8 @@ def test_kill_9_resumes_from_checkpoint_and_never_leaves_a_half_bundle(
 
 def test_a_new_item_is_served_after_the_next_export(kafka: str, names: Names,
                                                     tmp_path: Path, workers) -> None:
-    bundles = tmp_path / "bundles"
-    worker = Worker(names, tmp_path, bundle_dir=bundles,
+    bundles = tmp_path / "trainer-bundles"  # the trainer's own copy of what it publishes
+    worker = Worker(names, tmp_path,
                     extra_env={"ADVREC_TRAIN_BATCH_S": "1.0", "ADVREC_TRAIN_BATCH_SIZE": "128"})
     workers.append(worker)
     worker.start().wait_ready()
@@ -149,8 +149,8 @@ def test_a_new_item_is_served_after_the_next_export(kafka: str, names: Names,
 def test_trainer_exports_through_a_live_stream(kafka: str, names: Names, tmp_path: Path,
                                                workers) -> None:
     """Events on `clicks` reach the trainer through the batcher and come back as bundles."""
-    bundles = tmp_path / "bundles"
-    worker = Worker(names, tmp_path, bundle_dir=bundles)
+    bundles = tmp_path / "trainer-bundles"
+    worker = Worker(names, tmp_path)
     workers.append(worker)
     worker.start().wait_ready()
     trainer = TrainerProcess(names, tmp_path, bundle_dir=bundles,
@@ -170,3 +170,48 @@ def test_trainer_exports_through_a_live_stream(kafka: str, names: Names, tmp_pat
     finally:
         stop.set()
         trainer.stop()
+
+
+def test_advrec_export_publish_puts_a_checkpoints_model_on_the_bundle_topic(
+        kafka: str, names: Names, tmp_path: Path) -> None:
+    """An operator seeds a fleet from a checkpoint: the bundle goes to the topic as current
+    and rebuilds there byte for byte; older versions beyond --keep are tombstoned."""
+    from advrec.bundle import bundle_files
+    from advrec.channel import Assembled, Assembler
+    from advrec.channel_io import follow_topic, read_view
+    from advrec.topics import channel_topics, ensure_topics
+    from tests.unit.trainer.planted import SMALL, planted_stream
+    from trainer.checkpoint import save_checkpoint
+    from trainer.export import main as export_main
+    from trainer.learner import OnlineLearner
+
+    asyncio.run(ensure_topics(kafka, channel_topics(train=names.train, bundles=names.bundles,
+                                                    checkpoints=None)))
+    learner = OnlineLearner(SMALL)
+    for batch in planted_stream(3, 32):
+        learner.train_batch(batch)
+    save_checkpoint(tmp_path / "ckpt.pt", learner)
+    versions = []
+    for _ in range(3):
+        assert export_main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--bundle-dir",
+                            str(tmp_path / "out"), "--keep", "2", "--publish", "--broker",
+                            f"kafka://{kafka}", "--topic", names.bundles]) == 0
+        versions.append(read_current(tmp_path / "out"))
+    view = asyncio.run(read_view(kafka, names.bundles))
+    assert view.pointer is not None and view.pointer.version == versions[-1]
+    assert view.versions() == versions[-2:]  # the oldest was tombstoned
+    rebuilt: list[Assembled] = []
+    assembler = Assembler(tmp_path / "rebuilt")
+
+    def handle(record) -> None:
+        from advrec.channel import decode_record
+        rebuilt.extend(e for e in assembler.feed(decode_record(record.key, record.value))
+                       if isinstance(e, Assembled))
+
+    asyncio.run(follow_topic(kafka, names.bundles, handle, stop=asyncio.Event(),
+                             until_caught_up=True))
+    last = rebuilt[-1]
+    assert last.version == versions[-1]
+    assert bundle_files(tmp_path / "rebuilt", last.version) == bundle_files(tmp_path / "out",
+                                                                           last.version)
+    load_bundle(tmp_path / "rebuilt", last.version)  # verifies its own checksums too

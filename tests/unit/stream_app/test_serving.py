@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -334,18 +333,18 @@ async def test_watcher_swaps_new_versions_and_keeps_serving_after_a_bad_one(
     server = ModelServer(metrics=metrics)
     watcher = BundleWatcher(tmp_path, server, metrics=metrics)
     good = publish_toy(tmp_path, VOCAB, seed=1)
-    assert await watcher.check() and server.current is not None
+    assert await watcher.activate(good) and server.current is not None
     assert server.current.version == good
     bad = publish_toy(tmp_path, VOCAB, seed=2)
     (tmp_path / bad / "model.onnx").write_bytes(b"corrupt")
-    assert not await watcher.check()
+    assert not await watcher.activate(bad)
     assert server.current.version == good
     assert watcher.rejected == {bad: "checksum_mismatch"}
-    assert not await watcher.check()  # a rejected version is not retried every tick
+    assert not await watcher.activate(bad)  # a rejected version is not loaded again
     assert metrics.registry.get_sample_value(
         "advrec_bundles_rejected_total", {"reason": "checksum_mismatch"}) == 1
     newer = publish_toy(tmp_path, VOCAB, seed=3)
-    assert await watcher.check() and server.current.version == newer
+    assert await watcher.activate(newer) and server.current.version == newer
     await server.stop()
 
 
@@ -354,26 +353,21 @@ async def test_a_vocabulary_mismatch_is_rejected(tmp_path: Path) -> None:
     watcher = BundleWatcher(tmp_path, server)
     model = toy_model(len(VOCAB) + 5)  # scores more columns than the vocabulary has rows
     v = write_bundle(tmp_path, model, VOCAB, {"max_len": 5})
-    assert not await watcher.check()
+    assert not await watcher.activate(v)
     assert watcher.rejected[v] == "vocab_mismatch" and server.current is None
     await server.stop()
 
 
-async def test_rollback_serves_the_previous_version_and_repoints_current(
-        tmp_path: Path) -> None:
-    server = ModelServer()
-    watcher = BundleWatcher(tmp_path, server)
-    first = publish_toy(tmp_path, VOCAB, seed=1)
-    await watcher.check()
-    second = publish_toy(tmp_path, VOCAB, seed=2)
-    await watcher.check()
-    assert server.current is not None and server.current.version == second
-    assert await watcher.rollback() == first
-    assert server.current.version == first
-    assert (tmp_path / "CURRENT").read_text().strip() == first
-    assert not await watcher.check()  # the pointer agrees: no swap back
-    meta = json.loads((tmp_path / first / "meta.json").read_text())
-    assert meta["version"] == first
+async def test_a_version_rejected_on_the_topic_is_never_loaded(tmp_path: Path) -> None:
+    metrics = StreamMetrics.create()
+    server = ModelServer(metrics=metrics)
+    watcher = BundleWatcher(tmp_path, server, metrics=metrics)
+    version = publish_toy(tmp_path, VOCAB, seed=1)
+    watcher.reject(version, "chunk_gap", "chunk 3 came while chunk 2 was due")
+    watcher.reject(version, "chunk_gap", "the same again")  # counted once
+    assert not await watcher.activate(version) and server.current is None
+    assert metrics.registry.get_sample_value(
+        "advrec_bundles_rejected_total", {"reason": "chunk_gap"}) == 1
     await server.stop()
 
 

@@ -7,7 +7,7 @@ import torch
 
 from tests.unit.trainer.planted import SMALL, planted_stream
 from trainer import checkpoint
-from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.checkpoint import load_checkpoint, read_extra, save_checkpoint
 from trainer.learner import OnlineLearner, TrainConfig
 
 
@@ -28,7 +28,9 @@ def test_save_load_round_trip_resumes_exactly(tmp_path: Path) -> None:
     assert resumed.vocab.items() == learner.vocab.items()
     assert resumed.evaluate_batch(next_batch) == learner.evaluate_batch(next_batch)
     assert resumed.train_batch(next_batch) == learner.train_batch(next_batch)
-    assert [p.name for p in path.parent.iterdir()] == ["trainer.pt"]  # no temporary left
+    # no temporary left: the checkpoint and its extra, read without loading the model
+    assert sorted(p.name for p in path.parent.iterdir()) == ["trainer.pt", "trainer.pt.json"]
+    assert read_extra(path) == extra
 
 
 def test_a_failed_save_keeps_the_previous_checkpoint(
@@ -48,7 +50,8 @@ def test_a_failed_save_keeps_the_previous_checkpoint(
     monkeypatch.undo()
     resumed, extra = load_checkpoint(path)
     assert extra == {"n": 1} and resumed.batches_seen == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["trainer.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trainer.pt", "trainer.pt.json"]
+    assert read_extra(path) == {"n": 1}  # the extra of the checkpoint that is there
 
 
 def test_load_rejects_a_foreign_file(tmp_path: Path) -> None:

@@ -1,0 +1,69 @@
+"""Load shedding: the trained share follows the backlog, and a shed batch loses nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tests.unit.trainer.planted import SMALL, planted_stream
+from trainer.learner import OnlineLearner, TrainConfig
+from trainer.shedding import LoadShedder
+
+
+def test_the_fraction_shrinks_while_behind_holds_near_the_target_and_recovers() -> None:
+    shedder = LoadShedder(target_lag_s=10, min_fraction=0.05, decrease=0.5, increase=0.25)
+    assert [shedder.update(30, now=t) for t in (0, 1, 2)] == [0.5, 0.25, 0.125]
+    assert shedder.level == 4  # 1/8: three halvings below "trains on everything"
+    assert shedder.update(8, now=3) == 0.125 and shedder.update(6, now=4) == 0.125  # hold
+    assert [shedder.update(1, now=t) for t in (5, 6, 7, 8)] == [0.375, 0.625, 0.875, 1.0]
+    assert shedder.level == 0
+    for t in range(9, 40):
+        shedder.update(50, now=t)
+    assert shedder.fraction == 0.05  # never below the floor: a sample is always trained on
+
+
+def test_at_most_one_change_per_interval() -> None:
+    shedder = LoadShedder(target_lag_s=10, decrease=0.5, interval_s=1.0)
+    assert [shedder.update(60, now=t) for t in (0, 0.1, 0.5, 0.99, 1.0)] == [
+        0.5, 0.5, 0.5, 0.5, 0.25]  # a burst of small batches is one signal, not five
+
+
+def test_only_a_lag_beyond_the_skip_threshold_jumps_ahead() -> None:
+    shedder = LoadShedder(target_lag_s=10, skip_lag_s=300)
+    assert not shedder.should_skip(300) and shedder.should_skip(301)
+    assert not LoadShedder(skip_lag_s=0).should_skip(10**9)
+
+
+def test_a_simulated_overload_settles_where_the_trainer_keeps_up() -> None:
+    """A batch arrives every second; training all of one takes 5 s plus 0.1 s, so the
+    trainer keeps up only below about 18 % of each batch. The batches trained on stay
+    near the target age, and the share trained on settles below the break-even."""
+    shedder = LoadShedder(target_lag_s=10)
+    clock, next_batch, queue, lags, fractions = 0.0, 0.0, [], [], []
+    while clock < 600:
+        while next_batch <= clock:  # batches written by the workers until now
+            queue.append(next_batch)
+            next_batch += 1.0
+        if not queue:
+            clock = next_batch
+            continue
+        written = queue.pop(0)
+        lags.append(clock - written)
+        fraction = shedder.update(clock - written, clock)
+        fractions.append(fraction)
+        clock += 0.1 + 5.0 * fraction
+    late = lags[len(lags) // 2:]
+    assert max(late) <= 20 and sum(late) / len(late) <= 12
+    assert 0.05 <= min(fractions[-100:]) and max(fractions[-100:]) <= 0.3
+
+
+def test_a_shed_batch_trains_on_a_sample_and_keeps_every_example_for_replay() -> None:
+    batch = planted_stream(1, 200, seed=4)[0]
+    learner = OnlineLearner(SMALL, TrainConfig(replay_size=1000, steps_per_batch=1))
+    stats = learner.train_batch(batch, fraction=0.25)
+    assert stats["examples"] == 50 and stats["shed"] == 150
+    assert len(learner.replay) == 200 and learner.examples_seen == 200
+    assert all(learner.vocab.index(e.item) for e in batch)  # every item has its row
+    full = OnlineLearner(SMALL, TrainConfig(replay_size=1000, steps_per_batch=1))
+    stats = full.train_batch(batch)
+    assert stats["examples"] == 200 and stats["shed"] == 0
+    np.testing.assert_array_equal(full.replay.target[:200], learner.replay.target[:200])
