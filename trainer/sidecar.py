@@ -62,6 +62,7 @@ PARITY_TOLERANCE = 1e-3  # torch vs onnxruntime max abs score difference allowed
 LOSS_KINDS = {"loss_ml": "ml", "loss_g": "g", "loss_d": "d", "pg_term": "pg", "apr_loss": "apr"}
 BUNDLE_TOPIC_WAIT_S = 60.0  # how long to wait for the bundle topic's pointer and pin at start
 SKIP_KEEP = 2  # batches a trainer far behind still trains on when it jumps to the newest
+SHED_LOG_EVERY_S = 60.0  # while shedding, a change of its level is logged at most this often
 
 
 @dataclass
@@ -105,6 +106,7 @@ class Sidecar:
         self._rng = np.random.default_rng(settings.trainer_seed)
         self._pin_logged: str | None = None
         self._shed_level = 0
+        self._shed_logged = 0.0
         chunk = settings.bundle_chunk_kb * 1024
         self.bundle_pub = ChannelPublisher(settings.bootstrap, settings.topic_bundles,
                                            producer_id=self.identity, chunk_bytes=chunk)
@@ -259,14 +261,22 @@ class Sidecar:
 
     # ------------------------------------------------------------------ per batch
 
-    def step(self, payload: bytes, offset: int, fraction: float = 1.0) -> dict[str, float]:
-        """Evaluate, then train on one ``train-batches`` message (blocking)."""
+    def step(self, payload: bytes | list[bytes], offset: int,
+             fraction: float = 1.0) -> dict[str, float]:
+        """Evaluate, then train on one ``train-batches`` message, or on several as one batch
+        (while shedding); ``offset`` is the last one's (blocking)."""
         started = time.perf_counter()
-        try:
-            batch = decode_batch(payload)
-        except Exception as exc:  # a foreign message must not stop training
-            log.error("skipping undecodable train-batches message at offset %d: %s",
-                      offset, exc)
+        payloads = [payload] if isinstance(payload, bytes) else payload
+        batch: list[TrainingExample] = []
+        for n, raw in enumerate(payloads):
+            try:
+                batch.extend(decode_batch(raw))
+            except Exception as exc:  # a foreign message must not stop training
+                log.error("skipping undecodable train-batches message at offset %d: %s",
+                          offset - len(payloads) + 1 + n, exc)
+        self.batches_since_export += len(payloads)
+        self.batches_since_checkpoint += len(payloads)
+        if not batch:
             self.next_offset = offset + 1
             return {}
         learner = self.learner
@@ -283,9 +293,7 @@ class Sidecar:
         self.window["n"] += int(n_total)
         stats = learner.train_batch(batch, fraction)
         self.next_offset = offset + 1
-        self.batches_since_export += 1
-        self.batches_since_checkpoint += 1
-        self._report(pre, stats, n_total, time.perf_counter() - started, fraction)
+        self._report(pre, stats, n_total, time.perf_counter() - started, fraction, len(payloads))
         return {**pre, **stats}
 
     def _sample(self, batch: list[TrainingExample], fraction: float) -> list[TrainingExample]:
@@ -295,9 +303,9 @@ class Sidecar:
         return [batch[i] for i in pick]
 
     def _report(self, pre: dict[str, float], stats: dict[str, float], n_total: float,
-                seconds: float, fraction: float) -> None:
+                seconds: float, fraction: float, messages: int = 1) -> None:
         m = self.m
-        m.batches.inc()
+        m.batches.inc(messages)
         m.examples.inc(stats.get("examples", 0.0))
         m.shed_examples.inc(stats.get("shed", 0.0))
         m.train_fraction.set(fraction)
@@ -560,7 +568,10 @@ class Sidecar:
                     await asyncio.sleep(1.0)
                     continue
                 fetched_in = self.assignments
-                for msg in records.get(tp, []):
+                msgs = records.get(tp, [])
+                i = 0
+                while i < len(msgs):
+                    msg = msgs[i]
                     if fetched_in != self.assignments:
                         break  # a take-over since the fetch has seeked where to go on
                     if not self.active:
@@ -579,9 +590,17 @@ class Sidecar:
                     self.m.backlog.set(backlog)
                     self.m.lag.set(lag)
                     self._log_shedding(lag)
-                    await loop.run_in_executor(self.torch_thread, self.step, msg.value,
-                                               msg.offset, fraction)
-                    trained += 1
+                    # while shedding, the fetched batches go as one: the fixed cost of a
+                    # step (scoring for the gate, the update steps) is paid once for them
+                    group = msgs[i:] if fraction < 1.0 else [msg]
+                    if max_batches is not None:
+                        group = group[: max(1, max_batches - trained)]
+                    await loop.run_in_executor(
+                        self.torch_thread, self.step,
+                        [m.value for m in group] if len(group) > 1 else msg.value,
+                        group[-1].offset, fraction)
+                    trained += len(group)
+                    i += len(group)
                     if self.checkpoint_due():
                         await self.checkpoint(consumer, tp)
                     if self.active and self.export_due():
@@ -616,10 +635,14 @@ class Sidecar:
         consumer.seek(tp, target)
 
     def _log_shedding(self, lag: float) -> None:
-        level = self.shedder.level
+        """Log when shedding starts and ends, and while it lasts when its level changed, at
+        most once a minute (the fraction moves every second or so)."""
+        level, now = self.shedder.level, time.monotonic()
         if level == self._shed_level:
             return
-        self._shed_level = level
+        if level and self._shed_level and now - self._shed_logged < SHED_LOG_EVERY_S:
+            return
+        self._shed_level, self._shed_logged = level, now
         if level == 0:
             log.info("caught up (batches %.1fs old): training on every example again", lag)
         else:

@@ -67,3 +67,24 @@ def test_a_shed_batch_trains_on_a_sample_and_keeps_every_example_for_replay() ->
     stats = full.train_batch(batch)
     assert stats["examples"] == 200 and stats["shed"] == 0
     np.testing.assert_array_equal(full.replay.target[:200], learner.replay.target[:200])
+
+
+def test_while_shedding_several_fetched_batches_are_one_step(tmp_path) -> None:
+    from advrec.contract import encode_batch
+    from trainer.settings import load_trainer_settings
+    from trainer.sidecar import Sidecar
+
+    s = load_trainer_settings({"ADVREC_BUNDLE_DIR": str(tmp_path / "b"),
+                               "ADVREC_CHECKPOINT_DIR": str(tmp_path / "c"),
+                               "ADVREC_TRAINER_DIM": "16", "ADVREC_TRAINER_LAYERS": "1",
+                               "ADVREC_TRAINER_STEPS_PER_BATCH": "1"})
+    sidecar = Sidecar(s)
+    sidecar.build()
+    batches = planted_stream(3, 40, seed=5)
+    stats = sidecar.step([encode_batch(b) for b in batches], offset=12, fraction=0.5)
+    assert sidecar.next_offset == 13  # after the last of the three
+    assert stats["examples"] == 60 and stats["shed"] == 60  # half of the 120, in one update
+    assert sidecar.learner.batches_seen == 1 and sidecar.learner.examples_seen == 120
+    assert sidecar.batches_since_export == 3 and sidecar.batches_since_checkpoint == 3
+    assert sidecar.m.registry.get_sample_value("advrec_trainer_batches_total") == 3
+    assert sidecar.m.registry.get_sample_value("advrec_trainer_shed_examples_total") == 60
