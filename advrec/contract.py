@@ -31,14 +31,19 @@ __all__ = [
     "decode_batch",
     "decode_dead_letter",
     "decode_event",
+    "decode_message",
     "encode_batch",
     "encode_dead_letter",
+    "encode_envelope",
     "encode_event",
     "encode_key",
     "partition_for",
 ]
 
 MAX_EVENT_BYTES = 4096  # a click is ~100 bytes; anything this big is abuse or a bug
+# an envelope (opt-in, for producers that batch): many events of one user in one message
+MAX_ENVELOPE_EVENTS = 1000
+MAX_ENVELOPE_BYTES = 512 * 1024  # within Kafka's default 1 MiB message limit
 MAX_ID_CHARS = 128
 MIN_TS_MS = 631_152_000_000  # 1990-01-01: older than any public interaction log we replay
 FUTURE_SLACK_MS = 24 * 3600 * 1000  # producers' clocks may run ahead, but not by a day
@@ -64,13 +69,20 @@ REASONS = (
 
 
 class InvalidEvent(ValueError):
-    """A click event breaks the contract; ``reason`` is one of ``REASONS``."""
+    """A click event breaks the contract; ``reason`` is one of ``REASONS``.
 
-    def __init__(self, reason: str, detail: str) -> None:
+    For an event inside an envelope, ``index`` is its place there and ``original`` its map
+    as msgpack (the dead letter's original bytes; the envelope may hold good events too).
+    """
+
+    def __init__(self, reason: str, detail: str, *, index: int | None = None,
+                 original: bytes | None = None) -> None:
         assert reason in REASONS, reason
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.index = index
+        self.original = original
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,17 +142,37 @@ def _check_id(name: str, value: Any, *, required: bool) -> str | None:
     return value
 
 
-def decode_event(payload: Any, key: bytes | None = None, *,
-                 now_ms: int | None = None) -> ClickEvent:
-    """Validate one ``clicks`` message and return the event, or raise ``InvalidEvent``."""
+def encode_envelope(events: list[ClickEvent] | tuple[ClickEvent, ...]) -> bytes:
+    """Serialize several events of one user as one ``clicks`` message (an envelope).
+
+    A map ``{"user": <id>, "events": [<event map without "user">, ...]}``, keyed like a single
+    event (``encode_key(user)``). Opt-in, for producers that batch: Faust's cost is per
+    message, so an envelope of 20 events costs it a twentieth per event.
+    """
+    assert 1 <= len(events) <= MAX_ENVELOPE_EVENTS, f"{len(events)} events in an envelope"
+    user = events[0].user
+    assert all(e.user == user for e in events), "an envelope holds the events of one user"
+    inner = []
+    for e in events:
+        d = e.to_dict()
+        del d["user"]
+        inner.append(d)
+    return msgpack.packb({"user": user, "events": inner}, use_bin_type=True)
+
+
+def _unpack(payload: Any, limit: int) -> Any:
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise InvalidEvent("not_msgpack", f"payload is {type(payload).__name__}, not bytes")
-    if len(payload) > MAX_EVENT_BYTES:
-        raise InvalidEvent("oversize", f"{len(payload)} bytes > {MAX_EVENT_BYTES}")
+    if len(payload) > limit:
+        raise InvalidEvent("oversize", f"{len(payload)} bytes > {limit}")
     try:
-        obj = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+        return msgpack.unpackb(payload, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise InvalidEvent("not_msgpack", f"{type(exc).__name__}: {exc}"[:200]) from None
+
+
+def _event(obj: Any, key: bytes | None, now_ms: int) -> ClickEvent:
+    """Check one unpacked event map against the contract."""
     if not isinstance(obj, dict):
         raise InvalidEvent("not_a_map", f"top-level value is {type(obj).__name__}")
     user = _check_id("user", obj.get("user"), required=True)
@@ -152,7 +184,6 @@ def decode_event(payload: Any, key: bytes | None = None, *,
         if isinstance(ts, float) and not math.isfinite(ts):
             raise InvalidEvent("bad_timestamp", f"ts is {ts}")
         raise InvalidEvent("wrong_type", f"ts must be an integer (ms), got {type(ts).__name__}")
-    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     if ts < MIN_TS_MS or ts > now_ms + FUTURE_SLACK_MS:
         raise InvalidEvent("bad_timestamp", f"ts={ts} outside [{MIN_TS_MS}, now+1d]")
     kind = obj.get("type", "click")
@@ -169,15 +200,73 @@ def decode_event(payload: Any, key: bytes | None = None, *,
     return ClickEvent(user=user, item=item, ts=ts, type=kind, session=session, id=event_id)
 
 
+def decode_event(payload: Any, key: bytes | None = None, *,
+                 now_ms: int | None = None) -> ClickEvent:
+    """Validate one single-event ``clicks`` message and return the event, or raise
+    ``InvalidEvent``."""
+    obj = _unpack(payload, MAX_EVENT_BYTES)
+    return _event(obj, key, int(time.time() * 1000) if now_ms is None else now_ms)
+
+
+def _is_envelope(obj: Any) -> bool:
+    return isinstance(obj, dict) and "events" in obj and "item" not in obj
+
+
+def decode_message(payload: Any, key: bytes | None = None, *,
+                   now_ms: int | None = None) -> list[ClickEvent | InvalidEvent]:
+    """Validate one ``clicks`` message, a single event or an envelope: one entry per event,
+    in order, each the event or why it breaks the contract (a message that cannot be read
+    at all is one ``InvalidEvent``)."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    try:
+        if isinstance(payload, bytes | bytearray | memoryview) and len(payload) > MAX_EVENT_BYTES:
+            # bigger than one event may be: an envelope, or else oversize (as decode_event
+            # says, whatever the bytes are)
+            try:
+                obj = _unpack(payload, MAX_ENVELOPE_BYTES)
+            except InvalidEvent:
+                obj = None
+            if not _is_envelope(obj):
+                raise InvalidEvent("oversize", f"{len(payload)} bytes > {MAX_EVENT_BYTES} "
+                                               "and not an envelope")
+        else:
+            obj = _unpack(payload, MAX_EVENT_BYTES)
+            if not _is_envelope(obj):
+                return [_event(obj, key, now_ms)]
+        user = _check_id("user", obj.get("user"), required=True)
+        inner = obj["events"]
+        if not isinstance(inner, list) or not 1 <= len(inner) <= MAX_ENVELOPE_EVENTS:
+            raise InvalidEvent("wrong_type", f"an envelope's events must be a list of "
+                                             f"1..{MAX_ENVELOPE_EVENTS} event maps")
+    except InvalidEvent as exc:
+        return [exc]
+    out: list[ClickEvent | InvalidEvent] = []
+    for i, e in enumerate(inner):
+        try:
+            if isinstance(e, dict) and "user" not in e:
+                e = {**e, "user": user}
+            elif isinstance(e, dict) and e["user"] != user:
+                raise InvalidEvent("key_mismatch", f"event {i} of an envelope of {user[:40]!r} "
+                                                   f"names another user")
+            out.append(_event(e, key, now_ms))
+        except InvalidEvent as exc:
+            exc.index = i
+            exc.original = msgpack.packb(e, use_bin_type=True)
+            out.append(exc)
+    return out
+
+
 def encode_dead_letter(reason: str, detail: str, original: bytes | None,
-                       key: bytes | None, topic: str, partition: int, offset: int) -> bytes:
-    """Serialize a dead letter: the reason and the original bytes, untouched."""
-    return msgpack.packb(
-        {"reason": reason, "detail": detail, "original": original, "key": key,
-         "topic": topic, "partition": partition, "offset": offset,
-         "dead_at_ms": int(time.time() * 1000)},
-        use_bin_type=True,
-    )
+                       key: bytes | None, topic: str, partition: int, offset: int,
+                       index: int | None = None) -> bytes:
+    """Serialize a dead letter: the reason and the original bytes, untouched (for an event
+    of an envelope, ``index`` is its place there and the original is that event's map)."""
+    letter = {"reason": reason, "detail": detail, "original": original, "key": key,
+              "topic": topic, "partition": partition, "offset": offset,
+              "dead_at_ms": int(time.time() * 1000)}
+    if index is not None:
+        letter["index"] = index
+    return msgpack.packb(letter, use_bin_type=True)
 
 
 def decode_dead_letter(payload: bytes) -> dict[str, Any]:

@@ -169,20 +169,24 @@ def freshness(probes: list[tuple[float, int]], served: list[tuple[float, dict]],
 def phase_fleet(args: argparse.Namespace, run_dir: Path, rows: list, result: dict) -> bool:
     env = {**pair_env("fleet", run_dir, args.bootstrap),
            "ADVREC_TRAINER_SESSION_TIMEOUT_S": str(args.session_timeout)}
-    # ready only with a model: started first, ready once the trainers have published one
-    workers = [start_worker(run_dir, worker_env(env, run_dir), wait=False) for _ in range(2)]
-    time.sleep(5)  # the first worker creates the topics
-    trainers = {name: start_trainer(run_dir, env, name) for name in ("trainer-a", "trainer-b")}
+    workers: list[tuple[subprocess.Popen, str]] = []
+    trainers: dict[str, tuple[subprocess.Popen, str, Path]] = {}
     probes: list[tuple[float, int]] = []
     stop = threading.Event()
-    prod = producer(args.bootstrap, env["ADVREC_TOPIC_CLICKS"], args.rate, stop, probes)
-    for proc, url in workers:
-        wait_ready(proc, url)
-    poller = Poller([url for _, url in workers])
+    prod = poller = late = None
     started = time.time()
     ok = True
-    late = None
     try:
+        # ready only with a model: started first, ready once the trainers have published one
+        workers += [start_worker(run_dir, worker_env(env, run_dir), wait=False)
+                    for _ in range(2)]
+        time.sleep(5)  # the first worker creates the topics
+        for name in ("trainer-a", "trainer-b"):
+            trainers[name] = start_trainer(run_dir, env, name)
+        prod = producer(args.bootstrap, env["ADVREC_TOPIC_CLICKS"], args.rate, stop, probes)
+        for proc, url in workers:
+            wait_ready(proc, url)
+        poller = Poller([url for _, url in workers])
         time.sleep(args.warmup)
         feed0 = {url: (metric(f"{url}/metrics", "advrec_bundle_feed_cpu_seconds_total"),
                        metric(f"{url}/metrics", "advrec_bundles_assembled_total"),
@@ -299,8 +303,10 @@ def phase_fleet(args: argparse.Namespace, run_dir: Path, rows: list, result: dic
         ]
     finally:
         stop.set()
-        poller.close()
-        prod.join(30)
+        if poller is not None:
+            poller.close()
+        if prod is not None:
+            prod.join(30)
         procs = [p for p, _ in workers] + [p for p, _, _ in trainers.values()]
         if late is not None:
             procs.append(late[0])
@@ -312,14 +318,15 @@ def phase_fleet(args: argparse.Namespace, run_dir: Path, rows: list, result: dic
 def phase_overload(args: argparse.Namespace, run_dir: Path, rows: list, result: dict) -> bool:
     env = pair_env("overload", run_dir, args.bootstrap)
     worker, url = start_worker(run_dir, worker_env(env, run_dir), wait=False)
-    time.sleep(5)  # the worker creates the topics
-    trainer, murl, _ = start_trainer(run_dir, env, "trainer-o")
+    trainer = prod = None
     stop = threading.Event()
-    prod = producer(args.bootstrap, env["ADVREC_TOPIC_CLICKS"], args.overload_rate, stop)
-    wait_ready(worker, url)
     samples: list[tuple[float, float, float, float, float]] = []
-    started = time.monotonic()
     try:
+        time.sleep(5)  # the worker creates the topics
+        trainer, murl, _ = start_trainer(run_dir, env, "trainer-o")
+        prod = producer(args.bootstrap, env["ADVREC_TOPIC_CLICKS"], args.overload_rate, stop)
+        wait_ready(worker, url)
+        started = time.monotonic()
         while time.monotonic() - started < args.overload_seconds:
             t = time.monotonic() - started
             samples.append((t, metric(f"{url}/metrics", "advrec_model_age_seconds"),
@@ -333,8 +340,9 @@ def phase_overload(args: argparse.Namespace, run_dir: Path, rows: list, result: 
         skipped = metric(murl, "advrec_trainer_skipped_batches_total")
     finally:
         stop.set()
-        prod.join(30)
-        stop_processes(trainer, worker)
+        if prod is not None:
+            prod.join(30)
+        stop_processes(*[p for p in (trainer, worker) if p is not None and p.poll() is None])
     ages = [a for t, a, *_ in samples if t >= 60 and a == a and a > 0]
     minute2 = [a for t, a, *_ in samples if 60 <= t < 120 and a > 0]
     last = [a for t, a, *_ in samples if t >= args.overload_seconds - 60 and a > 0]

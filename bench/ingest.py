@@ -1,13 +1,28 @@
-"""Ingest throughput vs a raw aiokafka consumer, under HTTP load, and memory per 100k users.
+"""Ingest throughput against its references, changelog bytes, HTTP load, memory per 100k users.
 
-Writes bench/results/ingest.json and prints a table. All rates are measured in one run on
-one machine, side by side, because absolute numbers on shared machines are noisy.
+All on one pre-filled topic (synthetic clicks: 1,000 users, 5,000 items, 4 partitions),
+measured side by side in one run on one machine, since absolute rates on shared machines
+are noisy:
+  * raw: an aiokafka consumer that decodes and validates every message with the same
+    ``decode_event`` (no Faust, no state), reading the topic over and over for >= 10 s;
+  * faust floor: a Faust agent that only counts the events (bench/_faust_floor.py): what
+    Faust's own per-message path costs;
+  * ingest, write-behind (the default) and write-through (``ADVREC_STATE_WRITE_BEHIND=0``,
+    every batch writes its users: the path before write-behind), each a fresh worker reading
+    the topic from the start; then the bytes their tables wrote to the changelog topics per
+    event;
+  * ingest (write-behind) while 8 HTTP clients read user state without pause;
+  * the same events in envelopes (``advrec replay --envelope 20``: each user's events 20 to
+    a message, as a producer that batches): the Faust agent and ingest again, in events/s;
+  * resident memory after 100,000 distinct users, with the state cache at its default bound.
+Writes bench/results/ingest.json and prints a table with each goal and whether it was met.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import subprocess
 import sys
@@ -16,12 +31,12 @@ import time
 from pathlib import Path
 
 import aiohttp
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from advrec.contract import ClickEvent, encode_event, encode_key
-from advrec.replay import as_payloads, produce
+from advrec.contract import ClickEvent, InvalidEvent, decode_event, encode_event, encode_key
+from advrec.replay import as_envelopes, as_payloads, produce
 from advrec.synthetic import SyntheticConfig, synthetic_events
 from advrec.topics import default_topics, ensure_topics
 from bench._common import (
@@ -34,30 +49,103 @@ from bench._common import (
     write_result,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
+PARTITIONS = 4  # of the bench topics and the workers' table changelogs (ADVREC_PARTITIONS)
+ENVELOPE = 20  # events per message of a producer that batches (the envelope phase)
+GOALS = {"ingest_vs_faust_floor": 0.5, "ingest_vs_write_through": 5.0,
+         "changelog_bytes_per_event": 150.0, "rss_mib_after_users": 500.0,
+         "under_http_vs_idle": 0.5}
+
 
 def fill(bootstrap: str, topic: str, payloads: list) -> None:
     asyncio.run(ensure_topics(bootstrap, default_topics(clicks=topic, dlq=topic + "-dlq",
-                                                        train=topic + "-train")))
+                                                        train=topic + "-train",
+                                                        bundles=topic + "-bundles")))
     stats = asyncio.run(produce(bootstrap, topic, payloads, progress=False))
     assert stats.failed == 0, stats
 
 
-def raw_consumer_rate(bootstrap: str, topic: str, n: int) -> float:
-    async def run() -> float:
-        c = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
-                             auto_offset_reset="earliest")
+def raw_consumer_rate(bootstrap: str, topic: str, min_seconds: float = 10.0) -> dict:
+    """Read the topic with a plain consumer, decoding and validating every message, over
+    and over until ``min_seconds`` have passed; return events/s and how many were read."""
+
+    async def run() -> dict:
+        c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+                             auto_offset_reset="earliest", enable_auto_commit=False)
         await c.start()
-        got, started = 0, None
+        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        c.assign(tps)
+        ends = await c.end_offsets(tps)
+        got = invalid = 0
+        started = time.perf_counter()
         try:
-            while got < n:
-                batch = await c.getmany(timeout_ms=1000, max_records=5000)
-                for msgs in batch.values():
-                    if started is None and msgs:
-                        started = time.perf_counter()
-                    got += len(msgs)
+            while True:
+                await c.seek_to_beginning(*tps)
+                done: set = set()
+                while len(done) < len(tps):
+                    batch = await c.getmany(timeout_ms=1000, max_records=5000)
+                    now_ms = int(time.time() * 1000)
+                    for tp, msgs in batch.items():
+                        for msg in msgs:
+                            try:
+                                decode_event(msg.value, msg.key, now_ms=now_ms)
+                            except InvalidEvent:
+                                invalid += 1
+                        got += len(msgs)
+                        if msgs and msgs[-1].offset + 1 >= ends[tp]:
+                            done.add(tp)
+                if time.perf_counter() - started >= min_seconds:
+                    break
         finally:
             await c.stop()
-        return n / (time.perf_counter() - (started or time.perf_counter()))
+        seconds = time.perf_counter() - started
+        return {"events": got, "seconds": seconds, "events_per_s": got / seconds,
+                "invalid": invalid}
+
+    return asyncio.run(run())
+
+
+def faust_floor_rate(bootstrap: str, topic: str, n: int) -> dict:
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "_faust_floor.py"), "--topic",
+                          topic, "--events", str(n), "--broker", f"kafka://{bootstrap}"],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+    # Faust's worker writes terminal escape codes before the line
+    lines = [line[line.index("{"):] for line in out.stdout.splitlines() if '{"events"' in line]
+    if not lines:
+        raise RuntimeError(f"the Faust floor agent failed:\n{out.stdout[-2000:]}"
+                           f"{out.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def changelog_bytes(bootstrap: str, app_id: str) -> dict[str, int]:
+    """Bytes (keys and values) and records in the table changelogs of app ``app_id``."""
+
+    async def run() -> dict[str, int]:
+        c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+                             auto_offset_reset="earliest", enable_auto_commit=False)
+        await c.start()
+        out = {"bytes": 0, "records": 0}
+        try:
+            for table in ("user_state", "trending"):
+                topic = f"{app_id}-{table}-changelog"
+                tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+                c.assign(tps)
+                await c.seek_to_beginning(*tps)
+                ends = await c.end_offsets(tps)
+                left = {tp for tp in tps if ends[tp] > 0}
+                while left:
+                    batch = await c.getmany(timeout_ms=2000, max_records=10000)
+                    if not batch:
+                        break
+                    for tp, msgs in batch.items():
+                        for msg in msgs:
+                            out["bytes"] += len(msg.key or b"") + len(msg.value or b"")
+                            out["records"] += 1
+                        if msgs and msgs[-1].offset + 1 >= ends[tp]:
+                            left.discard(tp)
+        finally:
+            await c.stop()
+        return out
 
     return asyncio.run(run())
 
@@ -98,9 +186,44 @@ def http_load(url: str, users: list[str], stop: threading.Event, counts: list[in
     asyncio.run(run())
 
 
+def ingest_run(run_dir: Path, bootstrap: str, topic: str, n: int, *,
+               write_behind: bool, http_users: list[str] | None = None) -> dict:
+    """A fresh worker reads the whole topic; events/s, and its changelog bytes per event."""
+    app_id = f"bench-{tag()}"
+    env = {"ADVREC_BROKER": f"kafka://{bootstrap}", "ADVREC_TOPIC_CLICKS": topic,
+           "ADVREC_APP_ID": app_id, "ADVREC_TOPIC_TRAIN": topic + "-train",
+           "ADVREC_TOPIC_DLQ": topic + "-dlq", "ADVREC_TOPIC_BUNDLES": topic + "-bundles",
+           "ADVREC_STATE_WRITE_BEHIND": "1" if write_behind else "0"}
+    proc, url = start_worker(run_dir, env)
+    stop, counts = threading.Event(), [0, 0]
+    loader = None
+    if http_users:
+        loader = threading.Thread(target=http_load, args=(url, http_users, stop, counts))
+        loader.start()
+    try:
+        t0 = time.perf_counter()
+        rate = worker_rate(url, n)
+        seconds = time.perf_counter() - t0
+        time.sleep(3)  # the last flush and the changelog records behind it
+    finally:
+        stop.set()
+        if loader is not None:
+            loader.join()
+        proc.terminate()
+        proc.wait(60)
+    log = changelog_bytes(bootstrap, app_id)
+    out = {"events_per_s": rate, "changelog_bytes": log["bytes"],
+           "changelog_records": log["records"], "changelog_bytes_per_event": log["bytes"] / n}
+    if http_users:
+        out.update(http_requests=counts[0], http_5xx=counts[1],
+                   http_requests_per_s=counts[0] / seconds)
+    return out
+
+
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--events", type=int, default=60_000, help="events per throughput phase")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--events", type=int, default=200_000, help="events on the shared topic")
     p.add_argument("--users", type=int, default=100_000, help="distinct users, memory phase")
     p.add_argument("--bootstrap", default="127.0.0.1:9092")
     args = p.parse_args()
@@ -110,88 +233,117 @@ def main() -> int:
     payloads = list(as_payloads(synthetic_events(cfg, args.events)))
     result: dict = {"settings": vars(args), "machine": machine(), "workload": {
         "events": args.events, "synthetic_users": cfg.n_users, "partitions": 4}}
-
-    # 1. the same topic, read by a raw consumer and by the ingest agent
     topic = f"bench-clicks-{tag()}"
     fill(args.bootstrap, topic, payloads)
-    raw = raw_consumer_rate(args.bootstrap, topic, args.events)
-    base_env = {"ADVREC_BROKER": f"kafka://{args.bootstrap}"}
-    proc, url = start_worker(run_dir, {**base_env, "ADVREC_TOPIC_CLICKS": topic,
-                                       "ADVREC_APP_ID": f"bench-{tag()}",
-                                       "ADVREC_TOPIC_TRAIN": topic + "-train",
-                                       "ADVREC_TOPIC_DLQ": topic + "-dlq"})
-    try:
-        idle = worker_rate(url, args.events)
-    finally:
-        proc.terminate()
-        proc.wait(60)
-
-    # 2. a fresh worker on a second pre-filled topic while 8 HTTP clients read user state
-    topic2 = f"bench-clicks-{tag()}"
-    fill(args.bootstrap, topic2, payloads)
-    proc, url = start_worker(run_dir, {**base_env, "ADVREC_TOPIC_CLICKS": topic2,
-                                       "ADVREC_APP_ID": f"bench-{tag()}",
-                                       "ADVREC_TOPIC_TRAIN": topic2 + "-train",
-                                       "ADVREC_TOPIC_DLQ": topic2 + "-dlq"})
-    stop, counts = threading.Event(), [0, 0]
+    raw = raw_consumer_rate(args.bootstrap, topic)
+    floor = faust_floor_rate(args.bootstrap, topic, args.events)
+    behind = ingest_run(run_dir, args.bootstrap, topic, args.events, write_behind=True)
+    through = ingest_run(run_dir, args.bootstrap, topic, args.events, write_behind=False)
     users = [f"u{i}" for i in range(cfg.n_users)]
-    loader = threading.Thread(target=http_load, args=(url, users, stop, counts))
-    loader.start()
-    try:
-        t0 = time.perf_counter()
-        loaded = worker_rate(url, args.events)
-        http_seconds = time.perf_counter() - t0
-    finally:
-        stop.set()
-        loader.join()
-        proc.terminate()
-        proc.wait(60)
+    loaded = ingest_run(run_dir, args.bootstrap, topic, args.events, write_behind=True,
+                        http_users=users)
+    # the same events, 20 of a user to a message
+    topic_env = f"bench-clicks-{tag()}"
+    # a producer that holds each user's events until 20 or for a while: here, 20 events per
+    # user on average in the stream (20,000 events of 1,000 users)
+    grouped = list(as_envelopes(synthetic_events(cfg, args.events), ENVELOPE,
+                                window=ENVELOPE * cfg.n_users))
+    fill(args.bootstrap, topic_env, [p for p, _ in grouped])
+    env_floor = faust_floor_rate(args.bootstrap, topic_env, len(grouped))
+    env_floor["events_per_s"] = env_floor["events_per_s"] * args.events / len(grouped)
+    env_floor["messages"] = len(grouped)
+    enveloped = ingest_run(run_dir, args.bootstrap, topic_env, args.events, write_behind=True)
 
-    # 3. resident memory after 100,000 distinct users
+    # resident memory after 100,000 distinct users
     topic3 = f"bench-clicks-{tag()}"
     now = int(time.time() * 1000) - 3_600_000
     many = [(encode_key(f"user-{i}"), encode_event(ClickEvent(f"user-{i}", f"i{i % 5000}",
                                                               now + i))) for i in range(args.users)]
     fill(args.bootstrap, topic3, many)
-    proc, url = start_worker(run_dir, {**base_env, "ADVREC_TOPIC_CLICKS": topic3,
+    proc, url = start_worker(run_dir, {"ADVREC_BROKER": f"kafka://{args.bootstrap}",
+                                       "ADVREC_TOPIC_CLICKS": topic3,
                                        "ADVREC_APP_ID": f"bench-{tag()}",
                                        "ADVREC_TOPIC_TRAIN": topic3 + "-train",
-                                       "ADVREC_TOPIC_DLQ": topic3 + "-dlq"})
+                                       "ADVREC_TOPIC_DLQ": topic3 + "-dlq",
+                                       "ADVREC_TOPIC_BUNDLES": topic3 + "-bundles"})
     try:
         rss_start = rss_mib(proc.pid)
         users_rate = worker_rate(url, args.users, timeout=1800)
         time.sleep(3)
         rss_end = rss_mib(proc.pid)
+        cached = scrape(f"{url}/metrics", "advrec_state_cached_users")
     finally:
         proc.terminate()
         proc.wait(60)
     subprocess.run(["rm", "-rf", str(run_dir)], check=False)
 
-    result["raw_consumer_events_per_s"] = raw
-    result["ingest_events_per_s"] = idle
-    result["ingest_vs_raw"] = idle / raw
-    result["ingest_under_http_events_per_s"] = loaded
-    result["http_requests"] = counts[0]
-    result["http_5xx"] = counts[1]
-    result["http_requests_per_s"] = counts[0] / http_seconds
-    result["under_http_vs_idle"] = loaded / idle
-    result["distinct_users"] = args.users
-    result["distinct_users_events_per_s"] = users_rate
-    result["rss_mib_at_start"] = rss_start
-    result["rss_mib_after_users"] = rss_end
-    result["goals"] = {"ingest_vs_raw": ">= 0.3", "under_http_vs_idle": ">= 0.5",
-                       "rss_mib_after_users": "<= 500"}
+    ratios = {
+        "ingest_vs_raw": behind["events_per_s"] / raw["events_per_s"],
+        "ingest_vs_faust_floor": behind["events_per_s"] / floor["events_per_s"],
+        "ingest_vs_write_through": behind["events_per_s"] / through["events_per_s"],
+        "under_http_vs_idle": loaded["events_per_s"] / behind["events_per_s"],
+        "enveloped_vs_faust_floor_enveloped": enveloped["events_per_s"]
+        / env_floor["events_per_s"],
+        "enveloped_vs_write_through": enveloped["events_per_s"] / through["events_per_s"],
+    }
+    result.update(raw=raw, faust_floor=floor, write_behind=behind, write_through=through,
+                  under_http=loaded, enveloped={**enveloped, "events_per_message": ENVELOPE,
+                                                "messages": len(grouped)},
+                  faust_floor_enveloped=env_floor, ratios=ratios, distinct_users=args.users,
+                  distinct_users_events_per_s=users_rate, rss_mib_at_start=rss_start,
+                  rss_mib_after_users=rss_end, cached_users_after=cached,
+                  goals={k: (">= " if k != "changelog_bytes_per_event"
+                             and k != "rss_mib_after_users" else "<= ") + str(v)
+                         for k, v in GOALS.items()})
+    met = {
+        "ingest_vs_faust_floor": ratios["ingest_vs_faust_floor"] >= GOALS["ingest_vs_faust_floor"],
+        "ingest_vs_write_through": max(ratios["ingest_vs_write_through"],
+                                       ratios["enveloped_vs_write_through"])
+        >= GOALS["ingest_vs_write_through"],
+        "changelog_bytes_per_event": behind["changelog_bytes_per_event"]
+        <= GOALS["changelog_bytes_per_event"],
+        "rss_mib_after_users": rss_end <= GOALS["rss_mib_after_users"],
+        "under_http_vs_idle": ratios["under_http_vs_idle"] >= GOALS["under_http_vs_idle"],
+    }
+    result["met"] = met
+
+    def verdict(key: str) -> str:
+        return f"goal {result['goals'][key]}: {'met' if met[key] else 'MISSED'}"
+
     path = write_result("ingest", result)
     print_table("bench/ingest", [
-        ("raw aiokafka consumer", f"{raw:,.0f} events/s"),
-        ("ingest agent (RocksDB table)", f"{idle:,.0f} events/s  ({idle / raw:.2f}x raw)"),
-        ("ingest with 8 HTTP clients", f"{loaded:,.0f} events/s  ({loaded / idle:.2f}x idle; "
-                                       f"{counts[0] / http_seconds:,.0f} req/s, "
-                                       f"{counts[1]} 5xx)"),
-        (f"RSS after {args.users:,} users", f"{rss_end:,.0f} MiB (start {rss_start:,.0f})"),
+        ("raw consumer + decode_event", f"{raw['events_per_s']:,.0f} events/s "
+                                        f"({raw['seconds']:.0f} s)"),
+        ("Faust counting agent", f"{floor['events_per_s']:,.0f} events/s"),
+        ("ingest, write-behind", f"{behind['events_per_s']:,.0f} events/s: "
+                                 f"{ratios['ingest_vs_faust_floor']:.2f}x Faust "
+                                 f"({verdict('ingest_vs_faust_floor')}), "
+                                 f"{ratios['ingest_vs_raw']:.3f}x raw"),
+        ("ingest, write-through", f"{through['events_per_s']:,.0f} events/s: write-behind "
+                                  f"{ratios['ingest_vs_write_through']:.1f}x, in envelopes "
+                                  f"{ratios['enveloped_vs_write_through']:.1f}x "
+                                  f"({verdict('ingest_vs_write_through')})"),
+        (f"envelopes of {ENVELOPE}", f"{enveloped['events_per_s']:,.0f} events/s ingested "
+                                     f"({len(grouped):,} messages), Faust counting "
+                                     f"{env_floor['events_per_s']:,.0f} events/s: "
+                                     f"{ratios['enveloped_vs_faust_floor_enveloped']:.2f}x; "
+                                     f"{enveloped['changelog_bytes_per_event']:.0f} changelog "
+                                     "bytes per event"),
+        ("changelog bytes per event", f"write-behind {behind['changelog_bytes_per_event']:.0f} "
+                                      f"({verdict('changelog_bytes_per_event')}), "
+                                      f"write-through "
+                                      f"{through['changelog_bytes_per_event']:.0f}"),
+        ("ingest with 8 HTTP clients", f"{loaded['events_per_s']:,.0f} events/s "
+                                       f"({ratios['under_http_vs_idle']:.2f}x idle, "
+                                       f"{verdict('under_http_vs_idle')}; "
+                                       f"{loaded['http_requests_per_s']:,.0f} req/s, "
+                                       f"{loaded['http_5xx']} 5xx)"),
+        (f"RSS after {args.users:,} users", f"{rss_end:,.0f} MiB (start {rss_start:,.0f}; "
+                                            f"{cached:,.0f} states cached; "
+                                            f"{verdict('rss_mib_after_users')})"),
         ("results", str(path)),
     ])
-    return 0
+    return 0 if all(met.values()) else 1
 
 
 if __name__ == "__main__":

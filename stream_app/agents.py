@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgpack
-from faust.streams import _current_event  # where Faust looks up the event a write belongs to
 from faust.types import EventT
 
 from advrec.contract import (
+    ClickEvent,
     InvalidEvent,
     TrainingExample,
-    decode_event,
+    decode_message,
     encode_batch,
     encode_dead_letter,
     encode_key,
@@ -25,29 +23,15 @@ from advrec.contract import (
 )
 from stream_app.rocks import local_stores, shared_memory
 from stream_app.serving import release_freed_memory
-from stream_app.state import UserState, merge_trending, update_trending
+from stream_app.state import UserState, merge_trending, position, update_trending
+from stream_app.writebehind import WriteBehind, writing_for
 
 if TYPE_CHECKING:
     from stream_app.app import StreamApp
 
-__all__ = ["KeyCount", "apply_batch", "register"]
+__all__ = ["KeyCount", "apply_batch", "register", "validated"]
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def writing_for(event: EventT) -> Iterator[None]:
-    """Attribute table writes to ``event``'s partition (its changelog and RocksDB shard).
-
-    ``stream.take_events`` hands us a whole batch; Faust routes a table write by the
-    *current* event, so each coalesced write is made in the context of an event of the
-    same key (user) or partition, never of whatever event came last.
-    """
-    token = _current_event.set(weakref.ref(event))
-    try:
-        yield
-    finally:
-        _current_event.reset(token)
 
 
 class KeyCount:
@@ -96,36 +80,57 @@ def rocksdb_memory(tables: Sequence[Any], budget: int) -> dict[str, int]:
     return totals
 
 
+Valid = tuple[EventT, ClickEvent, int]  # the message's event, the click, its position
+
+
+async def validated(sa: StreamApp, events: Sequence[EventT]) -> tuple[list[Valid], int]:
+    """Decode and check a batch of ``clicks`` messages (single events or envelopes);
+    dead-letter the bad events with their reason; return the good ones in order, each with
+    the Faust event of its message and its position, and how many events the batch held."""
+    s, m = sa.settings, sa.metrics
+    now_ms = int(time.time() * 1000)  # one clock read per batch, not per event
+    good: list[Valid] = []
+    n_events = 0
+    for ev in events:
+        msg = ev.message
+        decoded = decode_message(ev.value, msg.key, now_ms=now_ms)
+        if not isinstance(decoded[0], InvalidEvent) or len(decoded) > 1:  # it was readable
+            expected = partition_for(msg.key, s.partitions)
+            if msg.partition != expected:  # the whole message goes: one dead letter
+                decoded = [InvalidEvent("wrong_partition", (
+                    f"key {msg.key[:40]!r} belongs on partition {expected} (murmur2), came "
+                    f"on {msg.partition}: set the producer's partitioner to murmur2"))]
+        n_events += len(decoded)
+        for i, click in enumerate(decoded):
+            if not isinstance(click, InvalidEvent):
+                good.append((ev, click, position(msg.offset, i)))
+                continue
+            m.events_invalid.labels(reason=click.reason).inc()
+            raw = (click.original if click.original is not None
+                   else ev.value if isinstance(ev.value, bytes) else None)
+            await sa.clicks_dlq.send(
+                key=msg.key if isinstance(msg.key, bytes) else None,
+                value=encode_dead_letter(click.reason, click.detail, raw, msg.key, msg.topic,
+                                         msg.partition, msg.offset, click.index))
+            m.dlq_writes.inc()
+    return good, n_events
+
+
 async def apply_batch(sa: StreamApp, events: Sequence[EventT],
                       keys: KeyCount | None = None) -> list[TrainingExample]:
-    """Validate a batch of ``clicks`` messages, dead-letter the bad, apply the good.
+    """Validate a batch of ``clicks`` messages, dead-letter the bad, apply the good, writing
+    each user's state through to the table (``ADVREC_STATE_WRITE_BEHIND=0``).
 
     Writes are coalesced: one ``user_state`` write per user and one ``trending`` write per
     partition per batch (a write per event costs ~4x the throughput on RocksDB).
     """
     s, m = sa.settings, sa.metrics
-    by_user: dict[str, list[tuple[EventT, Any]]] = defaultdict(list)
+    by_user: dict[str, list[tuple[EventT, Any, int]]] = defaultdict(list)
     by_partition: dict[int, EventT] = {}
-    for ev in events:
-        msg = ev.message
-        try:
-            click = decode_event(ev.value, msg.key)
-            expected = partition_for(msg.key, s.partitions)
-            if msg.partition != expected:
-                raise InvalidEvent("wrong_partition", (
-                    f"key {msg.key[:40]!r} belongs on partition {expected} (murmur2), came on "
-                    f"{msg.partition}: set the producer's partitioner to murmur2"))
-        except InvalidEvent as exc:
-            m.events_invalid.labels(reason=exc.reason).inc()
-            raw = ev.value if isinstance(ev.value, bytes) else None
-            await sa.clicks_dlq.send(
-                key=msg.key if isinstance(msg.key, bytes) else None,
-                value=encode_dead_letter(exc.reason, exc.detail, raw, msg.key, msg.topic,
-                                         msg.partition, msg.offset))
-            m.dlq_writes.inc()
-            continue
-        by_user[click.user].append((ev, click))
-        by_partition.setdefault(msg.partition, ev)
+    valid, n_events = await validated(sa, events)
+    for ev, click, pos in valid:
+        by_user[click.user].append((ev, click, pos))
+        by_partition.setdefault(ev.message.partition, ev)
     examples: list[TrainingExample] = []
     trending_hits: dict[int, list[tuple[str, int]]] = defaultdict(list)
     duplicates = 0
@@ -136,8 +141,9 @@ async def apply_batch(sa: StreamApp, events: Sequence[EventT],
             state = UserState.from_bytes(raw)
             seen = {f for f, _ in state.fingerprints}
             changed = False
-            for ev, click in items:
-                example = state.apply(click, s.history_len, s.dedup_window, seen)
+            for ev, click, pos in items:
+                example = state.apply(click, s.history_len, s.dedup_window, seen,
+                                      position=pos, example_len=s.train_history_len)
                 if example is None:
                     duplicates += 1
                     continue
@@ -145,7 +151,10 @@ async def apply_batch(sa: StreamApp, events: Sequence[EventT],
                 examples.append(example)
                 trending_hits[ev.message.partition].append((click.item, click.ts))
             if changed:
-                sa.user_state[encode_key(user)] = state.to_bytes()
+                value = state.to_bytes()
+                sa.user_state[encode_key(user)] = value
+                m.state_flushed_users.inc()
+                m.state_written_bytes.inc(len(value) + len(user))
                 if raw is None and keys is not None:
                     keys.inserted(first_ev.message.partition)
     for partition, hits in trending_hits.items():
@@ -153,12 +162,14 @@ async def apply_batch(sa: StreamApp, events: Sequence[EventT],
             key = str(partition).encode()
             old = sa.trending.get(key)
             buckets = msgpack.unpackb(old, raw=False) if old else {}
-            sa.trending[key] = msgpack.packb(update_trending(
+            value = msgpack.packb(update_trending(
                 buckets, hits, s.trending_bucket_s * 1000, s.trending_buckets, s.trending_top))
+            sa.trending[key] = value
+            m.state_written_bytes.inc(len(value))
     if duplicates:
         m.events_duplicate.inc(duplicates)
     # counted last, so a reader that sees a batch consumed also sees its verdicts counted
-    m.events_consumed.inc(len(events))
+    m.events_consumed.inc(n_events)
     return examples
 
 
@@ -183,15 +194,64 @@ def register(sa: StreamApp) -> None:
     user_keys = KeyCount(sa.user_state)
     lag_labels: set[tuple[str, str]] = set()  # reported partitions; revoked ones are removed
 
+    behind = sa.behind = WriteBehind(sa, user_keys)
+
     @app.agent(sa.clicks, name="ingest")
     async def ingest(stream: Any) -> None:
-        async for events in stream.take_events(s.ingest_batch, within=s.ingest_wait_s):
+        if not s.state_write_behind:  # write-through: every batch writes its users
+            async for events in stream.take_events(s.ingest_batch, within=s.ingest_wait_s):
+                started = time.perf_counter()
+                examples = await apply_batch(sa, events, user_keys)
+                sa.backlog = backlog_after(app.consumer, events)
+                if examples:
+                    await sa.examples.send(value=examples)
+                m.processing_seconds.observe(time.perf_counter() - started)
+            return
+        # write-behind: events stay unacked (so uncommitted) until the states they changed
+        # are written to the tables by a flush
+        behind.stream = stream
+        async for events in stream.noack_take(s.ingest_batch, within=s.ingest_wait_s):
             started = time.perf_counter()
-            examples = await apply_batch(sa, events, user_keys)
+            async with behind.lock:
+                valid, n_events = await validated(sa, events)
+                examples, duplicates = behind.apply(valid)
+                behind.hold(events)
+                if duplicates:
+                    m.events_duplicate.inc(duplicates)
+                m.events_consumed.inc(n_events)
+                if behind.due():
+                    await behind.flush()
             sa.backlog = backlog_after(app.consumer, events)
             if examples:
                 await sa.examples.send(value=examples)
             m.processing_seconds.observe(time.perf_counter() - started)
+
+    @app.timer(max(0.05, s.state_flush_s / 2))
+    async def flush_states() -> None:
+        # an idle stream still gets its last changes written and its events acked
+        try:
+            if behind.due():
+                async with behind.lock:
+                    if behind.due():
+                        await behind.flush()
+        except Exception:
+            log.exception("could not flush user states; will retry")
+
+    @app.on_partitions_revoked.connect
+    async def forget_revoked(app: Any, revoked: Any, **kwargs: Any) -> None:
+        parts = {tp.partition for tp in revoked if tp.topic == s.topic_clicks}
+        if parts:
+            async with behind.lock:
+                behind.revoke(parts)
+
+    @app.on_before_shutdown.connect
+    async def flush_before_shutdown(app: Any, **kwargs: Any) -> None:
+        try:
+            async with behind.lock:
+                if behind.pending:
+                    await behind.flush()
+        except Exception:  # the events stay unacked: applied again after the restart
+            log.warning("could not flush user states at shutdown", exc_info=True)
 
     pending: list[TrainingExample] = []
     pending_since = [0.0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import faust
 from prometheus_client import CollectorRegistry
@@ -72,6 +73,7 @@ class StreamApp:
     started: bool = False
     backlog: int = 0  # messages between the log end and the last ingested batch
     read_pacer: ReadPacer = field(default_factory=lambda: ReadPacer(0.0))
+    behind: Any = None  # stream_app.writebehind.WriteBehind, set by agents.register
 
 
 def rocksdb_options(s: Settings) -> dict[str, int]:

@@ -49,6 +49,11 @@ class StreamMetrics:
     provider_info: Info
     model_ready: Gauge
     model_pinned: Gauge
+    state_flushed_users: Counter
+    state_written_bytes: Counter
+    state_flush_seconds: Histogram
+    state_cached_users: Gauge
+    state_cache_bytes: Gauge
     pin_info: Info
     bundle_chunks_rejected: Counter
     bundles_assembled: Counter
@@ -114,6 +119,20 @@ class StreamMetrics:
             provider_info=Info(f"{p}_onnxruntime", "onnxruntime providers in use", registry=r),
             model_ready=Gauge(f"{p}_model_ready", "1 while a warmed model is serving",
                               registry=r),
+            state_flushed_users=Counter(f"{p}_state_flushed_users", "User states written to "
+                                        "the user_state table (one changelog record each)",
+                                        registry=r),
+            state_written_bytes=Counter(f"{p}_state_written_bytes", "Bytes (keys and values) "
+                                        "written to the state tables, hence to their "
+                                        "changelogs", registry=r),
+            state_flush_seconds=Histogram(f"{p}_state_flush_seconds", "Time to write the dirty "
+                                          "states and ack the events behind them",
+                                          buckets=_PROCESS_BUCKETS, registry=r),
+            state_cached_users=Gauge(f"{p}_state_cached_users",
+                                     "User states held decoded in memory", registry=r),
+            state_cache_bytes=Gauge(f"{p}_state_cache_bytes", "Estimated memory of the "
+                                    "decoded states (bounded by ADVREC_STATE_CACHE_MB)",
+                                    registry=r),
             model_pinned=Gauge(f"{p}_model_pinned", "1 while a pin on the bundle topic holds "
                                "the fleet on one version", registry=r),
             pin_info=Info(f"{p}_model_pin", "The pinned version and who pinned it (empty: "

@@ -33,13 +33,26 @@ class Settings:
     rocksdb_memory_mb: int = 16  # all RocksDB memory of the worker: one cache for every store
     trim_interval_s: float = 10.0  # return memory freed by native code to the OS this often
     history_len: int = 50  # last L items kept per user (bounds state size per user)
-    dedup_window: int = 128  # fingerprints of the most recent events kept per user
+    # identities of the most recent events kept per user, for producer retries that arrive
+    # with a new offset (Kafka's own redelivery is told by offset: stream_app/state.py)
+    dedup_window: int = 32
     ingest_batch: int = 1000  # events taken from the stream at once; table writes coalesce
     ingest_wait_s: float = 0.2  # max wait to fill an ingest batch
+    # write-behind state (stream_app/writebehind.py): users' states stay decoded in memory and
+    # go to the table once per flush interval (or after this many events), before the events
+    # that changed them are acked; off: every batch writes its users through (the old path)
+    state_write_behind: bool = True
+    state_flush_s: float = 2.0
+    state_flush_events: int = 20_000
+    state_cache_mb: int = 64  # decoded states kept in memory (least recently used out)
     trending_bucket_s: int = 600  # trending window = trending_buckets x bucket, in event time
     trending_buckets: int = 6
-    trending_top: int = 500  # items kept per bucket and partition
+    trending_top: int = 200  # items kept per bucket and partition (= the most k a request asks)
     train_batch_size: int = 256  # examples per message on `train-batches`
+    # history items each training example carries: the trainer reads its last
+    # ADVREC_TRAINER_MAX_LEN (20) of them, so more only costs encoding (17 % of the loop
+    # with 50, py-spy) and bytes on `train-batches`; keep it >= the trainer's max_len
+    train_history_len: int = 20
     train_batch_s: float = 2.0  # ...or whatever is collected after this long
     web_bind: str = "127.0.0.1"  # 0.0.0.0 in containers
     web_port: int = 6066
@@ -70,7 +83,11 @@ class Settings:
             "history_len": 1 <= self.history_len <= 1000,
             "dedup_window": self.dedup_window >= 1,
             "ingest_batch": self.ingest_batch >= 1,
+            "state_flush_s": self.state_flush_s > 0,
+            "state_flush_events": self.state_flush_events >= 1,
+            "state_cache_mb": self.state_cache_mb >= 1,
             "train_batch_size": self.train_batch_size >= 1,
+            "train_history_len": 1 <= self.train_history_len <= self.history_len,
             "microbatch_max": self.microbatch_max >= 1,
             "max_k": 1 <= self.max_k <= 1000,
             "bundles_keep": self.bundles_keep >= 1,

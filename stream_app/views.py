@@ -147,6 +147,22 @@ def register(sa: StreamApp) -> None:
                              status=401, headers={"WWW-Authenticate": "Bearer"})
         return None
 
+    def cached(key: bytes) -> UserState | None:
+        """The in-memory state (write-behind: newer than the table until the next flush)."""
+        return None if sa.behind is None else sa.behind.cache.peek(key)
+
+    def read_state(key: bytes) -> UserState | None:
+        state = cached(key)
+        if state is not None:
+            return state if state.count else None  # a new user whose events were duplicates
+        raw = router.read(key)
+        return None if raw is None else UserState.from_bytes(raw)
+
+    def read_history(key: bytes) -> list:
+        state = cached(key)
+        return list(state.history) if state is not None else UserState.history_from_bytes(
+            router.read(key))
+
     def worker_ident() -> dict[str, Any]:
         return {"host": s.web_host, "port": s.web_port}
 
@@ -164,7 +180,7 @@ def register(sa: StreamApp) -> None:
             return error(view, 400, f"k must be an integer, got {raw_k[:20]!r}")
         if not 1 <= k <= s.max_k:
             return error(view, 400, f"k must be between 1 and {s.max_k}, got {k}")
-        history = UserState.history_from_bytes(router.read(encode_key(user)))
+        history = read_history(encode_key(user))
         answer = None
         cause = "no_history" if not history else "no_known_items"
         if sa.server.current is None:
@@ -195,12 +211,11 @@ def register(sa: StreamApp) -> None:
         bad = await admit_read(view, user)
         if bad is not None:
             return bad
-        raw = router.read(encode_key(user))
-        if raw is None:
+        state = read_state(encode_key(user))
+        if state is None:
             return view.json({"error": f"unknown user {user!r}", "status": 404,
                               "served_by": worker_ident()}, status=404)
-        return view.json({"user": user, **UserState.from_bytes(raw).public(),
-                          "served_by": worker_ident()})
+        return view.json({"user": user, **state.public(), "served_by": worker_ident()})
 
     @app.page("/healthz")
     @timed("healthz")

@@ -25,10 +25,12 @@ __all__ = ["LoadShedder"]
 class LoadShedder:
     """Steers the fraction of each batch trained on by the age of the batches.
 
-    While batches are older than ``target_lag_s`` the fraction shrinks by ``decrease``
-    (down to ``min_fraction``); below half of it, it grows by ``increase`` (up to 1); in
-    between it holds; at most one change per ``interval_s``. Beyond ``skip_lag_s`` (0:
-    never) the trainer skips to the newest batches instead.
+    While batches are older than ``target_lag_s`` the fraction shrinks by ``decrease``, or
+    by ``target_lag_s / lag`` if that is smaller (far behind, e.g. a standby that just took
+    over, it falls at once instead of over many seconds), down to ``min_fraction``; below
+    half the target it grows by ``increase`` (up to 1); in between it holds; at most one
+    change per ``interval_s``. Beyond ``skip_lag_s`` (0: never) the trainer skips to the
+    newest batches instead.
     """
 
     target_lag_s: float = 3.0
@@ -51,7 +53,8 @@ class LoadShedder:
         if now - self._changed_at < self.interval_s:
             return self.fraction
         if lag_s > self.target_lag_s and self.fraction > self.min_fraction:
-            self.fraction = max(self.min_fraction, self.fraction * self.decrease)
+            factor = min(self.decrease, self.target_lag_s / lag_s)
+            self.fraction = max(self.min_fraction, self.fraction * factor)
             self._changed_at = now
         elif lag_s < self.target_lag_s / 2 and self.fraction < 1.0:
             self.fraction = min(1.0, self.fraction + self.increase)

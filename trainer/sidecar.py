@@ -663,9 +663,16 @@ class Sidecar:
 
 
 def _import_torch_side() -> None:
+    """Import what a take-over needs: 3 s of the first checkpoint load (measured on 2 cores)
+    were torch importing its compiler, which an optimizer's load_state_dict pulls in."""
+    import torch
+
     import trainer.checkpoint
     import trainer.export
     import trainer.learner  # noqa: F401
+
+    warm = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
+    warm.load_state_dict(warm.state_dict())
 
 
 async def _ensure_topics_with_retry(s: TrainerSettings, stop: asyncio.Event) -> None:

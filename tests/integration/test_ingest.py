@@ -141,3 +141,79 @@ def test_replay_of_movielens_is_consumed_in_full(kafka: str, names: Names, tmp_p
              what="all ratings consumed", interval=2)
     assert worker.metric("advrec_events_consumed_total") == expected
     assert worker.metric("advrec_events_invalid_total") == 0
+
+
+def test_kill_9_between_flushes_restarting_on_its_own_tables_applies_each_event_once(
+        kafka: str, names: Names, tmp_path: Path, workers) -> None:
+    """Write-behind: the states changed since the last flush die with the process, and so
+    do the acks of their events; the restarted worker (same RocksDB directory) reads those
+    events again from the last commit and applies each once."""
+    stream = Stream(n=20_000, bad_fraction=0.0, seed=13)
+    env = {"ADVREC_STATE_FLUSH_S": "3"}  # wide enough to kill between two flushes
+    first = Worker(names, tmp_path, extra_env=env)
+    workers.append(first)
+    first.start().wait_ready()
+    producer = threading.Thread(target=send, args=(names.clicks, stream.payloads, 2000.0))
+    producer.start()
+    wait_for(lambda: first.metric("advrec_state_flushed_users_total") > 0
+             and first.metric("advrec_events_consumed_total") >= 6000, timeout=120,
+             what="a flush behind, events ahead of the next")
+    first.kill9()
+    second = Worker(names, tmp_path, port=first.port, data_dir=first.data_dir, extra_env=env)
+    workers.append(second)
+    second.start().wait_ready()
+    producer.join()
+    wait_for(lambda: states_match(second, stream.reference), timeout=300,
+             what="state equal to the reference after the restart", interval=3)
+    assert_states_match(second, stream.reference)
+
+
+def test_a_small_state_budget_evicts_and_state_stays_exact(kafka: str, names: Names,
+                                                           tmp_path: Path, workers) -> None:
+    worker = Worker(names, tmp_path, extra_env={"ADVREC_STATE_CACHE_MB": "1",
+                                                "ADVREC_STATE_FLUSH_S": "0.5"})
+    workers.append(worker)
+    worker.start().wait_ready()
+    stream = Stream(n=30_000, bad_fraction=0.0, seed=17)
+    send(names.clicks, stream.payloads)
+    wait_for(lambda: worker.metric("advrec_events_consumed_total") >= len(stream.payloads),
+             timeout=300, what="all events consumed")
+    wait_for(lambda: worker.metric("advrec_state_cache_bytes") > 0, 30, "a flush reported")
+    # 1,000 users at ~1.7 KB each estimated do not fit in 1 MiB: some left and came back
+    assert worker.metric("advrec_state_cached_users") < len(stream.reference)
+    assert worker.metric("advrec_state_cache_bytes") <= 1024 * 1024
+    assert_states_match(worker, stream.reference)
+
+
+def test_envelopes_apply_their_good_events_and_dead_letter_their_bad_ones(
+        kafka: str, names: Names, tmp_path: Path, workers) -> None:
+    import msgpack
+
+    from advrec.contract import ClickEvent
+    from advrec.replay import as_envelopes
+    from tests.integration.reference import reference_state
+
+    worker = Worker(names, tmp_path)
+    workers.append(worker)
+    worker.start().wait_ready()
+    stream = Stream(n=6000, bad_fraction=0.0, seed=19)
+    payloads, spoiled, kept = [], set(), []
+    for n, ((key, value), _) in enumerate(as_envelopes(stream.valid, size=7, window=300)):
+        obj = msgpack.unpackb(value, raw=False)
+        if n % 10 == 3:  # one event of every tenth envelope loses its ts
+            del obj["events"][0]["ts"]
+            spoiled.add((key, msgpack.packb({**obj["events"][0], "user": key.decode()})))
+        kept += [ClickEvent(key.decode(), e["item"], e["ts"], type=e.get("type", "click"),
+                            session=e.get("session"), id=e.get("id"))
+                 for e in obj["events"] if "ts" in e]
+        payloads.append((key, msgpack.packb(obj)))
+    send(names.clicks, payloads)
+    total = len(stream.valid)
+    wait_for(lambda: worker.metric("advrec_events_consumed_total") >= total, 120,
+             "every event of every envelope consumed")
+    assert worker.metric("advrec_events_consumed_total") == total
+    assert worker.metric("advrec_events_invalid_total", 'reason="missing_field"') == len(spoiled)
+    letters = [decode_dead_letter(m.value) for m in consume_all(names.dlq, len(spoiled))]
+    assert {(d["key"], d["original"]) for d in letters} == spoiled
+    assert all(d["index"] == 0 and d["reason"] == "missing_field" for d in letters)
+    assert_states_match(worker, reference_state(kept))

@@ -100,3 +100,75 @@ def test_training_batch_round_trips() -> None:
 def test_decode_batch_refuses_a_foreign_format() -> None:
     with pytest.raises(ValueError, match="advrec v1"):
         decode_batch(msgpack.packb({"v": 2}))
+
+
+def test_an_envelope_carries_many_events_of_one_user_and_each_is_checked_alone() -> None:
+    from advrec.contract import decode_message, encode_envelope
+
+    now = 1_700_000_000_000
+    events = [ClickEvent("u7", f"i{n}", now + n, id=f"e{n}") for n in range(3)]
+    payload = encode_envelope(events)
+    assert decode_message(payload, encode_key("u7"), now_ms=now) == events
+    # a bad event inside spoils only itself: it comes back with its place and its own bytes
+    import msgpack
+
+    obj = msgpack.unpackb(payload, raw=False)
+    obj["events"].insert(1, {"item": "i9"})  # no ts
+    out = decode_message(msgpack.packb(obj), encode_key("u7"), now_ms=now)
+    assert [type(x).__name__ for x in out] == ["ClickEvent", "InvalidEvent", "ClickEvent",
+                                               "ClickEvent"]
+    bad = out[1]
+    assert bad.reason == "missing_field" and bad.index == 1
+    assert msgpack.unpackb(bad.original, raw=False) == {"item": "i9", "user": "u7"}
+    # an envelope keyed for another user, or of another user's event, is refused
+    assert decode_message(payload, encode_key("u8"), now_ms=now)[0].reason == "key_mismatch"
+    obj["events"][1] = {"user": "u8", "item": "x", "ts": now}
+    assert decode_message(msgpack.packb(obj), encode_key("u7"),
+                          now_ms=now)[1].reason == "key_mismatch"
+
+
+def test_a_single_event_reads_the_same_through_decode_message() -> None:
+    from advrec.contract import decode_message
+
+    now = 1_700_000_000_000
+    e = ClickEvent("u1", "i1", now, type="view")
+    assert decode_message(encode_event(e), encode_key("u1"), now_ms=now) == [e]
+    (bad,) = decode_message(b"\xc1", None, now_ms=now)
+    assert bad.reason == "not_msgpack" and bad.index is None
+    (big,) = decode_message(encode_event(ClickEvent("u1", "x" * 100, now, session="s" * 100))
+                            + b"", None, now_ms=now)
+    assert isinstance(big, ClickEvent)
+
+
+def test_envelope_limits() -> None:
+    import msgpack
+
+    from advrec.contract import MAX_ENVELOPE_EVENTS, decode_message
+
+    now = 1_700_000_000_000
+    too_many = msgpack.packb({"user": "u", "events": [{"item": "i", "ts": now}]
+                              * (MAX_ENVELOPE_EVENTS + 1)})
+    assert decode_message(too_many, None, now_ms=now)[0].reason == "wrong_type"
+    assert decode_message(msgpack.packb({"user": "u", "events": []}), None,
+                          now_ms=now)[0].reason == "wrong_type"
+    huge = msgpack.packb({"user": "u", "events": [{"item": "i" * 100, "ts": now}] * 900,
+                          "pad": "p" * 600_000})
+    assert decode_message(huge, None, now_ms=now)[0].reason == "oversize"
+
+
+def test_replay_groups_each_users_events_into_envelopes_in_order() -> None:
+    from advrec.contract import decode_message
+    from advrec.replay import as_envelopes
+
+    now = 1_700_000_000_000
+    events = [ClickEvent(f"u{n % 3}", f"i{n}", now + n) for n in range(20)]
+    out = list(as_envelopes(events, size=4, window=10))
+    assert sum(n for _, n in out) == 20
+    assert all(n <= 4 for _, n in out)
+    got: dict[str, list[ClickEvent]] = {}
+    for (key, value), n in out:
+        decoded = decode_message(value, key, now_ms=now)
+        assert len(decoded) == n
+        got.setdefault(key.decode(), []).extend(decoded)
+    for user, evs in got.items():  # every event once, each user's in their order
+        assert evs == [e for e in events if e.user == user]

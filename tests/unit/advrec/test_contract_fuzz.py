@@ -87,3 +87,20 @@ def test_a_hundred_thousand_hostile_messages_are_each_valid_or_rejected_with_a_r
     # every reason the decoder has was triggered (wrong_partition is the worker's: it looks
     # at the partition a message came on, which a payload cannot choose)
     assert set(verdicts) == {"valid", *DECODE_REASONS}, verdicts
+
+
+def test_decode_message_agrees_with_decode_event_on_everything_but_envelopes() -> None:
+    """The worker reads every message with decode_message: on anything that is not an
+    envelope it must say what decode_event says, reason for reason."""
+    from advrec.contract import decode_message
+
+    for _kind, key, value in HostilePayloads(seed=2, now_ms=NOW).take(20_000):
+        try:
+            expected: object = decode_event(value, key, now_ms=NOW)
+        except InvalidEvent as exc:
+            expected = exc.reason
+        got = decode_message(value, key, now_ms=NOW)
+        if len(got) == 1 and isinstance(got[0], InvalidEvent):
+            assert got[0].reason == expected, (value[:60], got[0], expected)
+        else:
+            assert got == [expected], (value[:60], got, expected)

@@ -90,3 +90,57 @@ def test_a_users_state_stays_within_its_bound_however_much_the_user_sends() -> N
     size = len(state.to_bytes())
     assert len(state.history) == 50 and len(state.fingerprints) == 128
     assert size <= state_size_bound(50, 128) <= 30 * 1024, size
+
+
+def test_an_event_at_or_below_the_last_applied_offset_is_a_redelivery() -> None:
+    s = UserState()
+    events = [ClickEvent("u", f"i{n}", T0 + n) for n in range(4)]
+    for offset, e in zip((10, 13, 17, 20), events, strict=True):
+        assert s.apply(e, 50, dedup_window=1, position=offset) is not None
+    # Kafka redelivers from the last commit: offsets 13..20 again, whatever the window holds
+    assert [s.apply(e, 50, 1, position=o) for o, e in zip((13, 17, 20), events[1:],
+                                                          strict=True)] == [None] * 3
+    assert s.count == 4 and s.last_position == 20
+    # a producer's retry comes with a new offset: the fingerprint window catches it
+    assert s.apply(events[3], 50, 1, position=21) is None and s.last_position == 21
+
+
+def test_a_typical_users_state_is_well_under_a_kilobyte() -> None:
+    s = UserState()
+    for n in range(500):
+        s.apply(ClickEvent("user-12345", f"sku-{n % 997:05d}", T0 + n, id=f"evt-{n:012d}"),
+                history_len=50, dedup_window=16, position=n)
+    size = len(s.to_bytes())
+    assert size < 850, size  # 807 bytes with 9-character item ids; 2.9 KB before (128
+    # fingerprints as msgpack ints)
+    assert UserState.from_bytes(s.to_bytes()) == s
+
+
+def test_states_written_before_the_compact_layout_still_decode() -> None:
+    import hashlib
+
+    import msgpack
+
+    seen = ClickEvent("u", "b", T0 + 1, id="e-2")
+    digest = hashlib.blake2b(seen.fingerprint().encode(), digest_size=8).digest()
+    old_hash = int.from_bytes(digest, "big") >> 1  # the 63-bit hash the old layout kept
+    old = msgpack.packb([["a", "b"], T0 + 1, 2, {"click": 2}, [11 << 15, T0, old_hash, T0 + 1],
+                         T0 - 5], use_bin_type=True)
+    s = UserState.from_bytes(old)
+    assert s.history == ["a", "b"] and s.fingerprints[0] == (11, T0)
+    assert s.floor_ts == T0 - 5 and s.last_position == -1  # no position known: none skipped
+    assert s.apply(seen, 50, 16, position=0) is None  # still told apart as a redelivery
+    assert s.apply(ClickEvent("u", "c", T0 + 2), 50, 16, position=1) is not None
+
+
+def test_a_retry_of_the_event_that_set_the_floor_is_still_a_redelivery() -> None:
+    s = UserState()
+    events = [ClickEvent("u", f"i{n}", T0 + n // 2) for n in range(6)]  # pairs share a ts
+    for e in events:
+        s.apply(e, 50, dedup_window=2)
+    # events 0-3 left the window; 2 and 3 at ts T0 + 1, the floor: both are retries
+    assert s.floor_ts == T0 + 1 and len(s.floor_fps) == 2
+    assert [s.apply(e, 50, 2) for e in events[:4]] == [None] * 4
+    # a new event at the floor's time, with another identity, is new
+    assert s.apply(ClickEvent("u", "fresh", T0 + 1), 50, 2) is not None
+    assert UserState.from_bytes(s.to_bytes()) == s

@@ -11,7 +11,7 @@ from trainer.shedding import LoadShedder
 
 def test_the_fraction_shrinks_while_behind_holds_near_the_target_and_recovers() -> None:
     shedder = LoadShedder(target_lag_s=10, min_fraction=0.05, decrease=0.5, increase=0.25)
-    assert [shedder.update(30, now=t) for t in (0, 1, 2)] == [0.5, 0.25, 0.125]
+    assert [shedder.update(15, now=t) for t in (0, 1, 2)] == [0.5, 0.25, 0.125]
     assert shedder.level == 4  # 1/8: three halvings below "trains on everything"
     assert shedder.update(8, now=3) == 0.125 and shedder.update(6, now=4) == 0.125  # hold
     assert [shedder.update(1, now=t) for t in (5, 6, 7, 8)] == [0.375, 0.625, 0.875, 1.0]
@@ -23,8 +23,15 @@ def test_the_fraction_shrinks_while_behind_holds_near_the_target_and_recovers() 
 
 def test_at_most_one_change_per_interval() -> None:
     shedder = LoadShedder(target_lag_s=10, decrease=0.5, interval_s=1.0)
-    assert [shedder.update(60, now=t) for t in (0, 0.1, 0.5, 0.99, 1.0)] == [
+    assert [shedder.update(15, now=t) for t in (0, 0.1, 0.5, 0.99, 1.0)] == [
         0.5, 0.5, 0.5, 0.5, 0.25]  # a burst of small batches is one signal, not five
+
+
+def test_far_behind_the_fraction_falls_at_once() -> None:
+    # a standby that took over finds batches a minute old: 10/60 of a batch, not 70 %
+    shedder = LoadShedder(target_lag_s=10, min_fraction=0.05)
+    assert abs(shedder.update(60, now=0) - 10 / 60) < 1e-9
+    assert shedder.update(600, now=1) == 0.05
 
 
 def test_only_a_lag_beyond_the_skip_threshold_jumps_ahead() -> None:
