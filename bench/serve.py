@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from advrec.bundle import bundle_files, load_bundle, write_bundle
+from advrec.bundle import bundle_files, list_versions, load_bundle, write_bundle
 from advrec.contract import ClickEvent, encode_event, encode_key
 from advrec.replay import produce
 from advrec.topics import default_topics, ensure_topics
@@ -264,7 +264,8 @@ def main() -> int:
     try:
         time.sleep(3)
         base = rss_mib(proc.pid)
-        empty_topic.publish(version, bundle_files(bundles, version))
+        newest = list_versions(bundles)[-1]  # the swaps above pruned the first version
+        empty_topic.publish(newest, bundle_files(bundles, newest))
         deadline = time.monotonic() + 60
         while scrape(f"{url}/metrics", "advrec_model_swaps_total") < 1:
             assert time.monotonic() < deadline

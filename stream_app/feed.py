@@ -240,6 +240,14 @@ class BundleFeed:
             self._assembler.close()
 
     def _handle(self, record: Any) -> None:
+        try:
+            self._apply(record)
+        except Exception:  # a bug must not stop the feed: the next records may be good
+            log.exception("bundle topic record at offset %d could not be handled",
+                          record.offset)
+            self._publish_snapshot(record.offset + 1)
+
+    def _apply(self, record: Any) -> None:
         m = self.metrics
         if m is not None:
             m.bundle_feed_records.inc()

@@ -71,7 +71,7 @@ class Settings:
     admin_token: str = ""  # bearer token for /admin/*; empty disables admin endpoints
     max_k: int = 200
     backlog_messages: int = 5000  # ingest this far behind the log end counts as a backlog
-    read_rate_under_backlog: float = 500.0  # state/recommendation reads per s while behind
+    read_rate_under_backlog: float = 300.0  # state/recommendation reads per s while behind
     log_level: str = "info"
 
     def __post_init__(self) -> None:
