@@ -87,7 +87,8 @@ class Bundle:
         return int(self.meta["max_len"])
 
 
-def _sha256(data: bytes) -> str:
+def sha256_hex(data: bytes) -> str:
+    """The hex sha256 of ``data`` (what meta.json and channel manifests record)."""
     return hashlib.sha256(data).hexdigest()
 
 
@@ -98,7 +99,8 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -141,7 +143,7 @@ def write_bundle(root: Path | str, model_bytes: bytes, vocab: list[ItemId] | tup
     full_meta = dict(meta)
     full_meta.update(
         format=FORMAT_VERSION, version=version, created=time.time(),
-        model_sha256=_sha256(model_bytes), vocab_sha256=_sha256(vocab_bytes),
+        model_sha256=sha256_hex(model_bytes), vocab_sha256=sha256_hex(vocab_bytes),
         vocab_size=len(vocab), input=INPUT_NAME, output=OUTPUT_NAME,
     )
     tmp = root / f".tmp-{version}-{os.getpid()}"
@@ -152,9 +154,9 @@ def write_bundle(root: Path | str, model_bytes: bytes, vocab: list[ItemId] | tup
     _write_synced(tmp / VOCAB_FILE, vocab_bytes)
     # meta.json last: a directory without it is never a bundle
     _write_synced(tmp / META_FILE, json.dumps(full_meta, indent=2, sort_keys=True).encode())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     os.rename(tmp, root / version)
-    _fsync_dir(root)
+    fsync_dir(root)
     if make_current:
         set_current(root, version)
     _prune(root, keep)
@@ -169,7 +171,7 @@ def set_current(root: Path | str, version: str) -> None:
     tmp = root / f".{CURRENT}.tmp-{os.getpid()}"
     _write_synced(tmp, version.encode() + b"\n")
     os.replace(tmp, root / CURRENT)
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def read_current(root: Path | str) -> str | None:
@@ -218,13 +220,13 @@ def load_bundle(root: Path | str, version: str) -> Bundle:
         model_bytes = (path / MODEL_FILE).read_bytes()
     except FileNotFoundError:
         raise BundleError("missing_model", f"{path / MODEL_FILE} does not exist") from None
-    if _sha256(model_bytes) != meta["model_sha256"]:
+    if sha256_hex(model_bytes) != meta["model_sha256"]:
         raise BundleError("checksum_mismatch", f"model.onnx sha256 differs from meta ({version})")
     try:
         vocab_bytes = (path / VOCAB_FILE).read_bytes()
     except FileNotFoundError:
         raise BundleError("vocab_mismatch", f"{path / VOCAB_FILE} does not exist") from None
-    if _sha256(vocab_bytes) != meta["vocab_sha256"]:
+    if sha256_hex(vocab_bytes) != meta["vocab_sha256"]:
         raise BundleError("checksum_mismatch", f"vocab.json sha256 differs from meta ({version})")
     try:
         vocab = json.loads(vocab_bytes)

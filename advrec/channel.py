@@ -41,6 +41,8 @@ from typing import Any, BinaryIO
 
 import msgpack
 
+from advrec.bundle import fsync_dir, sha256_hex
+
 __all__ = [
     "CHUNK_BYTES",
     "REJECT_REASONS",
@@ -92,10 +94,6 @@ class ChannelError(ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _now_ms() -> int:
@@ -206,8 +204,8 @@ def split_version(version: str, files: Sequence[tuple[str, bytes]], *,
             seq = len(records)
             records.append((chunk_key(version, seq), _pack({
                 "kind": "chunk", "version": version, "seq": seq, "file": name,
-                "sha256": _sha256(part), "data": part})))
-        entries.append(FileEntry(name, len(data), _sha256(data), len(parts)))
+                "sha256": sha256_hex(part), "data": part})))
+        entries.append(FileEntry(name, len(data), sha256_hex(data), len(parts)))
     manifest = Manifest(version=version, files=tuple(entries), chunks=len(records),
                         meta=dict(meta or {}), producer=producer, at=_now_ms())
     return records, manifest
@@ -308,7 +306,7 @@ def _decode_chunk(obj: dict[str, Any], version: str | None, text: str) -> Chunk:
             or f"chunk/{version}/{seq:06d}" != text or not isinstance(data, bytes)
             or not isinstance(name, str) or not isinstance(sha, str)):
         raise ChannelError("corrupt_chunk", f"{text[:60]}: fields disagree with the key")
-    if _sha256(data) != sha:
+    if sha256_hex(data) != sha:
         raise ChannelError("corrupt_chunk", f"{text[:60]}: data do not match their sha256")
     assert version is not None
     return Chunk(version, seq, name, sha, data)
@@ -594,19 +592,11 @@ class Assembler:
             return [*out, Rejected(m.version, exc.reason, exc.detail)]
         assert inc.path is not None
         final = self.root / m.version
-        _fsync_dir(inc.path)
+        fsync_dir(inc.path)
         if final.exists():  # a republished version, or one left by an earlier run
             trash = self.root / f".incoming-trash-{uuid.uuid4().hex[:8]}"
             os.rename(final, trash)
             shutil.rmtree(trash, ignore_errors=True)
         os.rename(inc.path, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         return [*out, Assembled(m.version, final, m)]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
