@@ -257,13 +257,15 @@ class OnlineLearner:
             return max(cfg.steps_per_batch, cfg.warmup_steps_per_batch)
         return cfg.steps_per_batch
 
-    def train_batch(self, batch: Sequence[TrainingExample],
-                    fraction: float = 1.0) -> dict[str, float]:
+    def train_batch(self, batch: Sequence[TrainingExample], fraction: float = 1.0,
+                    messages: int = 1) -> dict[str, float]:
         """Grow the vocabulary, update on the batch mixed with replay, then store the batch.
 
         With ``fraction`` < 1 (the trainer shedding load) the update uses a random sample of
         that share of the batch; every example still grows the vocabulary and enters the
-        replay buffer, so the rest may be trained on later.
+        replay buffer, so the rest may be trained on later. ``messages`` is how many
+        ``train-batches`` messages the batch joins (several while shedding): ``batches_seen``
+        counts messages, so a checkpoint says how much of the topic the model has seen.
         """
         assert 0.0 < fraction <= 1.0, f"fraction {fraction} outside (0, 1]"
         skip = set(self.train_cfg.skip_flags)
@@ -274,6 +276,7 @@ class OnlineLearner:
         out: dict[str, float] = {"examples": 0.0, "shed": 0.0,
                                  "skipped": float(len(batch) - len(examples))}
         if not examples:
+            self.batches_seen += messages
             return out
         before = len(self.vocab)
         for e in examples:
@@ -311,7 +314,7 @@ class OnlineLearner:
                 out["replay_examples"] = float(len(old_t))
         self.replay.add(history, target, self._np_rng)
         self.examples_seen += len(examples)
-        self.batches_seen += 1
+        self.batches_seen += messages
         out.update(sums)
         out["new_items"] = float(len(self.vocab) - before)
         out["vocab_size"] = float(len(self.vocab))

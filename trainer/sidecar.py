@@ -291,7 +291,7 @@ class Sidecar:
         self.window["cand_hits"] += cand_hits
         self.window["live_hits"] += live_hits
         self.window["n"] += int(n_total)
-        stats = learner.train_batch(batch, fraction)
+        stats = learner.train_batch(batch, fraction, messages=len(payloads))
         self.next_offset = offset + 1
         self._report(pre, stats, n_total, time.perf_counter() - started, fraction, len(payloads))
         return {**pre, **stats}
@@ -608,6 +608,12 @@ class Sidecar:
                     if max_batches is not None and trained >= max_batches:
                         stop.set()
                         break
+                # a stream that pauses must not leave what was trained unpublished: the
+                # checks after each step run on an idle fetch too
+                if self.active and self.checkpoint_due():
+                    await self.checkpoint(consumer, tp)
+                if self.active and self.export_due():
+                    await self.export()
                 now = time.monotonic()
                 if now - last_log >= s.log_every_s and self.learner is not None:
                     total = self.m.registry.get_sample_value("advrec_trainer_examples_total")
