@@ -127,7 +127,8 @@ def measure_swaps(url: str, paths: list[str], pid: int, bundles: Path, version: 
     model = (bundles / version / "model.onnx").read_bytes()
     bundle = load_bundle(bundles, version)
     done = threading.Event()
-    peak = [rss_mib(pid)]
+    before = rss_mib(pid)  # after the load phases, before any swap
+    peak = [before]
     published = [0]
 
     def swapper(stop: threading.Event) -> None:
@@ -171,7 +172,8 @@ def measure_swaps(url: str, paths: list[str], pid: int, bundles: Path, version: 
     steady, swapping = _stats(*totals["steady"]), _stats(*totals["swapping"])
     return {"steady": steady, "swapping": swapping, "published": published[0],
             "swaps": scrape(f"{url}/metrics", "advrec_model_swaps_total") - swaps0,
-            "p99_ratio": swapping["p99_ms"] / steady["p99_ms"], "rss_peak_mib": peak[0]}
+            "p99_ratio": swapping["p99_ms"] / steady["p99_ms"], "rss_peak_mib": peak[0],
+            "rss_before_swaps_mib": before}
 
 
 def main() -> int:
@@ -282,7 +284,9 @@ def main() -> int:
     swap["swap_memory_vs_one_model"] = (swap["rss_peak_mib"] - base) / model_mib
     rows.append(("memory", f"baseline {base:.0f} MiB, +1 model {one - base:.0f} MiB, peak "
                            f"during swaps {swap['rss_peak_mib'] - base:.0f} MiB above baseline "
-                           f"= {swap['swap_memory_vs_one_model']:.2f}x one model"))
+                           f"= {swap['swap_memory_vs_one_model']:.2f}x one model (the serving "
+                           f"worker held {swap['rss_before_swaps_mib'] - base:.0f} MiB above "
+                           "baseline before its first swap)"))
     result["goals"] = {"recommendations_vs_noop_c32": ">= 0.5", "swap_p99_vs_steady": "<= 1.5",
                        "swap_memory_vs_one_model": "<= 2.2"}
     for bundle_topic in (main_topic, tiny_topic, empty_topic):

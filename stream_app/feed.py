@@ -36,6 +36,7 @@ from advrec.channel import (
     TopicView,
 )
 from advrec.channel_io import ChannelPublisher, follow_topic
+from stream_app.serving import release_freed_memory
 
 if TYPE_CHECKING:
     from stream_app.hotswap import BundleWatcher
@@ -268,6 +269,9 @@ class BundleFeed:
                     m.bundles_assembled.inc()
                 log.info("rebuilt bundle %s from %d chunks (%d bytes)", event.version,
                          event.manifest.chunks, event.manifest.size)
+                # the fetched chunks were freed in this thread's malloc arena: give them
+                # back before the worker loads the version beside the live one
+                release_freed_memory()
             else:
                 self._refused(event)
         if isinstance(rec, tuple):  # a tombstone: the version left the topic
