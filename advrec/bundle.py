@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,9 @@ CURRENT = "CURRENT"
 MODEL_FILE = "model.onnx"
 VOCAB_FILE = "vocab.json"
 META_FILE = "meta.json"
+# names this process's temporary files: a PID alone is not unique (every container's first
+# process is PID 1, and two containers may share a volume)
+WRITER_TOKEN = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 REJECT_REASONS = (
     "missing",  # the version directory does not exist
@@ -58,6 +62,7 @@ REJECT_REASONS = (
     "load_error",  # onnxruntime could not build a session
     "bad_signature",  # model inputs/outputs are not history[B, L] -> scores[B, V+1]
     "nan_output",  # warm-up produced NaN or infinite scores
+    "pruned",  # the version left the directory while it was being loaded (not remembered)
 )
 _META_REQUIRED = ("version", "model_sha256", "vocab_sha256", "vocab_size", "max_len")
 
@@ -146,7 +151,7 @@ def write_bundle(root: Path | str, model_bytes: bytes, vocab: list[ItemId] | tup
         model_sha256=sha256_hex(model_bytes), vocab_sha256=sha256_hex(vocab_bytes),
         vocab_size=len(vocab), input=INPUT_NAME, output=OUTPUT_NAME,
     )
-    tmp = root / f".tmp-{version}-{os.getpid()}"
+    tmp = root / f".tmp-{version}-{WRITER_TOKEN}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -168,7 +173,7 @@ def set_current(root: Path | str, version: str) -> None:
     root = Path(root)
     if not (root / version / META_FILE).is_file():
         raise BundleError("missing", f"no bundle {version!r} under {root}")
-    tmp = root / f".{CURRENT}.tmp-{os.getpid()}"
+    tmp = root / f".{CURRENT}.tmp-{WRITER_TOKEN}-{uuid.uuid4().hex[:8]}"
     _write_synced(tmp, version.encode() + b"\n")
     os.replace(tmp, root / CURRENT)
     fsync_dir(root)
@@ -190,7 +195,7 @@ def _prune(root: Path, keep: int) -> None:
         if old != current:
             shutil.rmtree(root / old, ignore_errors=True)
     for stale in root.glob(".tmp-*"):  # left by a writer killed mid-export
-        if not stale.name.endswith(f"-{os.getpid()}"):
+        if not stale.name.endswith(f"-{WRITER_TOKEN}"):
             shutil.rmtree(stale, ignore_errors=True)
 
 

@@ -141,7 +141,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
                          help="Per partition: item counts in recent event-time buckets")
     metrics = StreamMetrics.create(registry)
     server = ModelServer(max_batch=s.microbatch_max, max_wait_ms=s.microbatch_wait_ms,
-                         threads=s.infer_threads, metrics=metrics)
+                         threads=s.infer_threads, call_timeout_s=s.model_timeout_s,
+                         metrics=metrics)
     watcher = BundleWatcher(s.bundle_dir, server, providers=s.ort_providers,
                             threads=s.ort_threads, metrics=metrics)
     feed = BundleFeed(s, watcher, metrics)

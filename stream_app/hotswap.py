@@ -46,11 +46,14 @@ class BundleWatcher:
         if version in self.rejected:
             return
         self.rejected[version] = reason
-        if self.metrics is not None:
-            self.metrics.bundles_rejected.labels(reason=reason).inc()
+        self._count_rejected(reason)
         live = self.server.current
         log.error("rejected bundle %s (%s): %s; still serving %s", version, reason, detail,
                   live.version if live else "the trending fallback")
+
+    def _count_rejected(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.bundles_rejected.labels(reason=reason).inc()
 
     async def activate(self, version: str) -> bool:
         """Load ``version`` in a thread, then swap it in; False (and counted) if rejected."""
@@ -66,6 +69,14 @@ class BundleWatcher:
                     None, lambda: load_model(self.root, version, providers=self.providers,
                                              threads=self.threads))
             except BundleError as exc:
+                if not (self.root / version).is_dir():
+                    # removed from the cache while it loaded: nothing is wrong with the
+                    # bundle, so it is counted but not remembered (it may be fetched again)
+                    self._count_rejected("pruned")
+                    log.warning("bundle %s left %s while it was loading (%s); still serving "
+                                "%s", version, self.root, exc.reason,
+                                live.version if live else "the trending fallback")
+                    return False
                 self.reject(version, exc.reason, exc.detail)
                 return False
             except Exception as exc:  # an unexpected bug must not kill the caller

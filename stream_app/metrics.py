@@ -46,6 +46,7 @@ class StreamMetrics:
     model_swaps: Counter
     bundles_rejected: Counter
     microbatch_size: Histogram
+    model_timeouts: Counter
     provider_info: Info
     model_ready: Gauge
     model_pinned: Gauge
@@ -116,6 +117,9 @@ class StreamMetrics:
                                      ["reason"], registry=r),
             microbatch_size=Histogram(f"{p}_microbatch_size", "Requests per model call",
                                       buckets=_BATCH_BUCKETS, registry=r),
+            model_timeouts=Counter(f"{p}_model_timeouts", "Requests answered 503 because "
+                                   "their model call did not answer within "
+                                   "ADVREC_MODEL_TIMEOUT_S", registry=r),
             provider_info=Info(f"{p}_onnxruntime", "onnxruntime providers in use", registry=r),
             model_ready=Gauge(f"{p}_model_ready", "1 while a warmed model is serving",
                               registry=r),

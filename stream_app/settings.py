@@ -66,6 +66,9 @@ class Settings:
     infer_threads: int = 1
     microbatch_max: int = 32  # requests merged into one model call
     microbatch_wait_ms: float = 2.0
+    # a request whose model call has not answered by then gets a 503 (counted in
+    # advrec_model_timeouts_total) instead of waiting for ever on a hung or dead call
+    model_timeout_s: float = 2.0
     watch_interval_s: float = 1.0  # how often the live model's age gauge is refreshed
     ready_without_model: bool = False  # declare fallback mode: ready while no bundle exists
     admin_token: str = ""  # bearer token for /admin/*; empty disables admin endpoints
@@ -89,6 +92,7 @@ class Settings:
             "train_batch_size": self.train_batch_size >= 1,
             "train_history_len": 1 <= self.train_history_len <= self.history_len,
             "microbatch_max": self.microbatch_max >= 1,
+            "model_timeout_s": self.model_timeout_s > 0,
             "max_k": 1 <= self.max_k <= 1000,
             "bundles_keep": self.bundles_keep >= 1,
             "bundle_max_mb": self.bundle_max_mb >= 1,

@@ -18,6 +18,7 @@ from advrec.contract import MAX_ID_CHARS, encode_key
 from stream_app.feed import PinError
 from stream_app.openapi import DEFAULT_K, OPENAPI_PATH, build_openapi
 from stream_app.routing import KeyRouter
+from stream_app.serving import ModelTimeout
 from stream_app.state import UserState
 
 if TYPE_CHECKING:
@@ -188,6 +189,9 @@ def register(sa: StreamApp) -> None:
         elif history:
             try:
                 answer = await sa.server.recommend(history, k)
+            except ModelTimeout as exc:
+                log.warning("recommendations for %r: %s", user[:64], exc)
+                return error(view, 503, f"{exc}; retry later")
             except Exception:
                 log.exception("model call failed; answering with the trending fallback")
                 cause = "model_error"

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from advrec.contract import TrainingExample
+from advrec.encoding import model_input
 from advrec.types import ItemId
 from trainer.adversarial import (
     AdversarialConfig,
@@ -196,9 +197,8 @@ class OnlineLearner:
             self.item_counts = grown
 
     def _encode(self, histories: Sequence[Sequence[ItemId]]) -> np.ndarray:
-        L = self.model_cfg.max_len
-        rows = [self.vocab.encode_history(h, L) for h in histories]
-        return np.asarray(rows, dtype=np.int64).reshape(len(rows), L)  # (B, L)
+        return model_input([self.vocab.known_rows(h) for h in histories],
+                           self.model_cfg.max_len)  # (B, L)
 
     @torch.no_grad()
     def _score_rows(self, history: np.ndarray) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from advrec.encoding import known_rows, padded
 from advrec.types import ItemId, ItemIndex
 
 __all__ = ["Vocabulary"]
@@ -46,9 +47,13 @@ class Vocabulary:
         return self._items[row - 1]
 
     def encode_history(self, items: Iterable[ItemId], max_len: int) -> list[ItemIndex]:
-        """Return the last ``max_len`` known items' rows, left-padded with 0; unknowns skipped."""
-        rows = [r for r in map(self._rows.get, items) if r is not None][-max_len:]
-        return [0] * (max_len - len(rows)) + rows
+        """Return the last ``max_len`` known items' rows, left-padded with 0; unknowns skipped
+        (``advrec.encoding``: the worker encodes a served history the same way)."""
+        return padded(self.known_rows(items), max_len)
+
+    def known_rows(self, items: Iterable[ItemId]) -> list[ItemIndex]:
+        """Return the rows of the known items of ``items``, oldest first."""
+        return known_rows(self._rows, items)
 
     def items(self) -> list[ItemId]:
         """Return the ids in row order: row ``i + 1`` holds ``items()[i]`` (the bundle's vocab)."""

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from advrec.bundle import (
+    CURRENT,
     BundleError,
     list_versions,
     load_bundle,
@@ -77,3 +78,28 @@ def test_load_bundle_rejects_a_vocabulary_that_disagrees_with_meta(tmp_path: Pat
 def test_set_current_refuses_a_missing_version(tmp_path: Path) -> None:
     with pytest.raises(BundleError):
         set_current(tmp_path, "0000000000000")
+
+
+def test_writers_sharing_a_pid_never_share_a_temporary_file(tmp_path: Path) -> None:
+    """Two processes that are both PID 1 in their containers may share a volume; threads of
+    one process share a PID too, so concurrent pointer updates from threads pin it."""
+    import threading
+
+    versions = [write_bundle(tmp_path, b"m", ["a"], {"max_len": 2}) for _ in range(2)]
+    errors: list[BaseException] = []
+
+    def flip(n: int) -> None:
+        try:
+            for i in range(200):
+                set_current(tmp_path, versions[(n + i) % 2])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=flip, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert read_current(tmp_path) in versions
+    assert not list(tmp_path.glob(f".{CURRENT}.tmp-*"))

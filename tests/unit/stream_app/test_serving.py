@@ -18,7 +18,13 @@ import pytest
 from advrec.bundle import INPUT_NAME, OUTPUT_NAME, BundleError, write_bundle
 from stream_app.hotswap import BundleWatcher
 from stream_app.metrics import StreamMetrics
-from stream_app.serving import ModelServer, intra_op_threads, load_model, select_providers
+from stream_app.serving import (
+    ModelServer,
+    ModelTimeout,
+    intra_op_threads,
+    load_model,
+    select_providers,
+)
 from tests.bundles import publish_toy, toy_model
 
 VOCAB = [f"i{n}" for n in range(30)]
@@ -280,6 +286,51 @@ async def held_slot(tmp_path: Path, **options: Any) -> AsyncIterator[HeldSlot]:
         await server.stop()
 
 
+async def test_a_hung_model_call_times_out_with_a_count_instead_of_waiting_for_ever(
+        tmp_path: Path) -> None:
+    metrics = StreamMetrics.create()
+    async with held_slot(tmp_path, call_timeout_s=0.3, metrics=metrics) as held:
+        with pytest.raises(ModelTimeout, match=r"within 0\.3s"):
+            await asyncio.wait_for(held.first, 5)
+        assert metrics.registry.get_sample_value("advrec_model_timeouts_total") == 1
+        held.gate.set()  # the call returns at last: the slot serves again
+        answer = await asyncio.wait_for(held.server.recommend(["i1"], 3), 5)
+    assert answer is not None and len(answer[0]) == 3
+
+
+class _ThreadDies(BaseException):
+    """Escapes the inference thread's ``except Exception``, as a fatal error would."""
+
+
+async def test_an_inference_thread_that_dies_is_replaced_at_the_first_timeout(
+        tmp_path: Path) -> None:
+
+    metrics = StreamMetrics.create()
+    server = ModelServer(call_timeout_s=0.3, metrics=metrics)
+    model = load_model(tmp_path, publish_toy(tmp_path, VOCAB))
+    real_rank, calls = model.rank, []
+
+    def rank(model_in: np.ndarray, exclude: np.ndarray, k: int) -> Any:
+        calls.append(len(model_in))
+        if len(calls) == 1:
+            raise _ThreadDies
+        return real_rank(model_in, exclude, k)
+
+    model.rank = rank  # type: ignore[method-assign]
+    server.swap(model)
+    hook, threading.excepthook = threading.excepthook, lambda args: None  # quiet the death
+    try:
+        with pytest.raises(ModelTimeout):
+            await server.recommend(["i0"], 3)
+    finally:
+        threading.excepthook = hook
+    assert metrics.registry.get_sample_value("advrec_model_timeouts_total") == 1
+    answer = await asyncio.wait_for(server.recommend(["i1"], 3), 5)
+    assert answer is not None and len(answer[0]) == 3 and len(calls) == 2
+    assert all(t.is_alive() for t in server._workers)
+    await server.stop()
+
+
 async def test_a_batch_takes_at_most_an_even_share_of_the_requests_in_the_server(
         tmp_path: Path) -> None:
     # one slot: half for the model, half for the loop to answer and read meanwhile
@@ -368,6 +419,38 @@ async def test_a_version_rejected_on_the_topic_is_never_loaded(tmp_path: Path) -
     assert not await watcher.activate(version) and server.current is None
     assert metrics.registry.get_sample_value(
         "advrec_bundles_rejected_total", {"reason": "chunk_gap"}) == 1
+    await server.stop()
+
+
+async def test_a_version_pruned_while_it_loads_is_counted_as_pruned_not_remembered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import stream_app.hotswap as hotswap
+
+    metrics = StreamMetrics.create()
+    server = ModelServer(metrics=metrics)
+    watcher = BundleWatcher(tmp_path, server, metrics=metrics)
+    version = publish_toy(tmp_path, VOCAB, seed=1)
+    saved = tmp_path / "saved"
+    shutil.copytree(tmp_path / version, saved)
+    real_load = hotswap.load_model
+
+    def pruned_midway(root: Path, v: str, **kw: Any) -> Any:
+        shutil.rmtree(Path(root) / v)  # the cache's prune got there first
+        return real_load(root, v, **kw)
+
+    monkeypatch.setattr(hotswap, "load_model", pruned_midway)
+    assert not await watcher.activate(version) and server.current is None
+    assert version not in watcher.rejected
+    assert metrics.registry.get_sample_value(
+        "advrec_bundles_rejected_total", {"reason": "pruned"}) == 1
+    assert not metrics.registry.get_sample_value(
+        "advrec_bundles_rejected_total", {"reason": "missing"})
+    # fetched again, the same version loads
+    monkeypatch.setattr(hotswap, "load_model", real_load)
+    shutil.copytree(saved, tmp_path / version)
+    assert await watcher.activate(version) and server.current.version == version
     await server.stop()
 
 
