@@ -182,9 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.rate <= MAX_RATE:
         print(f"advrec replay: --rate must be within [0, {MAX_RATE:.0f}]", file=sys.stderr)
         return 2
-    from stream_app.settings import load_settings
+    from advrec.config import ConfigError
+    from advrec.topics import load_kafka_settings
 
-    settings = load_settings()
+    try:
+        settings = load_kafka_settings()
+    except ConfigError as exc:
+        print(f"advrec replay: {exc}", file=sys.stderr)
+        return 2
     bootstrap = args.bootstrap or settings.bootstrap
     topic = args.topic or settings.topic_clicks
     from advrec.datasets import DatasetError

@@ -1,15 +1,21 @@
-"""Create the source topics explicitly, with the configured partition counts."""
+"""The topics every pod shares: their names (one settings object, read by the command-line
+tools as the worker and the trainer read theirs), and creating them explicitly with the
+configured partition counts."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-__all__ = ["TopicMismatch", "TopicSpec", "channel_topics", "default_topics", "ensure_topics"]
+from advrec.config import ConfigError, from_env
+
+__all__ = ["KafkaSettings", "TopicMismatch", "TopicSpec", "channel_topics", "default_topics",
+           "ensure_topics", "load_kafka_settings"]
 
 # A channel topic (advrec.channel: bundles, checkpoints) is compacted down to the last few
 # versions. Compaction only rewrites closed segments, so segments roll every 10 minutes or
@@ -25,6 +31,47 @@ CHANNEL_CONFIG = {
 }
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    """The broker and topic names, from the same ``ADVREC_*`` variables (and defaults) as the
+    worker's and the trainer's settings: what ``advrec topics`` and ``advrec replay`` need."""
+
+    broker: str = "kafka://127.0.0.1:9092"
+    app_id: str = "advrec"
+    partitions: int = 4
+    replication: int = 1
+    topic_clicks: str = "clicks"
+    topic_dlq: str = "clicks-dlq"
+    topic_train: str = "train-batches"
+    topic_bundles: str = "model-bundles"
+    topic_checkpoints: str = "trainer-checkpoints"
+
+    def __post_init__(self) -> None:
+        if self.partitions < 1 or self.replication < 1:
+            raise ConfigError("settings ADVREC_PARTITIONS and ADVREC_REPLICATION must be >= 1, "
+                              f"got {self.partitions} and {self.replication}")
+
+    @property
+    def bootstrap(self) -> str:
+        """The broker list as host:port pairs for plain aiokafka clients."""
+        return ",".join(u.split("://", 1)[-1] for u in self.broker.split(";"))
+
+    def topics(self) -> list[TopicSpec]:
+        """Every topic advrec uses, with the table changelogs."""
+        shared = default_topics(
+            clicks=self.topic_clicks, dlq=self.topic_dlq, train=self.topic_train,
+            bundles=self.topic_bundles, partitions=self.partitions,
+            replication=self.replication, app_id=self.app_id)
+        return [*shared, TopicSpec(self.topic_checkpoints, 1, self.replication,
+                                   dict(CHANNEL_CONFIG))]
+
+
+def load_kafka_settings(environ: Mapping[str, str] | None = None,
+                        **overrides: object) -> KafkaSettings:
+    """Read ``KafkaSettings`` from ``ADVREC_*`` variables; ``overrides`` (flags) win."""
+    return from_env(KafkaSettings, "ADVREC_", environ, **overrides)
 
 
 class TopicMismatch(RuntimeError):

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 
-from advrec.topics import TopicMismatch, channel_topics, default_topics, ensure_topics
+from advrec.config import ConfigError
+from advrec.topics import TopicMismatch, ensure_topics, load_kafka_settings
 
 __all__ = ["main"]
 
@@ -23,18 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partitions", type=int, default=None,
                    help="partitions of clicks and clicks-dlq [ADVREC_PARTITIONS] (default 4)")
     args = p.parse_args(argv)
-    from stream_app.settings import load_settings
-
-    s = load_settings(partitions=args.partitions)
+    try:
+        s = load_kafka_settings(partitions=args.partitions)
+    except ConfigError as exc:
+        print(f"advrec topics: {exc}", file=sys.stderr)
+        return 2
     bootstrap = args.bootstrap or s.bootstrap
     try:
-        asyncio.run(ensure_topics(bootstrap, default_topics(
-            clicks=s.topic_clicks, dlq=s.topic_dlq, train=s.topic_train,
-            bundles=s.topic_bundles, partitions=s.partitions, replication=s.replication,
-            app_id=s.app_id) + channel_topics(
-                train=s.topic_train, bundles=s.topic_bundles,
-                checkpoints=os.environ.get("ADVREC_TOPIC_CHECKPOINTS", "trainer-checkpoints"),
-                replication=s.replication)[2:]))
+        asyncio.run(ensure_topics(bootstrap, s.topics()))
     except (TopicMismatch, ConnectionError) as exc:
         print(f"advrec topics: {exc}", file=sys.stderr)
         return 1
