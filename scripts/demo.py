@@ -78,6 +78,14 @@ def main() -> int:
             if get_json(f"http://127.0.0.1:{args.port}/readyz").get("ready"):
                 break
             time.sleep(0.5)
+        url = f"http://127.0.0.1:{args.port}"
+        print("while the demo runs, ask the service yourself, e.g.:\n"
+              f"  curl '{url}/recommendations/u1?k=5'   (top 5 for user u1)\n"
+              f"  curl {url}/users/u1                  (what the worker remembers)\n"
+              f"  curl {url}/readyz                    (the model it serves)\n"
+              f"  curl {url}/metrics | grep ^advrec_    (worker metrics; the trainer's on "
+              "http://127.0.0.1:9108/metrics)\n"
+              f"  API description: {url}/openapi.json", flush=True)
         procs.append(subprocess.Popen([*advrec, "trainer"], env=trainer_env,
                                       stdout=logs["trainer"], stderr=subprocess.STDOUT))
         n_events = int(args.rate * args.seconds)
@@ -114,7 +122,10 @@ def main() -> int:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    print(f"done; logs in {run}")
+    print(f"done; logs in {run}\n"
+          "the Kafka broker is still running (its topics stay for another demo): stop it with "
+          "`scripts/kafka.sh stop` (or `make kafka-stop`); `scripts/kafka.sh status` tells "
+          "whether it runs")
     return 0
 
 

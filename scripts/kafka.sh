@@ -4,7 +4,7 @@
 #   scripts/kafka.sh fetch    download the pinned broker jars from Maven Central (once)
 #   scripts/kafka.sh start    format storage if needed, start on 127.0.0.1, wait until it answers
 #   scripts/kafka.sh stop     stop it (SIGTERM, then SIGKILL after 20 s)
-#   scripts/kafka.sh status   exit 0 if it answers
+#   scripts/kafka.sh status   say whether it runs and answers (exit 0 only if it answers)
 #   scripts/kafka.sh reset    stop and delete all topics and data
 #
 # Settings (environment): KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093),
@@ -121,7 +121,10 @@ case "${1:-}" in
   fetch) fetch ;;
   start) start ;;
   stop) stop ;;
-  status) answers ;;
+  status)
+    if answers; then echo "running on 127.0.0.1:$PORT (pid $(cat "$PIDFILE" 2>/dev/null || echo ?))"
+    elif running; then echo "started (pid $(cat "$PIDFILE")) but not answering on 127.0.0.1:$PORT"; exit 1
+    else echo "not running"; exit 1; fi ;;
   reset) stop; rm -rf "$DATA" ;;
   *) echo "usage: $0 {fetch|start|stop|status|reset}" >&2; exit 2 ;;
 esac

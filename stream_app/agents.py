@@ -29,7 +29,8 @@ from stream_app.writebehind import WriteBehind, writing_for
 if TYPE_CHECKING:
     from stream_app.app import StreamApp
 
-__all__ = ["KeyCount", "apply_batch", "register", "validated"]
+__all__ = ["Ingest", "KeyCount", "StreamGauges", "TrainBatcher", "apply_batch", "register",
+           "validated"]
 
 log = logging.getLogger(__name__)
 
@@ -188,47 +189,47 @@ def backlog_after(consumer: Any, events: Sequence[EventT]) -> int:
     return behind
 
 
-def register(sa: StreamApp) -> None:
-    """Attach the agents and timers of the stream to ``sa.app``."""
-    app, s, m = sa.app, sa.settings, sa.metrics
-    user_keys = KeyCount(sa.user_state)
-    lag_labels: set[tuple[str, str]] = set()  # reported partitions; revoked ones are removed
+class Ingest:
+    """The ``ingest`` agent's work on each batch of ``clicks`` messages, and the flushes of
+    write-behind state around it (a timer, revoked partitions, shutdown)."""
 
-    behind = sa.behind = WriteBehind(sa, user_keys)
+    def __init__(self, sa: StreamApp, keys: KeyCount) -> None:
+        self.sa = sa
+        self.keys = keys
+        self.behind = sa.behind = WriteBehind(sa, keys)
 
-    @app.agent(sa.clicks, name="ingest")
-    async def ingest(stream: Any) -> None:
-        if not s.state_write_behind:  # write-through: every batch writes its users
-            async for events in stream.take_events(s.ingest_batch, within=s.ingest_wait_s):
-                started = time.perf_counter()
-                examples = await apply_batch(sa, events, user_keys)
-                sa.backlog = backlog_after(app.consumer, events)
-                if examples:
-                    await sa.examples.send(value=examples)
-                m.processing_seconds.observe(time.perf_counter() - started)
-            return
-        # write-behind: events stay unacked (so uncommitted) until the states they changed
-        # are written to the tables by a flush
-        behind.stream = stream
-        async for events in stream.noack_take(s.ingest_batch, within=s.ingest_wait_s):
-            started = time.perf_counter()
-            async with behind.lock:
-                valid, n_events = await validated(sa, events)
-                examples, duplicates = behind.apply(valid)
-                behind.hold(events)
-                if duplicates:
-                    m.events_duplicate.inc(duplicates)
-                m.events_consumed.inc(n_events)
-                if behind.due():
-                    await behind.flush()
-            sa.backlog = backlog_after(app.consumer, events)
-            if examples:
-                await sa.examples.send(value=examples)
-            m.processing_seconds.observe(time.perf_counter() - started)
+    async def write_through(self, events: Sequence[EventT]) -> None:
+        """``ADVREC_STATE_WRITE_BEHIND=0``: every batch writes its users to the tables."""
+        sa = self.sa
+        started = time.perf_counter()
+        examples = await apply_batch(sa, events, self.keys)
+        sa.backlog = backlog_after(sa.app.consumer, events)
+        if examples:
+            await sa.examples.send(value=examples)
+        sa.metrics.processing_seconds.observe(time.perf_counter() - started)
 
-    @app.timer(max(0.05, s.state_flush_s / 2))
-    async def flush_states() -> None:
-        # an idle stream still gets its last changes written and its events acked
+    async def write_behind(self, events: Sequence[EventT]) -> None:
+        """Apply a batch to the in-memory states; its events stay unacked (so uncommitted)
+        until a flush has written the states they changed to the tables."""
+        sa, m, behind = self.sa, self.sa.metrics, self.behind
+        started = time.perf_counter()
+        async with behind.lock:
+            valid, n_events = await validated(sa, events)
+            examples, duplicates = behind.apply(valid)
+            behind.hold(events)
+            if duplicates:
+                m.events_duplicate.inc(duplicates)
+            m.events_consumed.inc(n_events)
+            if behind.due():
+                await behind.flush()
+        sa.backlog = backlog_after(sa.app.consumer, events)
+        if examples:
+            await sa.examples.send(value=examples)
+        m.processing_seconds.observe(time.perf_counter() - started)
+
+    async def flush_if_due(self) -> None:
+        """An idle stream still gets its last changes written and its events acked."""
+        behind = self.behind
         try:
             if behind.due():
                 async with behind.lock:
@@ -237,49 +238,142 @@ def register(sa: StreamApp) -> None:
         except Exception:
             log.exception("could not flush user states; will retry")
 
-    @app.on_partitions_revoked.connect
-    async def forget_revoked(app: Any, revoked: Any, **kwargs: Any) -> None:
-        parts = {tp.partition for tp in revoked if tp.topic == s.topic_clicks}
+    async def revoke(self, revoked: Any) -> None:
+        """Forget the states of partitions another worker now owns."""
+        parts = {tp.partition for tp in revoked if tp.topic == self.sa.settings.topic_clicks}
         if parts:
-            async with behind.lock:
-                behind.revoke(parts)
+            async with self.behind.lock:
+                self.behind.revoke(parts)
 
-    @app.on_before_shutdown.connect
-    async def flush_before_shutdown(app: Any, **kwargs: Any) -> None:
+    async def flush_at_shutdown(self) -> None:
         try:
-            async with behind.lock:
-                if behind.pending:
-                    await behind.flush()
+            async with self.behind.lock:
+                if self.behind.pending:
+                    await self.behind.flush()
         except Exception:  # the events stay unacked: applied again after the restart
             log.warning("could not flush user states at shutdown", exc_info=True)
 
-    pending: list[TrainingExample] = []
-    pending_since = [0.0]
 
-    async def flush(force: bool) -> None:
-        while len(pending) >= s.train_batch_size or (force and pending):
-            batch = pending[: s.train_batch_size]
-            del pending[: len(batch)]
-            pending_since[0] = time.monotonic()
-            await sa.train_batches.send(key=b"batch", value=encode_batch(batch, source=s.app_id))
+class TrainBatcher:
+    """Cuts the training examples ``ingest`` emits into ``train-batches`` messages: full
+    batches of ``train_batch_size`` at once, a partial one when its oldest example has
+    waited ``train_batch_s``."""
+
+    def __init__(self, sa: StreamApp) -> None:
+        self.sa = sa
+        self.pending: list[TrainingExample] = []
+        self.pending_since = 0.0  # when the oldest pending example came (monotonic)
+
+    async def add(self, examples: Sequence[TrainingExample]) -> None:
+        if not self.pending:
+            self.pending_since = time.monotonic()
+        self.pending.extend(examples)
+        await self.flush(force=self.stale())
+
+    def stale(self) -> bool:
+        return time.monotonic() - self.pending_since >= self.sa.settings.train_batch_s
+
+    async def flush_if_stale(self) -> None:
+        try:
+            if self.pending and self.stale():
+                await self.flush(force=True)
+        except Exception:
+            log.exception("could not publish a training batch; will retry")
+
+    async def flush(self, force: bool) -> None:
+        """Send every full batch pending, and with ``force`` the rest as one more."""
+        s, m = self.sa.settings, self.sa.metrics
+        while len(self.pending) >= s.train_batch_size or (force and self.pending):
+            batch = self.pending[: s.train_batch_size]
+            del self.pending[: len(batch)]
+            self.pending_since = time.monotonic()
+            await self.sa.train_batches.send(key=b"batch",
+                                             value=encode_batch(batch, source=s.app_id))
             m.train_batches_sent.inc()
             m.examples_emitted.inc(len(batch))
+
+
+class StreamGauges:
+    """What the worker reports every few seconds: RocksDB memory, keys per table, and the
+    consumer lag of each ``clicks`` partition it owns (a revoked one's series is removed)."""
+
+    def __init__(self, sa: StreamApp, keys: KeyCount) -> None:
+        self.sa = sa
+        self.keys = keys
+        self.lag_labels: set[tuple[str, str]] = set()
+
+    def report(self) -> None:
+        sa, s, m = self.sa, self.sa.settings, self.sa.metrics
+        memory = rocksdb_memory((sa.user_state, sa.trending), s.rocksdb_memory_mb * 2**20)
+        for kind, value in memory.items():
+            m.rocksdb_memory.labels(kind=kind).set(value)
+        app = sa.app
+        try:
+            consumer = app.consumer
+            if not (app.rebalancing or app.tables.recovery.in_recovery):  # tables complete
+                active = {tp.partition for tp in app.assignor.assigned_actives()
+                          if tp.topic == s.topic_clicks}
+                m.table_keys.labels(table="user_state").set(self.keys.refresh(active))
+            self.report_lag(consumer)
+        except Exception:
+            log.debug("stream gauges not available yet", exc_info=True)
+
+    def report_lag(self, consumer: Any) -> None:
+        s, m = self.sa.settings, self.sa.metrics
+        assigned = {(tp.topic, str(tp.partition)) for tp in consumer.assignment()}
+        for labels in self.lag_labels - assigned:  # now another worker's to report
+            m.consumer_lag.remove(*labels)
+        self.lag_labels.intersection_update(assigned)
+        for tp in consumer.assignment():
+            if tp.topic != s.topic_clicks:
+                continue
+            end = consumer.highwater(tp)
+            if end is None:  # no fetch from this partition yet
+                continue
+            read = consumer._read_offset.get(tp)  # last offset handed to the stream
+            lag = end if read is None else max(0, end - read - 1)
+            m.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
+            self.lag_labels.add((tp.topic, str(tp.partition)))
+
+
+def register(sa: StreamApp) -> None:
+    """Attach the agents, timers and signal handlers of the stream to ``sa.app``."""
+    app, s = sa.app, sa.settings
+    user_keys = KeyCount(sa.user_state)
+    ingesting = Ingest(sa, user_keys)
+    batching = TrainBatcher(sa)
+    gauges = StreamGauges(sa, user_keys)
+
+    @app.agent(sa.clicks, name="ingest")
+    async def ingest(stream: Any) -> None:
+        if not s.state_write_behind:
+            async for events in stream.take_events(s.ingest_batch, within=s.ingest_wait_s):
+                await ingesting.write_through(events)
+            return
+        ingesting.behind.stream = stream
+        async for events in stream.noack_take(s.ingest_batch, within=s.ingest_wait_s):
+            await ingesting.write_behind(events)
+
+    @app.timer(max(0.05, s.state_flush_s / 2))
+    async def flush_states() -> None:
+        await ingesting.flush_if_due()
+
+    @app.on_partitions_revoked.connect
+    async def forget_revoked(app: Any, revoked: Any, **kwargs: Any) -> None:
+        await ingesting.revoke(revoked)
+
+    @app.on_before_shutdown.connect
+    async def flush_before_shutdown(app: Any, **kwargs: Any) -> None:
+        await ingesting.flush_at_shutdown()
 
     @app.agent(sa.examples, name="batcher")
     async def batcher(stream: Any) -> None:
         async for chunk in stream:
-            if not pending:
-                pending_since[0] = time.monotonic()
-            pending.extend(chunk)
-            await flush(force=time.monotonic() - pending_since[0] >= s.train_batch_s)
+            await batching.add(chunk)
 
     @app.timer(max(0.1, s.train_batch_s / 2))
     async def flush_stale_examples() -> None:
-        try:
-            if pending and time.monotonic() - pending_since[0] >= s.train_batch_s:
-                await flush(force=True)
-        except Exception:
-            log.exception("could not publish a training batch; will retry")
+        await batching.flush_if_stale()
 
     @app.task
     async def follow_bundles() -> None:
@@ -313,28 +407,4 @@ def register(sa: StreamApp) -> None:
 
     @app.timer(5.0)
     async def report_stream_gauges() -> None:
-        memory = rocksdb_memory((sa.user_state, sa.trending), s.rocksdb_memory_mb * 2**20)
-        for kind, value in memory.items():
-            m.rocksdb_memory.labels(kind=kind).set(value)
-        try:
-            consumer = app.consumer
-            if not (app.rebalancing or app.tables.recovery.in_recovery):  # tables complete
-                active = {tp.partition for tp in app.assignor.assigned_actives()
-                          if tp.topic == s.topic_clicks}
-                m.table_keys.labels(table="user_state").set(user_keys.refresh(active))
-            assigned = {(tp.topic, str(tp.partition)) for tp in consumer.assignment()}
-            for labels in lag_labels - assigned:  # now another worker's to report
-                m.consumer_lag.remove(*labels)
-            lag_labels.intersection_update(assigned)
-            for tp in consumer.assignment():
-                if tp.topic != s.topic_clicks:
-                    continue
-                end = consumer.highwater(tp)
-                if end is None:  # no fetch from this partition yet
-                    continue
-                read = consumer._read_offset.get(tp)  # last offset handed to the stream
-                lag = end if read is None else max(0, end - read - 1)
-                m.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
-                lag_labels.add((tp.topic, str(tp.partition)))
-        except Exception:
-            log.debug("stream gauges not available yet", exc_info=True)
+        gauges.report()

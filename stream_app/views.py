@@ -24,7 +24,7 @@ from stream_app.state import UserState
 if TYPE_CHECKING:
     from stream_app.app import StreamApp
 
-__all__ = ["register"]
+__all__ = ["HttpApi", "json_errors", "register"]
 
 log = logging.getLogger(__name__)
 
@@ -61,86 +61,107 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return web.json_response({"error": "internal error", "status": 500}, status=500)
 
 
-def register(sa: StreamApp) -> None:
-    """Attach the web views to ``sa.app``."""
-    app, s, m = sa.app, sa.settings, sa.metrics
-    router = KeyRouter(app, sa.user_state, s.partitions)
-    app.web.web_app.middlewares.append(json_errors)
-    openapi = build_openapi(s)
+def timed(metrics: Any, endpoint: str) -> Callable[[Handler], Handler]:
+    """Record each answer's latency in ``advrec_request_seconds{endpoint, status_class}``."""
+    def deco(fun: Handler) -> Handler:
+        @wraps(fun)
+        async def wrapper(view: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            status = 500
+            try:
+                response = await fun(view, request, *args, **kwargs)
+                status = int(getattr(response, "status", 200))
+                return response
+            finally:
+                metrics.request_seconds.labels(endpoint=endpoint, status_class=_status_class(
+                    status)).observe(time.perf_counter() - started)
+        return wrapper
+    return deco
 
-    def timed(endpoint: str) -> Callable[[Handler], Handler]:
-        def deco(fun: Handler) -> Handler:
-            @wraps(fun)
-            async def wrapper(view: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-                started = time.perf_counter()
-                status = 500
-                try:
-                    response = await fun(view, request, *args, **kwargs)
-                    status = int(getattr(response, "status", 200))
-                    return response
-                finally:
-                    m.request_seconds.labels(endpoint=endpoint, status_class=_status_class(
-                        status)).observe(time.perf_counter() - started)
-            return wrapper
-        return deco
 
-    def error(view: Any, status: int, message: str) -> Any:
-        return view.json({"error": message, "status": status}, status=status)
+def _plain(fun: Handler) -> Handler:
+    @wraps(fun)
+    async def handler(view: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        return await fun(view, request, *args, **kwargs)
+    return handler
 
-    def restoring(key: bytes) -> bool:
+
+def error(view: Any, status: int, message: str) -> Any:
+    return view.json({"error": message, "status": status}, status=status)
+
+
+class HttpApi:
+    """The worker's HTTP endpoints, one method each, over one ``StreamApp``.
+
+    Each endpoint takes Faust's ``(view, request, ...)``; ``register`` mounts them. Kept as
+    methods of one object (not closures inside ``register``) so that a unit test can build the
+    API over a small stand-in for the app and call one endpoint at a time.
+    """
+
+    def __init__(self, sa: StreamApp, router: KeyRouter) -> None:
+        self.sa = sa
+        self.s = sa.settings
+        self.m = sa.metrics
+        self.router = router
+        self.openapi = build_openapi(sa.settings)
+
+    # ------------------------------------------------------------------ helpers
+
+    def restoring(self, key: bytes) -> bool:
         """Whether the local partition holding ``key`` is still being restored.
 
         Only that partition's readers wait: partitions that stayed with this worker through a
         rebalance keep answering while newly assigned ones catch up.
         """
+        app = self.sa.app
         if not app.in_recovery:
             return False
         recovery = app.tables.recovery
-        tp = router.topic_partition(key)
+        tp = self.router.topic_partition(key)
         if tp not in recovery.active_tps:
             return False
         return tp not in recovery.active_highwaters or recovery.active_remaining()[tp] > 0
 
-    def owned(fun: Handler) -> Handler:
+    def owned(self, fun: Handler) -> Handler:
         """Answer a per-user read here if this worker owns the user, else proxy it to the
         owner; 503 while this worker cannot yet tell which worker owns a key."""
         @wraps(fun)
         async def wrapper(view: Any, request: Any, user: str) -> Any:
-            if not sa.started:
+            if not self.sa.started:
                 return error(view, 503, "worker is starting (tables not recovered yet), "
                                         "retry later")
             if not 1 <= len(user) <= MAX_ID_CHARS:
                 return error(view, 400, f"user id must have 1..{MAX_ID_CHARS} characters")
             key = encode_key(user)
-            if not router.is_local(key):
+            if not self.router.is_local(key):
                 try:
-                    return await router.route(key, view.web, request)
+                    return await self.router.route(key, view.web, request)
                 except SameNode:  # the partition moved here meanwhile
                     pass
             return await fun(view, request, user)
         return wrapper
 
-    async def admit_read(view: Any, user: str) -> Any | None:
+    async def admit_read(self, view: Any, user: str) -> Any | None:
         """Return a 503 while local state is being restored from the changelog; pace the
         read while ingestion is behind."""
-        if restoring(encode_key(user)):
+        if self.restoring(encode_key(user)):
             return error(view, 503, "this worker is restoring the user's partition from the "
                                     "changelog, retry later")
-        if sa.backlog > s.backlog_messages:
-            await sa.read_pacer.wait()
+        if self.sa.backlog > self.s.backlog_messages:
+            await self.sa.read_pacer.wait()
         return None
 
-    def authorized(request: Any) -> bool | None:
+    def authorized(self, request: Any) -> bool | None:
         """Return None if admin is disabled, else whether the bearer token matches."""
-        if not s.admin_token:
+        if not self.s.admin_token:
             return None
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(
-            token.strip().encode(), s.admin_token.encode())
+            token.strip().encode(), self.s.admin_token.encode())
 
-    def admin_denied(view: Any, request: Any) -> Any | None:
-        ok = authorized(request)
+    def admin_denied(self, view: Any, request: Any) -> Any | None:
+        ok = self.authorized(request)
         if ok is None:
             return error(view, 404, "admin endpoints are disabled (no ADVREC_ADMIN_TOKEN set)")
         if not ok:
@@ -148,32 +169,38 @@ def register(sa: StreamApp) -> None:
                              status=401, headers={"WWW-Authenticate": "Bearer"})
         return None
 
-    def cached(key: bytes) -> UserState | None:
-        """The in-memory state (write-behind: newer than the table until the next flush)."""
-        return None if sa.behind is None else sa.behind.cache.peek(key)
+    def admin_caller(self, request: Any) -> str:
+        peer = request.remote or "?"
+        return f"admin@{self.s.web_host}:{self.s.web_port} from {peer}"
 
-    def read_state(key: bytes) -> UserState | None:
-        state = cached(key)
+    def cached(self, key: bytes) -> UserState | None:
+        """The in-memory state (write-behind: newer than the table until the next flush)."""
+        behind = self.sa.behind
+        return None if behind is None else behind.cache.peek(key)
+
+    def read_state(self, key: bytes) -> UserState | None:
+        state = self.cached(key)
         if state is not None:
             return state if state.count else None  # a new user whose events were duplicates
-        raw = router.read(key)
+        raw = self.router.read(key)
         return None if raw is None else UserState.from_bytes(raw)
 
-    def read_history(key: bytes) -> list:
-        state = cached(key)
+    def read_history(self, key: bytes) -> list:
+        state = self.cached(key)
         return list(state.history) if state is not None else UserState.history_from_bytes(
-            router.read(key))
+            self.router.read(key))
 
-    def worker_ident() -> dict[str, Any]:
-        return {"host": s.web_host, "port": s.web_port}
+    def worker_ident(self) -> dict[str, Any]:
+        return {"host": self.s.web_host, "port": self.s.web_port}
 
-    @app.page("/recommendations/{user}")
-    @timed("recommendations")
-    @owned
-    async def recommendations(view: Any, request: Any, user: str) -> Any:
-        bad = await admit_read(view, user)
+    # ------------------------------------------------------------------ per-user reads
+
+    async def recommendations(self, view: Any, request: Any, user: str) -> Any:
+        """``GET /recommendations/{user}?k=``: the model's top k, else the trending list."""
+        bad = await self.admit_read(view, user)
         if bad is not None:
             return bad
+        s, sa = self.s, self.sa
         raw_k = request.query.get("k", str(DEFAULT_K))
         try:
             k = int(raw_k)
@@ -181,7 +208,7 @@ def register(sa: StreamApp) -> None:
             return error(view, 400, f"k must be an integer, got {raw_k[:20]!r}")
         if not 1 <= k <= s.max_k:
             return error(view, 400, f"k must be between 1 and {s.max_k}, got {k}")
-        history = read_history(encode_key(user))
+        history = self.read_history(encode_key(user))
         answer = None
         cause = "no_history" if not history else "no_known_items"
         if sa.server.current is None:
@@ -198,42 +225,39 @@ def register(sa: StreamApp) -> None:
         if answer is not None:
             items, version = answer
             return view.json({"user": user, "items": items, "model_version": version,
-                              "fallback": False, "served_by": worker_ident()})
+                              "fallback": False, "served_by": self.worker_ident()})
         seen = set(history)
         items = [i for i in sa.trending_cache if i not in seen][:k]
-        m.fallback_answers.labels(cause=cause).inc()
+        self.m.fallback_answers.labels(cause=cause).inc()
         live = sa.server.current
         return view.json({"user": user, "items": items, "fallback": True,
                           "fallback_cause": cause,
                           "model_version": live.version if live else None,
-                          "served_by": worker_ident()})
+                          "served_by": self.worker_ident()})
 
-    @app.page("/users/{user}")
-    @timed("users")
-    @owned
-    async def user_state_view(view: Any, request: Any, user: str) -> Any:
-        bad = await admit_read(view, user)
+    async def user_state(self, view: Any, request: Any, user: str) -> Any:
+        """``GET /users/{user}``: what the worker remembers of the user."""
+        bad = await self.admit_read(view, user)
         if bad is not None:
             return bad
-        state = read_state(encode_key(user))
+        state = self.read_state(encode_key(user))
         if state is None:
             return view.json({"error": f"unknown user {user!r}", "status": 404,
-                              "served_by": worker_ident()}, status=404)
-        return view.json({"user": user, **state.public(), "served_by": worker_ident()})
+                              "served_by": self.worker_ident()}, status=404)
+        return view.json({"user": user, **state.public(), "served_by": self.worker_ident()})
 
-    @app.page("/healthz")
-    @timed("healthz")
-    async def healthz(view: Any, request: Any) -> Any:
+    # ------------------------------------------------------------------ health and docs
+
+    async def healthz(self, view: Any, request: Any) -> Any:
         return view.json({"status": "ok"})
 
-    @app.page("/readyz")
-    @timed("readyz")
-    async def readyz(view: Any, request: Any) -> Any:
+    async def readyz(self, view: Any, request: Any) -> Any:
+        """Ready once the tables are local and the bundle topic was read and its current
+        version tried: a new pod answers with the fleet's model from its first request."""
+        sa = self.sa
         live = sa.server.current
         feed = sa.feed.snapshot
-        fallback_mode = live is None and s.ready_without_model
-        # ready once the tables are local and the bundle topic was read and its current
-        # version tried: a new pod answers with the fleet's model from its first request
+        fallback_mode = live is None and self.s.ready_without_model
         ready = sa.started and sa.feed.ready.is_set() and (live is not None or fallback_mode)
         body = {
             "ready": ready,
@@ -247,27 +271,25 @@ def register(sa: StreamApp) -> None:
         }
         return view.json(body, status=200 if ready else 503)
 
-    @app.page("/metrics")
-    async def metrics_view(view: Any, request: Any) -> Any:
+    async def metrics(self, view: Any, request: Any) -> Any:
         # aiohttp refuses a charset inside content_type, so the exposition header goes raw
-        body = generate_latest(m.registry)
+        body = generate_latest(self.m.registry)
         return view.bytes(body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    @app.page(OPENAPI_PATH)
-    async def openapi_view(view: Any, request: Any) -> Any:
-        return view.json(openapi)
+    async def openapi_doc(self, view: Any, request: Any) -> Any:
+        return view.json(self.openapi)
 
-    @app.page("/noop")
-    @timed("noop")
-    async def noop(view: Any, request: Any) -> Any:
+    async def noop(self, view: Any, request: Any) -> Any:
         return view.json({"ok": True})
 
-    @app.page("/admin/model")
-    @timed("admin")
-    async def admin_model(view: Any, request: Any) -> Any:
-        denied = admin_denied(view, request)
+    # ------------------------------------------------------------------ admin
+
+    async def admin_model(self, view: Any, request: Any) -> Any:
+        """``GET /admin/model``: the live model, the pointer, any pin, the cached versions."""
+        denied = self.admin_denied(view, request)
         if denied is not None:
             return denied
+        sa = self.sa
         live = sa.server.current
         feed = sa.feed.snapshot
         pin = feed.pin
@@ -285,64 +307,85 @@ def register(sa: StreamApp) -> None:
             "swaps": sa.watcher.swaps,
         })
 
-    def admin_caller(request: Any) -> str:
-        peer = request.remote or "?"
-        return f"admin@{s.web_host}:{s.web_port} from {peer}"
+    async def admin_rollback(self, view: Any, request: Any) -> Any:
+        """``POST /admin/rollback[?version=]``: pin the fleet to a version (default: the one
+        before the live one)."""
+        denied = self.admin_denied(view, request)
+        if denied is not None:
+            return denied
+        version = request.query.get("version") or None
+        if version is not None and version not in self.sa.feed.snapshot.local:
+            # never let a request name a path: only versions rebuilt from the topic load
+            return error(view, 409, f"no published bundle version {version[:80]!r}")
+        try:
+            done = await self.sa.feed.rollback(version, by=self.admin_caller(request))
+        except PinError as exc:
+            return error(view, exc.status, str(exc))
+        log.warning("rolled the fleet back to bundle %s by admin request", done)
+        return view.json({"rolled_back_to": done, "pinned": done})
+
+    async def admin_pin(self, view: Any, request: Any) -> Any:
+        """``GET /admin/pin``: the fleet's pin, if any."""
+        denied = self.admin_denied(view, request)
+        if denied is not None:
+            return denied
+        snap = self.sa.feed.snapshot
+        pin = snap.pin
+        return view.json({"pinned": pin.version if pin else None,
+                          "by": pin.by if pin else None, "current_pointer": snap.pointer})
+
+    async def admin_unpin(self, view: Any, request: Any) -> Any:
+        """``DELETE /admin/pin``: release the pin; the fleet follows the pointer again."""
+        denied = self.admin_denied(view, request)
+        if denied is not None:
+            return denied
+        feed = self.sa.feed
+        if feed.snapshot.pin is None:
+            return view.json({"pinned": None, "released": False,
+                              "current_pointer": feed.snapshot.pointer})
+        try:
+            await feed.pin(None, by=self.admin_caller(request), reason="released")
+        except PinError as exc:
+            return error(view, exc.status, str(exc))
+        return view.json({"pinned": None, "released": True,
+                          "current_pointer": feed.snapshot.pointer})
+
+
+def register(sa: StreamApp) -> HttpApi:
+    """Mount the endpoints of an ``HttpApi`` over ``sa`` on its Faust app; return the API."""
+    app, m = sa.app, sa.metrics
+    api = HttpApi(sa, KeyRouter(app, sa.user_state, sa.settings.partitions))
+    app.web.web_app.middlewares.append(json_errors)
+
+    def page(path: str, handler: Handler, endpoint: str | None) -> None:
+        # Faust makes a handler the methods of a View class, so it must be a plain function
+        # (a bound method would not get the view): ``timed`` and ``_plain`` make one
+        app.page(path)(_plain(handler) if endpoint is None else timed(m, endpoint)(handler))
+
+    page("/recommendations/{user}", api.owned(api.recommendations), "recommendations")
+    page("/users/{user}", api.owned(api.user_state), "users")
+    page("/healthz", api.healthz, "healthz")
+    page("/readyz", api.readyz, "readyz")
+    page("/metrics", api.metrics, None)
+    page(OPENAPI_PATH, api.openapi_doc, None)
+    page("/noop", api.noop, "noop")
+    page("/admin/model", api.admin_model, "admin")
+
+    timed_admin = timed(m, "admin")
+    rollback, show_pin, unpin = (timed_admin(api.admin_rollback), timed_admin(api.admin_pin),
+                                 timed_admin(api.admin_unpin))
 
     class AdminRollback(faust.web.View):
         async def post(self, request: Any) -> Any:
-            started = time.perf_counter()
-            response = await self._rollback(request)
-            m.request_seconds.labels(endpoint="admin", status_class=_status_class(
-                response.status)).observe(time.perf_counter() - started)
-            return response
-
-        async def _rollback(self, request: Any) -> Any:
-            denied = admin_denied(self, request)
-            if denied is not None:
-                return denied
-            version = request.query.get("version") or None
-            if version is not None and version not in sa.feed.snapshot.local:
-                # never let a request name a path: only versions rebuilt from the topic load
-                return error(self, 409, f"no published bundle version {version[:80]!r}")
-            try:
-                done = await sa.feed.rollback(version, by=admin_caller(request))
-            except PinError as exc:
-                return error(self, exc.status, str(exc))
-            log.warning("rolled the fleet back to bundle %s by admin request", done)
-            return self.json({"rolled_back_to": done, "pinned": done})
+            return await rollback(self, request)
 
     class AdminPin(faust.web.View):
         async def get(self, request: Any) -> Any:
-            return await self._timed(request, self._show)
+            return await show_pin(self, request)
 
         async def delete(self, request: Any) -> Any:
-            return await self._timed(request, self._release)
-
-        async def _timed(self, request: Any, fun: Handler) -> Any:
-            started = time.perf_counter()
-            denied = admin_denied(self, request)
-            response = denied if denied is not None else await fun(request)
-            m.request_seconds.labels(endpoint="admin", status_class=_status_class(
-                response.status)).observe(time.perf_counter() - started)
-            return response
-
-        async def _show(self, request: Any) -> Any:
-            pin = sa.feed.snapshot.pin
-            return self.json({"pinned": pin.version if pin else None,
-                              "by": pin.by if pin else None,
-                              "current_pointer": sa.feed.snapshot.pointer})
-
-        async def _release(self, request: Any) -> Any:
-            if sa.feed.snapshot.pin is None:
-                return self.json({"pinned": None, "released": False,
-                                  "current_pointer": sa.feed.snapshot.pointer})
-            try:
-                await sa.feed.pin(None, by=admin_caller(request), reason="released")
-            except PinError as exc:
-                return error(self, exc.status, str(exc))
-            return self.json({"pinned": None, "released": True,
-                              "current_pointer": sa.feed.snapshot.pointer})
+            return await unpin(self, request)
 
     app.page("/admin/rollback")(AdminRollback)
     app.page("/admin/pin")(AdminPin)
+    return api
