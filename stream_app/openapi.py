@@ -180,7 +180,10 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             "summary": "Top-k items for a user (the model's, else the trending fallback)",
             "parameters": [user, k],
             "responses": {"200": _json("Recommendations", _ref("Recommendations")),
-                          "400": bad_request, "503": unavailable},
+                          "400": bad_request, "503": _error(
+                              "The user's partition has no reachable owner now (start-up, "
+                              "rebalance, recovery), or the model call did not answer within "
+                              "ADVREC_MODEL_TIMEOUT_S: retry later")},
         }},
         "/users/{user}": {"get": {
             "operationId": "userState",
