@@ -25,7 +25,6 @@ from advrec.replay import Payload, produce
 ROOT = Path(__file__).resolve().parents[2]
 KAFKA_PORT = int(os.environ.get("KAFKA_PORT", "9092"))
 BOOTSTRAP = f"127.0.0.1:{KAFKA_PORT}"
-SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 def _kafka(cmd: str) -> subprocess.CompletedProcess:

@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from advrec.contract import decode_dead_letter, encode_event, encode_key
+from tests.datasets import MOVIELENS_SLICE
 from tests.integration.conftest import (
-    SHARED_DATA,
     Names,
     Worker,
     consume_all,
@@ -123,9 +123,7 @@ def test_replay_of_movielens_is_consumed_in_full(kafka: str, names: Names, tmp_p
 
     from advrec.datasets import count_events
 
-    ratings = SHARED_DATA / "ml-latest-small" / "ratings.csv"
-    if not ratings.exists():
-        pytest.skip(f"{ratings} is not present on this machine")
+    ratings = MOVIELENS_SLICE  # real ratings shipped with the tests (tests/data/README.md)
     expected = count_events("movielens", ratings)
     with open(ratings) as fh:
         assert expected == sum(1 for _ in fh) - 1  # one event per data row

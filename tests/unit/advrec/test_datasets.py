@@ -15,8 +15,7 @@ from advrec.datasets import (
     read_movielens,
     read_sequences,
 )
-
-SHARED_DATA = (Path(__file__).resolve().parents[3] / ".." / "shared" / "data").resolve()
+from tests.datasets import MOVIELENS_SLICE, MOVIELENS_SLICE_ROWS
 
 RATINGS = """userId,movieId,rating,timestamp
 1,10,4.0,964982703
@@ -231,14 +230,11 @@ def test_count_events_counts_what_load_events_yields(tmp_path: Path) -> None:
     assert count_events("movielens", write(tmp_path, "r.csv", RATINGS), min_rating=3.5) == 3
 
 
-def test_ml_latest_small_yields_one_event_per_data_row() -> None:
-    folder = SHARED_DATA / "ml-latest-small"
-    if not folder.is_dir():
-        pytest.skip(f"shared dataset folder {folder} is absent on this machine")
-    ratings = folder / "ratings.csv"
+def test_a_real_movielens_slice_yields_one_event_per_data_row() -> None:
+    ratings = MOVIELENS_SLICE  # real ratings shipped with the tests (tests/data/README.md)
     with ratings.open(encoding="utf-8") as handle:
         rows = sum(1 for line in handle if line.strip()) - 1  # minus the header
     log = load_events("movielens", ratings)
-    assert len(log) == rows == 100_836
+    assert len(log) == rows == MOVIELENS_SLICE_ROWS
     assert [e.ts for e in log] == sorted(e.ts for e in log)
     assert len({e.id for e in log}) == rows

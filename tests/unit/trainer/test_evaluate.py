@@ -11,12 +11,12 @@ import pytest
 
 from advrec.contract import ClickEvent, TrainingExample
 from advrec.datasets import load_events
+from tests.datasets import MOVIELENS_SLICE
 from trainer import evaluate, offline
 from trainer.evaluate import build_examples, rank_targets, run_prequential
 from trainer.model import ModelConfig
 
-DATA = Path(__file__).resolve().parents[3].parent / "shared/data"
-ML = DATA / "ml-latest-small/ratings.csv"
+ML = MOVIELENS_SLICE  # real ratings shipped with the tests (tests/data/README.md)
 TINY = ModelConfig(n_items=64, max_len=8, d_model=16, n_heads=1, n_layers=1, d_disc=8)
 
 
@@ -100,7 +100,6 @@ def test_prequential_neural_mode_records_losses_and_d_scores() -> None:
     assert 0 < run.metrics["coverage@10"] <= 1
 
 
-@pytest.mark.skipif(not ML.exists(), reason=f"real data absent: {ML}")
 def test_evaluate_cli_end_to_end_on_movielens(tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
