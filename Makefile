@@ -11,11 +11,17 @@ PYTEST_ARGS ?=
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
+# pip's own lines show the progress (a first install downloads torch: minutes); the sed drops
+# setuptools' banner about editable installs (its first line and the 9 after it), nothing else
 $(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@test -x $(BIN)/python || { echo "== creating $(VENV)"; $(PY) -m venv $(VENV); }
+	@echo "== installing advrec with every extra into $(VENV) (the first time downloads torch: a few minutes)"
 	$(BIN)/pip install -q --upgrade pip wheel setuptools
-	$(BIN)/pip install -q -e '.[serving,trainer,dev]'
+	@set -o pipefail; $(BIN)/pip install --progress-bar off -e '.[serving,trainer,dev]' 2>&1 \
+	  | sed -u '/BuildBackendWarning: Editable installation/,+9d' \
+	  | { grep --line-buffered -v '^Requirement already satisfied' || true; }
 	@rm -f $(VENV)/.installed-* && touch $@
+	@echo "== installed"
 
 install: $(STAMP)  ## create .venv and install advrec with every extra (once)
 	@scripts/kafka.sh fetch
