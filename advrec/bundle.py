@@ -5,7 +5,7 @@ Layout under a bundle root::
     <root>/CURRENT              text file naming the live version (replaced by rename)
     <root>/<version>/model.onnx self-contained ONNX generator: history[B, L] -> scores[B, V+1]
     <root>/<version>/vocab.json JSON list of external item ids; id at position i is row i+1
-    <root>/<version>/meta.json  version, created, last_event_ms, examples_seen, metrics,
+    <root>/<version>/meta.json  version, created, last_event_ms, trained_through_ms, metrics,
                                 model_sha256, vocab_sha256, vocab_size, max_len, ...
 
 A bundle is written under a temporary name, every file fsynced, then renamed into place;

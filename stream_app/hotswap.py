@@ -110,10 +110,18 @@ class BundleWatcher:
         self.update_age()
 
     def update_age(self) -> None:
-        """Set the freshness gauge: now minus the newest event time the live model saw."""
+        """Set the freshness gauge: now minus when the newest batch the live model trained on
+        was written to `train-batches` (``trained_through_ms``, wall clock); bundles without
+        it fall back to the newest event time they saw.
+
+        Event times say when a click happened by the producer's clock: a replayed or
+        synthetic stream carries times minutes or years away from now, which made the gauge
+        read hundreds of seconds for a model trained seconds before.
+        """
         live = self.server.current
         if self.metrics is None or live is None:
             return
-        last_ms = live.bundle.meta.get("last_event_ms")
+        meta = live.bundle.meta
+        last_ms = meta.get("trained_through_ms") or meta.get("last_event_ms")
         if last_ms:
             self.metrics.model_age_seconds.set(max(0.0, time.time() - float(last_ms) / 1000))

@@ -89,6 +89,9 @@ class Sidecar:
         self.learner: Any = None
         self.live: Any = None  # frozen copy of the learner as last published (quality gate)
         self.next_offset: int | None = None  # next train-batches offset to train on
+        # when the newest batch trained on was written to train-batches (its Kafka timestamp,
+        # set by the worker as it cut the batch): the served model's age is counted from it
+        self.trained_through_ms: int | None = None
         self.resumed_at: int | None = None
         self.active = False
         self.assignments = 0  # times this trainer was given train-batches
@@ -386,6 +389,7 @@ class Sidecar:
             "examples_seen": learner.examples_seen,
             "batches_seen": learner.batches_seen,
             "last_event_ms": learner.last_event_ms,
+            "trained_through_ms": self.trained_through_ms,
             "trainer": self.identity,
             "metrics": {"window_hr_at_10": cand, "live_window_hr_at_10": live,
                         "window_examples": window["n"], "parity_max_abs": diff},
@@ -601,6 +605,8 @@ class Sidecar:
                         group[-1].offset, fraction)
                     trained += len(group)
                     i += len(group)
+                    self.trained_through_ms = max(group[-1].timestamp,
+                                                  self.trained_through_ms or 0)
                     if self.checkpoint_due():
                         await self.checkpoint(consumer, tp)
                     if self.active and self.export_due():

@@ -159,6 +159,7 @@ def test_trainer_exports_through_a_live_stream(kafka: str, names: Names, tmp_pat
     stop = threading.Event()
     try:
         cfg = SyntheticConfig(n_users=300, n_items=500, seed=9)
+        started_ms = time.time() * 1000
         send(names.clicks, [(encode_key(e.user), encode_event(e))
                             for e in synthetic_events(cfg, 3000)])
         wait_for(lambda: worker.metric("advrec_model_swaps_total") >= 1, 120, "a swap")
@@ -167,6 +168,10 @@ def test_trainer_exports_through_a_live_stream(kafka: str, names: Names, tmp_pat
         assert batches_sent >= 1
         live = httpx.get(f"{worker.url}/readyz").json()["model_version"]
         assert live in list_versions(bundles)
+        # the age counts from when the batch was cut, not from the synthetic event times
+        through = load_bundle(bundles, live).meta["trained_through_ms"]
+        assert started_ms - 5_000 <= through <= time.time() * 1000
+        assert worker.metric("advrec_model_age_seconds") < 120
     finally:
         stop.set()
         trainer.stop()

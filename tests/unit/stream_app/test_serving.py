@@ -454,6 +454,26 @@ async def test_a_version_pruned_while_it_loads_is_counted_as_pruned_not_remember
     await server.stop()
 
 
+async def test_model_age_counts_from_when_the_newest_batch_was_written_not_event_time(
+        tmp_path: Path) -> None:
+    metrics = StreamMetrics.create()
+    server = ModelServer(metrics=metrics)
+    watcher = BundleWatcher(tmp_path, server, metrics=metrics)
+    now_ms = int(time.time() * 1000)
+    model = toy_model(len(VOCAB))
+    # a replayed stream: its clicks happened years ago, the batch was cut 5 s ago
+    v = write_bundle(tmp_path, model, VOCAB, {"max_len": 5, "last_event_ms": 1_000_000,
+                                              "trained_through_ms": now_ms - 5_000})
+    assert await watcher.activate(v)
+    age = metrics.registry.get_sample_value("advrec_model_age_seconds")
+    assert 5.0 <= age < 60.0
+    # a bundle from before trained_through_ms existed: the event time, as before
+    old = write_bundle(tmp_path, model, VOCAB, {"max_len": 5, "last_event_ms": now_ms - 90_000})
+    assert await watcher.activate(old)
+    assert 90.0 <= metrics.registry.get_sample_value("advrec_model_age_seconds") < 150.0
+    await server.stop()
+
+
 def test_batched_top_k_agrees_with_a_plain_sort_of_the_bundles_scores(tmp_path: Path) -> None:
     vocab = [f"i{n}" for n in range(39)]  # rows 1..39
     version = publish_toy(tmp_path, vocab, max_len=3)
