@@ -105,7 +105,7 @@ def main() -> int:
             last_n, last_t = n, now
             ready = get_json(f"http://127.0.0.1:{args.port}/readyz")
             rec = get_json(f"http://127.0.0.1:{args.port}/recommendations/u1?k=5")
-            hr = t.get('advrec_trainer_prequential{metric="hr_at_10"}', 0.0)
+            hr = t.get('advrec_trainer_prequential{metric="hr_at_10",variant="A"}', 0.0)
             print(f"[{now - started:5.0f}s] ingested {n:8.0f} ({rate:6.0f}/s) | model "
                   f"{ready.get('model_version') or '-':>13} | trainer batches "
                   f"{t.get('advrec_trainer_batches_total', 0):5.0f} HR@10 {hr:.3f} | u1 -> "

@@ -25,12 +25,13 @@ import numpy as np
 
 from advrec.contract import TrainingExample
 from advrec.types import ItemId, TimestampMs
-from trainer.metrics import ranking_metrics
+from trainer.metrics import rank_targets, ranking_metrics
 
 __all__ = ["HISTORY_MASKS", "ItemKNN", "RecencyPopularity", "StreamingBaseline"]
 
 Batch = Sequence[TrainingExample]
-HISTORY_MASKS = ("except_target", "all", "none")  # the learner's rule, variant A, variant B
+HISTORY_MASKS = ("except_target", "all", "none")  # leave-one-out, variant A, variant B
+MASK_VARIANT = {"except_target": "loo", "all": "A", "none": "B"}  # rank_targets' names
 
 
 class StreamingBaseline(ABC):
@@ -76,45 +77,23 @@ class StreamingBaseline(ABC):
         return self._tiebreak()
 
     def target_ranks(self, batch: Batch) -> np.ndarray:
-        """Return each example's 1-based target rank (pessimistic ties; 0: unknown target)."""
+        """Return each example's target rank by ``trainer.metrics.rank_targets`` (pessimistic
+        ties, then the tie-break key; 0: unknown target; ``OUT_OF_LIST``: a re-click that
+        ``history_mask="all"`` removes, a miss), the history masked as ``history_mask`` says."""
         ranks = np.zeros(len(batch), dtype=np.int64)
-        rows: list[int] = []
-        for b, ex in enumerate(batch):
-            if ex.item not in self.index:
-                continue
-            if self.history_mask == "all" and ex.item in ex.history:
-                ranks[b] = self.n_items + 1  # masked out of the list: behind every item
-            else:
-                rows.append(b)
+        rows = [b for b, ex in enumerate(batch) if ex.item in self.index]
         if not rows:
             return ranks
-        scores = self._scores([batch[b].history for b in rows])  # (R, N)
-        self._mask(scores, [batch[b] for b in rows])
-        target = np.array([self.index[batch[b].item] for b in rows])  # (R,)
-        sel = np.arange(len(rows))
-        t_score = scores[sel, target][:, None]  # (R, 1)
-        ahead = scores >= t_score  # (R, N): ties count as ahead of the target
+        scores = np.array(self._scores([batch[b].history for b in rows]),
+                          dtype=np.float64)  # (R, N), a copy: ranking masks it
+        target = np.array([self.index[batch[b].item] for b in rows], dtype=np.int64)  # (R,)
+        seen = [np.array([self.index.get(i, -1) for i in batch[b].history], dtype=np.int64)
+                for b in rows]
         tiebreak = self._tiebreak()
-        if tiebreak is not None:  # lexicographic: (score, tiebreak), ties on both still ahead
-            t_break = tiebreak[target][:, None]  # (R, 1)
-            ahead = (scores > t_score) | ((scores == t_score) & (tiebreak[None, :] >= t_break))
-        ranks[rows] = np.count_nonzero(ahead, axis=1)
+        ranks[rows] = rank_targets(scores, target, seen, variant=MASK_VARIANT[self.history_mask],
+                                   tiebreak=None if tiebreak is None
+                                   else np.asarray(tiebreak, dtype=np.float64))
         return ranks
-
-    def _mask(self, scores: np.ndarray, batch: Batch) -> None:
-        """Set the scores of history items other than the target to -inf, in place."""
-        if self.history_mask == "none":
-            return
-        rows: list[int] = []
-        cols: list[int] = []
-        for b, ex in enumerate(batch):
-            for item in ex.history:
-                col = self.index.get(item)
-                if col is not None and item != ex.item:
-                    rows.append(b)
-                    cols.append(col)
-        if rows:
-            scores[rows, cols] = -np.inf
 
     def evaluate_batch(self, batch: Batch, ks: Sequence[int] = (10, 20)) -> dict[str, float]:
         """Rank each example's next item before training on it: hr/ndcg/mrr@k over known targets."""

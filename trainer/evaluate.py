@@ -33,7 +33,7 @@ from advrec.types import ItemId
 from trainer.adversarial import MODES, AdversarialConfig
 from trainer.baselines import ItemKNN, RecencyPopularity, StreamingBaseline
 from trainer.learner import OnlineLearner, TrainConfig
-from trainer.metrics import ranking_metrics
+from trainer.metrics import rank_targets, ranking_metrics
 from trainer.model import ModelConfig
 
 __all__ = [
@@ -46,7 +46,6 @@ __all__ = [
     "build_examples",
     "build_parser",
     "main",
-    "rank_targets",
     "run_prequential",
     "summarize",
 ]
@@ -160,56 +159,6 @@ class BaselineAdapter:
 
     def train(self, batch: Sequence[TrainingExample]) -> dict[str, float]:
         return self.model.train_batch(batch)
-
-
-def rank_targets(scores: np.ndarray, target: np.ndarray, exclude: Sequence[np.ndarray],
-                 tiebreak: np.ndarray | None = None, *,
-                 target_excluded_is_miss: bool = True) -> np.ndarray:
-    """Return 1-based ranks of each row's target column (0 = miss), masking ``exclude``.
-
-    Parameters
-    ----------
-    scores
-        (B, C) scores, modified in place (excluded columns become -inf).
-    target
-        (B,) target column, -1 when the method does not know the item (a miss).
-    exclude
-        Per row, the columns removed from the list (-1 entries ignored).
-    tiebreak
-        (C,) secondary key for equal scores; remaining ties go to the lower column (the item
-        that appeared first).
-    target_excluded_is_miss
-        True (variant A): a target among the excluded columns is a miss. False: the target
-        stays in the list (the leave-one-out rule: rank among items not seen before).
-    """
-    B, C = scores.shape
-    ranks = np.zeros(B, dtype=np.int64)
-    live = target >= 0
-    for b in range(B):
-        cols = exclude[b]
-        cols = cols[cols >= 0]
-        if live[b] and cols.size and np.any(cols == target[b]):
-            if target_excluded_is_miss:
-                live[b] = False
-                continue
-            cols = cols[cols != target[b]]
-        scores[b, cols] = -np.inf
-    rows = np.flatnonzero(live)
-    if rows.size == 0:
-        return ranks
-    s = scores[rows]  # (R, C)
-    t = target[rows]  # (R,)
-    ts = s[np.arange(rows.size), t][:, None]  # (R, 1)
-    tie = s == ts  # (R, C)
-    ahead = s > ts
-    lower = np.arange(C)[None, :] < t[:, None]  # (R, C) appeared before the target
-    if tiebreak is not None:
-        tb, tbt = tiebreak[None, :], tiebreak[t][:, None]
-        ahead |= tie & ((tb > tbt) | ((tb == tbt) & lower))
-    else:
-        ahead |= tie & lower
-    ranks[rows] = np.count_nonzero(ahead, axis=1) + 1
-    return ranks
 
 
 def top_k(scores: np.ndarray, k: int, tiebreak: np.ndarray | None) -> np.ndarray:
@@ -343,7 +292,8 @@ def run_prequential(examples: Sequence[TrainingExample], method: str, *, seed: i
             else:
                 exclude = [np.zeros(0, dtype=np.int64)] * len(scored)
             tiebreak = adapter.tiebreak()
-            ranks = rank_targets(scores, target, exclude, tiebreak)
+            # one ranking rule with the sidecar and the baselines (trainer.metrics)
+            ranks = rank_targets(scores, target, exclude, variant=variant, tiebreak=tiebreak)
             top = top_k(scores, TOP_K, tiebreak)  # (R, k) after masking
             col_to_gid = _inverse(colmap, scores.shape[1])
             rec = col_to_gid[top[top >= 0]]

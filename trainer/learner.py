@@ -29,7 +29,7 @@ from trainer.adversarial import (
     Players,
     get_update,
 )
-from trainer.metrics import rank_of_target, ranking_metrics
+from trainer.metrics import rank_targets, ranking_metrics
 from trainer.model import Discriminator, Generator, ModelConfig, replace_param, trim_padding
 from trainer.vocab import Vocabulary
 
@@ -222,30 +222,37 @@ class OnlineLearner:
 
     # ------------------------------------------------------------------ prequential
 
-    def target_ranks(self, batch: Sequence[TrainingExample]) -> np.ndarray:
-        """Return each target's 1-based pessimistic rank among known items (0: unknown)."""
+    def target_ranks(self, batch: Sequence[TrainingExample],
+                     variants: Sequence[str] = ("A",)) -> dict[str, np.ndarray]:
+        """Rank each example's next item under each variant (``trainer.metrics.rank_targets``:
+        pessimistic ties; 0 for an item the model does not know; ``OUT_OF_LIST`` for a target
+        variant A removes because the example's history holds it), scoring the batch once."""
         if not batch:
-            return np.zeros(0, dtype=np.int64)
-        history = self._encode([e.history for e in batch])  # (B, L)
-        target = np.array([self.vocab.index(e.item) or 0 for e in batch], dtype=np.int64)
+            return {v: np.zeros(0, dtype=np.int64) for v in variants}
+        known = [self.vocab.known_rows(e.history) for e in batch]
+        history = model_input(known, self.model_cfg.max_len)  # (B, L)
+        target = np.array([self.vocab.index(e.item) or -1 for e in batch], dtype=np.int64)
         scores = self._score_rows(history).astype(np.float64)  # (B, V+1)
-        rows = np.arange(len(batch))[:, None]
-        target_score = scores[rows[:, 0], target]  # (B,)
-        scores[rows, history] = -np.inf  # already-seen items are not candidates ...
-        scores[rows[:, 0], target] = target_score  # ... except the target itself
-        scores[:, 0] = -np.inf  # padding
-        ranks = rank_of_target(scores, target)  # (B,)
-        ranks[target == 0] = 0
-        return ranks
+        seen = [np.asarray(rows, dtype=np.int64) for rows in known]
+        return {v: rank_targets(scores if n == len(variants) - 1 else scores.copy(), target,
+                                seen, variant=v, never=0)
+                for n, v in enumerate(variants)}
 
-    def evaluate_batch(self, batch: Sequence[TrainingExample],
-                       ks: Sequence[int] = (10, 20)) -> dict[str, float]:
-        """Rank each example's next item before training on it: hr/ndcg/mrr@k over known targets."""
-        ranks = self.target_ranks(batch)
-        known = ranks[ranks > 0]
-        out = ranking_metrics(known, ks)
-        out["n_eval"] = float(known.size)
-        out["n_unknown_target"] = float(len(ranks) - known.size)
+    def evaluate_batch(self, batch: Sequence[TrainingExample], ks: Sequence[int] = (10, 20),
+                       variants: Sequence[str] = ("A",)) -> dict[str, float]:
+        """Rank each example's next item before training on it: ``hr@k``, ``ndcg@k`` and
+        ``mrr@k`` over the targets the model knows, under the first of ``variants``; the same
+        prefixed ``B:`` (etc.) for the others; ``n_eval`` and ``n_unknown_target``."""
+        ranks = self.target_ranks(batch, variants)
+        out: dict[str, float] = {}
+        for n, variant in enumerate(variants):
+            known = ranks[variant][ranks[variant] > 0]
+            prefix = "" if n == 0 else f"{variant}:"
+            out.update({prefix + key: value
+                        for key, value in ranking_metrics(known, ks).items()})
+            if n == 0:
+                out["n_eval"] = float(known.size)
+                out["n_unknown_target"] = float(len(ranks[variant]) - known.size)
         return out
 
     # ------------------------------------------------------------------ training

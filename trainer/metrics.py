@@ -14,6 +14,8 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 import numpy as np
 
 __all__ = [
+    "OUT_OF_LIST",
+    "VARIANTS",
     "Coverage",
     "RankingMetrics",
     "RollingMean",
@@ -27,7 +29,7 @@ __all__ = [
     "ndcg",
     "ndcg_values",
     "popularity_percentiles",
-    "rank_of_target",
+    "rank_targets",
     "ranking_metrics",
     "rr_values",
 ]
@@ -35,28 +37,79 @@ __all__ = [
 METRICS = ("hr", "ndcg", "mrr")
 
 
-def rank_of_target(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Return the 1-based rank of each row's target item, ties broken pessimistically.
+VARIANTS = ("A", "B", "loo")
+# the rank of a target the variant removed from the list (a re-click under A): a miss at any
+# k, however small the catalogue, yet a target the method knows (rank > 0)
+OUT_OF_LIST = int(np.iinfo(np.int64).max)
+
+
+def rank_targets(scores: np.ndarray, target: np.ndarray, history: Sequence[np.ndarray], *,
+                 variant: str = "A", tiebreak: np.ndarray | None = None,
+                 never: int | None = None) -> np.ndarray:
+    """Rank each row's target column among the items a list may show: the one ranking rule
+    of the sidecar's gauges and quality gate, ``advrec evaluate`` and the baselines.
 
     Parameters
     ----------
     scores
-        (B, N) scores, higher is better; ``-inf`` removes an item from the ranking.
+        (B, C) scores, higher is better. Modified in place: columns that leave the list
+        become ``-inf`` (pass a copy to rank the same scores under another variant).
     target
-        (B,) column of the true item in each row.
+        (B,) column of the true next item; negative when the method does not know the item
+        (a cold target): rank 0, a miss everywhere.
+    history
+        Per row, the columns of the items the user clicked before (any order, repeats and
+        negative entries allowed; negative ones are ignored).
+    variant
+        ``"A"``: every history item leaves the list, so a target the user clicked before is a
+        miss (rank ``OUT_OF_LIST``), as the served list never shows it. ``"B"``: nothing leaves:
+        a re-click can be a hit. ``"loo"``: history items leave except the target (it is
+        ranked among items not seen before; the rule of leave-one-out evaluations).
+    tiebreak
+        (C,) secondary key for equal scores (higher first).
+    never
+        A column that is never a candidate (the learner's padding row 0).
 
     Returns
     -------
-    (B,) int64 ranks in 1..N.
+    (B,) int64 ranks: 1..C, ``OUT_OF_LIST`` for a target variant A removed, 0 for a cold
+    target.
+    Ties go against the target: it is ranked after every item equal to it on (score,
+    tiebreak), so constant scores rank every target last, never first. A NaN target score
+    ranks last.
     """
-    assert scores.ndim == 2 and target.shape == (scores.shape[0],), "scores (B, N), target (B,)"
-    rows = np.arange(scores.shape[0])
-    target_score = scores[rows, target]  # (B,)
-    # Ties go against the target: it is ranked after every item scoring the same. A model
-    # with constant (or collapsed) scores then ranks every target last instead of first,
-    # so it can never look perfect, and any real signal has to show as a strict order.
-    ranks = np.count_nonzero(scores >= target_score[:, None], axis=1).astype(np.int64)  # (B,)
-    ranks[np.isnan(target_score)] = scores.shape[1]  # a NaN target score is the worst case
+    assert variant in VARIANTS, f"variant must be one of {VARIANTS}, not {variant!r}"
+    assert scores.ndim == 2 and target.shape == (scores.shape[0],), "scores (B, C), target (B,)"
+    B, C = scores.shape
+    ranks = np.zeros(B, dtype=np.int64)
+    live = target >= 0
+    if never is not None:
+        scores[:, never] = -np.inf
+    for b in range(B):
+        if variant == "B":
+            break
+        cols = np.asarray(history[b], dtype=np.int64)
+        cols = cols[cols >= 0]
+        if live[b] and np.any(cols == target[b]):
+            if variant == "A":
+                live[b] = False
+                ranks[b] = OUT_OF_LIST
+                continue
+            cols = cols[cols != target[b]]
+        scores[b, cols] = -np.inf
+    rows = np.flatnonzero(live)
+    if rows.size == 0:
+        return ranks
+    s = scores[rows]  # (R, C)
+    t = target[rows]  # (R,)
+    ts = s[np.arange(rows.size), t][:, None]  # (R, 1)
+    if tiebreak is None:
+        ahead = s >= ts  # (R, C): the target itself and every item tied with it
+    else:
+        tb, tbt = tiebreak[None, :], tiebreak[t][:, None]  # (1, C), (R, 1)
+        ahead = (s > ts) | ((s == ts) & (tb >= tbt))
+    ranks[rows] = np.count_nonzero(ahead, axis=1)
+    ranks[rows[np.isnan(ts[:, 0])]] = C  # a NaN target score is the worst case
     return ranks
 
 

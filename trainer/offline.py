@@ -27,9 +27,9 @@ from advrec.contract import TrainingExample
 from advrec.datasets import EventLog
 from advrec.types import ItemId
 from trainer.adversarial import AdversarialConfig
-from trainer.evaluate import BASELINES, KS, make_method, rank_targets
+from trainer.evaluate import BASELINES, KS, make_method
 from trainer.learner import TrainConfig
-from trainer.metrics import ranking_metrics
+from trainer.metrics import rank_targets, ranking_metrics
 
 __all__ = ["LooSplit", "evaluate_split", "loo_split", "run_loo", "run_loo_cli"]
 
@@ -81,8 +81,8 @@ def evaluate_split(model: Any, examples: Sequence[TrainingExample],
         target = np.array([model.column(e.item) for e in part], dtype=np.int64)
         exclude = [np.array([model.column(x) for x in set(s)], dtype=np.int64)
                    for s in seen[i : i + chunk]]
-        ranks.append(rank_targets(scores, target, exclude, model.tiebreak(),
-                                  target_excluded_is_miss=False))
+        ranks.append(rank_targets(scores, target, exclude, variant="loo",
+                                  tiebreak=model.tiebreak()))
     r = np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
     out = ranking_metrics(r, KS)
     out["n"] = float(r.size)

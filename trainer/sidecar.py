@@ -62,6 +62,7 @@ PARITY_TOLERANCE = 1e-3  # torch vs onnxruntime max abs score difference allowed
 LOSS_KINDS = {"loss_ml": "ml", "loss_g": "g", "loss_d": "d", "pg_term": "pg", "apr_loss": "apr"}
 BUNDLE_TOPIC_WAIT_S = 60.0  # how long to wait for the bundle topic's pointer and pin at start
 SKIP_KEEP = 2  # batches a trainer far behind still trains on when it jumps to the newest
+GAUGE_VARIANTS = ("A", "B")  # trainer.metrics.rank_targets; the first is the gate's
 SHED_LOG_EVERY_S = 60.0  # while shedding, a change of its level is logged at most this often
 
 
@@ -284,7 +285,9 @@ class Sidecar:
             return {}
         learner = self.learner
         scored = batch if fraction >= 1.0 else self._sample(batch, fraction)
-        pre = learner.evaluate_batch(scored)
+        # variant A (the served list: a re-click is a miss) is what the gate decides on and
+        # the report headlines; B (re-clicks may hit) is reported beside it
+        pre = learner.evaluate_batch(scored, variants=GAUGE_VARIANTS)
         n_total = pre["n_eval"] + pre["n_unknown_target"]
         cand_hits = pre.get("hr@10", 0.0) * pre["n_eval"]
         live_hits = cand_hits
@@ -314,11 +317,14 @@ class Sidecar:
         m.train_fraction.set(fraction)
         m.step_seconds.observe(seconds)
         if n_total:
-            for key in ("hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20", "mrr@20"):
-                if key in pre:
-                    # over all examples: a target the model cannot know yet counts as a miss
-                    m.prequential.labels(metric=key.replace("@", "_at_")).set(
-                        pre[key] * pre["n_eval"] / n_total)
+            for n, variant in enumerate(GAUGE_VARIANTS):
+                prefix = "" if n == 0 else f"{variant}:"
+                for key in ("hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20", "mrr@20"):
+                    if prefix + key in pre:
+                        # over all examples: a target the model cannot know yet is a miss
+                        m.prequential.labels(metric=key.replace("@", "_at_"),
+                                             variant=variant).set(
+                            pre[prefix + key] * pre["n_eval"] / n_total)
         for key, kind in LOSS_KINDS.items():
             if key in stats:
                 m.loss.labels(kind=kind).set(stats[key])

@@ -65,8 +65,9 @@ class TrainerMetrics:
                              ["side"], registry=r),
             g_reward=Gauge(f"{p}_g_reward", "Mean reward D gives to G's samples", registry=r),
             prequential=Gauge(f"{p}_prequential",
-                              "Test-then-train quality of the last batch, by metric",
-                              ["metric"], registry=r),
+                              "Test-then-train quality of the last batch, by metric and "
+                              "variant (A: a re-click is a miss; B: it may hit)",
+                              ["metric", "variant"], registry=r),
             replay_fill=Gauge(f"{p}_replay_fill_ratio", "Replay buffer fill (0..1)",
                               registry=r),
             vocab_size=Gauge(f"{p}_vocab_size", "Items the model knows", registry=r),

@@ -30,7 +30,8 @@ def _run(batches: list, mode: str, adv: AdversarialConfig,
     learner = OnlineLearner(SMALL, TrainConfig(mode=mode, **settings), adv)
     hr, stats = [], []
     for batch in batches:
-        hr.append(learner.evaluate_batch(batch)["hr@10"])
+        # leave-one-out (re-clicks rankable), as popularity_hit_rates ranks them
+        hr.append(learner.evaluate_batch(batch, variants=("loo",))["hr@10"])
         stats.append(learner.train_batch(batch))
     return hr, stats
 

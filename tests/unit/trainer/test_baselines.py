@@ -11,7 +11,7 @@ import pytest
 from advrec.contract import ClickEvent, TrainingExample
 from advrec.synthetic import SyntheticConfig, synthetic_events
 from trainer.baselines import ItemKNN, RecencyPopularity, StreamingBaseline
-from trainer.metrics import RankingMetrics
+from trainer.metrics import OUT_OF_LIST, RankingMetrics
 
 T0 = 1_500_000_000_000
 
@@ -104,7 +104,9 @@ def test_target_ranks_variant_masks_all_or_none() -> None:
     none = RecencyPopularity(half_life_events=None, history_mask="none")
     for model in (every, none):
         model.train_batch(clicks("a", "a", "a", "b", "b", "c"))
-    assert every.target_ranks(batch).tolist() == [2, 4]  # re-click: out of the list
+    # the re-click is out of the list: a miss at any k (3 items: rank 4 was a hit at 10)
+    assert every.target_ranks(batch).tolist() == [2, OUT_OF_LIST]
+    assert every.evaluate_batch(batch, ks=(10,))["hr@10"] == 0.5
     assert none.target_ranks(batch).tolist() == [3, 3]
 
 

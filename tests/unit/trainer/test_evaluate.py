@@ -13,7 +13,8 @@ from advrec.contract import ClickEvent, TrainingExample
 from advrec.datasets import load_events
 from tests.datasets import MOVIELENS_SLICE
 from trainer import evaluate, offline
-from trainer.evaluate import build_examples, rank_targets, run_prequential
+from trainer.evaluate import build_examples, run_prequential
+from trainer.metrics import OUT_OF_LIST
 from trainer.model import ModelConfig
 
 ML = MOVIELENS_SLICE  # real ratings shipped with the tests (tests/data/README.md)
@@ -22,42 +23,6 @@ TINY = ModelConfig(n_items=64, max_len=8, d_model=16, n_heads=1, n_layers=1, d_d
 
 def _events(pairs: list[tuple[str, str]]) -> list[ClickEvent]:
     return [ClickEvent(user=u, item=i, ts=1_500_000_000_000 + k) for k, (u, i) in enumerate(pairs)]
-
-
-# ---------------------------------------------------------------------------- rank_targets
-
-
-def test_rank_targets_hand_computed() -> None:
-    scores = np.array([[0.1, 0.9, 0.5, 0.3],
-                       [0.1, 0.9, 0.5, 0.3]])
-    # row 0: target col 2 (0.5), only col 1 is ahead -> rank 2
-    # row 1: col 1 excluded -> target col 2 is first
-    ranks = rank_targets(scores.copy(), np.array([2, 2]),
-                         [np.zeros(0, np.int64), np.array([1])])
-    assert ranks.tolist() == [2, 1]
-
-
-def test_rank_targets_unknown_target_is_a_miss() -> None:
-    ranks = rank_targets(np.ones((1, 3)), np.array([-1]), [np.zeros(0, np.int64)])
-    assert ranks.tolist() == [0]
-
-
-def test_rank_targets_variant_a_target_in_past_is_a_miss() -> None:
-    scores = np.array([[0.0, 1.0, 2.0]])
-    a = rank_targets(scores.copy(), np.array([2]), [np.array([2, 0])])
-    loo = rank_targets(scores.copy(), np.array([2]), [np.array([2, 0])],
-                       target_excluded_is_miss=False)
-    assert a.tolist() == [0]
-    assert loo.tolist() == [1]
-
-
-def test_rank_targets_ties_go_to_the_earlier_item() -> None:
-    scores = np.zeros((2, 4))
-    ranks = rank_targets(scores, np.array([0, 3]), [np.zeros(0, np.int64)] * 2)
-    assert ranks.tolist() == [1, 4]
-    tb = np.array([0.0, 5.0, 0.0, 1.0])  # a tie-break key outranks column order
-    ranks = rank_targets(np.zeros((1, 4)), np.array([3]), [np.zeros(0, np.int64)], tb)
-    assert ranks.tolist() == [2]
 
 
 # ---------------------------------------------------------------------------- prequential
@@ -82,7 +47,8 @@ def test_prequential_first_event_not_scored_and_unknown_target_missed() -> None:
     assert run_a.metrics["n_scored"] == 4
     assert run_a.metrics["n_unknown_target"] == 3  # both of batch 1, and z
     assert run_a.metrics["n_target_in_past"] == 1  # u re-clicks a
-    assert run_a.ranks.tolist() == [0, 0, 0, 0]  # A: the re-click is a miss
+    # A: the re-click is out of the list: a miss, even among only two items
+    assert run_a.ranks.tolist() == [0, 0, OUT_OF_LIST, 0] and run_a.metrics["hr@10"] == 0.0
     # B: a and b were clicked twice each, b more recently (recency decay): a ranks second
     assert run_b.ranks.tolist() == [0, 0, 2, 0]
     assert run_b.metrics["hr@10"] == pytest.approx(0.25)

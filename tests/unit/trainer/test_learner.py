@@ -11,6 +11,7 @@ from advrec.contract import TrainingExample
 from tests.unit.trainer.planted import SMALL, planted_stream
 from trainer.adversarial import MODES
 from trainer.learner import OnlineLearner, ReplayBuffer, TrainConfig
+from trainer.metrics import OUT_OF_LIST
 
 
 def _learner(mode: str = "none", seed: int = 0, **train: object) -> OnlineLearner:
@@ -72,7 +73,7 @@ def test_evaluate_batch_ranks_before_training_and_counts_unknown_targets() -> No
     assert stats["n_eval"] == known and stats["n_unknown_target"] == 32 - known
 
 
-def test_target_ranks_are_pessimistic_and_exclude_the_history(
+def test_target_ranks_are_pessimistic_and_follow_the_variant(
         monkeypatch: pytest.MonkeyPatch) -> None:
     learner = _learner()
     items = [f"i{i}" for i in range(10)]
@@ -82,10 +83,15 @@ def test_target_ranks_are_pessimistic_and_exclude_the_history(
                         lambda history: np.zeros((len(history), 11), dtype=np.float32))
     batch = [
         TrainingExample("u", ("i1", "i2", "i3"), "i0", 2),  # 10 items - 3 seen = 7 candidates
-        TrainingExample("u", ("i0", "i1", "i2"), "i0", 2),  # target seen before: still ranked
+        TrainingExample("u", ("i0", "i1", "i2"), "i0", 2),  # a re-click
         TrainingExample("u", ("i1",), "new-item", 2),  # unknown target
     ]
-    assert learner.target_ranks(batch).tolist() == [7, 8, 0]
+    ranks = learner.target_ranks(batch, variants=("A", "B", "loo"))
+    assert ranks["A"].tolist() == [7, OUT_OF_LIST, 0]  # the re-click is out of the list
+    assert ranks["B"].tolist() == [10, 10, 0]  # nothing removed, padding never ranked
+    assert ranks["loo"].tolist() == [7, 8, 0]  # the re-click ranked among unseen items
+    stats = learner.evaluate_batch(batch, ks=(10,), variants=("A", "B"))
+    assert stats["n_eval"] == 2 and stats["hr@10"] == 0.5 and stats["B:hr@10"] == 1.0
 
 
 def test_new_items_mid_stream_get_rows_and_become_recommendable() -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from trainer.metrics import (
+    OUT_OF_LIST,
     Coverage,
     RankingMetrics,
     RollingMean,
@@ -19,34 +20,72 @@ from trainer.metrics import (
     mrr,
     ndcg,
     popularity_percentiles,
-    rank_of_target,
+    rank_targets,
     ranking_metrics,
 )
 
-
-def test_rank_of_target_counts_strictly_better_items_plus_one() -> None:
-    scores = np.array([[0.1, 0.9, 0.3, 0.5],
-                       [0.1, 0.9, 0.3, 0.5]])
-    assert rank_of_target(scores, np.array([1, 2])).tolist() == [1, 3]
+NO_HISTORY = [np.zeros(0, np.int64)] * 3
 
 
-def test_rank_of_target_ties_go_against_the_target() -> None:
-    scores = np.array([[0.5, 0.9, 0.5, 0.5, 0.1]])
+def ranks_of(scores: list[list[float]], target: list[int], history: list[list[int]] | None = None,
+             **kw: object) -> list[int]:
+    rows = len(scores)
+    seen = NO_HISTORY[:rows] if history is None else [np.array(h, np.int64) for h in history]
+    out = rank_targets(np.array(scores, dtype=np.float64), np.array(target), seen, **kw)
+    assert out.dtype == np.int64
+    return out.tolist()
+
+
+def test_rank_counts_better_items_plus_one() -> None:
+    assert ranks_of([[0.1, 0.9, 0.3, 0.5]] * 2, [1, 2]) == [1, 3]
+
+
+def test_ties_go_against_the_target() -> None:
     # target 0 ties with columns 2 and 3 and trails column 1: ranked 4th, not 2nd
-    assert rank_of_target(scores, np.array([0])).tolist() == [4]
+    assert ranks_of([[0.5, 0.9, 0.5, 0.5, 0.1]], [0]) == [4]
+    # constant scores rank every target last
+    assert ranks_of([[0.0] * 7] * 3, [0, 3, 6]) == [7, 7, 7]
 
 
-def test_rank_of_target_constant_scores_rank_every_target_last() -> None:
-    scores = np.zeros((3, 7))
-    assert rank_of_target(scores, np.array([0, 3, 6])).tolist() == [7, 7, 7]
+def test_a_tiebreak_orders_equal_scores_and_ties_on_both_stay_against_the_target() -> None:
+    tb = np.array([0.0, 5.0, 0.0, 1.0])
+    assert ranks_of([[0.0] * 4], [3], tiebreak=tb) == [2]  # only column 1 wins the tie-break
+    assert ranks_of([[0.0] * 4], [0], tiebreak=tb) == [4]  # ties with column 2 on both keys
 
 
-def test_rank_of_target_ignores_masked_items_and_punishes_nan() -> None:
-    scores = np.array([[0.2, -np.inf, 0.9, np.nan],
-                       [np.nan, 0.5, 0.1, 0.2]])
-    ranks = rank_of_target(scores, np.array([0, 0]))
-    assert ranks.tolist() == [2, 4]  # row 0: only 0.9 beats it; row 1: NaN target is last
-    assert ranks.dtype == np.int64
+def test_a_cold_target_is_rank_zero_and_a_nan_target_last() -> None:
+    assert ranks_of([[0.2, 0.9, 0.1]], [-1]) == [0]
+    assert ranks_of([[np.nan, 0.5, 0.1, 0.2]], [0]) == [4]
+    assert ranks_of([[0.2, -np.inf, 0.9, np.nan]], [0]) == [2]  # -inf and NaN never ahead
+
+
+def test_variant_a_removes_the_history_and_a_re_click_is_a_miss() -> None:
+    scores = [[0.1, 0.9, 0.5, 0.3], [0.1, 0.9, 0.5, 0.3]]
+    # row 0: column 1 seen, so target 2 is first; row 1: the target itself was seen
+    assert ranks_of(scores, [2, 2], [[1], [2, 1]], variant="A") == [1, OUT_OF_LIST]
+    assert ranking_metrics(np.array([OUT_OF_LIST]), (1, 1000))["hr@1000"] == 0.0
+
+
+def test_variant_b_removes_nothing_and_loo_everything_but_the_target() -> None:
+    scores = [[0.1, 0.9, 0.5, 0.3]]
+    assert ranks_of(scores, [2], [[1, 2]], variant="B") == [2]  # a re-click can be a hit
+    assert ranks_of(scores, [2], [[1, 2]], variant="loo") == [1]
+
+
+def test_the_padding_column_is_never_a_candidate_and_repeats_and_negatives_are_ignored() -> None:
+    scores = [[5.0, 0.9, 0.5, 0.3]]  # column 0 is padding (the learner's row 0)
+    assert ranks_of(scores, [2], never=0) == [2]
+    assert ranks_of(scores, [3], [[1, 1, -1, 2]], variant="A", never=0) == [1]
+
+
+def test_variants_rank_the_same_scores_when_given_copies() -> None:
+    scores = np.array([[0.1, 0.9, 0.5]])
+    history = [np.array([1])]
+    a = rank_targets(scores.copy(), np.array([2]), history, variant="A")
+    b = rank_targets(scores, np.array([2]), history, variant="B")
+    assert a.tolist() == [1] and b.tolist() == [2]
+    with pytest.raises(AssertionError, match="variant"):
+        rank_targets(scores, np.array([2]), history, variant="C")
 
 
 def test_hit_rate_ndcg_mrr_by_hand() -> None:
@@ -63,7 +102,7 @@ def test_metrics_with_ties_from_scores_by_hand() -> None:
     scores = np.array([[0.3, 0.3, 0.1],  # target 0 ties with 1: rank 2
                        [0.2, 0.9, 0.9],  # target 0 after two: rank 3
                        [0.7, 0.1, 0.2]])  # rank 1
-    ranks = rank_of_target(scores, np.array([0, 0, 0]))
+    ranks = rank_targets(scores, np.array([0, 0, 0]), NO_HISTORY)
     assert ranks.tolist() == [2, 3, 1]
     assert ranking_metrics(ranks, (2,)) == pytest.approx({
         "hr@2": 2 / 3,
