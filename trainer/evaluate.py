@@ -190,6 +190,20 @@ class MethodRun:
     embeddings: np.ndarray | None = None
     embedding_counts: np.ndarray | None = None
     seconds: float = 0.0
+    settings: dict[str, Any] = field(default_factory=dict)  # every setting this run used
+
+
+def method_settings(adapter: Adapter) -> dict[str, Any]:
+    """Every setting of the method as built for one run (mode and seed included)."""
+    if isinstance(adapter, LearnerAdapter):
+        learner = adapter.learner
+        return {"model": dataclasses.asdict(learner.model_cfg),
+                "train": dataclasses.asdict(learner.train_cfg),
+                "adversarial": dataclasses.asdict(learner.adv_cfg)}
+    model = adapter.model  # type: ignore[attr-defined]
+    params = {k: v for k, v in vars(model).items()
+              if isinstance(v, (int, float, str, bool, type(None))) and k != "examples_seen"}
+    return {"baseline": type(model).__name__, **params}
 
 
 def make_method(name: str, seed: int, model_cfg: Any, train_cfg: TrainConfig,
@@ -341,7 +355,7 @@ def run_prequential(examples: Sequence[TrainingExample], method: str, *, seed: i
         "target_pop_pct": float(np.mean(target_pct)) if target_pct else 0.5,
     })
     run = MethodRun(method, seed, ranks_all, metrics, curves, window_metrics(ranks_all, n_windows),
-                    snaps)
+                    snaps, settings=method_settings(adapter))
     if isinstance(adapter, LearnerAdapter):
         gen = adapter.learner.generator
         with torch.no_grad():
@@ -406,8 +420,8 @@ def write_outputs(out: Path, runs: Sequence[MethodRun], summary: dict[str, Any],
     out.mkdir(parents=True, exist_ok=True)
     doc = dict(header)
     doc["summary"] = summary
-    doc["runs"] = [{"method": r.method, "seed": r.seed, "metrics": r.metrics,
-                    "windows": r.windows} for r in runs]
+    doc["runs"] = [{"method": r.method, "seed": r.seed, "settings": r.settings,
+                    "metrics": r.metrics, "windows": r.windows} for r in runs]
     (out / "results.json").write_text(json.dumps(doc, indent=1, sort_keys=False))
     metric_keys = list(next(iter(summary.values()))["mean"]) if summary else []
     with (out / "summary.csv").open("w", newline="") as f:
@@ -601,9 +615,11 @@ def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: li
                     "users": len({e.user for e in evs}), "items": len({e.item for e in evs})},
         "batch_size": args.batch_size, "seeds": args.seeds, "first_seed": args.first_seed,
         "baselines_note": "pop and knn are deterministic: run once, std 0",
-        "model_config": dataclasses.asdict(model_cfg),
-        "train_config": dataclasses.asdict(train_cfg),
-        "adversarial_config": dataclasses.asdict(adv_cfg),
+        # the configuration the neural runs start from; each run's own settings (its mode,
+        # its seed) are under runs[i].settings
+        "base_model_config": dataclasses.asdict(model_cfg),
+        "base_train_config": dataclasses.asdict(train_cfg),
+        "base_adversarial_config": dataclasses.asdict(adv_cfg),
     }
     write_outputs(args.out, runs, summary, header)
     if args.plots:

@@ -27,7 +27,7 @@ from advrec.contract import TrainingExample
 from advrec.datasets import EventLog
 from advrec.types import ItemId
 from trainer.adversarial import AdversarialConfig
-from trainer.evaluate import BASELINES, KS, make_method
+from trainer.evaluate import BASELINES, KS, make_method, method_settings
 from trainer.learner import TrainConfig
 from trainer.metrics import rank_targets, ranking_metrics
 
@@ -140,7 +140,8 @@ def run_loo(split: LooSplit, methods: Sequence[str], *, epochs: int = 10, patien
         if best[2] is not None:
             model.learner.load_state_dict(best[2])
         test = evaluate_split(model, split.test, split.seen_test, "test")
-        result["methods"][method] = {"best_epoch": best[1], "valid": history[best[1] - 1],
+        result["methods"][method] = {"settings": method_settings(model),
+                                     "best_epoch": best[1], "valid": history[best[1] - 1],
                                      "test": test, "history": history,
                                      "seconds": time.perf_counter() - t0}
     chosen = max(result["methods"], key=lambda m: result["methods"][m]["valid"][SELECT_ON])
@@ -169,8 +170,10 @@ def run_loo_cli(args: argparse.Namespace, events: EventLog, methods: list[str]) 
                        "events": len(evs)},
            "rule": "full ranking over all known items; the user's earlier items removed "
                    "except the target; epoch and model selected on validation NDCG@10",
-           "model_config": dataclasses.asdict(model_cfg),
-           "train_config": dataclasses.asdict(train_cfg), "epochs": args.epochs,
+           # what every run starts from; each method's own (its mode, seed) is in
+           # seeds[i].methods[m].settings
+           "base_model_config": dataclasses.asdict(model_cfg),
+           "base_train_config": dataclasses.asdict(train_cfg), "epochs": args.epochs,
            "patience": args.patience, "seeds": results}
     (args.out / "loo.json").write_text(json.dumps(doc, indent=1))
     lines = ["method,seed,best_epoch,epochs_run,valid_ndcg@10,test_hr@10,test_ndcg@10,"

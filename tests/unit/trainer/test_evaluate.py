@@ -100,6 +100,21 @@ def test_first_seed_reruns_exactly_one_seed_of_a_longer_run(tmp_path: Path) -> N
     assert quality(second[0]) == quality(both[1]) != quality(both[0])
 
 
+def test_results_record_each_runs_own_method_seed_and_settings(tmp_path: Path) -> None:
+    common = ["--dataset", "movielens", str(ML), "--limit", "600", "--methods", "irgan,knn",
+              "--seeds", "2", "--first-seed", "3", "--no-progress", "--dim", "16",
+              "--layers", "1", "--max-len", "8", "--lr", "0.01"]
+    assert evaluate.main([*common, "--out", str(tmp_path)]) == 0
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    neural = [r for r in runs if r["method"] == "irgan"]
+    assert [(r["seed"], r["settings"]["train"]["seed"]) for r in neural] == [(3, 3), (4, 4)]
+    assert {r["settings"]["train"]["mode"] for r in neural} == {"irgan"}
+    assert {r["settings"]["train"]["lr"] for r in neural} == {0.01}
+    assert neural[0]["settings"]["model"]["d_model"] == 16
+    (knn,) = [r for r in runs if r["method"] == "knn"]
+    assert knn["settings"]["baseline"] == "ItemKNN" and "n_recent" in knn["settings"]
+
+
 # ---------------------------------------------------------------------------- leave-one-out
 
 
