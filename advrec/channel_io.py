@@ -33,6 +33,7 @@ __all__ = ["ChannelPublisher", "Published", "follow_topic", "last_record", "publ
 
 log = logging.getLogger(__name__)
 
+FETCH_BYTES = 2 * 1024 * 1024  # per fetch of a channel topic (see _consumer)
 _RECORD_OVERHEAD = 64 * 1024  # key, msgpack header, Kafka record and batch headers
 
 
@@ -130,12 +131,13 @@ class ChannelPublisher:
 
 
 def _consumer(bootstrap: str, client_id: str) -> AIOKafkaConsumer:
-    # Outside any consumer group: every reader sees the whole topic. Fetches of up to
-    # 64 MiB let a start-up read move the last few bundles in a handful of round trips.
+    # Outside any consumer group: every reader sees the whole topic. One fetch holds at most
+    # 2 MiB (a few 512 KiB chunks, and the topic's largest record): a worker rebuilding a
+    # bundle while it serves holds little more than the chunk it writes (with 8 MiB, a whole
+    # bundle sat in the fetch buffer, and again as records, during the swap).
     return AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, client_id=client_id,
                             enable_auto_commit=False, auto_offset_reset="earliest",
-                            fetch_max_bytes=64 * 1024 * 1024,
-                            max_partition_fetch_bytes=8 * 1024 * 1024)
+                            fetch_max_bytes=FETCH_BYTES, max_partition_fetch_bytes=FETCH_BYTES)
 
 
 async def _start(consumer: AIOKafkaConsumer, tp: TopicPartition,
