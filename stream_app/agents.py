@@ -21,8 +21,8 @@ from advrec.contract import (
     encode_key,
     partition_for,
 )
+from advrec.memory import release_freed_memory
 from stream_app.rocks import local_stores, shared_memory
-from stream_app.serving import release_freed_memory
 from stream_app.state import UserState, merge_trending, position, update_trending
 from stream_app.writebehind import WriteBehind, writing_for
 

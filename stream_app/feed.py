@@ -36,7 +36,7 @@ from advrec.channel import (
     TopicView,
 )
 from advrec.channel_io import ChannelPublisher, follow_topic
-from stream_app.serving import release_freed_memory
+from advrec.memory import release_freed_memory
 
 if TYPE_CHECKING:
     from stream_app.hotswap import BundleWatcher

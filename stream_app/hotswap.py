@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from advrec.bundle import BundleError
-from stream_app.serving import LoadedModel, ModelServer, load_model, release_freed_memory
+from advrec.memory import release_freed_memory
+from stream_app.serving import LoadedModel, ModelServer, load_model
 
 __all__ = ["BundleWatcher"]
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import logging
 import os
 import threading
@@ -26,7 +24,7 @@ from advrec.types import ItemId
 
 __all__ = [
     "LoadedModel", "ModelServer", "ModelTimeout", "cpu_limit", "intra_op_threads", "load_model",
-    "ranking_graph", "release_freed_memory", "select_providers",
+    "ranking_graph", "select_providers",
 ]
 
 log = logging.getLogger(__name__)
@@ -169,27 +167,6 @@ class LoadedModel:
             return [[] for _ in ks]
         model_in, exclude = self.prepare([self.known_rows(h) for h in histories])
         return self.picked(*self.rank(model_in, exclude, k), ks)
-
-
-def _malloc_trim() -> Any:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        return None
-
-
-_MALLOC_TRIM = _malloc_trim()
-
-
-def release_freed_memory() -> None:
-    """Give memory that dropped sessions freed back to the OS.
-
-    Sessions are built and run on pool threads, and glibc keeps what a thread frees in that
-    thread's malloc arena. Without this the worker's RSS grew by roughly a session with every
-    swap (bench/soak.py: +71 % over 8 minutes with 55 swaps; flat with it).
-    """
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def _check_signature(model: onnx.ModelProto, version: str, n_cols: int) -> None:

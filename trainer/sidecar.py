@@ -47,6 +47,7 @@ from advrec.channel import (
 from advrec.channel_io import ChannelPublisher, follow_topic, last_record
 from advrec.config import ConfigError, settings_as_dict
 from advrec.contract import TrainingExample, decode_batch
+from advrec.memory import release_freed_memory
 from advrec.topics import channel_topics, ensure_topics
 from trainer.settings import TrainerSettings, load_trainer_settings
 from trainer.shedding import LoadShedder
@@ -439,6 +440,8 @@ class Sidecar:
         log.info("published bundle %s (vocabulary %d, window HR@10 %.4f vs live %.4f; "
                  "%d chunks, %.1f MB in %.2fs)", version, len(learner.vocab), prepared.cand_hr,
                  prepared.live_hr, done.chunks, done.bytes / 1e6, done.seconds)
+        del prepared  # the bundle's bytes and the previous live copy: give them back
+        release_freed_memory()
         return version
 
     def _probe_histories(self) -> np.ndarray:
@@ -487,6 +490,8 @@ class Sidecar:
         self.m.checkpoint_bytes.set(done.bytes)
         log.debug("checkpoint %s published: %.1f MB in %.2fs", version, done.bytes / 1e6,
                   done.seconds)
+        del data
+        release_freed_memory()  # the serialized checkpoint was freed on other threads
         if self.next_offset is not None:
             try:
                 await consumer.commit({tp: self.next_offset})
