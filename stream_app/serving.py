@@ -308,6 +308,10 @@ class ModelServer:
         self._free = threads  # model slots with no batch
         self._outstanding = 0  # requests inside recommend() (written on the loop only)
         self._flush_at: asyncio.Handle | None = None  # a scheduled _flush
+        # requests not yet answered, oldest first, for the timeout watchdog (_watch)
+        self._waiting: deque[_Request] = deque()
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._watch_every = min(0.25, call_timeout_s / 4)
 
     def swap(self, model: LoadedModel) -> LoadedModel | None:
         """Make ``model`` live; return the previous one (in-flight batches keep using it)."""
@@ -328,6 +332,9 @@ class ModelServer:
         if self._flush_at is not None:
             self._flush_at.cancel()
             self._flush_at = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         with self._lock:
             queued = list(self._pending)
             self._pending.clear()
@@ -352,7 +359,9 @@ class ModelServer:
         future = self._loop.create_future()
         self._outstanding += 1
         try:
-            self._pending.append(_Request(history, rows, model, k, future, self._loop.time()))
+            request = _Request(history, rows, model, k, future, self._loop.time())
+            self._pending.append(request)
+            self._waiting.append(request)
             # once per loop iteration: requests read in the same iteration share a batch;
             # a batch waiting to fill (a timer) goes as soon as its share is queued
             if self._flush_at is None or (isinstance(self._flush_at, asyncio.TimerHandle)
@@ -360,21 +369,47 @@ class ModelServer:
                 if self._flush_at is not None:
                     self._flush_at.cancel()
                 self._flush_at = self._loop.call_soon(self._flush)
-            try:
-                return await asyncio.wait_for(future, self.call_timeout)
-            except TimeoutError:
-                self._timed_out()
-                raise ModelTimeout(f"no answer from the model within {self.call_timeout:g}s "
-                                   f"(model {model.version})") from None
+            if self._watchdog is None:
+                self._watchdog = self._loop.call_later(self._watch_every, self._watch)
+            return await future
         finally:
             self._outstanding -= 1
 
-    def _timed_out(self) -> None:
-        """Count a request that waited too long; replace any inference thread that died, so
+    def _watch(self) -> None:
+        """Fail the requests that have waited ``call_timeout`` with ``ModelTimeout`` (on the
+        loop, a few times per timeout while requests are in the server).
+
+        One timer for the server, not one per request: a per-request ``wait_for`` put a
+        timer on the loop's heap and a callback on the future for every request.
+        """
+        assert self._loop is not None
+        self._watchdog = None
+        now, expired = self._loop.time(), 0
+        waiting: deque[_Request] = deque()
+        for request in self._waiting:
+            if request.future.done():
+                continue
+            if now - request.queued_at >= self.call_timeout:
+                request.future.set_exception(ModelTimeout(
+                    f"no answer from the model within {self.call_timeout:g}s (model "
+                    f"{request.model.version})"))
+                expired += 1
+            else:
+                waiting.append(request)
+        self._waiting = waiting
+        if expired:
+            self._timed_out(expired)
+        if waiting:
+            self._watchdog = self._loop.call_later(self._watch_every, self._watch)
+
+    def _timed_out(self, n: int) -> None:
+        """Count requests that waited too long; replace any inference thread that died, so
         that its slot serves again (a thread stuck in a call cannot be replaced: its requests
         keep timing out, counted, instead of hanging)."""
+        log.warning("%d request(s) got no answer from the model within %gs", n,
+                    self.call_timeout)
         if self.metrics is not None:
-            self.metrics.model_timeouts.inc()
+            self.metrics.model_timeouts.inc(n)
         for n, worker in enumerate(self._workers):
             if worker.is_alive():
                 continue
