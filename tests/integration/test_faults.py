@@ -175,8 +175,13 @@ def test_worker_killed_under_load_recovers_and_the_other_worker_keeps_answering(
     assert Counter(distinct.values()) == Counter(stream.bad)
     # Users whose partitions b owns: answered by b as if nothing happened. Users of the
     # killed worker: 503 until the group notices and b or the restarted worker takes over.
+    # Write-behind: what the killed worker applied since its last flush died with it (its
+    # events were not acked, so they are read again), so right after the take-over a user
+    # whose events all came in that window reads as unknown (404) until the new owner has
+    # applied them again; the state checks above show nothing was lost.
     assert probes_b.hangs == 0 and set(probes_b.statuses) == {200}, probes_b
-    assert probes_a.hangs == 0 and set(probes_a.statuses) <= {200, 503}, probes_a
+    assert probes_a.hangs == 0 and set(probes_a.statuses) <= {200, 503, 404}, probes_a
+    assert probes_a.statuses[404] <= 0.1 * sum(probes_a.statuses.values()), probes_a
 
 
 def test_a_worker_fed_20000_hostile_messages_applies_the_valid_and_dead_letters_the_rest(
