@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, TypeVar, get_type_hints
 
-__all__ = ["ConfigError", "from_env", "settings_as_dict"]
+__all__ = ["ConfigError", "bootstrap_servers", "from_env", "settings_as_dict"]
 
 T = TypeVar("T")
 
@@ -17,6 +17,12 @@ _FALSE = {"0", "false", "no", "off", ""}
 
 class ConfigError(ValueError):
     """A setting has a value that cannot be used."""
+
+
+def bootstrap_servers(broker: str) -> str:
+    """Turn Faust's broker URLs (``kafka://a:1;kafka://b:2``) into the host:port list plain
+    aiokafka clients take (``a:1,b:2``)."""
+    return ",".join(u.split("://", 1)[-1] for u in broker.split(";"))
 
 
 def _cast(key: str, raw: str, kind: Any) -> Any:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from advrec.config import ConfigError, from_env
+from advrec.config import ConfigError, bootstrap_servers, from_env
 
 __all__ = ["KafkaSettings", "TopicMismatch", "TopicSpec", "channel_topics", "default_topics",
            "ensure_topics", "load_kafka_settings"]
@@ -56,7 +56,7 @@ class KafkaSettings:
     @property
     def bootstrap(self) -> str:
         """The broker list as host:port pairs for plain aiokafka clients."""
-        return ",".join(u.split("://", 1)[-1] for u in self.broker.split(";"))
+        return bootstrap_servers(self.broker)
 
     def topics(self) -> list[TopicSpec]:
         """Every topic advrec uses, with the table changelogs."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from advrec.config import ConfigError, from_env
+from advrec.config import ConfigError, bootstrap_servers, from_env
 
 __all__ = ["ENV_PREFIX", "Settings", "load_settings"]
 
@@ -114,7 +114,7 @@ class Settings:
     @property
     def bootstrap(self) -> str:
         """Return the broker list as host:port pairs for plain aiokafka clients."""
-        return ",".join(u.split("://", 1)[-1] for u in self.broker.split(";"))
+        return bootstrap_servers(self.broker)
 
 
 def load_settings(environ: dict[str, str] | None = None, **overrides: object) -> Settings:

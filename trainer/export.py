@@ -25,7 +25,7 @@ from torch import nn
 
 from advrec.bundle import INPUT_NAME, OUTPUT_NAME, bundle_files, write_bundle
 from advrec.channel_io import publish_to_topic
-from advrec.config import settings_as_dict
+from advrec.config import bootstrap_servers, settings_as_dict
 from trainer.learner import OnlineLearner
 from trainer.model import Generator
 
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         version = publish_bundle(learner, args.bundle_dir, metrics, keep=args.keep,
                                  parity_tol=args.parity_tol)
         if args.publish:
-            bootstrap = ",".join(u.split("://", 1)[-1] for u in args.broker.split(";"))
+            bootstrap = bootstrap_servers(args.broker)
             done = asyncio.run(publish_to_topic(
                 bootstrap, args.topic, version, bundle_files(args.bundle_dir, version),
                 keep=args.keep, producer_id=f"advrec-export@{socket.gethostname()}"))

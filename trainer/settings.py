@@ -6,7 +6,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from advrec.config import ConfigError, from_env
+from advrec.config import ConfigError, bootstrap_servers, from_env
 
 __all__ = ["ENV_PREFIX", "TrainerSettings", "load_trainer_settings"]
 
@@ -111,7 +111,7 @@ class TrainerSettings:
 
     @property
     def bootstrap(self) -> str:
-        return ",".join(u.split("://", 1)[-1] for u in self.broker.split(";"))
+        return bootstrap_servers(self.broker)
 
     @property
     def identity(self) -> str:

@@ -70,6 +70,18 @@ def test_redelivered_events_change_no_state(ingested) -> None:
     assert_states_match(worker, stream.reference)
 
 
+def restart_and_match(second: Worker, workers: list, producer: threading.Thread,
+                      stream: Stream, when: str) -> None:
+    """Start the worker that replaces a killed one, let the producer finish, and wait until
+    its state equals the reference of the stream's valid events."""
+    workers.append(second)
+    second.start().wait_ready()
+    producer.join()
+    wait_for(lambda: states_match(second, stream.reference), timeout=300,
+             what=f"state equal to the reference {when}", interval=3)
+    assert_states_match(second, stream.reference)
+
+
 def test_kill_9_mid_stream_recovers_state_from_changelog(kafka: str, names: Names,
                                                           tmp_path: Path, workers) -> None:
     stream = Stream(n=20_000, bad_fraction=0.0, seed=11)
@@ -83,12 +95,7 @@ def test_kill_9_mid_stream_recovers_state_from_changelog(kafka: str, names: Name
     first.kill9()
     # a fresh table directory: the restarted worker can only get state from the changelog
     second = Worker(names, tmp_path, port=first.port, data_dir=tmp_path / "fresh-tables")
-    workers.append(second)
-    second.start().wait_ready()
-    producer.join()
-    wait_for(lambda: states_match(second, stream.reference), timeout=300,
-             what="state equal to the reference after recovery", interval=3)
-    assert_states_match(second, stream.reference)
+    restart_and_match(second, workers, producer, stream, "after recovery")
 
 
 def test_two_workers_answer_every_user_from_its_owner(kafka: str, names: Names,
@@ -158,12 +165,7 @@ def test_kill_9_between_flushes_restarting_on_its_own_tables_applies_each_event_
              what="a flush behind, events ahead of the next")
     first.kill9()
     second = Worker(names, tmp_path, port=first.port, data_dir=first.data_dir, extra_env=env)
-    workers.append(second)
-    second.start().wait_ready()
-    producer.join()
-    wait_for(lambda: states_match(second, stream.reference), timeout=300,
-             what="state equal to the reference after the restart", interval=3)
-    assert_states_match(second, stream.reference)
+    restart_and_match(second, workers, producer, stream, "after the restart")
 
 
 def test_a_small_state_budget_evicts_and_state_stays_exact(kafka: str, names: Names,

@@ -378,11 +378,16 @@ async def test_no_usable_history_returns_none_for_the_fallback(tmp_path: Path) -
     await server.stop()
 
 
-async def test_watcher_swaps_new_versions_and_keeps_serving_after_a_bad_one(
-        tmp_path: Path) -> None:
+def watched(root: Path) -> tuple[StreamMetrics, ModelServer, BundleWatcher]:
+    """A model server fed by a watcher over the bundle cache ``root``, counted in metrics."""
     metrics = StreamMetrics.create()
     server = ModelServer(metrics=metrics)
-    watcher = BundleWatcher(tmp_path, server, metrics=metrics)
+    return metrics, server, BundleWatcher(root, server, metrics=metrics)
+
+
+async def test_watcher_swaps_new_versions_and_keeps_serving_after_a_bad_one(
+        tmp_path: Path) -> None:
+    metrics, server, watcher = watched(tmp_path)
     good = publish_toy(tmp_path, VOCAB, seed=1)
     assert await watcher.activate(good) and server.current is not None
     assert server.current.version == good
@@ -410,9 +415,7 @@ async def test_a_vocabulary_mismatch_is_rejected(tmp_path: Path) -> None:
 
 
 async def test_a_version_rejected_on_the_topic_is_never_loaded(tmp_path: Path) -> None:
-    metrics = StreamMetrics.create()
-    server = ModelServer(metrics=metrics)
-    watcher = BundleWatcher(tmp_path, server, metrics=metrics)
+    metrics, server, watcher = watched(tmp_path)
     version = publish_toy(tmp_path, VOCAB, seed=1)
     watcher.reject(version, "chunk_gap", "chunk 3 came while chunk 2 was due")
     watcher.reject(version, "chunk_gap", "the same again")  # counted once
@@ -428,9 +431,7 @@ async def test_a_version_pruned_while_it_loads_is_counted_as_pruned_not_remember
 
     import stream_app.hotswap as hotswap
 
-    metrics = StreamMetrics.create()
-    server = ModelServer(metrics=metrics)
-    watcher = BundleWatcher(tmp_path, server, metrics=metrics)
+    metrics, server, watcher = watched(tmp_path)
     version = publish_toy(tmp_path, VOCAB, seed=1)
     saved = tmp_path / "saved"
     shutil.copytree(tmp_path / version, saved)
@@ -456,9 +457,7 @@ async def test_a_version_pruned_while_it_loads_is_counted_as_pruned_not_remember
 
 async def test_model_age_counts_from_when_the_newest_batch_was_written_not_event_time(
         tmp_path: Path) -> None:
-    metrics = StreamMetrics.create()
-    server = ModelServer(metrics=metrics)
-    watcher = BundleWatcher(tmp_path, server, metrics=metrics)
+    metrics, server, watcher = watched(tmp_path)
     now_ms = int(time.time() * 1000)
     model = toy_model(len(VOCAB))
     # a replayed stream: its clicks happened years ago, the batch was cut 5 s ago
