@@ -132,12 +132,15 @@ class LoadedModel:
         """Return the left-padded row indices of the last ``max_len`` known items."""
         return self.prepare([self.known_rows(history)])[0][0]
 
-    def prepare(self, known: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    def prepare(self, known: list[list[int]], excluded: list[list[int]] | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
         """Return the model input [B, L] and the rows to exclude [B, S] for the known rows of
-        B histories: all of them are excluded (0-padded), the last ``max_len`` are the input
-        (left-padded with 0), as the trainer encodes them (``advrec.encoding``).
+        B histories: the last ``max_len`` are the input (left-padded with 0), as the trainer
+        encodes them (``advrec.encoding``); ``excluded`` rows (default: all of ``known``)
+        leave the lists (0-padded).
         """
-        return model_input(known, self.max_len), exclusion_rows(known)  # (B, L), (B, S)
+        return (model_input(known, self.max_len),
+                exclusion_rows(known if excluded is None else excluded))  # (B, L), (B, S)
 
     def rank(self, model_in: np.ndarray, exclude: np.ndarray,
              k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -239,6 +242,9 @@ class _Request:
     k: int
     future: asyncio.Future
     queued_at: float  # loop time
+    # the items that leave this list (advrec.exclusion); None: the whole history
+    excluded: list[ItemId] | None = None
+    excluded_rows: list[int] | None = None  # their rows under ``model``
 
 
 @dataclass(slots=True)
@@ -345,21 +351,27 @@ class ModelServer:
         for worker in workers:
             await asyncio.to_thread(worker.join, 10.0)
 
-    async def recommend(self, history: list[ItemId], k: int) -> tuple[list[ItemId], str] | None:
-        """Return (top-k items, model version), or None if no model or no usable history."""
+    async def recommend(self, history: list[ItemId], k: int,
+                        excluded: list[ItemId] | None = None
+                        ) -> tuple[list[ItemId], str] | None:
+        """Return (top-k items, model version), or None if no model or no usable history.
+        ``excluded``: the items that leave the list (advrec.exclusion); None: all of
+        ``history``."""
         model = self.current
         if model is None:
             return None
         rows = model.known_rows(history)
         if not rows:
             return None
+        ex_rows = None if excluded is None else model.known_rows(excluded)
         if not self._workers:
             await self.start()
         assert self._loop is not None
         future = self._loop.create_future()
         self._outstanding += 1
         try:
-            request = _Request(history, rows, model, k, future, self._loop.time())
+            request = _Request(history, rows, model, k, future, self._loop.time(),
+                               excluded, ex_rows)
             self._pending.append(request)
             self._waiting.append(request)
             # once per loop iteration: requests read in the same iteration share a batch;
@@ -492,7 +504,13 @@ class ModelServer:
         try:
             known = [r.rows if r.model is model else model.known_rows(r.history)
                      for r in requests]
-            model_in, exclude = model.prepare(known)
+            excluded = None
+            if any(r.excluded is not None for r in requests):
+                excluded = [rows if r.excluded is None else r.excluded_rows
+                            if r.model is model else model.known_rows(r.excluded)
+                            for r, rows in zip(requests, known, strict=True)]
+            model_in, exclude = (model.prepare(known) if excluded is None
+                                 else model.prepare(known, excluded))
             return _Batch(model, requests, model_in, exclude, model.top_k([r.k for r in requests]))
         except Exception as exc:
             log.exception("could not encode a batch of %d", len(requests))

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from advrec.config import ConfigError, bootstrap_servers, from_env
+from advrec.exclusion import ExclusionRule
 
 __all__ = ["ENV_PREFIX", "Settings", "load_settings"]
 
@@ -33,6 +34,9 @@ class Settings:
     rocksdb_memory_mb: int = 16  # all RocksDB memory of the worker: one cache for every store
     trim_interval_s: float = 10.0  # return memory freed by native code to the OS this often
     history_len: int = 50  # last L items kept per user (bounds state size per user)
+    # which past items leave the served list: seen | none | event types (purchase,cart);
+    # advrec/exclusion.py. The trainer reads the same variable and trains for it.
+    exclude: str = "seen"
     # identities of the most recent events kept per user, for producer retries that arrive
     # with a new offset (Kafka's own redelivery is told by offset: stream_app/state.py)
     dedup_window: int = 32
@@ -103,8 +107,16 @@ class Settings:
             if not ok:
                 raise ConfigError(
                     f"setting {ENV_PREFIX}{name.upper()}={getattr(self, name)!r} is out of range")
+        try:
+            ExclusionRule.parse(self.exclude)
+        except ValueError as exc:
+            raise ConfigError(f"setting {ENV_PREFIX}EXCLUDE: {exc}") from None
         if not self.broker.startswith(("kafka://", "aiokafka://")):
             raise ConfigError(f"setting {ENV_PREFIX}BROKER={self.broker!r} must be kafka://host:port")
+
+    @property
+    def exclusion(self) -> ExclusionRule:
+        return ExclusionRule.parse(self.exclude)
 
     @property
     def worker_dir(self) -> Path:

@@ -11,6 +11,7 @@ from typing import Any
 import msgpack
 
 from advrec.contract import MAX_ID_CHARS, ClickEvent, TrainingExample
+from advrec.exclusion import TYPE_CODES
 from advrec.types import ItemId
 
 __all__ = ["TrendingBuckets", "UserState", "fingerprint_hash", "merge_trending", "position",
@@ -60,6 +61,9 @@ class UserState:
     floor_ts: int = 0  # newest ts among fingerprints that fell out of the window
     last_position: int = -1  # position of the newest event applied (-1: none known)
     floor_fps: list[int] = field(default_factory=list)  # those that left at floor_ts
+    # one event-type code (advrec.exclusion.TYPE_CODES) per history item, for the exclusion
+    # rule by type (e.g. only purchased items leave the list); empty in older states
+    history_types: bytes = b""
     # the hashes of ``fingerprints`` as a set, built on first use and kept in step by
     # apply (a state that lives in memory between events need not rebuild it per event)
     _seen: set[int] | None = field(default=None, init=False, repr=False, compare=False)
@@ -82,7 +86,8 @@ class UserState:
             pairs = [(f >> 15, t) for f, t in zip(fp[::2], fp[1::2], strict=True)]
         return cls(history=h, last_ts=ts, count=n, types=c, fingerprints=pairs, floor_ts=fl,
                    last_position=fields[6] if len(fields) > 6 else -1,
-                   floor_fps=_unpack48(fields[7]) if len(fields) > 7 else [])
+                   floor_fps=_unpack48(fields[7]) if len(fields) > 7 else [],
+                   history_types=fields[8] if len(fields) > 8 else b"")
 
     @staticmethod
     def history_from_bytes(data: bytes | None) -> list[ItemId]:
@@ -98,7 +103,8 @@ class UserState:
         packed = _pack48([x for pair in self.fingerprints for x in pair])
         floor = _pack48(self.floor_fps)
         return msgpack.packb([self.history, self.last_ts, self.count, self.types, packed,
-                              self.floor_ts, self.last_position, floor], use_bin_type=True)
+                              self.floor_ts, self.last_position, floor, self.history_types],
+                             use_bin_type=True)
 
     def public(self) -> dict[str, Any]:
         """Return the state as the HTTP API shows it."""
@@ -135,8 +141,11 @@ class UserState:
         example = TrainingExample(user=event.user, history=tuple(before), item=event.item,
                                   ts=event.ts)
         self.history.append(event.item)
+        codes = self.history_types[-(len(self.history) - 1):] if len(self.history) > 1 else b""
+        self.history_types = codes + bytes((TYPE_CODES.get(event.type, 0),))
         if len(self.history) > history_len:
             del self.history[: len(self.history) - history_len]
+            self.history_types = self.history_types[-history_len:]
         self.last_ts = max(self.last_ts, event.ts)
         self.count += 1
         self.types[event.type] = self.types.get(event.type, 0) + 1
@@ -172,11 +181,11 @@ def state_size_bound(history_len: int, dedup_window: int) -> int:
     """Most bytes one user's ``user_state`` value can take, whatever the user sends.
 
     History: ``history_len`` ids of at most MAX_ID_CHARS characters (4 UTF-8 bytes each,
-    plus a msgpack header); fingerprints: ``dedup_window`` packed 12-byte records and at
-    most as many 6-byte ones at the floor; counters for the few event types, the timestamps
-    and the offset: well under 200 bytes.
+    plus a msgpack header) and one event-type byte each; fingerprints: ``dedup_window``
+    packed 12-byte records and at most as many 6-byte ones at the floor; counters for the
+    few event types, the timestamps and the offset: well under 210 bytes.
     """
-    return history_len * (MAX_ID_CHARS * 4 + 3) + dedup_window * 18 + 200
+    return history_len * (MAX_ID_CHARS * 4 + 4) + dedup_window * 18 + 210
 
 
 def update_trending(buckets: dict[str, dict[str, int]], items: Iterable[tuple[ItemId, int]],

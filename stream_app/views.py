@@ -101,6 +101,7 @@ class HttpApi:
     def __init__(self, sa: StreamApp, router: KeyRouter) -> None:
         self.sa = sa
         self.s = sa.settings
+        self.exclusion = self.s.exclusion  # which past items leave the list
         self.m = sa.metrics
         self.router = router
         self.openapi = build_openapi(sa.settings)
@@ -190,6 +191,20 @@ class HttpApi:
         return list(state.history) if state is not None else UserState.history_from_bytes(
             self.router.read(key))
 
+    def history_and_excluded(self, key: bytes) -> tuple[list, list | None]:
+        """The user's history and the items the exclusion rule takes out of the list (None:
+        the whole history, the default rule, read without decoding the rest of the state)."""
+        if self.exclusion.everything:
+            return self.read_history(key), None
+        state = self.cached(key)
+        if state is None:
+            raw = self.router.read(key)
+            state = None if raw is None else UserState.from_bytes(raw)
+        if state is None:
+            return [], None
+        history = list(state.history)
+        return history, self.exclusion.excluded(history, state.history_types)
+
     def worker_ident(self) -> dict[str, Any]:
         return {"host": self.s.web_host, "port": self.s.web_port}
 
@@ -208,14 +223,14 @@ class HttpApi:
             return error(view, 400, f"k must be an integer, got {raw_k[:20]!r}")
         if not 1 <= k <= s.max_k:
             return error(view, 400, f"k must be between 1 and {s.max_k}, got {k}")
-        history = self.read_history(encode_key(user))
+        history, excluded = self.history_and_excluded(encode_key(user))
         answer = None
         cause = "no_history" if not history else "no_known_items"
         if sa.server.current is None:
             cause = "no_model"
         elif history:
             try:
-                answer = await sa.server.recommend(history, k)
+                answer = await sa.server.recommend(history, k, excluded)
             except ModelTimeout as exc:
                 log.warning("recommendations for %r: %s", user[:64], exc)
                 return error(view, 503, f"{exc}; retry later")
@@ -226,7 +241,7 @@ class HttpApi:
             items, version = answer
             return view.json({"user": user, "items": items, "model_version": version,
                               "fallback": False, "served_by": self.worker_ident()})
-        seen = set(history)
+        seen = set(history if excluded is None else excluded)
         items = [i for i in sa.trending_cache if i not in seen][:k]
         self.m.fallback_answers.labels(cause=cause).inc()
         live = sa.server.current

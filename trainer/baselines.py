@@ -26,6 +26,7 @@ import numpy as np
 from advrec.contract import TrainingExample
 from advrec.types import ItemId, TimestampMs
 from trainer.metrics import rank_targets, ranking_metrics
+from trainer.prior import Cooccurrence
 
 __all__ = ["HISTORY_MASKS", "ItemKNN", "RecencyPopularity", "StreamingBaseline"]
 
@@ -206,7 +207,8 @@ class ItemKNN(StreamingBaseline):
 
     Learning from a click on ``j`` after history ``h`` adds ``decay**p`` to ``C[h_p, j]``
     (and ``backward * decay**p`` to ``C[j, h_p]``) for the ``n_recent`` most recent history
-    items (p = 0 is the latest). Scoring after a history sums the rows of its recent items
+    items (p = 0 is the latest): ``trainer.prior.Cooccurrence``, the counts the hybrid's
+    prior also uses. Scoring after a history sums the rows of its recent items
     with the same weights, divides by ``clicks(j) ** alpha`` (0: raw co-occurrence), and
     breaks ties, including the many items with no co-occurrence at all, by time-decayed
     popularity, so a cold history falls back to recency-popularity.
@@ -233,35 +235,17 @@ class ItemKNN(StreamingBaseline):
         super().__init__(history_mask)
         assert n_recent >= 1, "n_recent must be >= 1"
         assert 0 < decay <= 1 and backward >= 0 and alpha >= 0, "decay in (0, 1], others >= 0"
-        self.n_recent = n_recent
-        self.weights = [decay**p for p in range(n_recent)]
-        self.backward = backward
+        self.n_recent, self.decay, self.backward = n_recent, decay, backward
+        self.cooc = Cooccurrence(n_recent, decay, backward)  # C over this model's columns
         self.alpha = alpha
         self.popular = RecencyPopularity(half_life_events, half_life_ms)
         self.clicks = np.zeros(1024)  # (capacity,) undecayed clicks, for the alpha term
-        # Row i of C as growable parallel arrays plus a column -> slot map.
-        self.nbr_cols: list[np.ndarray] = []
-        self.nbr_vals: list[np.ndarray] = []
-        self.nbr_slot: list[dict[int, int]] = []
 
     def _grow(self, n_items: int) -> None:
         self.popular._register(self.ids[-1])
         if n_items > self.clicks.size:
             self.clicks = np.concatenate([self.clicks, np.zeros(self.clicks.size)])
-        self.nbr_cols.append(np.zeros(4, dtype=np.int64))
-        self.nbr_vals.append(np.zeros(4))
-        self.nbr_slot.append({})
-
-    def _link(self, i: int, j: int, w: float) -> None:
-        slots = self.nbr_slot[i]
-        slot = slots.get(j)
-        if slot is None:
-            slot = slots[j] = len(slots)
-            if slot == self.nbr_cols[i].size:
-                self.nbr_cols[i] = np.concatenate([self.nbr_cols[i], np.zeros(slot, np.int64)])
-                self.nbr_vals[i] = np.concatenate([self.nbr_vals[i], np.zeros(slot)])
-            self.nbr_cols[i][slot] = j
-        self.nbr_vals[i][slot] += w
+        self.cooc.grow(n_items)
 
     def _recent(self, history: Sequence[ItemId]) -> list[int]:
         """Return the columns of the latest ``n_recent`` known history items, latest first."""
@@ -272,20 +256,14 @@ class ItemKNN(StreamingBaseline):
         for item in example.history:
             self._register(item)
         j = self._register(example.item)
-        for w, i in zip(self.weights, self._recent(example.history), strict=False):
-            self._link(i, j, w)
-            if self.backward:
-                self._link(j, i, self.backward * w)
+        self.cooc.learn(self._recent(example.history), j)
         self.clicks[j] += 1
         self.popular.add(j, example.ts)
 
     def _scores(self, histories: Sequence[Sequence[ItemId]]) -> np.ndarray:
         scores = np.zeros((len(histories), self.n_items))  # (B, N)
         for b, history in enumerate(histories):
-            row = scores[b]
-            for w, i in zip(self.weights, self._recent(history), strict=False):
-                n = len(self.nbr_slot[i])
-                row[self.nbr_cols[i][:n]] += w * self.nbr_vals[i][:n]
+            self.cooc.add_scores(scores[b], self._recent(history))
         if self.alpha:
             scores /= np.maximum(self.clicks[: self.n_items], 1.0) ** self.alpha
         return scores
@@ -295,5 +273,4 @@ class ItemKNN(StreamingBaseline):
 
     def n_links(self) -> int:
         """Return the number of non-zero co-occurrence entries."""
-        return sum(len(slots) for slots in self.nbr_slot)
-
+        return self.cooc.n_links()

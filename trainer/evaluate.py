@@ -35,6 +35,7 @@ from trainer.baselines import ItemKNN, RecencyPopularity, StreamingBaseline
 from trainer.learner import OnlineLearner, TrainConfig
 from trainer.metrics import rank_targets, ranking_metrics
 from trainer.model import ModelConfig
+from trainer.prior import PriorConfig
 
 __all__ = [
     "BASELINES",
@@ -199,22 +200,40 @@ def method_settings(adapter: Adapter) -> dict[str, Any]:
         learner = adapter.learner
         return {"model": dataclasses.asdict(learner.model_cfg),
                 "train": dataclasses.asdict(learner.train_cfg),
-                "adversarial": dataclasses.asdict(learner.adv_cfg)}
+                "adversarial": dataclasses.asdict(learner.adv_cfg),
+                "prior": dataclasses.asdict(learner.prior_cfg)}
     model = adapter.model  # type: ignore[attr-defined]
     params = {k: v for k, v in vars(model).items()
               if isinstance(v, (int, float, str, bool, type(None))) and k != "examples_seen"}
     return {"baseline": type(model).__name__, **params}
 
 
+PRIOR_SUFFIX = "+cooc"  # a neural mode with the co-occurrence prior added: "apr+cooc"
+
+
+def split_method(name: str) -> tuple[str, bool]:
+    """Return (base method, hybrid?) for a method name such as ``apr`` or ``apr+cooc``."""
+    if name.endswith(PRIOR_SUFFIX):
+        return name[: -len(PRIOR_SUFFIX)], True
+    return name, False
+
+
 def make_method(name: str, seed: int, model_cfg: Any, train_cfg: TrainConfig,
-                adv_cfg: AdversarialConfig) -> Adapter:
-    """Build the method called ``name`` (pop, knn, or an adversarial mode)."""
+                adv_cfg: AdversarialConfig, prior_cfg: PriorConfig | None = None) -> Adapter:
+    """Build the method called ``name`` (pop, knn, an adversarial mode, or a mode + cooc).
+
+    A plain mode ranks with G alone (prior weight 0); ``mode+cooc`` ranks with G plus the
+    prior at ``prior_cfg``'s weight."""
     if name == "pop":
         return BaselineAdapter(RecencyPopularity(history_mask="none"))
     if name == "knn":
         return BaselineAdapter(ItemKNN(history_mask="none"))
-    cfg = dataclasses.replace(train_cfg, mode=name, seed=seed)
-    return LearnerAdapter(OnlineLearner(model_cfg, cfg, adv_cfg))
+    mode, hybrid = split_method(name)
+    prior_cfg = prior_cfg or PriorConfig()
+    if not hybrid:
+        prior_cfg = dataclasses.replace(prior_cfg, weight=0.0)
+    cfg = dataclasses.replace(train_cfg, mode=mode, seed=seed)
+    return LearnerAdapter(OnlineLearner(model_cfg, cfg, adv_cfg, prior_cfg))
 
 
 @torch.no_grad()
@@ -255,26 +274,76 @@ def window_metrics(ranks: np.ndarray, n_windows: int) -> list[dict[str, float]]:
     return out
 
 
+@dataclass
+class _Tally:
+    """What one way of ranking (a method, or a hybrid at one prior weight) accumulates."""
+
+    name: str
+    weight: float | None  # the prior's weight (None: the method's own scores)
+    ranks: list[np.ndarray] = field(default_factory=list)
+    recommended: set[int] = field(default_factory=set)
+    pop_pct: list[float] = field(default_factory=list)
+    curves: list[dict[str, float]] = field(default_factory=list)
+
+
+def _tallies(method: str, prior_weights: Sequence[float] | None) -> list[_Tally]:
+    hybrid = split_method(method)[1]
+    if not hybrid or not prior_weights:
+        return [_Tally(method, None)]
+    if len(prior_weights) == 1:
+        return [_Tally(method, float(prior_weights[0]))]
+    return [_Tally(f"{method}@{w:g}", float(w)) for w in prior_weights]
+
+
 def run_prequential(examples: Sequence[TrainingExample], method: str, *, seed: int = 0,
                     variant: str = "A", batch_size: int = 256, model_cfg: Any = None,
                     train_cfg: TrainConfig | None = None,
-                    adv_cfg: AdversarialConfig | None = None, n_windows: int = 10,
+                    adv_cfg: AdversarialConfig | None = None,
+                    prior_cfg: PriorConfig | None = None,
+                    prior_weights: Sequence[float] | None = None,
+                    report_from: int = 0, n_windows: int = 10,
                     record_d: bool = False, progress: Callable[[int], None] | None = None
                     ) -> MethodRun:
-    """Replay ``examples`` test-then-train through one method; return what it measured."""
+    """Replay ``examples`` test-then-train through one method; return what it measured.
+
+    ``report_from``: the first example of the reported part of the stream (the part after a
+    validation prefix); its metrics are added with the prefix ``test:``. For a hybrid method
+    (``mode+cooc``) given several ``prior_weights``, one training run is ranked at every
+    weight; ``run_prequential_all`` returns one ``MethodRun`` per weight.
+    """
+    return run_prequential_all(examples, method, seed=seed, variant=variant,
+                               batch_size=batch_size, model_cfg=model_cfg, train_cfg=train_cfg,
+                               adv_cfg=adv_cfg, prior_cfg=prior_cfg,
+                               prior_weights=prior_weights, report_from=report_from,
+                               n_windows=n_windows, record_d=record_d, progress=progress)[0]
+
+
+def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, seed: int = 0,
+                        variant: str = "A", batch_size: int = 256, model_cfg: Any = None,
+                        train_cfg: TrainConfig | None = None,
+                        adv_cfg: AdversarialConfig | None = None,
+                        prior_cfg: PriorConfig | None = None,
+                        prior_weights: Sequence[float] | None = None,
+                        report_from: int = 0, n_windows: int = 10,
+                        record_d: bool = False, progress: Callable[[int], None] | None = None
+                        ) -> list[MethodRun]:
+    """``run_prequential`` for every prior weight of a hybrid: one ``MethodRun`` each."""
     assert variant in ("A", "B"), f"variant must be A or B, not {variant!r}"
     t0 = time.perf_counter()
     train_cfg = train_cfg or TrainConfig()
-    adapter = make_method(method, seed, model_cfg, train_cfg, adv_cfg or AdversarialConfig())
+    prior_cfg = prior_cfg or PriorConfig()
+    tallies = _tallies(method, prior_weights)
+    if tallies[0].weight is not None:
+        prior_cfg = dataclasses.replace(prior_cfg, weight=tallies[0].weight)
+    adapter = make_method(method, seed, model_cfg, train_cfg, adv_cfg or AdversarialConfig(),
+                          prior_cfg)
+    by_parts = len(tallies) > 1  # several weights: score G and the prior apart, once
     past = PastItems()
     colmap = np.full(1024, -1, dtype=np.int64)  # global item id -> method column
     pending: set[int] = set()
     counts = np.zeros(1024, dtype=np.int64)  # clicks per global id so far (targets)
-    recommended: set[int] = set()
-    pop_pct: list[float] = []
     target_pct: list[float] = []
-    all_ranks: list[np.ndarray] = []
-    curves: list[dict[str, float]] = []
+    positions: list[np.ndarray] = []  # index in ``examples`` of each scored example
     snaps: list[dict[str, Any]] = []
     n_batches = math.ceil(len(examples) / batch_size)
     snap_at = {max(0, round(f * n_batches) - 1) for f in D_SNAPSHOTS}
@@ -294,9 +363,15 @@ def run_prequential(examples: Sequence[TrainingExample], method: str, *, seed: i
             colmap = np.concatenate([colmap, np.full(grow - colmap.size, -1, np.int64)])
             counts = np.concatenate([counts, np.zeros(grow - counts.size, np.int64)])
         scored = [j for j, ex in enumerate(batch) if ex.history]  # a user's first: not scored
-        ranks = np.zeros(len(scored), dtype=np.int64)
+        positions.append(bi * batch_size + np.array(scored, dtype=np.int64))
+        batch_ranks = {t.name: np.zeros(len(scored), dtype=np.int64) for t in tallies}
         if scored and n_catalogue:
-            scores = adapter.scores([batch[j].history for j in scored])  # (R, C)
+            histories = [batch[j].history for j in scored]
+            if by_parts:
+                # float32 as the hybrid's torch and ONNX graphs compute it
+                logits, prior = adapter.learner.score_parts(histories)  # type: ignore[attr-defined]
+            else:
+                own = adapter.scores(histories)  # (R, C)
             target = colmap[gids[scored]]  # (R,)
             n_unknown += int(np.count_nonzero(target < 0))
             if variant == "A":
@@ -306,15 +381,23 @@ def run_prequential(examples: Sequence[TrainingExample], method: str, *, seed: i
             else:
                 exclude = [np.zeros(0, dtype=np.int64)] * len(scored)
             tiebreak = adapter.tiebreak()
-            # one ranking rule with the sidecar and the baselines (trainer.metrics)
-            ranks = rank_targets(scores, target, exclude, variant=variant, tiebreak=tiebreak)
-            top = top_k(scores, TOP_K, tiebreak)  # (R, k) after masking
-            col_to_gid = _inverse(colmap, scores.shape[1])
-            rec = col_to_gid[top[top >= 0]]
-            rec = rec[rec >= 0]
-            recommended.update(rec.tolist())
             pct = _percentiles(counts[:n_catalogue])
-            pop_pct.append(float(pct[rec].mean()) if rec.size else 0.5)
+            for t in tallies:
+                if by_parts:
+                    scores = (logits + np.float32(t.weight) * prior).astype(np.float64)
+                    scores[:, 0] = -np.inf  # padding  # (R, C)
+                else:
+                    scores = own  # (R, C)
+                # one ranking rule with the sidecar and the baselines (trainer.metrics)
+                ranks = rank_targets(scores, target, exclude, variant=variant,
+                                     tiebreak=tiebreak)
+                batch_ranks[t.name] = ranks
+                top = top_k(scores, TOP_K, tiebreak)  # (R, k) after masking
+                col_to_gid = _inverse(colmap, scores.shape[1])
+                rec = col_to_gid[top[top >= 0]]
+                rec = rec[rec >= 0]
+                t.recommended.update(rec.tolist())
+                t.pop_pct.append(float(pct[rec].mean()) if rec.size else 0.5)
             tg = gids[scored]
             tg = tg[tg < n_catalogue]
             target_pct.append(float(pct[tg].mean()) if tg.size else 0.5)
@@ -334,36 +417,54 @@ def run_prequential(examples: Sequence[TrainingExample], method: str, *, seed: i
                 colmap[g] = c
                 pending.discard(g)
         np.add.at(counts, gids, 1)
-        all_ranks.append(ranks)
-        row = {"batch": float(bi), "events": float(min((bi + 1) * batch_size, len(examples))),
-               "n_scored": float(len(scored))}
-        row.update({f"batch_{k}": v for k, v in ranking_metrics(ranks, (10,)).items()})
-        for key in ("loss_ml", "loss_g", "loss_d", "d_acc", "d_acc_real", "d_acc_fake",
-                    "g_reward", "apr_loss"):
-            if key in stats:
-                row[key] = float(stats[key])
-        curves.append(row)
+        for t in tallies:
+            ranks = batch_ranks[t.name]
+            t.ranks.append(ranks)
+            row = {"batch": float(bi),
+                   "events": float(min((bi + 1) * batch_size, len(examples))),
+                   "n_scored": float(len(scored))}
+            row.update({f"batch_{k}": v for k, v in ranking_metrics(ranks, (10,)).items()})
+            for key in ("loss_ml", "loss_g", "loss_d", "d_acc", "d_acc_real", "d_acc_fake",
+                        "g_reward", "apr_loss"):
+                if key in stats:
+                    row[key] = float(stats[key])
+            t.curves.append(row)
         if progress is not None:
             progress(len(batch))
-    ranks_all = np.concatenate(all_ranks) if all_ranks else np.zeros(0, np.int64)
-    metrics = ranking_metrics(ranks_all, KS)
-    metrics.update({
-        "n_events": float(len(examples)), "n_scored": float(ranks_all.size),
-        "n_unknown_target": float(n_unknown), "n_target_in_past": float(n_masked),
-        f"coverage@{TOP_K}": len(recommended) / max(1, len(past.ids)),
-        f"pop_pct@{TOP_K}": float(np.mean(pop_pct)) if pop_pct else 0.5,
-        "target_pop_pct": float(np.mean(target_pct)) if target_pct else 0.5,
-    })
-    run = MethodRun(method, seed, ranks_all, metrics, curves, window_metrics(ranks_all, n_windows),
-                    snaps, settings=method_settings(adapter))
+    where = np.concatenate(positions) if positions else np.zeros(0, np.int64)
+    settings = method_settings(adapter)
+    runs = []
+    for t in tallies:
+        ranks_all = np.concatenate(t.ranks) if t.ranks else np.zeros(0, np.int64)
+        metrics = ranking_metrics(ranks_all, KS)
+        if report_from > 0:
+            test = ranks_all[where >= report_from]
+            metrics.update({f"test:{k}": v for k, v in ranking_metrics(test, KS).items()})
+            metrics["test:n_scored"] = float(test.size)
+        metrics.update({
+            "n_events": float(len(examples)), "n_scored": float(ranks_all.size),
+            "n_unknown_target": float(n_unknown), "n_target_in_past": float(n_masked),
+            f"coverage@{TOP_K}": len(t.recommended) / max(1, len(past.ids)),
+            f"pop_pct@{TOP_K}": float(np.mean(t.pop_pct)) if t.pop_pct else 0.5,
+            "target_pop_pct": float(np.mean(target_pct)) if target_pct else 0.5,
+        })
+        mine = settings
+        if t.weight is not None and "prior" in settings:
+            mine = {**settings, "prior": {**settings["prior"], "weight": t.weight}}
+        runs.append(MethodRun(t.name, seed, ranks_all, metrics, t.curves,
+                              window_metrics(ranks_all, n_windows), snaps, settings=mine))
+    embeddings = counts_v = None
     if isinstance(adapter, LearnerAdapter):
         gen = adapter.learner.generator
         with torch.no_grad():
-            run.embeddings = gen.item_table()[1:].float().cpu().numpy()  # (V, D)
-        run.embedding_counts = adapter.learner.item_counts[1 : gen.n_items + 1].copy()
-    run.seconds = time.perf_counter() - t0
-    run.metrics["seconds"] = run.seconds
-    return run
+            embeddings = gen.item_table()[1:].float().cpu().numpy()  # (V, D)
+        counts_v = adapter.learner.item_counts[1 : gen.n_items + 1].copy()
+    seconds = time.perf_counter() - t0
+    for run in runs:
+        run.embeddings, run.embedding_counts = embeddings, counts_v
+        run.seconds = seconds
+        run.metrics["seconds"] = seconds
+    return runs
 
 
 def _inverse(colmap: np.ndarray, n_cols: int) -> np.ndarray:
@@ -406,11 +507,12 @@ def format_table(summary: dict[str, dict[str, dict[str, float]]],
                  columns: Sequence[str] = ("hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20",
                                            "coverage@10", "pop_pct@10")) -> str:
     """Return a plain-text table: one row per method, mean ± std per column."""
-    head = f"{'method':<10}" + "".join(f"{c:>18}" for c in columns) + f"{'s/seed':>9}"
+    width = max([10, *(len(m) + 1 for m in summary)])
+    head = f"{'method':<{width}}" + "".join(f"{c:>18}" for c in columns) + f"{'s/seed':>9}"
     lines = [head, "-" * len(head)]
     for method, s in summary.items():
         cells = "".join(f"{s['mean'][c]:>10.4f} ±{s['std'][c]:.4f}" for c in columns)
-        lines.append(f"{method:<10}{cells}{s['mean'].get('seconds', 0.0):>9.0f}")
+        lines.append(f"{method:<{width}}{cells}{s['mean'].get('seconds', 0.0):>9.0f}")
     return "\n".join(lines)
 
 
@@ -461,12 +563,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=("prequential", "loo"), default="prequential")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help="comma-separated: pop, knn and adversarial modes "
-                        f"({', '.join(MODES)})")
+                        f"({', '.join(MODES)}); a mode followed by {PRIOR_SUFFIX} (apr+cooc) "
+                        "ranks with G plus the item co-occurrence prior (the hybrid)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per neural method (mean ± std)")
     p.add_argument("--first-seed", type=int, default=0,
                    help="seeds run are first-seed .. first-seed + seeds - 1")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--limit", type=int, default=None, help="replay only the first N events")
+    p.add_argument("--until", type=_fraction, default=1.0,
+                   help="replay only this first share of the stream (0.3: the validation "
+                        "prefix, where settings are chosen)")
+    p.add_argument("--report-from", type=_fraction, default=0.0,
+                   help="also report test:* metrics over the events after this share of the "
+                        "stream (0.3: everything after the validation prefix)")
     p.add_argument("--variant", choices=("A", "B"), default="A",
                    help="A: the user's past items leave the list; B: they stay")
     p.add_argument("--out", type=Path, default=Path("var/evaluate"))
@@ -497,9 +606,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="examples the replay buffer keeps")
     m.add_argument("--replay-policy", choices=("reservoir", "fifo"), default=tc.replay_policy,
                    help="reservoir: uniform over the whole past; fifo: the most recent")
-    m.add_argument("--mask-history", action=argparse.BooleanOptionalAction,
-                   default=AdversarialConfig.mask_history,
-                   help="leave the history's items (but the target) out of the training softmax")
+    m.add_argument("--mask-history", action=argparse.BooleanOptionalAction, default=None,
+                   help="leave the history's items (but the target) out of the training "
+                        "softmax; default: as the variant's list does (on for A, off for B), "
+                        "as the trainer does for ADVREC_EXCLUDE")
     m.add_argument("--item-bias", action=argparse.BooleanOptionalAction, default=mc.item_bias,
                    help="add a learned per-item offset to G's scores")
     m.add_argument("--tied-output", action=argparse.BooleanOptionalAction,
@@ -512,11 +622,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="APR: L2 radius of the input perturbation per example")
     m.add_argument("--apr-lambda", type=float, default=ac.apr_lambda,
                    help="APR: weight of the adversarial loss")
+    pc = PriorConfig()
+    m.add_argument("--prior-weights", type=_weights, default=[pc.weight],
+                   help="mode+cooc methods: weight(s) w of the co-occurrence prior in "
+                        "G + w * log(1 + prior); several (comma-separated) rank one training "
+                        f"run at each (default {pc.weight:g}, the shipped one)")
+    m.add_argument("--prior-top-k", type=int, default=pc.top_k,
+                   help="links per item in the prior's table")
+    m.add_argument("--prior-recent", type=int, default=pc.n_recent,
+                   help="latest history items that link to the next click in the prior")
+    m.add_argument("--prior-decay", type=float, default=pc.decay,
+                   help="the prior's weight factor per step back in the history")
+    m.add_argument("--prior-backward", type=float, default=pc.backward,
+                   help="the prior's weight of the reverse link (next item -> history item)")
     m.add_argument("--threads", type=int, default=1, help="torch threads")
     o = p.add_argument_group("loo protocol")
     o.add_argument("--epochs", type=int, default=10)
     o.add_argument("--patience", type=int, default=3, help="stop after N epochs without gain")
     return p
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a share of the stream in [0, 1]")
+    return value
+
+
+def _weights(text: str) -> list[float]:
+    try:
+        values = [float(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of numbers") from None
+    if not values or any(not math.isfinite(w) or w < 0 for w in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: weights must be finite and >= 0")
+    return values
 
 
 def _configs(args: argparse.Namespace, replay_default: float
@@ -531,7 +672,9 @@ def _configs(args: argparse.Namespace, replay_default: float
                             warmup_steps_per_batch=args.warmup_steps_per_batch,
                             replay_size=args.replay_size, replay_ratio=replay,
                             replay_policy=args.replay_policy, num_threads=args.threads)
-    adv_cfg = AdversarialConfig(mask_history=args.mask_history, apr_eps=args.apr_eps,
+    mask = (getattr(args, "variant", "A") == "A") if args.mask_history is None \
+        else args.mask_history  # trained for the list's rule, as the trainer is
+    adv_cfg = AdversarialConfig(mask_history=mask, apr_eps=args.apr_eps,
                                 apr_lambda=args.apr_lambda)
     return model_cfg, train_cfg, adv_cfg
 
@@ -550,10 +693,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command = "advrec evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in BASELINES and m not in MODES]
+    unknown = [m for m in methods if m not in BASELINES and split_method(m)[0] not in MODES]
     if unknown or not methods:
         print(ERROR.format(f"unknown method(s) {unknown}; choose from "
-                           f"{', '.join(BASELINES + MODES)}"), file=sys.stderr)
+                           f"{', '.join(BASELINES + MODES)}, or a mode followed by "
+                           f"{PRIOR_SUFFIX}"), file=sys.stderr)
         return 2
     if args.dataset[0] not in SOURCES:
         print(ERROR.format(f"unknown dataset source {args.dataset[0]!r}; choose from "
@@ -582,8 +726,14 @@ def main(argv: list[str] | None = None) -> int:
 def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: list[str],
                          argv: list[str] | None) -> int:
     evs = events.events[: args.limit] if args.limit else events.events
+    if args.until < 1.0:  # the validation prefix only: where settings are chosen
+        evs = evs[: round(args.until * len(evs))]
+    report_from = round(args.report_from * len(evs))
     examples = list(build_examples(evs, args.max_len))
     model_cfg, train_cfg, adv_cfg = _configs(args, TrainConfig.replay_ratio)
+    prior_cfg = PriorConfig(top_k=args.prior_top_k, n_recent=args.prior_recent,
+                            decay=args.prior_decay, backward=args.prior_backward)
+    weights = args.prior_weights
     neural_seeds = range(args.first_seed, args.first_seed + args.seeds)
     jobs = [(m, s) for m in methods for s in (range(1) if m in BASELINES else neural_seeds)]
     bar = None
@@ -596,9 +746,10 @@ def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: li
     for method, seed in jobs:
         if bar is not None:
             bar.set_postfix_str(f"{method} seed {seed}")
-        runs.append(run_prequential(
+        runs.extend(run_prequential_all(
             examples, method, seed=seed, variant=args.variant, batch_size=args.batch_size,
-            model_cfg=model_cfg, train_cfg=train_cfg, adv_cfg=adv_cfg, n_windows=args.windows,
+            model_cfg=model_cfg, train_cfg=train_cfg, adv_cfg=adv_cfg, prior_cfg=prior_cfg,
+            prior_weights=weights, report_from=report_from, n_windows=args.windows,
             record_d=args.plots and seed == 0 and "irgan" in method,
             progress=bar.update if bar is not None else None))
     if bar is not None:
@@ -614,6 +765,10 @@ def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: li
                     "events": len(evs), "events_in_file": len(events),
                     "users": len({e.user for e in evs}), "items": len({e.item for e in evs})},
         "batch_size": args.batch_size, "seeds": args.seeds, "first_seed": args.first_seed,
+        "until": args.until, "report_from": args.report_from,
+        "report_from_example": report_from,
+        "test_meaning": ("test:* metrics cover the scored events from report_from_example on "
+                         "(the part after the validation prefix)" if report_from else None),
         "baselines_note": "pop and knn are deterministic: run once, std 0",
         # the configuration the neural runs start from; each run's own settings (its mode,
         # its seed) are under runs[i].settings
@@ -629,6 +784,10 @@ def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: li
     print(f"prequential, variant {args.variant}, {len(evs)} events, batch {args.batch_size}, "
           f"{args.seeds} seed(s); results in {args.out}")
     print(format_table(summary))
+    if report_from:
+        print(f"\nreported part: events {report_from}..{len(evs)} (after the validation prefix)")
+        print(format_table(summary, columns=("test:hr@10", "test:ndcg@10", "test:mrr@10",
+                                             "test:hr@20", "test:ndcg@20")))
     return 0
 
 

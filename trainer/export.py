@@ -29,7 +29,8 @@ from advrec.config import bootstrap_servers, settings_as_dict
 from trainer.learner import OnlineLearner
 from trainer.model import Generator
 
-__all__ = ["ExportError", "check_parity", "export_onnx", "main", "publish_bundle"]
+__all__ = ["ExportError", "check_parity", "export_onnx", "main", "publish_bundle",
+           "scoring_model"]
 
 OPSET = 17  # LayerNormalization is a native op from 17; onnxruntime 1.20+ runs it
 PARITY_TOL = 1e-3  # float32 scores of a 2-layer model agree to ~1e-6; 1e-3 flags real bugs
@@ -52,19 +53,35 @@ def _scoring_copy(generator: Generator) -> Generator:
     return g
 
 
-def export_onnx(generator: Generator, max_len: int | None = None, *,
+def scoring_model(learner: OnlineLearner) -> nn.Module:
+    """Return what the workers will serve, as a CPU eval-mode copy: G over its live rows,
+    plus the co-occurrence prior when the learner's prior weight is > 0 (trainer/prior.py)."""
+    return learner.scorer(_scoring_copy(learner.generator)).cpu().eval()
+
+
+def _as_scorer(model: nn.Module) -> nn.Module:
+    return _scoring_copy(model) if isinstance(model, Generator) else model.cpu().eval()
+
+
+def _n_items(model: nn.Module) -> int:
+    return model.n_items if isinstance(model, Generator) else model.generator.n_items
+
+
+def export_onnx(model: nn.Module, max_len: int | None = None, *,
                 dynamo: bool = False) -> bytes:
-    """Export G's scorer ``history[B, L] int64 -> scores[B, V+1] float32`` to ONNX bytes.
+    """Export a scorer ``history[B, L] int64 -> scores[B, V+1] float32`` to ONNX bytes: a
+    ``Generator`` (copied over its live rows) or a ``scoring_model`` (G with the prior).
 
     One self-contained model (weights inline), dynamic batch axis, eval mode. The default
     is the TorchScript exporter: the dynamo exporter gives the same graph but took ~6-10 s
     instead of ~0.3 s on 2 cores and raises a FutureWarning from torch's own pytree code.
     """
-    g = _scoring_copy(generator)
-    L = max_len or g.config.max_len
-    assert L <= g.config.max_len, f"max_len {L} > the model's {g.config.max_len}"
+    g = _as_scorer(model)
+    config = g.config if isinstance(g, Generator) else g.generator.config
+    L = max_len or config.max_len
+    assert L <= config.max_len, f"max_len {L} > the model's {config.max_len}"
     example = torch.zeros((2, L), dtype=torch.int64)  # (B, L)
-    example[0, -1] = 1 if g.n_items else 0
+    example[0, -1] = 1 if _n_items(g) else 0
     with warnings.catch_warnings(), torch.no_grad():
         # the TorchScript exporter is deprecated in favour of dynamo (see above)
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -91,14 +108,15 @@ def export_onnx(generator: Generator, max_len: int | None = None, *,
     return buf.getvalue()
 
 
-def check_parity(generator: Generator, onnx_bytes: bytes,
+def check_parity(model: nn.Module, onnx_bytes: bytes,
                  histories: np.ndarray | torch.Tensor) -> float:
-    """Return max |torch - onnxruntime| over the scores of ``histories`` [B, L]; inf on NaN."""
+    """Return max |torch - onnxruntime| over the scores of ``histories`` [B, L]; inf on NaN
+    (``model``: what ``export_onnx`` was given, a ``Generator`` or a ``scoring_model``)."""
     import onnxruntime as ort  # only the export path needs it
 
     history = torch.as_tensor(np.asarray(histories), dtype=torch.int64)  # (B, L)
     with torch.no_grad():
-        expected = _scoring_copy(generator)(history).numpy()  # (B, V+1)
+        expected = _as_scorer(model)(history).numpy()  # (B, V+1)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1  # a check, not a benchmark: leave the cores to training
     session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
@@ -116,10 +134,11 @@ def publish_bundle(learner: OnlineLearner, root: Path | str, metrics: dict[str, 
         raise ExportError("the learner has not seen any item yet; nothing to publish")
     assert gen.n_items == len(vocab), f"G has {gen.n_items} rows for {len(vocab)} items"
     max_len = learner.model_cfg.max_len
-    model_bytes = export_onnx(gen, max_len)
+    scorer = scoring_model(learner)
+    model_bytes = export_onnx(scorer, max_len)
     replayed, _ = learner.replay.sample(PARITY_HISTORIES, np.random.default_rng(0))
     histories = np.concatenate([np.zeros((1, max_len), np.int64), replayed])  # (1+n, L)
-    diff = check_parity(gen, model_bytes, histories)
+    diff = check_parity(scorer, model_bytes, histories)
     if not diff <= parity_tol:
         raise ExportError(f"ONNX scores differ from torch by {diff:.3g} > {parity_tol:g}")
     meta: dict[str, Any] = {
@@ -133,6 +152,7 @@ def publish_bundle(learner: OnlineLearner, root: Path | str, metrics: dict[str, 
         "model_config": settings_as_dict(learner.model_cfg),
         "train_config": settings_as_dict(learner.train_cfg),
         "adversarial_config": settings_as_dict(learner.adv_cfg),
+        "prior_config": settings_as_dict(learner.prior_cfg),
     }
     version = write_bundle(root, model_bytes, vocab.items(), meta, keep=keep)
     log.info("published bundle %s (%d items, %d examples seen, parity %.2g)",

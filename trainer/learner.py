@@ -31,6 +31,7 @@ from trainer.adversarial import (
 )
 from trainer.metrics import rank_targets, ranking_metrics
 from trainer.model import Discriminator, Generator, ModelConfig, replace_param, trim_padding
+from trainer.prior import Cooccurrence, HybridScorer, PriorConfig, PriorScorer
 from trainer.vocab import Vocabulary
 
 __all__ = ["OnlineLearner", "ReplayBuffer", "TrainConfig"]
@@ -129,10 +130,14 @@ class OnlineLearner:
     """Generator + discriminator trained online, prequentially, on ``TrainingExample``s."""
 
     def __init__(self, model_cfg: ModelConfig | None = None, train_cfg: TrainConfig | None = None,
-                 adv_cfg: AdversarialConfig | None = None) -> None:
+                 adv_cfg: AdversarialConfig | None = None,
+                 prior_cfg: PriorConfig | None = None) -> None:
         self.model_cfg = model_cfg or ModelConfig()
         self.train_cfg = train_cfg or TrainConfig()
         self.adv_cfg = adv_cfg or AdversarialConfig()
+        self.prior_cfg = prior_cfg or PriorConfig()
+        # counted whatever the weight, so that a weight set later has the whole past
+        self.cooc = Cooccurrence.from_config(self.prior_cfg)
         self._update = get_update(self.train_cfg.mode)
         if self.train_cfg.num_threads:
             torch.set_num_threads(self.train_cfg.num_threads)
@@ -200,17 +205,45 @@ class OnlineLearner:
         return model_input([self.vocab.known_rows(h) for h in histories],
                            self.model_cfg.max_len)  # (B, L)
 
+    def prior_scorer(self) -> PriorScorer:
+        """Return the co-occurrence prior over the live rows, as it stands now."""
+        idx, val = self.cooc.table(self.generator.n_items + 1)  # (V+1, K) each
+        return PriorScorer(idx, val, self.prior_cfg).to(self.device)
+
+    def scorer(self, generator: torch.nn.Module | None = None) -> torch.nn.Module:
+        """Return what ranks: G, or G plus the weighted prior when its weight is > 0 (the
+        module the export turns into ONNX; ``generator`` defaults to the learner's own G)."""
+        generator = self.generator if generator is None else generator
+        if self.prior_cfg.weight <= 0:
+            return generator
+        return HybridScorer(generator, self.prior_scorer(), self.prior_cfg.weight)
+
     @torch.no_grad()
-    def _score_rows(self, history: np.ndarray) -> np.ndarray:
-        """Score encoded histories [B, L] -> [B, V+1] in eval mode, in chunks."""
+    def _score_rows(self, history: np.ndarray, weight: float | None = None) -> np.ndarray:
+        """Score encoded histories [B, L] -> [B, V+1] in eval mode, in chunks (``weight``:
+        the prior's weight, default the configured one; 0 scores with G alone)."""
         self.generator.eval()
+        weight = self.prior_cfg.weight if weight is None else weight
+        model = (self.generator if weight <= 0
+                 else HybridScorer(self.generator, self.prior_scorer(), weight))
         chunk = self.train_cfg.eval_chunk
-        out = [self.generator(trim_padding(torch.from_numpy(history[i : i + chunk])
-                                           .to(self.device))).float().cpu().numpy()
+        out = [model(trim_padding(torch.from_numpy(history[i : i + chunk])
+                                  .to(self.device))).float().cpu().numpy()
                for i in range(0, len(history), chunk)]
         if not out:
             return np.zeros((0, self.generator.n_items + 1), dtype=np.float32)
         return np.concatenate(out)  # (B, V+1)
+
+    @torch.no_grad()
+    def score_parts(self, histories: Sequence[Sequence[ItemId]]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """Return G's logits and ``log(1 + prior)`` [B, V+1] each, for choosing the prior's
+        weight: the hybrid's scores are ``logits + weight * prior``."""
+        history = self._encode(histories)  # (B, L)
+        logits = self._score_rows(history, weight=0.0)  # (B, V+1)
+        h = torch.from_numpy(history).to(self.device)
+        prior = self.prior_scorer()(h, torch.from_numpy(logits).to(self.device))
+        return logits, prior.float().cpu().numpy()
 
     def _log_q(self) -> torch.Tensor | None:
         """Return log popularity of each live row [V+1] for sampled softmax, else None."""
@@ -286,9 +319,12 @@ class OnlineLearner:
             self.batches_seen += messages
             return out
         before = len(self.vocab)
+        n_recent = self.prior_cfg.n_recent
         for e in examples:
             self.vocab.add_many(e.history)
-            self.vocab.add(e.item)
+            j = self.vocab.add(e.item)
+            recent = self.vocab.known_rows(e.history[-n_recent:])[::-1]  # latest first
+            self.cooc.learn(recent, j)
         history = self._encode([e.history for e in examples])  # (N, L)
         target = np.array([self.vocab.index(e.item) for e in examples], dtype=np.int64)  # (N,)
         if fraction < 1.0:
@@ -354,6 +390,8 @@ class OnlineLearner:
             "model_config": dataclasses.asdict(self.model_cfg),
             "train_config": dataclasses.asdict(self.train_cfg),
             "adversarial_config": dataclasses.asdict(self.adv_cfg),
+            "prior_config": dataclasses.asdict(self.prior_cfg),
+            "cooccurrence": self.cooc.state_dict(),
             "g_capacity": self.generator.items.capacity,
             "d_capacity": self.discriminator.items.capacity,
             "generator": self.generator.state_dict(),
@@ -380,6 +418,10 @@ class OnlineLearner:
         train = dict(state["train_config"], skip_flags=tuple(state["train_config"]["skip_flags"]))
         self.train_cfg = TrainConfig(**train)
         self.adv_cfg = AdversarialConfig(**state["adversarial_config"])
+        # states saved before the prior: no prior, counts start empty
+        self.prior_cfg = PriorConfig(**state.get("prior_config", {}))
+        self.cooc = (Cooccurrence.from_state_dict(state["cooccurrence"])
+                     if "cooccurrence" in state else Cooccurrence.from_config(self.prior_cfg))
         self._update = get_update(self.train_cfg.mode)
         self.device = torch.device(self.train_cfg.device)
         self.vocab = Vocabulary.from_state(state["vocab"])

@@ -7,6 +7,8 @@ import socket
 from dataclasses import dataclass
 
 from advrec.config import ConfigError, bootstrap_servers, from_env
+from advrec.exclusion import ExclusionRule
+from trainer.prior import PriorConfig
 
 __all__ = ["ENV_PREFIX", "TrainerSettings", "load_trainer_settings"]
 
@@ -51,6 +53,16 @@ class TrainerSettings:
     # re-clicks (ml-latest-small), off for session streams with many (yoochoose), where it
     # cost 2 % HR@10 (docs/results.md)
     trainer_mask_history: bool = True
+    # which past items the served list leaves out (the worker's ADVREC_EXCLUDE: seen | none |
+    # event types, advrec/exclusion.py): the generator is trained for it (the history mask
+    # holds only under "seen") and the quality gate ranks as the list does (variant A under
+    # "seen", B otherwise)
+    exclude: str = "seen"
+    # the hybrid: G's logits + weight * log(1 + item co-occurrence prior), exported in the
+    # bundle's ONNX graph (trainer/prior.py); 0 serves G alone. Chosen on the validation
+    # prefix of both shared streams (docs/results.md)
+    trainer_prior_weight: float = PriorConfig.weight
+    trainer_prior_top_k: int = PriorConfig.top_k  # links per item the bundle carries
     export_every_s: float = 5.0  # publish a bundle at most this often...
     export_every_batches: int = 50  # ...or after this many batches, whichever first
     quality_delta: float = 0.02  # reject if window HR@10 < live's HR@10 - delta (absolute)
@@ -85,6 +97,13 @@ class TrainerSettings:
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting {ENV_PREFIX}{name.upper()}={getattr(self, name)!r}"
                                   " must be >= 1")
+        try:
+            ExclusionRule.parse(self.exclude)
+        except ValueError as exc:
+            raise ConfigError(f"setting {ENV_PREFIX}EXCLUDE: {exc}") from None
+        if self.trainer_prior_weight < 0 or self.trainer_prior_top_k < 1:
+            raise ConfigError(f"setting {ENV_PREFIX}TRAINER_PRIOR_WEIGHT must be >= 0 and "
+                              f"{ENV_PREFIX}TRAINER_PRIOR_TOP_K >= 1")
         if self.trainer_replay_policy not in ("reservoir", "fifo"):
             raise ConfigError(f"setting {ENV_PREFIX}TRAINER_REPLAY_POLICY="
                               f"{self.trainer_replay_policy!r} is not reservoir or fifo")
@@ -108,6 +127,10 @@ class TrainerSettings:
         if self.checkpoint_min_interval_s < 0:
             raise ConfigError(f"setting {ENV_PREFIX}CHECKPOINT_MIN_INTERVAL_S="
                               f"{self.checkpoint_min_interval_s!r} must be >= 0")
+
+    @property
+    def exclusion(self) -> ExclusionRule:
+        return ExclusionRule.parse(self.exclude)
 
     @property
     def bootstrap(self) -> str:

@@ -63,7 +63,9 @@ PARITY_TOLERANCE = 1e-3  # torch vs onnxruntime max abs score difference allowed
 LOSS_KINDS = {"loss_ml": "ml", "loss_g": "g", "loss_d": "d", "pg_term": "pg", "apr_loss": "apr"}
 BUNDLE_TOPIC_WAIT_S = 60.0  # how long to wait for the bundle topic's pointer and pin at start
 SKIP_KEEP = 2  # batches a trainer far behind still trains on when it jumps to the newest
-GAUGE_VARIANTS = ("A", "B")  # trainer.metrics.rank_targets; the first is the gate's
+# trainer.metrics.rank_targets; the first is the gate's: A where the list leaves every seen
+# item out (ADVREC_EXCLUDE=seen), B where it may show them (none, or only some event types)
+GAUGE_VARIANTS = ("A", "B")
 SHED_LOG_EVERY_S = 60.0  # while shedding, a change of its level is logged at most this often
 
 
@@ -86,6 +88,7 @@ class Sidecar:
 
     def __init__(self, settings: TrainerSettings, metrics: TrainerMetrics | None = None) -> None:
         self.s = settings
+        self.variants = GAUGE_VARIANTS if settings.exclusion.everything else GAUGE_VARIANTS[::-1]
         self.m = metrics or TrainerMetrics.create()
         self.identity = settings.identity
         self.learner: Any = None
@@ -153,6 +156,7 @@ class Sidecar:
         from trainer.adversarial import AdversarialConfig
         from trainer.learner import OnlineLearner, TrainConfig
         from trainer.model import ModelConfig
+        from trainer.prior import PriorConfig
 
         s = self.s
         return OnlineLearner(
@@ -162,7 +166,10 @@ class Sidecar:
                         steps_per_batch=s.trainer_steps_per_batch,
                         replay_size=s.trainer_replay_size, replay_ratio=s.trainer_replay_ratio,
                         replay_policy=s.trainer_replay_policy, num_threads=s.trainer_threads),
-            AdversarialConfig(mask_history=s.trainer_mask_history))
+            # the history mask only where the list leaves the history out (advrec.exclusion)
+            AdversarialConfig(mask_history=s.trainer_mask_history
+                              and s.exclusion.mask_history),
+            PriorConfig(weight=s.trainer_prior_weight, top_k=s.trainer_prior_top_k))
 
     def _local_offset(self) -> int | None:
         """The next offset of the local checkpoint (this pod's own, from before a restart)."""
@@ -288,12 +295,12 @@ class Sidecar:
         scored = batch if fraction >= 1.0 else self._sample(batch, fraction)
         # variant A (the served list: a re-click is a miss) is what the gate decides on and
         # the report headlines; B (re-clicks may hit) is reported beside it
-        pre = learner.evaluate_batch(scored, variants=GAUGE_VARIANTS)
+        pre = learner.evaluate_batch(scored, variants=self.variants)
         n_total = pre["n_eval"] + pre["n_unknown_target"]
         cand_hits = pre.get("hr@10", 0.0) * pre["n_eval"]
         live_hits = cand_hits
         if self.live is not None:
-            live = self.live.evaluate_batch(scored, ks=(10,))
+            live = self.live.evaluate_batch(scored, ks=(10,), variants=self.variants[:1])
             live_hits = live.get("hr@10", 0.0) * live["n_eval"]
         self.window["cand_hits"] += cand_hits
         self.window["live_hits"] += live_hits
@@ -318,7 +325,7 @@ class Sidecar:
         m.train_fraction.set(fraction)
         m.step_seconds.observe(seconds)
         if n_total:
-            for n, variant in enumerate(GAUGE_VARIANTS):
+            for n, variant in enumerate(self.variants):
                 prefix = "" if n == 0 else f"{variant}:"
                 for key in ("hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20", "mrr@20"):
                     if prefix + key in pre:
@@ -367,7 +374,7 @@ class Sidecar:
     def prepare_export(self) -> _Export | None:
         """Gate, export, check parity and write the bundle locally (blocking); None if it
         must not be published."""
-        from trainer.export import check_parity, export_onnx
+        from trainer.export import check_parity, export_onnx, scoring_model
 
         started = time.perf_counter()
         ok, cand, live = self.gate()
@@ -380,8 +387,9 @@ class Sidecar:
             return None
         learner = self.learner
         try:
-            model_bytes = export_onnx(learner.generator, learner.model_cfg.max_len)
-            diff = check_parity(learner.generator, model_bytes, self._probe_histories())
+            scorer = scoring_model(learner)  # G, plus the prior when its weight is > 0
+            model_bytes = export_onnx(scorer, learner.model_cfg.max_len)
+            diff = check_parity(scorer, model_bytes, self._probe_histories())
         except Exception:
             self.m.exports.labels(outcome="failed").inc()
             log.exception("export failed; the live bundle keeps serving")
@@ -402,6 +410,7 @@ class Sidecar:
                         "window_examples": window["n"], "parity_max_abs": diff},
             "model": dataclasses.asdict(learner.model_cfg),
             "train": dataclasses.asdict(learner.train_cfg),
+            "prior": dataclasses.asdict(learner.prior_cfg),
             "settings": settings_as_dict(self.s),
         }
         version = write_bundle(self.s.bundle_dir, model_bytes, learner.vocab.items(), meta,

@@ -144,3 +144,16 @@ def test_a_retry_of_the_event_that_set_the_floor_is_still_a_redelivery() -> None
     # a new event at the floor's time, with another identity, is new
     assert s.apply(ClickEvent("u", "fresh", T0 + 1), 50, 2) is not None
     assert UserState.from_bytes(s.to_bytes()) == s
+
+
+def test_each_history_item_keeps_its_event_type_through_trimming_and_bytes() -> None:
+    from advrec.exclusion import TYPE_CODES
+
+    state = UserState()
+    kinds = ["click", "purchase", "view", "cart", "purchase"]
+    for n, kind in enumerate(kinds):
+        state.apply(ClickEvent("u", f"i{n}", 1_000 + n, type=kind, id=str(n)), 3, 32)
+    back = UserState.from_bytes(state.to_bytes())
+    assert back.history == ["i2", "i3", "i4"]
+    assert back.history_types == bytes(TYPE_CODES[k] for k in kinds[2:])
+    assert UserState.history_from_bytes(state.to_bytes()) == ["i2", "i3", "i4"]

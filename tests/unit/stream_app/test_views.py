@@ -95,10 +95,12 @@ def make_api(tmp_path: Path, *, model: bool = True, server: Any = None,
     return HttpApi(sa, router), router, metrics  # type: ignore[arg-type]
 
 
-def remember(router: Router, user: str, items: list[str]) -> None:
+def remember(router: Router, user: str, items: list[str],
+             types: list[str] | None = None) -> None:
     state = UserState()
     for n, item in enumerate(items):
-        state.apply(ClickEvent(user, item, 1_000 + n, id=f"{user}{n}"), 50, 32)
+        kind = "click" if types is None else types[n]
+        state.apply(ClickEvent(user, item, 1_000 + n, type=kind, id=f"{user}{n}"), 50, 32)
     router.states[encode_key(user)] = state.to_bytes()
 
 
@@ -109,6 +111,31 @@ async def test_recommendations_answer_from_the_model_without_seen_items(tmp_path
     assert got.status == 200 and not got.body["fallback"]
     assert len(got.body["items"]) == 5 and not {"i1", "i2"} & set(got.body["items"])
     await api.sa.server.stop()
+
+
+async def test_exclude_none_lets_the_list_show_the_users_past_items(tmp_path: Path) -> None:
+    api, router, _ = make_api(tmp_path, ADVREC_EXCLUDE="none")
+    remember(router, "u1", ["i1", "i2"])
+    got = await api.recommendations(View(), Request({"k": "20"}), "u1")
+    assert got.status == 200 and not got.body["fallback"]
+    assert {"i1", "i2"} <= set(got.body["items"]) and len(got.body["items"]) == 20
+    await api.sa.server.stop()
+
+
+async def test_exclude_by_type_drops_only_items_of_those_event_types(tmp_path: Path) -> None:
+    api, router, _ = make_api(tmp_path, ADVREC_EXCLUDE="purchase")
+    remember(router, "u1", ["i1", "i2", "i5"], types=["purchase", "click", "cart"])
+    got = await api.recommendations(View(), Request({"k": "20"}), "u1")
+    items = set(got.body["items"])
+    assert "i1" not in items and {"i2", "i5"} <= items and len(items) == 19
+    await api.sa.server.stop()
+
+
+async def test_the_trending_fallback_follows_the_exclusion_rule(tmp_path: Path) -> None:
+    api, router, _ = make_api(tmp_path, model=False, ADVREC_EXCLUDE="none")
+    remember(router, "u1", ["i1"])
+    got = await api.recommendations(View(), Request({"k": "5"}), "u1")
+    assert got.body["fallback"] and got.body["items"] == ["i3", "i1", "i2"]
 
 
 @pytest.mark.parametrize(("k", "message"), [("x", "k must be an integer"),
@@ -136,7 +163,7 @@ async def test_a_model_call_that_times_out_is_a_503_not_a_fallback(tmp_path: Pat
     class Hung:
         current = SimpleNamespace(version="v2")
 
-        async def recommend(self, history: list[str], k: int) -> Any:
+        async def recommend(self, history: list[str], k: int, excluded: Any = None) -> Any:
             raise ModelTimeout("no answer from the model within 2s (model v2)")
 
     api, router, metrics = make_api(tmp_path, server=Hung())

@@ -13,7 +13,14 @@ import torch
 from advrec.bundle import INPUT_NAME, OUTPUT_NAME, load_bundle, read_current
 from tests.unit.trainer.planted import SMALL, planted_stream
 from trainer.checkpoint import save_checkpoint
-from trainer.export import ExportError, check_parity, export_onnx, main, publish_bundle
+from trainer.export import (
+    ExportError,
+    check_parity,
+    export_onnx,
+    main,
+    publish_bundle,
+    scoring_model,
+)
 from trainer.learner import OnlineLearner, TrainConfig
 from trainer.model import ModelConfig
 
@@ -31,7 +38,7 @@ def learner() -> OnlineLearner:
 
 @pytest.fixture(scope="module")
 def model_bytes(learner: OnlineLearner) -> bytes:
-    return export_onnx(learner.generator, SMALL.max_len)
+    return export_onnx(scoring_model(learner), SMALL.max_len)  # what is shipped: G + prior
 
 
 def _histories(n: int, n_items: int, seed: int = 0) -> np.ndarray:
@@ -59,7 +66,7 @@ def test_onnx_matches_torch_on_padded_and_empty_histories(
     assert np.abs(got - expected).max() < 1e-4
     np.testing.assert_array_equal(_top10(got), _top10(expected))
     assert (got.argmax(axis=1) != 0).all()
-    assert check_parity(learner.generator, model_bytes, histories) < 1e-4
+    assert check_parity(scoring_model(learner), model_bytes, histories) < 1e-4
 
 
 def test_export_leaves_the_generator_in_training_mode(learner: OnlineLearner) -> None:
@@ -79,10 +86,12 @@ def test_onnx_model_is_self_contained_with_the_bundle_signature(model_bytes: byt
     assert inp.type.tensor_type.shape.dim[0].dim_param  # symbolic (dynamic) batch axis
 
 
-def test_exported_graph_reads_no_tensor_shapes(model_bytes: bytes) -> None:
+def test_exported_generator_reads_no_tensor_shapes(learner: OnlineLearner) -> None:
     # every size but the batch is a constant (trainer.model.static_dim): no Shape ops and
-    # the arithmetic on them, which onnxruntime would run on every served call
-    ops = {node.op_type for node in onnx.load_from_string(model_bytes).graph.node}
+    # the arithmetic on them, which onnxruntime would run on every served call (the prior's
+    # gather and scatter of the hybrid still read the batch size)
+    g_bytes = export_onnx(learner.generator, SMALL.max_len)
+    ops = {node.op_type for node in onnx.load_from_string(g_bytes).graph.node}
     assert "Shape" not in ops and "Sqrt" not in ops, sorted(ops)
 
 
@@ -163,7 +172,8 @@ def test_output_parts_export_with_parity(model_cfg: ModelConfig, tmp_path: Path)
     assert check_parity(gen, onnx_bytes, histories) < 1e-4
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     got = session.run([OUTPUT_NAME], {INPUT_NAME: histories})[0]  # (B, V+1)
-    np.testing.assert_array_equal(_top10(got), _top10(learner._score_rows(histories)))
+    g_alone = learner._score_rows(histories, weight=0.0)  # the generator without its prior
+    np.testing.assert_array_equal(_top10(got), _top10(g_alone))
     version = publish_bundle(learner, tmp_path, {})
     bundle = load_bundle(tmp_path, version)  # the same three files, the same signature
     assert bundle.meta["model_config"]["item_bias"] is True

@@ -194,6 +194,10 @@ def test_trainer_settings_defaults_match_the_learner_defaults() -> None:
         train.replay_size, train.replay_ratio, train.replay_policy)
     assert (s.trainer_max_len, s.trainer_dim, s.trainer_layers, s.trainer_dropout) == (
         model.max_len, model.d_model, model.n_layers, model.dropout)
+    from trainer.prior import PriorConfig
+
+    assert (s.trainer_prior_weight, s.trainer_prior_top_k) == (PriorConfig().weight,
+                                                               PriorConfig().top_k)
 
 
 def test_evaluate_cli_defaults_are_the_learner_defaults() -> None:
@@ -275,3 +279,20 @@ def test_sidecar_builds_its_learner_from_the_settings(tmp_path: Path) -> None:
     assert learner.train_cfg.replay_policy == "fifo" and learner.replay.policy == "fifo"
     assert learner.model_cfg.dropout == 0.2 and learner.generator.config.dropout == 0.2
     assert learner.train_cfg.steps_per_batch == 6
+    assert learner.adv_cfg.mask_history and sidecar.variants == ("A", "B")
+    assert learner.prior_cfg.weight == s.trainer_prior_weight
+
+
+def test_under_exclude_none_the_trainer_trains_and_gates_for_lists_with_reclicks(
+        tmp_path: Path) -> None:
+    from trainer.settings import load_trainer_settings
+    from trainer.sidecar import Sidecar
+
+    s = load_trainer_settings({"ADVREC_EXCLUDE": "none", "ADVREC_TRAINER_PRIOR_WEIGHT": "0",
+                               "ADVREC_BUNDLE_DIR": str(tmp_path / "bundles"),
+                               "ADVREC_CHECKPOINT_DIR": str(tmp_path / "checkpoints")})
+    sidecar = Sidecar(s)
+    sidecar.build()
+    # the history stays in the training softmax; the gate decides on variant B
+    assert not sidecar.learner.adv_cfg.mask_history and sidecar.variants == ("B", "A")
+    assert sidecar.learner.prior_cfg.weight == 0.0

@@ -1,0 +1,118 @@
+"""The co-occurrence prior and the hybrid: counts, the top-k table, torch vs ONNX, state."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from advrec.bundle import INPUT_NAME, OUTPUT_NAME
+from advrec.contract import TrainingExample
+from tests.unit.trainer.planted import SMALL, planted_stream
+from trainer.baselines import ItemKNN
+from trainer.evaluate import build_examples, run_prequential, run_prequential_all
+from trainer.export import check_parity, export_onnx, scoring_model
+from trainer.learner import OnlineLearner, TrainConfig
+from trainer.prior import Cooccurrence, PriorConfig, PriorScorer
+
+
+def test_learning_links_recent_items_forward_and_backward_with_decay() -> None:
+    c = Cooccurrence(n_recent=2, decay=0.5, backward=0.25)
+    c.learn([2, 1], 3)  # 3 clicked after ... 1, 2 (2 the latest)
+    assert dict(zip(*map(np.ndarray.tolist, c.row(2)), strict=True)) == {3: 1.0}
+    assert dict(zip(*map(np.ndarray.tolist, c.row(1)), strict=True)) == {3: 0.5}
+    assert dict(zip(*map(np.ndarray.tolist, c.row(3)), strict=True)) == {2: 0.25, 1: 0.125}
+
+
+def test_the_table_keeps_the_strongest_links_ties_to_the_lower_column() -> None:
+    c = Cooccurrence(n_recent=1, backward=0.0, top_k=2)
+    for j, times in ((5, 1), (4, 3), (3, 1), (2, 3)):
+        for _ in range(times):
+            c.learn([1], j)
+    idx, val = c.table(6)
+    assert idx[1].tolist() == [2, 4] and val[1].tolist() == [3.0, 3.0]
+    assert idx[0].tolist() == [0, 0] and val[0].tolist() == [0.0, 0.0]  # padding row
+    c.learn([1], 3)
+    c.learn([1], 3)
+    c.learn([1], 3)  # 3 now has 4: the row is re-cut on the next table()
+    idx, _ = c.table(6)
+    assert idx[1].tolist() == [3, 2]
+
+
+def test_the_scorer_sums_the_latest_items_links_as_log1p() -> None:
+    cfg = PriorConfig(weight=1.0, top_k=4, n_recent=2, decay=0.5, backward=0.0)
+    c = Cooccurrence.from_config(cfg)
+    c.learn([1], 3)
+    c.learn([2], 3)
+    c.learn([2], 4)
+    idx, val = c.table(5)
+    scorer = PriorScorer(idx, val, cfg)
+    history = torch.tensor([[0, 1, 2], [0, 0, 0]])  # (2, L): 2 is the latest
+    out = scorer(history, torch.zeros(2, 5)).numpy()
+    # row 0: item 2 weighs 1 (links 3 and 4), item 1 weighs 0.5 (link 3)
+    np.testing.assert_allclose(out[0], np.log1p([0, 0, 0, 1.5, 1.0]), rtol=1e-6)
+    np.testing.assert_allclose(out[1], 0.0)  # an empty history has no prior
+
+
+def test_item_knn_ranks_as_before_on_its_shared_counts() -> None:
+    knn = ItemKNN(n_recent=2, decay=0.5, backward=0.5)
+    examples = [TrainingExample("u", ("a",), "b", 1), TrainingExample("u", ("a", "b"), "c", 2),
+                TrainingExample("v", ("b",), "c", 3)]
+    knn.train_batch(examples)
+    scores = knn.scores([("a", "b")])[0]  # columns a, b, c
+    # from b (weight 1): b->c 2, b->a 0.5 (backward); from a (0.5): a->b 1, a->c 0.5
+    np.testing.assert_allclose(scores, [0.5, 0.5, 2.25])
+    assert knn.n_links() == knn.cooc.n_links() == 6
+
+
+def _hybrid_learner(weight: float = 2.0) -> OnlineLearner:
+    learner = OnlineLearner(SMALL, TrainConfig(mode="none", replay_size=200),
+                            prior_cfg=PriorConfig(weight=weight, top_k=8))
+    for batch in planted_stream(3, 64):
+        learner.train_batch(batch)
+    return learner
+
+
+def test_the_exported_hybrid_scores_as_the_learner_ranks() -> None:
+    learner = _hybrid_learner()
+    rng = np.random.default_rng(0)
+    history = rng.integers(0, len(learner.vocab) + 1, size=(9, SMALL.max_len))  # (B, L)
+    history[0] = 0
+    scorer = scoring_model(learner)
+    onnx_bytes = export_onnx(scorer, SMALL.max_len)
+    assert check_parity(scorer, onnx_bytes, history) < 1e-4
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    got = session.run([OUTPUT_NAME], {INPUT_NAME: history.astype(np.int64)})[0]
+    expected = learner._score_rows(history.astype(np.int64))
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    g_alone = learner._score_rows(history.astype(np.int64), weight=0.0)
+    assert np.abs(expected - g_alone)[1:, 1:].max() > 0.1  # the prior changed the scores
+
+
+def test_a_prior_weight_of_zero_exports_the_generator_alone() -> None:
+    learner = _hybrid_learner(weight=0.0)
+    assert scoring_model(learner).__class__.__name__ == "Generator"
+
+
+def test_the_counts_survive_a_state_round_trip() -> None:
+    learner = _hybrid_learner()
+    back = OnlineLearner.from_state_dict(learner.state_dict())
+    assert back.prior_cfg == learner.prior_cfg
+    assert back.cooc.n_links() == learner.cooc.n_links() > 0
+    h = np.zeros((1, SMALL.max_len), dtype=np.int64)
+    h[0, -2:] = [1, 2]
+    np.testing.assert_allclose(back._score_rows(h), learner._score_rows(h), atol=1e-6)
+
+
+def test_several_prior_weights_rank_one_run_as_separate_runs_would() -> None:
+    events = [e for batch in planted_stream(2, 48) for e in batch]
+    examples = list(build_examples(events, SMALL.max_len))
+    both = run_prequential_all(examples, "none+cooc", batch_size=32, model_cfg=SMALL,
+                               prior_weights=[0.0, 3.0], report_from=40)
+    assert [r.method for r in both] == ["none+cooc@0", "none+cooc@3"]
+    alone = run_prequential(examples, "none+cooc", batch_size=32, model_cfg=SMALL,
+                            prior_weights=[3.0], report_from=40)
+    plain = run_prequential(examples, "none", batch_size=32, model_cfg=SMALL)
+    np.testing.assert_array_equal(both[1].ranks, alone.ranks)
+    np.testing.assert_array_equal(both[0].ranks, plain.ranks)
+    assert "test:hr@10" in alone.metrics and alone.settings["prior"]["weight"] == 3.0
