@@ -23,6 +23,7 @@ order (a real event first on equal timestamps).
 
 from __future__ import annotations
 
+import argparse
 import heapq
 import json
 from collections import Counter, defaultdict
@@ -41,7 +42,11 @@ __all__ = [
     "AttackConfig",
     "AttackLabels",
     "SequenceSampler",
+    "add_attack_arguments",
+    "attack_config",
+    "attack_sampler",
     "inject",
+    "merge_by_time",
     "plan_attack",
 ]
 
@@ -281,3 +286,58 @@ def merge_by_time(real: Iterable[ClickEvent], fake: Iterable[ClickEvent]) -> lis
     tagged_real = ((e.ts, 0, n, e) for n, e in enumerate(real))
     tagged_fake = ((e.ts, 1, n, e) for n, e in enumerate(fake))
     return [e for _, _, _, e in heapq.merge(tagged_real, tagged_fake)]
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def add_attack_arguments(p: argparse.ArgumentParser, labels: bool = True) -> None:
+    """The attack flags shared by ``advrec replay`` and ``advrec evaluate``."""
+    a = p.add_argument_group(
+        "attack", "inject fake users (a shilling attack) into the stream; which users are "
+                  "fake is kept aside, never put into an event (advrec/attacks.py)")
+    a.add_argument("--attack", choices=ATTACK_KINDS, default=None,
+                   help="kind of fillers: random, average (by popularity), bandwagon (the most "
+                        "clicked), segment (the target's audience), generated (sampled from a "
+                        "generator trained on the stream before the attack; needs torch)")
+    a.add_argument("--attack-budget", type=float, default=0.01,
+                   help="fake users as a share of the real users (default 0.01 = 1 %%)")
+    a.add_argument("--attack-filler", type=int, default=20, help="filler clicks per fake user")
+    a.add_argument("--attack-targets", default="",
+                   help="comma-separated items to push (default: one unpopular item)")
+    a.add_argument("--attack-target-clicks", type=int, default=3,
+                   help="target clicks per fake user, spread among the fillers")
+    a.add_argument("--attack-window", default="0.5,0.6", metavar="START,END",
+                   help="when fake users start, as shares of the stream's time span")
+    a.add_argument("--attack-seed", type=int, default=0, help="attack seed")
+    if labels:
+        a.add_argument("--labels", default="attack-labels.json",
+                       help="where the fake users and targets are written (JSON)")
+
+
+def attack_config(args: argparse.Namespace) -> AttackConfig:
+    """Build the attack the flags ask for (ValueError with the reason if they are wrong)."""
+    try:
+        start, end = (float(x) for x in args.attack_window.split(","))
+    except ValueError:
+        raise ValueError(f"--attack-window {args.attack_window!r} is not START,END") from None
+    targets = tuple(t for t in args.attack_targets.split(",") if t)
+    return AttackConfig(kind=args.attack, budget=args.attack_budget, filler=args.attack_filler,
+                        targets=targets, target_clicks=args.attack_target_clicks,
+                        start=start, end=end, seed=args.attack_seed)
+
+
+def attack_sampler(cfg: AttackConfig, events: Sequence[ClickEvent],
+                   progress: bool = True) -> SequenceSampler | None:
+    """The generated attack's generator, trained on ``events`` before the attack; None for
+    the other kinds."""
+    if cfg.kind != "generated":
+        return None
+    try:
+        from trainer.attack_model import train_sampler
+    except ImportError as exc:
+        raise ValueError(f"the generated attack needs the trainer extra (torch): {exc}") \
+            from None
+    t0, t1 = events[0].ts, events[-1].ts
+    return train_sampler(events, int(t0 + cfg.start * (t1 - t0)), seed=cfg.seed,
+                         progress=progress)

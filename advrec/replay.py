@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaProducer
 from tqdm import tqdm
 
-from advrec.attacks import ATTACK_KINDS, AttackConfig, inject
+from advrec.attacks import add_attack_arguments, attack_config, attack_sampler, inject
 from advrec.contract import (
     MAX_ENVELOPE_EVENTS,
     ClickEvent,
@@ -149,25 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="send each user's events in envelopes of up to N events (one message "
                         "each, as a producer that batches; README 'Event contract'); 1 sends "
                         "one message per event (default)")
-    a = p.add_argument_group(
-        "attack", "inject fake users (a shilling attack) into the replayed stream; which users "
-                  "are fake is written to --labels, never into the stream (advrec/attacks.py)")
-    a.add_argument("--attack", choices=ATTACK_KINDS, default=None,
-                   help="kind of fillers: random, average (by popularity), bandwagon (the most "
-                        "clicked), segment (the target's audience), generated (sampled from a "
-                        "generator trained on the stream before the attack; needs torch)")
-    a.add_argument("--attack-budget", type=float, default=0.01,
-                   help="fake users as a share of the real users (default 0.01 = 1 %%)")
-    a.add_argument("--attack-filler", type=int, default=20, help="filler clicks per fake user")
-    a.add_argument("--attack-targets", default="",
-                   help="comma-separated items to push (default: one unpopular item)")
-    a.add_argument("--attack-target-clicks", type=int, default=3,
-                   help="target clicks per fake user, spread among the fillers")
-    a.add_argument("--attack-window", default="0.5,0.6", metavar="START,END",
-                   help="when fake users start, as shares of the stream's time span")
-    a.add_argument("--attack-seed", type=int, default=0, help="attack seed")
-    a.add_argument("--labels", default="attack-labels.json",
-                   help="where the fake users and targets are written (JSON)")
+    add_attack_arguments(p)
     return p
 
 
@@ -198,26 +180,9 @@ def _events(args: argparse.Namespace) -> tuple[Iterable[ClickEvent], int | None]
 def _attacked(args: argparse.Namespace, events: Iterable[ClickEvent]
               ) -> tuple[list[ClickEvent], int]:
     """Merge the requested attack into ``events``; write its labels aside."""
-    try:
-        start, end = (float(x) for x in args.attack_window.split(","))
-    except ValueError:
-        raise ValueError(f"--attack-window {args.attack_window!r} is not START,END") from None
-    targets = tuple(t for t in args.attack_targets.split(",") if t)
-    cfg = AttackConfig(kind=args.attack, budget=args.attack_budget, filler=args.attack_filler,
-                       targets=targets, target_clicks=args.attack_target_clicks,
-                       start=start, end=end, seed=args.attack_seed)
+    cfg = attack_config(args)
     stream = list(events)
-    sampler = None
-    if cfg.kind == "generated":
-        try:
-            from trainer.attack_model import train_sampler
-        except ImportError as exc:
-            raise ValueError(f"the generated attack needs the trainer extra (torch): {exc}") \
-                from None
-        t0, t1 = stream[0].ts, stream[-1].ts
-        sampler = train_sampler(stream, int(t0 + start * (t1 - t0)), seed=cfg.seed,
-                                progress=not args.no_progress)
-    merged, labels = inject(stream, cfg, sampler)
+    merged, labels = inject(stream, cfg, attack_sampler(cfg, stream, not args.no_progress))
     labels.write(args.labels)
     log.info("attack %s: %d fake users (%d events) pushing %s, labels in %s", cfg.kind,
              len(labels.fake_users), labels.n_events, ", ".join(labels.targets), args.labels)

@@ -27,6 +27,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from advrec.attacks import (
+    AttackLabels,
+    add_attack_arguments,
+    attack_config,
+    attack_sampler,
+    inject,
+)
 from advrec.contract import TrainingExample
 from advrec.datasets import SOURCES, DatasetError, EventLog, load_events
 from advrec.types import ItemId
@@ -284,6 +291,8 @@ class _Tally:
     recommended: set[int] = field(default_factory=set)
     pop_pct: list[float] = field(default_factory=list)
     curves: list[dict[str, float]] = field(default_factory=list)
+    target_hits: int = 0  # real users' lists (after the attack began) holding a target
+    target_lists: int = 0
 
 
 def _tallies(method: str, prior_weights: Sequence[float] | None) -> list[_Tally]:
@@ -302,20 +311,26 @@ def run_prequential(examples: Sequence[TrainingExample], method: str, *, seed: i
                     prior_cfg: PriorConfig | None = None,
                     prior_weights: Sequence[float] | None = None,
                     report_from: int = 0, n_windows: int = 10,
-                    record_d: bool = False, progress: Callable[[int], None] | None = None
-                    ) -> MethodRun:
+                    record_d: bool = False, progress: Callable[[int], None] | None = None,
+                    attack: AttackLabels | None = None) -> MethodRun:
     """Replay ``examples`` test-then-train through one method; return what it measured.
 
     ``report_from``: the first example of the reported part of the stream (the part after a
     validation prefix); its metrics are added with the prefix ``test:``. For a hybrid method
     (``mode+cooc``) given several ``prior_weights``, one training run is ranked at every
     weight; ``run_prequential_all`` returns one ``MethodRun`` per weight.
+
+    ``attack``: the labels of a shilling attack (advrec/attacks.py) whose fake users are in
+    ``examples`` (or, for the clean reference, are not): fake users are trained on but never
+    scored, and ``target_hr@10`` counts the real users' lists, from the attack's start on,
+    that hold one of its targets.
     """
     return run_prequential_all(examples, method, seed=seed, variant=variant,
                                batch_size=batch_size, model_cfg=model_cfg, train_cfg=train_cfg,
                                adv_cfg=adv_cfg, prior_cfg=prior_cfg,
                                prior_weights=prior_weights, report_from=report_from,
-                               n_windows=n_windows, record_d=record_d, progress=progress)[0]
+                               n_windows=n_windows, record_d=record_d, progress=progress,
+                               attack=attack)[0]
 
 
 def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, seed: int = 0,
@@ -325,8 +340,8 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
                         prior_cfg: PriorConfig | None = None,
                         prior_weights: Sequence[float] | None = None,
                         report_from: int = 0, n_windows: int = 10,
-                        record_d: bool = False, progress: Callable[[int], None] | None = None
-                        ) -> list[MethodRun]:
+                        record_d: bool = False, progress: Callable[[int], None] | None = None,
+                        attack: AttackLabels | None = None) -> list[MethodRun]:
     """``run_prequential`` for every prior weight of a hybrid: one ``MethodRun`` each."""
     assert variant in ("A", "B"), f"variant must be A or B, not {variant!r}"
     t0 = time.perf_counter()
@@ -362,7 +377,9 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
             grow = max(len(past.ids), 2 * colmap.size)
             colmap = np.concatenate([colmap, np.full(grow - colmap.size, -1, np.int64)])
             counts = np.concatenate([counts, np.zeros(grow - counts.size, np.int64)])
-        scored = [j for j, ex in enumerate(batch) if ex.history]  # a user's first: not scored
+        # a user's first click is not scored, nor is any click of a fake user
+        scored = [j for j, ex in enumerate(batch)
+                  if ex.history and (attack is None or not attack.is_fake(ex.user))]
         positions.append(bi * batch_size + np.array(scored, dtype=np.int64))
         batch_ranks = {t.name: np.zeros(len(scored), dtype=np.int64) for t in tallies}
         if scored and n_catalogue:
@@ -382,6 +399,10 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
                 exclude = [np.zeros(0, dtype=np.int64)] * len(scored)
             tiebreak = adapter.tiebreak()
             pct = _percentiles(counts[:n_catalogue])
+            if attack is not None:
+                attacked = np.array([batch[j].ts >= attack.start_ms for j in scored])
+                target_cols = [int(colmap[past.gid[i]]) for i in attack.targets
+                               if i in past.gid and colmap[past.gid[i]] >= 0]
             for t in tallies:
                 if by_parts:
                     scores = (logits + np.float32(t.weight) * prior).astype(np.float64)
@@ -397,6 +418,14 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
                 rec = col_to_gid[top[top >= 0]]
                 rec = rec[rec >= 0]
                 t.recommended.update(rec.tolist())
+                if attack is not None:  # the list as served: the user's past left out
+                    served = scores.copy()
+                    for r, ex in enumerate(exclude):
+                        served[r, ex[ex >= 0]] = -np.inf
+                    listed = top_k(served, TOP_K, tiebreak)  # (R, k)
+                    shown = np.isin(listed, target_cols).any(axis=1) & attacked  # (R,)
+                    t.target_hits += int(shown.sum())
+                    t.target_lists += int(attacked.sum())
                 t.pop_pct.append(float(pct[rec].mean()) if rec.size else 0.5)
             tg = gids[scored]
             tg = tg[tg < n_catalogue]
@@ -424,6 +453,8 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
                    "events": float(min((bi + 1) * batch_size, len(examples))),
                    "n_scored": float(len(scored))}
             row.update({f"batch_{k}": v for k, v in ranking_metrics(ranks, (10,)).items()})
+            if attack is not None:
+                row["target_hits"], row["target_lists"] = t.target_hits, t.target_lists
             for key in ("loss_ml", "loss_g", "loss_d", "d_acc", "d_acc_real", "d_acc_fake",
                         "g_reward", "apr_loss"):
                 if key in stats:
@@ -448,6 +479,9 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
             f"pop_pct@{TOP_K}": float(np.mean(t.pop_pct)) if t.pop_pct else 0.5,
             "target_pop_pct": float(np.mean(target_pct)) if target_pct else 0.5,
         })
+        if attack is not None:
+            metrics["target_hr@10"] = t.target_hits / max(1, t.target_lists)
+            metrics["target_lists"] = float(t.target_lists)
         mine = settings
         if t.weight is not None and "prior" in settings:
             mine = {**settings, "prior": {**settings["prior"], "weight": t.weight}}
@@ -636,6 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--prior-backward", type=float, default=pc.backward,
                    help="the prior's weight of the reverse link (next item -> history item)")
     m.add_argument("--threads", type=int, default=1, help="torch threads")
+    add_attack_arguments(p, labels=False)
     o = p.add_argument_group("loo protocol")
     o.add_argument("--epochs", type=int, default=10)
     o.add_argument("--patience", type=int, default=3, help="stop after N epochs without gain")
@@ -729,7 +764,21 @@ def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: li
     if args.until < 1.0:  # the validation prefix only: where settings are chosen
         evs = evs[: round(args.until * len(evs))]
     report_from = round(args.report_from * len(evs))
-    examples = list(build_examples(evs, args.max_len))
+    streams = [("", evs, report_from, None)]
+    if args.attack is not None:  # the clean stream (reference exposure) and the attacked one
+        try:
+            cfg = attack_config(args)
+            attacked, labels = inject(evs, cfg, attack_sampler(cfg, evs, not args.no_progress))
+        except ValueError as exc:
+            print(ERROR.format(exc), file=sys.stderr)
+            return 2
+        cut_ts = evs[report_from].ts if report_from < len(evs) else evs[-1].ts + 1
+        streams = [("", evs, report_from, labels),
+                   (f"|{cfg.kind}", attacked,
+                    next((n for n, e in enumerate(attacked) if e.ts >= cut_ts), len(attacked)),
+                    labels)]
+        print(f"attack {cfg.kind}: {len(labels.fake_users)} fake users ({labels.n_events} "
+              f"events) pushing {', '.join(labels.targets)}", file=sys.stderr)
     model_cfg, train_cfg, adv_cfg = _configs(args, TrainConfig.replay_ratio)
     prior_cfg = PriorConfig(top_k=args.prior_top_k, n_recent=args.prior_recent,
                             decay=args.prior_decay, backward=args.prior_backward)
@@ -740,18 +789,23 @@ def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: li
     if not args.no_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(jobs) * len(examples), unit="ev", desc="evaluate",
-                   file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(total=len(jobs) * sum(len(st[1]) for st in streams), unit="ev",
+                   desc="evaluate", file=sys.stderr, dynamic_ncols=True)
     runs: list[MethodRun] = []
-    for method, seed in jobs:
-        if bar is not None:
-            bar.set_postfix_str(f"{method} seed {seed}")
-        runs.extend(run_prequential_all(
-            examples, method, seed=seed, variant=args.variant, batch_size=args.batch_size,
-            model_cfg=model_cfg, train_cfg=train_cfg, adv_cfg=adv_cfg, prior_cfg=prior_cfg,
-            prior_weights=weights, report_from=report_from, n_windows=args.windows,
-            record_d=args.plots and seed == 0 and "irgan" in method,
-            progress=bar.update if bar is not None else None))
+    for suffix, stream, start, labels in streams:
+        examples = list(build_examples(stream, args.max_len))
+        for method, seed in jobs:
+            if bar is not None:
+                bar.set_postfix_str(f"{method}{suffix} seed {seed}")
+            found = run_prequential_all(
+                examples, method, seed=seed, variant=args.variant, batch_size=args.batch_size,
+                model_cfg=model_cfg, train_cfg=train_cfg, adv_cfg=adv_cfg, prior_cfg=prior_cfg,
+                prior_weights=weights, report_from=start, n_windows=args.windows,
+                record_d=args.plots and seed == 0 and "irgan" in method and not suffix,
+                progress=bar.update if bar is not None else None, attack=labels)
+            for run in found:
+                run.method += suffix
+            runs.extend(found)
     if bar is not None:
         bar.close()
     summary = summarize(runs)
@@ -776,6 +830,14 @@ def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: li
         "base_train_config": dataclasses.asdict(train_cfg),
         "base_adversarial_config": dataclasses.asdict(adv_cfg),
     }
+    if args.attack is not None:
+        labels = streams[1][3]
+        header["attack"] = {
+            **dataclasses.asdict(labels.config), "targets": labels.targets,
+            "fake_users": len(labels.fake_users), "fake_events": labels.n_events,
+            "meaning": ("METHOD runs on the clean stream, METHOD|KIND on the attacked one; "
+                        "fake users are trained on, never scored; target_hr@10 = share of "
+                        "real users' lists (from the attack's start) holding a target")}
     write_outputs(args.out, runs, summary, header)
     if args.plots:
         from trainer import plots
@@ -784,6 +846,9 @@ def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: li
     print(f"prequential, variant {args.variant}, {len(evs)} events, batch {args.batch_size}, "
           f"{args.seeds} seed(s); results in {args.out}")
     print(format_table(summary))
+    if args.attack is not None:
+        print(f"\nattack {args.attack}: target items in real users' top-10 lists")
+        print(format_table(summary, columns=("target_hr@10", "hr@10", "ndcg@10")))
     if report_from:
         print(f"\nreported part: events {report_from}..{len(evs)} (after the validation prefix)")
         print(format_table(summary, columns=("test:hr@10", "test:ndcg@10", "test:mrr@10",
