@@ -41,10 +41,12 @@ __all__ = [
     "ATTACK_KINDS",
     "AttackConfig",
     "AttackLabels",
+    "Catalogue",
     "SequenceSampler",
     "add_attack_arguments",
     "attack_config",
     "attack_sampler",
+    "fake_session",
     "inject",
     "merge_by_time",
     "plan_attack",
@@ -137,71 +139,82 @@ def _stream_gaps(events: Sequence[ClickEvent], limit: int) -> np.ndarray:
     return np.asarray(gaps, dtype=np.int64)
 
 
-class _Before:
-    """What a fake-account operator can see of the stream before the attack."""
+class Catalogue:
+    """What a fake-account operator can see of the stream before the attack: each item's
+    clicks and each user's items."""
 
-    def __init__(self, events: Sequence[ClickEvent], cut: int) -> None:
-        self.counts: Counter[ItemId] = Counter(e.item for e in events[:cut])
-        self.items = list(self.counts)  # first-seen order
-        weights = np.asarray([self.counts[i] for i in self.items], dtype=np.float64)
+    def __init__(self, counts: Counter[ItemId], by_user: dict[UserId, list[ItemId]]) -> None:
+        self.counts = counts
+        self.items = list(counts)  # first-seen order
+        weights = np.asarray([counts[i] for i in self.items], dtype=np.float64)
         self.pop_p = weights / weights.sum() if len(weights) else weights
-        self.by_user: dict[UserId, list[ItemId]] = defaultdict(list)
+        self.by_user = by_user
+        self.by_pop = sorted(self.items, key=lambda i: -counts[i])  # most clicked first
+        self._audience: dict[tuple[ItemId, ...], Counter[ItemId]] = {}
+
+    @classmethod
+    def from_events(cls, events: Sequence[ClickEvent], cut: int) -> Catalogue:
+        by_user: dict[UserId, list[ItemId]] = defaultdict(list)
         for e in events[:cut]:
-            self.by_user[e.user].append(e.item)
-        self.cut = cut
+            by_user[e.user].append(e.item)
+        return cls(Counter(e.item for e in events[:cut]), by_user)
 
     def unpopular_targets(self, n: int, rng: np.random.Generator) -> list[ItemId]:
         """``n`` items with few clicks so far (at most the median; the ones a push helps)."""
-        ranked = sorted(self.items, key=lambda i: self.counts[i])
+        ranked = self.by_pop[::-1]
         pool = ranked[: max(n, len(ranked) // 2)]
         picks = rng.choice(len(pool), size=min(n, len(pool)), replace=False)
         return [pool[int(k)] for k in picks]
 
-    def audience_items(self, targets: Sequence[ItemId]) -> Counter[ItemId]:
-        """Items clicked by users who clicked a target (the target's segment)."""
-        wanted = set(targets)
-        out: Counter[ItemId] = Counter()
-        for items in self.by_user.values():
-            if wanted.intersection(items):
-                out.update(i for i in items if i not in wanted)
-        return out
+    def audience(self, targets: tuple[ItemId, ...]) -> Counter[ItemId]:
+        """Items clicked by users who clicked a target (the target's segment), cached."""
+        if targets not in self._audience:
+            wanted = set(targets)
+            out: Counter[ItemId] = Counter()
+            for items in self.by_user.values():
+                if wanted.intersection(items):
+                    out.update(i for i in items if i not in wanted)
+            self._audience[targets] = out
+        return self._audience[targets]
 
 
-def _fillers(kind: str, before: _Before, n: int, targets: Sequence[ItemId],
+def _fillers(kind: str, before: Catalogue, n: int, targets: Sequence[ItemId],
              rng: np.random.Generator, cfg: AttackConfig) -> list[ItemId]:
     """``n`` distinct-where-possible filler items of one fake user (not the targets)."""
     exclude = set(targets)
-    pool = [i for i in before.items if i not in exclude]
-    if not pool or n == 0:
+    if n == 0 or not set(before.items) - exclude:
         return []
-    if kind == "random":
-        p = None
-    elif kind == "bandwagon":
-        top = set(sorted(pool, key=lambda i: -before.counts[i])[: cfg.bandwagon_top])
-        n_top = n - n // 4
-        tops = [i for i in pool if i in top]
-        first = _draw(tops, None, n_top, rng)
-        rest = [i for i in pool if i not in set(first)]
-        return first + _draw(rest, None, n - len(first), rng)
-    elif kind == "segment":
-        seg = before.audience_items(targets)
+    if kind == "bandwagon":
+        tops = [i for i in before.by_pop[: cfg.bandwagon_top + len(exclude)]
+                if i not in exclude][: cfg.bandwagon_top]
+        first = _draw(tops, None, n - n // 4, rng, exclude)
+        return first + _draw(before.items, None, n - len(first), rng, exclude | set(first))
+    if kind == "segment":
+        seg = before.audience(tuple(targets))
         if seg:
-            items = [i for i in seg if i not in exclude]
+            items = list(seg)
             w = np.asarray([seg[i] for i in items], dtype=np.float64)
-            return _draw(items, w / w.sum(), n, rng)
-        p = np.asarray([before.counts[i] for i in pool], dtype=np.float64)
-    else:  # average
-        p = np.asarray([before.counts[i] for i in pool], dtype=np.float64)
-    return _draw(pool, None if p is None else p / p.sum(), n, rng)
+            return _draw(items, w / w.sum(), n, rng, exclude)
+    p = None if kind == "random" else before.pop_p  # average (and segment without audience)
+    return _draw(before.items, p, n, rng, exclude)
 
 
 def _draw(items: Sequence[ItemId], p: np.ndarray | None, n: int,
-          rng: np.random.Generator) -> list[ItemId]:
+          rng: np.random.Generator, exclude: set[ItemId] | frozenset = frozenset()
+          ) -> list[ItemId]:
+    """``n`` items (distinct while there are enough) not in ``exclude``, by weights ``p``."""
     if not items or n <= 0:
         return []
-    replace = n > len(items)
-    picks = rng.choice(len(items), size=n, replace=replace, p=p)
-    return [items[int(k)] for k in picks]
+    m = len(items)
+    size = min(m, n + len(exclude))
+    replace = n + len(exclude) > m
+    picks = rng.choice(m, size=n + len(exclude) if replace else size, replace=replace, p=p)
+    out = [items[int(k)] for k in picks if items[int(k)] not in exclude][:n]
+    while len(out) < n and len(exclude) < m:  # too few left after the exclusions: repeat
+        k = int(rng.choice(m, p=p))
+        if items[k] not in exclude:
+            out.append(items[k])
+    return out
 
 
 def _with_targets(fillers: list[ItemId], targets: Sequence[ItemId], clicks: int,
@@ -213,7 +226,7 @@ def _with_targets(fillers: list[ItemId], targets: Sequence[ItemId], clicks: int,
     return seq
 
 
-def _generated(sampler: SequenceSampler, before: _Before, cfg: AttackConfig,
+def _generated(sampler: SequenceSampler, before: Catalogue, cfg: AttackConfig,
                targets: Sequence[ItemId], rng: np.random.Generator) -> list[ItemId]:
     """A session sampled from the sequence model, with target clicks woven in: the model
     continues after each target click as after any other."""
@@ -233,6 +246,18 @@ def _generated(sampler: SequenceSampler, before: _Before, cfg: AttackConfig,
     return seq
 
 
+def fake_session(cfg: AttackConfig, catalogue: Catalogue, targets: Sequence[ItemId],
+                 rng: np.random.Generator, sampler: SequenceSampler | None = None
+                 ) -> list[ItemId]:
+    """The items one fake user of ``cfg``'s kind clicks, in order (fillers and targets)."""
+    if cfg.kind == "generated":
+        if sampler is None:
+            raise ValueError("the generated attack needs a sequence sampler")
+        return _generated(sampler, catalogue, cfg, targets, rng)
+    fillers = _fillers(cfg.kind, catalogue, cfg.filler, targets, rng, cfg)
+    return _with_targets(fillers, targets, cfg.target_clicks, rng)
+
+
 def plan_attack(events: Sequence[ClickEvent], cfg: AttackConfig,
                 sampler: SequenceSampler | None = None) -> tuple[list[ClickEvent], AttackLabels]:
     """Return the fake events (time order) of ``cfg`` against ``events`` (time order), and
@@ -246,7 +271,7 @@ def plan_attack(events: Sequence[ClickEvent], cfg: AttackConfig,
     start_ms = int(t0 + cfg.start * (t1 - t0))
     end_ms = int(t0 + cfg.end * (t1 - t0))
     cut = next((n for n, e in enumerate(events) if e.ts >= start_ms), len(events))
-    before = _Before(events, max(cut, 1))
+    before = Catalogue.from_events(events, max(cut, 1))
     targets = list(cfg.targets) or before.unpopular_targets(cfg.n_targets, rng)
     n_real = len({e.user for e in events})
     n_fake = max(1, round(cfg.budget * n_real))
@@ -258,12 +283,7 @@ def plan_attack(events: Sequence[ClickEvent], cfg: AttackConfig,
     for u in range(n_fake):
         user = f"{cfg.user_prefix}{cfg.seed}-{u}"
         users.append(user)
-        if cfg.kind == "generated":
-            assert sampler is not None
-            items = _generated(sampler, before, cfg, targets, rng)
-        else:
-            fillers = _fillers(cfg.kind, before, cfg.filler, targets, rng, cfg)
-            items = _with_targets(fillers, targets, cfg.target_clicks, rng)
+        items = fake_session(cfg, before, targets, rng, sampler)
         ts = int(rng.integers(start_ms, max(end_ms, start_ms + 1)))
         for n, item in enumerate(items):
             if n:
