@@ -36,9 +36,11 @@ from advrec.attacks import (
 )
 from advrec.contract import TrainingExample
 from advrec.datasets import SOURCES, DatasetError, EventLog, load_events
+from advrec.suspicion import FEATURES
 from advrec.types import ItemId
 from trainer.adversarial import MODES, AdversarialConfig
 from trainer.baselines import ItemKNN, RecencyPopularity, StreamingBaseline
+from trainer.detector import DetectorConfig, OnlineDetector, UserRecord
 from trainer.learner import OnlineLearner, TrainConfig
 from trainer.metrics import rank_targets, ranking_metrics
 from trainer.model import ModelConfig
@@ -312,7 +314,8 @@ def run_prequential(examples: Sequence[TrainingExample], method: str, *, seed: i
                     prior_weights: Sequence[float] | None = None,
                     report_from: int = 0, n_windows: int = 10,
                     record_d: bool = False, progress: Callable[[int], None] | None = None,
-                    attack: AttackLabels | None = None) -> MethodRun:
+                    attack: AttackLabels | None = None,
+                    defence: DetectorConfig | None = None) -> MethodRun:
     """Replay ``examples`` test-then-train through one method; return what it measured.
 
     ``report_from``: the first example of the reported part of the stream (the part after a
@@ -324,13 +327,19 @@ def run_prequential(examples: Sequence[TrainingExample], method: str, *, seed: i
     ``examples`` (or, for the clean reference, are not): fake users are trained on but never
     scored, and ``target_hr@10`` counts the real users' lists, from the attack's start on,
     that hold one of its targets.
+
+    ``defence``: a neural method runs with the fake-user detector (trainer/detector.py)
+    beside it, as the service does: after each batch's clicks are counted, the batch's users
+    are scored and the examples of users at or above the threshold are not trained on.
+    With ``attack``, the detector's precision, recall and F1 (a user counts as flagged once
+    scored at or above the threshold) are measured against the labels.
     """
     return run_prequential_all(examples, method, seed=seed, variant=variant,
                                batch_size=batch_size, model_cfg=model_cfg, train_cfg=train_cfg,
                                adv_cfg=adv_cfg, prior_cfg=prior_cfg,
                                prior_weights=prior_weights, report_from=report_from,
                                n_windows=n_windows, record_d=record_d, progress=progress,
-                               attack=attack)[0]
+                               attack=attack, defence=defence)[0]
 
 
 def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, seed: int = 0,
@@ -341,7 +350,8 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
                         prior_weights: Sequence[float] | None = None,
                         report_from: int = 0, n_windows: int = 10,
                         record_d: bool = False, progress: Callable[[int], None] | None = None,
-                        attack: AttackLabels | None = None) -> list[MethodRun]:
+                        attack: AttackLabels | None = None,
+                        defence: DetectorConfig | None = None) -> list[MethodRun]:
     """``run_prequential`` for every prior weight of a hybrid: one ``MethodRun`` each."""
     assert variant in ("A", "B"), f"variant must be A or B, not {variant!r}"
     t0 = time.perf_counter()
@@ -364,6 +374,8 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
     snap_at = {max(0, round(f * n_batches) - 1) for f in D_SNAPSHOTS}
     d_rng = np.random.default_rng(10_000 + seed)
     n_unknown = n_masked = 0
+    guard = (_Guard(adapter.learner, defence, model_cfg_of(adapter))
+             if defence is not None and isinstance(adapter, LearnerAdapter) else None)
     for bi in range(n_batches):
         batch = examples[bi * batch_size : (bi + 1) * batch_size]
         n_catalogue = len(past.ids)  # items seen before this batch
@@ -436,7 +448,7 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
             real, fake = discriminator_scores(adapter.learner, batch, d_rng)
             snaps.append({"batch": bi, "fraction": (bi + 1) / n_batches,
                           "real": real.tolist(), "fake": fake.tolist()})
-        stats = adapter.train(batch)
+        stats = adapter.train(batch if guard is None else guard.admit(batch, bi))
         for g in gids.tolist():
             if colmap[g] < 0:
                 pending.add(g)
@@ -482,6 +494,8 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
         if attack is not None:
             metrics["target_hr@10"] = t.target_hits / max(1, t.target_lists)
             metrics["target_lists"] = float(t.target_lists)
+        if guard is not None:
+            metrics.update(guard.metrics(attack))
         mine = settings
         if t.weight is not None and "prior" in settings:
             mine = {**settings, "prior": {**settings["prior"], "weight": t.weight}}
@@ -499,6 +513,72 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
         run.seconds = seconds
         run.metrics["seconds"] = seconds
     return runs
+
+
+def model_cfg_of(adapter: Adapter) -> ModelConfig:
+    return adapter.learner.model_cfg  # type: ignore[attr-defined]
+
+
+class _Guard:
+    """The detector and training filter beside one neural run (as the service runs them)."""
+
+    ROUND_EVERY = 10  # batches between the detector's training rounds
+    RECENT_USERS = 3000  # users it draws its real examples from (the most recently active)
+
+    def __init__(self, learner: OnlineLearner, cfg: DetectorConfig,
+                 model_cfg: ModelConfig) -> None:
+        self.detector = OnlineDetector(learner, cfg)
+        self.cfg = cfg
+        self.max_len = model_cfg.max_len
+        self.records: dict[str, UserRecord] = {}  # insertion order = least recently active
+        self.last: dict[str, float] = {}  # each scored user's latest score
+        self.filtered = 0
+        self.examples = 0
+
+    def admit(self, batch: Sequence[TrainingExample], bi: int) -> list[TrainingExample]:
+        """Count the batch's clicks, score its users, return the examples to train on."""
+        for ex in batch:
+            rec = self.records.pop(ex.user, None) or UserRecord()
+            b = rec.behaviour
+            if b.clicks and ex.ts >= b.last_ts:
+                self.detector.observe_gap(ex.ts - b.last_ts)
+            rec.add(ex.item, ex.ts, self.max_len)
+            self.records[ex.user] = rec  # now the most recently active
+        users = [u for u in dict.fromkeys(ex.user for ex in batch)
+                 if self.records[u].behaviour.clicks >= self.cfg.min_clicks]
+        scores = self.detector.score([self.records[u] for u in users])
+        flagged = set()
+        for u, p in zip(users, scores.tolist(), strict=True):
+            self.last[u] = p
+            if p >= self.detector.threshold:
+                flagged.add(u)
+        admitted = [ex for ex in batch if ex.user not in flagged]
+        self.filtered += len(batch) - len(admitted)
+        self.examples += len(batch)
+        if bi % self.ROUND_EVERY == self.ROUND_EVERY - 1:
+            recent = list(self.records.items())[-self.RECENT_USERS:]
+            self.detector.train_round(recent)
+        return admitted
+
+    def metrics(self, attack: AttackLabels | None) -> dict[str, float]:
+        # flagged: the latest score at or above the threshold in force at the end (what
+        # the admin list shows)
+        flagged = {u for u, p in self.last.items() if p >= self.detector.threshold}
+        out = {"filtered_examples": float(self.filtered),
+               "filtered_share": self.filtered / max(1, self.examples),
+               "flagged_users": float(len(flagged)),
+               "detector_rounds": float(self.detector.rounds),
+               "detector_threshold": self.detector.threshold}
+        if attack is not None:
+            fake = set(attack.fake_users)
+            tp = len(flagged & fake)
+            precision = tp / len(flagged) if flagged else 0.0
+            recall = tp / len(fake) if fake else 0.0
+            out.update({"det_precision": precision, "det_recall": recall,
+                        "det_f1": (2 * precision * recall / (precision + recall)
+                                   if precision + recall else 0.0),
+                        "flagged_real_users": float(len(flagged - fake))})
+        return out
 
 
 def _inverse(colmap: np.ndarray, n_cols: int) -> np.ndarray:
@@ -671,6 +751,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the prior's weight of the reverse link (next item -> history item)")
     m.add_argument("--threads", type=int, default=1, help="torch threads")
     add_attack_arguments(p, labels=False)
+    dc = DetectorConfig()
+    g = p.add_argument_group("defence (the fake-user detector and training filter)")
+    g.add_argument("--defence", choices=("off", "on", "both"), default="off",
+                   help="run the neural methods with the detector and filter (on), without "
+                        "(off), or both side by side (METHOD/filter)")
+    g.add_argument("--detector-threshold", type=float, default=dc.threshold,
+                   help="flag a user at this P(fake) or above")
+    g.add_argument("--detector-min-clicks", type=int, default=dc.min_clicks,
+                   help="users with fewer clicks are not scored")
     o = p.add_argument_group("loo protocol")
     o.add_argument("--epochs", type=int, default=10)
     o.add_argument("--patience", type=int, default=3, help="stop after N epochs without gain")
@@ -789,23 +878,37 @@ def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: li
     if not args.no_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(jobs) * sum(len(st[1]) for st in streams), unit="ev",
+        bar = tqdm(total=len(jobs) * sum(len(st[1]) for st in streams)
+                   * (2 if args.defence == "both" else 1), unit="ev",
                    desc="evaluate", file=sys.stderr, dynamic_ncols=True)
     runs: list[MethodRun] = []
+    detector_cfg = DetectorConfig(threshold=args.detector_threshold,
+                                  min_clicks=args.detector_min_clicks)
+    guards: list[tuple[str, DetectorConfig | None]] = {
+        "off": [("", None)], "on": [("/filter", detector_cfg)],
+        "both": [("", None), ("/filter", detector_cfg)]}[args.defence]
     for suffix, stream, start, labels in streams:
         examples = list(build_examples(stream, args.max_len))
         for method, seed in jobs:
-            if bar is not None:
-                bar.set_postfix_str(f"{method}{suffix} seed {seed}")
-            found = run_prequential_all(
-                examples, method, seed=seed, variant=args.variant, batch_size=args.batch_size,
-                model_cfg=model_cfg, train_cfg=train_cfg, adv_cfg=adv_cfg, prior_cfg=prior_cfg,
-                prior_weights=weights, report_from=start, n_windows=args.windows,
-                record_d=args.plots and seed == 0 and "irgan" in method and not suffix,
-                progress=bar.update if bar is not None else None, attack=labels)
-            for run in found:
-                run.method += suffix
-            runs.extend(found)
+            for guard_name, guard in guards:
+                if guard is not None and method in BASELINES:  # no G, D: no detector
+                    if args.defence == "both":
+                        continue  # it ran without the filter already
+                    guard_name, guard = "", None
+                name = f"{method}{guard_name}{suffix}"
+                if bar is not None:
+                    bar.set_postfix_str(f"{name} seed {seed}")
+                found = run_prequential_all(
+                    examples, method, seed=seed, variant=args.variant,
+                    batch_size=args.batch_size, model_cfg=model_cfg, train_cfg=train_cfg,
+                    adv_cfg=adv_cfg, prior_cfg=prior_cfg, prior_weights=weights,
+                    report_from=start, n_windows=args.windows,
+                    record_d=args.plots and seed == 0 and "irgan" in method and not suffix,
+                    progress=bar.update if bar is not None else None, attack=labels,
+                    defence=guard)
+                for run in found:
+                    run.method = run.method.replace(method, f"{method}{guard_name}", 1) + suffix
+                runs.extend(found)
     if bar is not None:
         bar.close()
     summary = summarize(runs)
@@ -830,6 +933,9 @@ def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: li
         "base_train_config": dataclasses.asdict(train_cfg),
         "base_adversarial_config": dataclasses.asdict(adv_cfg),
     }
+    if args.defence != "off":
+        header["defence"] = {**dataclasses.asdict(detector_cfg), "features": list(FEATURES),
+                             "round_every_batches": _Guard.ROUND_EVERY}
     if args.attack is not None:
         labels = streams[1][3]
         header["attack"] = {
@@ -849,6 +955,11 @@ def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: li
     if args.attack is not None:
         print(f"\nattack {args.attack}: target items in real users' top-10 lists")
         print(format_table(summary, columns=("target_hr@10", "hr@10", "ndcg@10")))
+    if args.defence != "off":
+        print("\ndefence: the detector and the training filter")
+        cols = ("filtered_share", "flagged_users") + (
+            ("det_precision", "det_recall", "det_f1") if args.attack is not None else ())
+        print(format_table({m: v for m, v in summary.items() if "/filter" in m}, columns=cols))
     if report_from:
         print(f"\nreported part: events {report_from}..{len(evs)} (after the validation prefix)")
         print(format_table(summary, columns=("test:hr@10", "test:ndcg@10", "test:mrr@10",

@@ -1,0 +1,329 @@
+"""The fake-user detector: a suspicion score per user, trained online against an attacker.
+
+What it reads (``advrec.suspicion.FEATURES``): the user's behaviour counters (kept with the
+user's state: clicks, account age, gaps between clicks) and the user's recent items, from
+which the graph computes how popular they are, how concentrated on one item, how likely the
+generator G finds each next click and how real the discriminator D finds it. A logistic
+model over the standardized features gives P(fake); its per-feature terms say why a user
+was flagged. The whole thing (G and D included) is one torch module, ``DetectorGraph``, that
+exports to ONNX beside the scorer, so the worker scores without torch.
+
+How it learns (``OnlineDetector.train_round``): positives are fake users it makes itself
+with the attacks of advrec/attacks.py, from the catalogue as it stands (random, average,
+bandwagon, segment fillers with unpopular targets, and sessions sampled from G: the
+attacker who copies the model), half with the stream's own timing and half with bot
+timing; negatives are recent real users. The stream's users are unlabelled, so a real
+attack in progress sits among the negatives for a while: positives are resampled every
+round and the model is refit from the features as they stand. Adversarially, the attacker
+best-responds: of the generated sessions at several sampling temperatures, the ones the
+current detector scores lowest are added again.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from advrec.attacks import AttackConfig, Catalogue, fake_session
+from advrec.suspicion import BEHAVIOUR_FEATURES, FEATURES, Behaviour, behaviour_features
+from advrec.types import ItemId, UserId
+from trainer.learner import OnlineLearner
+from trainer.model import static_dim
+
+__all__ = ["DetectorConfig", "DetectorGraph", "OnlineDetector", "UserRecord"]
+
+SYNTH_KINDS = ("random", "average", "bandwagon", "segment", "generated")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """How the detector scores, when it flags and how it trains."""
+
+    threshold: float = 0.5  # flag a user when P(fake) >= threshold...
+    # ...and above the share of recent real users it would flag: after each round the
+    # threshold in force rises to the (1 - max_fpr) quantile of their scores, so that at
+    # most that share of the (unlabelled, mostly real) users is flagged
+    max_fpr: float = 0.005
+    min_clicks: int = 5  # users with fewer clicks are not scored (nothing to go on)
+    fakes_per_round: int = 160  # synthesized fake users per training round
+    reals_per_round: int = 320  # recent real users per round
+    steps_per_round: int = 60  # Adam steps of the logistic model per round
+    lr: float = 0.05
+    l2: float = 1e-3
+    filler: tuple[int, int] = (8, 40)  # fillers per synthesized fake user (uniform)
+    target_clicks: tuple[int, int] = (1, 4)
+    temperatures: tuple[float, ...] = (0.7, 1.0, 1.5)  # the attacker's choices for G sessions
+    bot_gap_ms: tuple[int, int] = (500, 8000)  # bot timing: uniform gaps
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        assert 0 < self.threshold < 1, "threshold must lie in (0, 1)"
+        assert 0 <= self.max_fpr < 1, "max_fpr must lie in [0, 1)"
+        assert self.min_clicks >= 2 and self.fakes_per_round >= 2 and self.reals_per_round >= 2
+
+
+@dataclass
+class UserRecord:
+    """What the detector sees of one user: recent items (oldest first) and behaviour."""
+
+    items: list[ItemId] = field(default_factory=list)
+    behaviour: Behaviour = field(default_factory=Behaviour)
+
+    def add(self, item: ItemId, ts: int, max_len: int) -> None:
+        self.items.append(item)
+        if len(self.items) > max_len:
+            del self.items[: len(self.items) - max_len]
+        self.behaviour.update(ts)
+
+
+class DetectorGraph(nn.Module):
+    """items [B, L] int64 (G's rows, left-padded) and behaviour [B, 6] float32 ->
+    P(fake) [B] and each feature's term in the logit [B, F] (the explanation)."""
+
+    def __init__(self, generator: nn.Module, discriminator: nn.Module, pop_pct: torch.Tensor,
+                 mean: torch.Tensor, std: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor) -> None:
+        super().__init__()
+        self.generator = generator
+        self.discriminator = discriminator
+        self.register_buffer("pop_pct", pop_pct)  # (V+1,) popularity percentile per row
+        self.register_buffer("mean", mean)  # (F,)
+        self.register_buffer("std", std)  # (F,)
+        self.register_buffer("weight", weight)  # (F,)
+        self.register_buffer("bias", bias)  # ()
+        L = generator.config.max_len
+        # prefix t (t = 1..L-1) of a row, right-aligned: index into [0, items...] (0 = pad)
+        idx = torch.zeros(L - 1, L, dtype=torch.long)
+        for t in range(1, L):
+            idx[t - 1, L - t:] = torch.arange(1, t + 1)
+        self.register_buffer("prefix_idx", idx)  # (L-1, L)
+
+    def content(self, items: torch.Tensor) -> torch.Tensor:
+        """The content features [B, 5] of left-padded rows [B, L]."""
+        B, L = -1, static_dim(items, 1)
+        valid = (items > 0).float()  # (B, L)
+        n = valid.sum(1).clamp(min=1.0)  # (B,)
+        pop = self.pop_pct[items]  # (B, L)
+        pop_mean = (pop * valid).sum(1) / n  # (B,)
+        pop_std = (((pop - pop_mean.unsqueeze(1)) ** 2 * valid).sum(1) / n).sqrt()  # (B,)
+        same = (items.unsqueeze(2) == items.unsqueeze(1)).float()  # (B, L, L)
+        same = same * valid.unsqueeze(1) * valid.unsqueeze(2)
+        repeat = same.sum(2).amax(1) / n  # (B,)
+        # G: log-likelihood of each next item given the items before it (causal encoder)
+        hidden = self.generator.encode(items)[:, :-1]  # (B, L-1, D)
+        logits = self.generator.score(hidden.reshape(-1, hidden.shape[-1]))  # (B*(L-1), V+1)
+        logp = torch.log_softmax(logits, dim=-1)
+        nxt = items[:, 1:].reshape(-1, 1)  # (B*(L-1), 1)
+        ll = logp.gather(1, nxt).reshape(B, L - 1)  # (B, L-1)
+        pair = valid[:, 1:] * valid[:, :-1]  # (B, L-1): both the item and one before it
+        pairs = pair.sum(1).clamp(min=1.0)  # (B,)
+        g_ll = (ll * pair).sum(1) / pairs  # (B,)
+        # D: logit that item t+1 is the real next click after the prefix up to t
+        padded = torch.cat([torch.zeros_like(items[:, :1]), items], 1)  # (B, L+1)
+        prefixes = padded[:, self.prefix_idx]  # (B, L-1, L)
+        d = self.discriminator(prefixes.reshape(-1, L), nxt)  # (B*(L-1), 1)
+        d_real = (d.reshape(B, L - 1) * pair).sum(1) / pairs  # (B,)
+        return torch.stack([pop_mean, pop_std, repeat, g_ll, d_real], 1)  # (B, 5)
+
+    def features(self, items: torch.Tensor, behaviour: torch.Tensor) -> torch.Tensor:
+        return torch.cat([behaviour, self.content(items)], 1)  # (B, F)
+
+    def forward(self, items: torch.Tensor, behaviour: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        z = (self.features(items, behaviour) - self.mean) / self.std  # (B, F)
+        terms = z * self.weight  # (B, F)
+        return torch.sigmoid(terms.sum(1) + self.bias), terms  # (B,), (B, F)
+
+
+class OnlineDetector:
+    """The detector beside a learner: keeps what it knows of users, scores, trains."""
+
+    def __init__(self, learner: OnlineLearner, cfg: DetectorConfig | None = None) -> None:
+        self.learner = learner
+        self.cfg = cfg or DetectorConfig()
+        self.rng = np.random.default_rng(self.cfg.seed)
+        n_f = len(FEATURES)
+        self.mean = torch.zeros(n_f)
+        self.std = torch.ones(n_f)
+        self.weight = torch.zeros(n_f)
+        self.bias = torch.zeros(())
+        self.trained = False
+        self.threshold = self.cfg.threshold  # in force: see DetectorConfig.max_fpr
+        self.rounds = 0
+        self.gaps: list[int] = []  # a reservoir of real gaps between clicks (ms)
+        self._gaps_seen = 0
+        self.last_round: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ inputs
+
+    def observe_gap(self, gap_ms: int) -> None:
+        """Keep a uniform sample of the stream's gaps (for fakes with the stream's timing)."""
+        self._gaps_seen += 1
+        if len(self.gaps) < 4096:
+            self.gaps.append(gap_ms)
+        else:
+            k = int(self.rng.integers(0, self._gaps_seen))
+            if k < 4096:
+                self.gaps[k] = gap_ms
+
+    def _rows(self, histories: Sequence[Sequence[ItemId]]) -> torch.Tensor:
+        return torch.from_numpy(self.learner._encode(histories))  # (B, L)
+
+    def graph(self) -> DetectorGraph:
+        """The detector as it stands, over the learner's G and D (eval mode)."""
+        learner = self.learner
+        counts = learner.item_counts[: learner.generator.n_items + 1].astype(np.float64)
+        order = counts[1:].argsort(kind="stable").argsort(kind="stable")  # rank, 0 = rarest
+        pct = np.concatenate([[0.0], (order + 1) / max(1, len(order))])  # (V+1,)
+        g = DetectorGraph(learner.generator, learner.discriminator,
+                          torch.from_numpy(pct).float(), self.mean, self.std, self.weight,
+                          self.bias)
+        return g.eval()
+
+    @torch.no_grad()
+    def features(self, records: Sequence[UserRecord]) -> torch.Tensor:
+        """Raw features [B, F] of users, in ``FEATURES`` order."""
+        self.learner.generator.eval()
+        self.learner.discriminator.eval()
+        items = self._rows([r.items for r in records])
+        behaviour = torch.tensor([behaviour_features(r.behaviour) for r in records],
+                                 dtype=torch.float32).reshape(-1, len(BEHAVIOUR_FEATURES))
+        return self.graph().features(items, behaviour)
+
+    @torch.no_grad()
+    def score(self, records: Sequence[UserRecord]) -> np.ndarray:
+        """P(fake) per user [B]; 0 before the first training round."""
+        if not records or not self.trained:
+            return np.zeros(len(records))
+        z = (self.features(records) - self.mean) / self.std
+        return torch.sigmoid(z @ self.weight + self.bias).numpy()
+
+    # ------------------------------------------------------------------ training
+
+    def _catalogue(self, reals: Sequence[tuple[UserId, UserRecord]]) -> Catalogue:
+        learner = self.learner
+        counts = Counter({learner.vocab.item(r): int(learner.item_counts[r])
+                          for r in range(1, learner.generator.n_items + 1)
+                          if learner.item_counts[r] > 0})
+        return Catalogue(counts, {u: list(r.items) for u, r in reals})
+
+    def _timing(self, n_clicks: int, bot: bool, start: int) -> Behaviour:
+        b = Behaviour()
+        ts = start
+        lo, hi = self.cfg.bot_gap_ms
+        for k in range(n_clicks):
+            if k:
+                if bot or not self.gaps:
+                    ts += int(self.rng.integers(lo, hi))
+                else:
+                    ts += int(self.gaps[int(self.rng.integers(0, len(self.gaps)))])
+            b.update(ts)
+        return b
+
+    def _generated(self, catalogue: Catalogue, n: int, temperature: float
+                   ) -> list[list[ItemId]]:
+        """``n`` sessions sampled from G at ``temperature``, targets woven in."""
+        from trainer.attack_model import GeneratorSampler
+
+        sampler = GeneratorSampler(self.learner, temperature)
+        out = []
+        for _ in range(n):
+            cfg = self._attack("generated", catalogue)
+            out.append(fake_session(cfg, catalogue, cfg.targets, self.rng, sampler))
+        return out
+
+    def _attack(self, kind: str, catalogue: Catalogue) -> AttackConfig:
+        lo, hi = self.cfg.filler
+        t_lo, t_hi = self.cfg.target_clicks
+        targets = tuple(catalogue.unpopular_targets(1, self.rng))
+        return AttackConfig(kind=kind, filler=int(self.rng.integers(lo, hi + 1)),
+                            target_clicks=int(self.rng.integers(t_lo, t_hi + 1)),
+                            targets=targets, seed=int(self.rng.integers(1 << 30)))
+
+    def synthesize(self, reals: Sequence[tuple[UserId, UserRecord]]) -> list[UserRecord]:
+        """Fake users of every kind, from the catalogue as it stands."""
+        catalogue = self._catalogue(reals)
+        if len(catalogue.items) < 10:
+            return []
+        max_len = self.learner.model_cfg.max_len
+        per_kind = max(1, self.cfg.fakes_per_round // len(SYNTH_KINDS))
+        sessions: list[list[ItemId]] = []
+        for kind in SYNTH_KINDS[:-1]:
+            for _ in range(per_kind):
+                cfg = self._attack(kind, catalogue)
+                sessions.append(fake_session(cfg, catalogue, cfg.targets, self.rng))
+        # the attacker's best response: sessions from G at each temperature; the ones the
+        # detector scores lowest now come in twice
+        per_t = max(1, per_kind // len(self.cfg.temperatures))
+        generated = [s for t in self.cfg.temperatures
+                     for s in self._generated(catalogue, per_t, t)]
+        sessions.extend(generated)
+        start = int(self.learner.last_event_ms or 0)
+        fakes = []
+        for n, items in enumerate(sessions):
+            bot = n % 2 == 1
+            fakes.append(UserRecord(items[-max_len:], self._timing(len(items), bot, start)))
+        if self.trained and generated:
+            scores = self.score(fakes[-len(generated):])
+            worst = np.argsort(scores)[: max(1, len(generated) // 2)]
+            fakes.extend(fakes[len(fakes) - len(generated) + int(k)] for k in worst)
+        return fakes
+
+    def train_round(self, reals: Sequence[tuple[UserId, UserRecord]]) -> dict[str, float]:
+        """Refit the logistic model on fresh fakes against ``reals`` (recent real users)."""
+        cfg = self.cfg
+        reals = [(u, r) for u, r in reals if r.behaviour.clicks >= cfg.min_clicks]
+        if len(reals) < 10:
+            return {}
+        if len(reals) > cfg.reals_per_round:
+            keep = self.rng.choice(len(reals), size=cfg.reals_per_round, replace=False)
+            reals = [reals[int(k)] for k in keep]
+        fakes = self.synthesize(reals)
+        if not fakes:
+            return {}
+        x_real = self.features([r for _, r in reals])  # (R, F)
+        x_fake = self.features(fakes)  # (K, F)
+        # standardize by the real users: "how far from a typical user" per feature
+        self.mean = x_real.mean(0)
+        self.std = x_real.std(0).clamp(min=1e-3)
+        x = (torch.cat([x_real, x_fake]) - self.mean) / self.std  # (R+K, F)
+        y = torch.cat([torch.zeros(len(x_real)), torch.ones(len(x_fake))])  # (R+K,)
+        w = torch.cat([torch.full((len(x_real),), 0.5 / len(x_real)),
+                       torch.full((len(x_fake),), 0.5 / len(x_fake))])  # balanced classes
+        weight = self.weight.clone().requires_grad_(True)
+        bias = self.bias.clone().requires_grad_(True)
+        opt = torch.optim.Adam([weight, bias], lr=cfg.lr)
+        for _ in range(cfg.steps_per_round):
+            opt.zero_grad()
+            logit = x @ weight + bias
+            loss = (w * nn.functional.binary_cross_entropy_with_logits(
+                logit, y, reduction="none")).sum() + cfg.l2 * (weight ** 2).sum()
+            loss.backward()
+            opt.step()
+        self.weight, self.bias = weight.detach(), bias.detach()
+        self.trained = True
+        self.rounds += 1
+        with torch.no_grad():
+            p = torch.sigmoid(x @ self.weight + self.bias)
+        real_p = p[: len(x_real)]
+        self.threshold = max(cfg.threshold, float(torch.quantile(real_p, 1 - cfg.max_fpr))
+                             if cfg.max_fpr > 0 else cfg.threshold)
+        flag = p >= self.threshold
+        self.last_round = {
+            "loss": float(loss), "reals": float(len(x_real)), "fakes": float(len(x_fake)),
+            "train_fpr": float(flag[: len(x_real)].float().mean()),
+            "train_recall": float(flag[len(x_real):].float().mean()),
+            "threshold": self.threshold}
+        return self.last_round
+
+    def explain(self, record: UserRecord, top: int = 3) -> list[tuple[str, float]]:
+        """The features that pushed this user's score up most: (name, term in the logit)."""
+        z = (self.features([record])[0] - self.mean) / self.std
+        terms = (z * self.weight).tolist()
+        order = sorted(range(len(terms)), key=lambda i: -terms[i])[:top]
+        return [(FEATURES[i], round(terms[i], 3)) for i in order if terms[i] > 0]
