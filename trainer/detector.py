@@ -11,16 +11,17 @@ exports to ONNX beside the scorer, so the worker scores without torch.
 How it learns (``OnlineDetector.train_round``): positives are fake users it makes itself
 with the attacks of advrec/attacks.py, from the catalogue as it stands (random, average,
 bandwagon, segment fillers with unpopular targets, and sessions sampled from G: the
-attacker who copies the model), half with the stream's own timing and half with bot
-timing; negatives are recent real users. The stream's users are unlabelled, so a real
-attack in progress sits among the negatives for a while: positives are resampled every
-round and the model is refit from the features as they stand. Adversarially, the attacker
-best-responds: of the generated sessions at several sampling temperatures, the ones the
-current detector scores lowest are added again.
+attacker who copies the model), half with bot timing and half with the counters of a real
+user (so that timing alone never separates them); negatives are recent real users. The
+stream's users are unlabelled, so a real attack in progress sits among the negatives for a
+while: positives are resampled every round and the model is refit from the features as
+they stand. Adversarially, the attacker best-responds: of the generated sessions at
+several sampling temperatures, the ones the current detector scores lowest are added again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -155,21 +156,9 @@ class OnlineDetector:
         self.trained = False
         self.threshold = self.cfg.threshold  # in force: see DetectorConfig.max_fpr
         self.rounds = 0
-        self.gaps: list[int] = []  # a reservoir of real gaps between clicks (ms)
-        self._gaps_seen = 0
         self.last_round: dict[str, float] = {}
 
     # ------------------------------------------------------------------ inputs
-
-    def observe_gap(self, gap_ms: int) -> None:
-        """Keep a uniform sample of the stream's gaps (for fakes with the stream's timing)."""
-        self._gaps_seen += 1
-        if len(self.gaps) < 4096:
-            self.gaps.append(gap_ms)
-        else:
-            k = int(self.rng.integers(0, self._gaps_seen))
-            if k < 4096:
-                self.gaps[k] = gap_ms
 
     def _rows(self, histories: Sequence[Sequence[ItemId]]) -> torch.Tensor:
         return torch.from_numpy(self.learner._encode(histories))  # (B, L)
@@ -212,16 +201,14 @@ class OnlineDetector:
                           if learner.item_counts[r] > 0})
         return Catalogue(counts, {u: list(r.items) for u, r in reals})
 
-    def _timing(self, n_clicks: int, bot: bool, start: int) -> Behaviour:
+    def _bot_timing(self, n_clicks: int, start: int) -> Behaviour:
+        """A bot's counters: ``n_clicks`` at uniform gaps in ``bot_gap_ms``."""
         b = Behaviour()
         ts = start
         lo, hi = self.cfg.bot_gap_ms
         for k in range(n_clicks):
             if k:
-                if bot or not self.gaps:
-                    ts += int(self.rng.integers(lo, hi))
-                else:
-                    ts += int(self.gaps[int(self.rng.integers(0, len(self.gaps)))])
+                ts += int(self.rng.integers(lo, hi))
             b.update(ts)
         return b
 
@@ -263,11 +250,17 @@ class OnlineDetector:
         generated = [s for t in self.cfg.temperatures
                      for s in self._generated(catalogue, per_t, t)]
         sessions.extend(generated)
+        # half the fakes click like bots; the other half carry a real user's counters, so
+        # that timing alone never tells them apart and the content has to
         start = int(self.learner.last_event_ms or 0)
         fakes = []
         for n, items in enumerate(sessions):
-            bot = n % 2 == 1
-            fakes.append(UserRecord(items[-max_len:], self._timing(len(items), bot, start)))
+            if n % 2:
+                behaviour = self._bot_timing(len(items), start)
+            else:
+                behaviour = dataclasses.replace(
+                    reals[int(self.rng.integers(0, len(reals)))][1].behaviour)
+            fakes.append(UserRecord(items[-max_len:], behaviour))
         if self.trained and generated:
             scores = self.score(fakes[-len(generated):])
             worst = np.argsort(scores)[: max(1, len(generated) // 2)]
@@ -315,7 +308,7 @@ class OnlineDetector:
                              if cfg.max_fpr > 0 else cfg.threshold)
         flag = p >= self.threshold
         self.last_round = {
-            "loss": float(loss), "reals": float(len(x_real)), "fakes": float(len(x_fake)),
+            "loss": float(loss.detach()), "reals": float(len(x_real)), "fakes": float(len(x_fake)),
             "train_fpr": float(flag[: len(x_real)].float().mean()),
             "train_recall": float(flag[len(x_real):].float().mean()),
             "threshold": self.threshold}

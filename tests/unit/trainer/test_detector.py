@@ -1,0 +1,96 @@
+"""The fake-user detector: its graph, its training against synthesized attacks, the filter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from advrec.attacks import AttackConfig, inject
+from advrec.suspicion import FEATURES
+from advrec.synthetic import SyntheticConfig, synthetic_events
+from trainer.detector import DetectorConfig, OnlineDetector, UserRecord
+from trainer.evaluate import _Guard, build_examples
+from trainer.learner import OnlineLearner, TrainConfig
+from trainer.model import ModelConfig
+from trainer.prior import PriorConfig
+
+SMALL = ModelConfig(n_items=256, max_len=12, d_model=16, n_heads=1, n_layers=1, d_disc=8)
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[OnlineLearner, dict[str, UserRecord], list]:
+    events = list(synthetic_events(SyntheticConfig(n_users=150, n_items=200, seed=7), 6000))
+    learner = OnlineLearner(SMALL, TrainConfig(mode="irgan", steps_per_batch=1, seed=0),
+                            prior_cfg=PriorConfig(weight=0.0))
+    examples = list(build_examples(events, SMALL.max_len))
+    records: dict[str, UserRecord] = {}
+    for i in range(0, len(examples), 256):
+        batch = examples[i : i + 256]
+        learner.train_batch(batch)
+        for ex in batch:
+            records.setdefault(ex.user, UserRecord()).add(ex.item, ex.ts, SMALL.max_len)
+    return learner, records, events
+
+
+def test_the_graph_gives_every_named_feature_and_explains_the_logit(trained) -> None:
+    learner, records, _ = trained
+    det = OnlineDetector(learner, DetectorConfig(seed=1))
+    users = [r for r in records.values() if r.behaviour.clicks >= 5][:8]
+    x = det.features(users)
+    assert x.shape == (len(users), len(FEATURES)) and torch.isfinite(x).all()
+    det.weight = torch.arange(len(FEATURES), dtype=torch.float32) / 10
+    det.trained = True
+    items = det._rows([u.items for u in users])
+    from advrec.suspicion import behaviour_features
+
+    beh = torch.tensor([behaviour_features(u.behaviour) for u in users])
+    with torch.no_grad():
+        p, terms = det.graph()(items, beh)
+    assert torch.allclose(p, torch.sigmoid(terms.sum(1) + det.bias), atol=1e-6)
+    assert np.allclose(p.numpy(), det.score(users), atol=1e-6)
+
+
+def test_detector_tells_random_and_bandwagon_fakes_from_real_users(trained) -> None:
+    learner, records, events = trained
+    det = OnlineDetector(learner, DetectorConfig(seed=2, steps_per_round=100))
+    reals = list(records.items())
+    for _ in range(3):
+        det.train_round(reals)
+    assert det.trained and det.last_round["train_recall"] > 0.5
+    for kind in ("random", "bandwagon"):
+        stream, labels = inject(events, AttackConfig(kind=kind, budget=0.1, filler=15,
+                                                     seed=3))
+        fakes: dict[str, UserRecord] = {}
+        for e in stream:
+            if labels.is_fake(e.user):
+                fakes.setdefault(e.user, UserRecord()).add(e.item, e.ts, SMALL.max_len)
+        fake_scores = det.score(list(fakes.values()))
+        real_scores = det.score([r for r in records.values() if r.behaviour.clicks >= 5])
+        # AUC: a fake outranks a real user in most pairs
+        auc = (fake_scores[:, None] > real_scores[None, :]).mean()
+        assert auc > 0.9, (kind, auc)
+
+
+def test_the_threshold_in_force_flags_at_most_the_allowed_share_of_recent_users(
+        trained) -> None:
+    learner, records, _ = trained
+    det = OnlineDetector(learner, DetectorConfig(seed=4, max_fpr=0.05))
+    reals = [(u, r) for u, r in records.items() if r.behaviour.clicks >= 5]
+    det.train_round(reals)
+    scores = det.score([r for _, r in reals])
+    assert det.threshold >= 0.5
+    assert (scores >= det.threshold).mean() <= 0.05 + 1.0 / len(reals)
+
+
+def test_the_filter_drops_flagged_users_examples_and_keeps_the_rest(trained) -> None:
+    learner, _, events = trained
+    guard = _Guard(learner, DetectorConfig(min_clicks=2), SMALL)
+    guard.detector.trained = True
+    guard.detector.bias = torch.tensor(-20.0)  # nobody is flagged...
+    batch = list(build_examples(events[:300], SMALL.max_len))
+    assert guard.admit(batch, 0) == batch
+    guard.detector.bias = torch.tensor(20.0)  # ...everybody scored is
+    kept = guard.admit(list(build_examples(events[300:600], SMALL.max_len)), 1)
+    assert all(guard.records[ex.user].behaviour.clicks < 2 for ex in kept)
+    assert guard.filtered == 300 - len(kept) > 0
