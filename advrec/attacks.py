@@ -45,7 +45,6 @@ __all__ = [
     "SequenceSampler",
     "add_attack_arguments",
     "attack_config",
-    "attack_sampler",
     "fake_session",
     "inject",
     "merge_by_time",
@@ -316,7 +315,7 @@ def add_attack_arguments(p: argparse.ArgumentParser, labels: bool = True) -> Non
     a = p.add_argument_group(
         "attack", "inject fake users (a shilling attack) into the stream; which users are "
                   "fake is kept aside, never put into an event (advrec/attacks.py)")
-    a.add_argument("--attack", choices=ATTACK_KINDS, default=None,
+    a.add_argument("--attack", choices=ATTACK_KINDS, default=None, metavar="KIND",
                    help="kind of fillers: random, average (by popularity), bandwagon (the most "
                         "clicked), segment (the target's audience), generated (sampled from a "
                         "generator trained on the stream before the attack; needs torch)")
@@ -345,19 +344,3 @@ def attack_config(args: argparse.Namespace) -> AttackConfig:
     return AttackConfig(kind=args.attack, budget=args.attack_budget, filler=args.attack_filler,
                         targets=targets, target_clicks=args.attack_target_clicks,
                         start=start, end=end, seed=args.attack_seed)
-
-
-def attack_sampler(cfg: AttackConfig, events: Sequence[ClickEvent],
-                   progress: bool = True) -> SequenceSampler | None:
-    """The generated attack's generator, trained on ``events`` before the attack; None for
-    the other kinds."""
-    if cfg.kind != "generated":
-        return None
-    try:
-        from trainer.attack_model import train_sampler
-    except ImportError as exc:
-        raise ValueError(f"the generated attack needs the trainer extra (torch): {exc}") \
-            from None
-    t0, t1 = events[0].ts, events[-1].ts
-    return train_sampler(events, int(t0 + cfg.start * (t1 - t0)), seed=cfg.seed,
-                         progress=progress)

@@ -7,6 +7,9 @@ Layout under a bundle root::
     <root>/<version>/vocab.json JSON list of external item ids; id at position i is row i+1
     <root>/<version>/meta.json  version, created, last_event_ms, trained_through_ms, metrics,
                                 model_sha256, vocab_sha256, vocab_size, max_len, ...
+    <root>/<version>/detector.onnx  optional: the fake-user detector over the same rows,
+                                items[B, L] + behaviour[B, F_b] -> p_fake[B], terms[B, F];
+                                meta["detector"] holds its sha256, features and threshold
 
 A bundle is written under a temporary name, every file fsynced, then renamed into place;
 ``CURRENT`` is replaced the same way, so a reader sees either the old or the new bundle,
@@ -28,6 +31,9 @@ from typing import Any
 from advrec.types import ItemId
 
 __all__ = [
+    "DETECTOR_FILE",
+    "DETECTOR_INPUTS",
+    "DETECTOR_OUTPUTS",
     "INPUT_NAME",
     "OUTPUT_NAME",
     "REJECT_REASONS",
@@ -44,8 +50,11 @@ __all__ = [
 FORMAT_VERSION = 1
 INPUT_NAME = "history"  # int64 [B, L], item rows, left-padded with 0
 OUTPUT_NAME = "scores"  # float32 [B, V+1], column 0 is padding and never recommended
+DETECTOR_INPUTS = ("items", "behaviour")  # int64 [B, L] rows; float32 [B, F_b] counters
+DETECTOR_OUTPUTS = ("p_fake", "terms")  # float32 [B] P(fake); [B, F] each feature's term
 CURRENT = "CURRENT"
 MODEL_FILE = "model.onnx"
+DETECTOR_FILE = "detector.onnx"
 VOCAB_FILE = "vocab.json"
 META_FILE = "meta.json"
 # names this process's temporary files: a PID alone is not unique (every container's first
@@ -86,6 +95,7 @@ class Bundle:
     meta: dict[str, Any]
     vocab: tuple[ItemId, ...]
     model_bytes: bytes
+    detector_bytes: bytes | None = None  # the fake-user detector, when the bundle has one
 
     @property
     def max_len(self) -> int:
@@ -132,12 +142,14 @@ def _next_version(root: Path) -> str:
 
 
 def write_bundle(root: Path | str, model_bytes: bytes, vocab: list[ItemId] | tuple[ItemId, ...],
-                 meta: dict[str, Any], *, keep: int = 5, make_current: bool = True) -> str:
+                 meta: dict[str, Any], *, keep: int = 5, make_current: bool = True,
+                 detector_bytes: bytes | None = None) -> str:
     """Publish a new bundle atomically and return its version.
 
     ``meta`` must hold ``max_len``; version, created time, checksums and the vocabulary
     size are filled in here. The oldest versions beyond ``keep`` are removed (never the
-    current one).
+    current one). ``detector_bytes``: the fake-user detector (``meta["detector"]`` then
+    describes it; its sha256 is filled in here).
     """
     assert keep >= 1, "keep at least the bundle being written"
     assert "max_len" in meta, "meta needs max_len (the history length the model takes)"
@@ -151,12 +163,19 @@ def write_bundle(root: Path | str, model_bytes: bytes, vocab: list[ItemId] | tup
         model_sha256=sha256_hex(model_bytes), vocab_sha256=sha256_hex(vocab_bytes),
         vocab_size=len(vocab), input=INPUT_NAME, output=OUTPUT_NAME,
     )
+    if detector_bytes is not None:
+        full_meta["detector"] = {**dict(meta.get("detector") or {}),
+                                 "sha256": sha256_hex(detector_bytes),
+                                 "inputs": list(DETECTOR_INPUTS),
+                                 "outputs": list(DETECTOR_OUTPUTS)}
     tmp = root / f".tmp-{version}-{WRITER_TOKEN}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     _write_synced(tmp / MODEL_FILE, model_bytes)
     _write_synced(tmp / VOCAB_FILE, vocab_bytes)
+    if detector_bytes is not None:
+        _write_synced(tmp / DETECTOR_FILE, detector_bytes)
     # meta.json last: a directory without it is never a bundle
     _write_synced(tmp / META_FILE, json.dumps(full_meta, indent=2, sort_keys=True).encode())
     fsync_dir(tmp)
@@ -203,7 +222,9 @@ def bundle_files(root: Path | str, version: str) -> list[tuple[str, bytes]]:
     """Return a written bundle's files as (name, bytes), ``meta.json`` last: what travels on
     the bundle topic (``advrec.channel``) and is rebuilt into a directory by each worker."""
     path = Path(root) / version
-    return [(name, (path / name).read_bytes()) for name in (MODEL_FILE, VOCAB_FILE, META_FILE)]
+    names = (MODEL_FILE, VOCAB_FILE, DETECTOR_FILE, META_FILE)
+    return [(name, (path / name).read_bytes()) for name in names
+            if name != DETECTOR_FILE or (path / name).is_file()]
 
 
 def load_bundle(root: Path | str, version: str) -> Bundle:
@@ -241,5 +262,16 @@ def load_bundle(root: Path | str, version: str) -> Bundle:
             or len(vocab) != meta["vocab_size"] or len(set(vocab)) != len(vocab)):
         raise BundleError("vocab_mismatch",
                           f"vocab.json must be {meta['vocab_size']} distinct item ids")
+    detector_bytes = None
+    if meta.get("detector"):
+        want = meta["detector"].get("sha256") if isinstance(meta["detector"], dict) else None
+        try:
+            detector_bytes = (path / DETECTOR_FILE).read_bytes()
+        except FileNotFoundError:
+            raise BundleError("missing_model", f"{path / DETECTOR_FILE} does not exist, "
+                                               "meta.json names a detector") from None
+        if sha256_hex(detector_bytes) != want:
+            raise BundleError("checksum_mismatch",
+                              f"detector.onnx sha256 differs from meta ({version})")
     return Bundle(path=path, version=str(meta["version"]), meta=meta, vocab=tuple(vocab),
-                  model_bytes=model_bytes)
+                  model_bytes=model_bytes, detector_bytes=detector_bytes)

@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("stream_app.main", "run a stream worker: ingest, user state, HTTP API, serving"),
     "trainer": ("trainer.sidecar", "run the sidecar trainer: consume batches, train, export"),
     "replay": ("advrec.replay", "produce a synthetic or recorded click stream into Kafka"),
+    "attack": ("trainer.attack_model", "replay a stream with fake users (a shilling attack)"),
     "export": ("trainer.export", "turn a trainer checkpoint into a model bundle"),
     "evaluate": ("trainer.evaluate", "prequential / offline evaluation on a dataset (no Kafka)"),
     "topics": ("advrec.topics_cli", "create the source topics with the configured partitions"),

@@ -7,13 +7,12 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
 from tqdm import tqdm
 
-from advrec.attacks import add_attack_arguments, attack_config, attack_sampler, inject
 from advrec.contract import (
     MAX_ENVELOPE_EVENTS,
     ClickEvent,
@@ -22,7 +21,7 @@ from advrec.contract import (
     encode_key,
 )
 
-__all__ = ["ReplayStats", "as_envelopes", "as_payloads", "main", "produce"]
+__all__ = ["ReplayStats", "as_envelopes", "as_payloads", "build_parser", "main", "produce", "run"]
 
 log = logging.getLogger("advrec.replay")
 
@@ -149,7 +148,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="send each user's events in envelopes of up to N events (one message "
                         "each, as a producer that batches; README 'Event contract'); 1 sends "
                         "one message per event (default)")
-    add_attack_arguments(p)
     return p
 
 
@@ -177,20 +175,17 @@ def _events(args: argparse.Namespace) -> tuple[Iterable[ClickEvent], int | None]
     return events, total
 
 
-def _attacked(args: argparse.Namespace, events: Iterable[ClickEvent]
-              ) -> tuple[list[ClickEvent], int]:
-    """Merge the requested attack into ``events``; write its labels aside."""
-    cfg = attack_config(args)
-    stream = list(events)
-    merged, labels = inject(stream, cfg, attack_sampler(cfg, stream, not args.no_progress))
-    labels.write(args.labels)
-    log.info("attack %s: %d fake users (%d events) pushing %s, labels in %s", cfg.kind,
-             len(labels.fake_users), labels.n_events, ", ".join(labels.targets), args.labels)
-    return merged, len(merged)
+Transform = Callable[[argparse.Namespace, Iterable[ClickEvent]],
+                     tuple[Iterable[ClickEvent], int | None]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace, transform: Transform | None = None) -> int:
+    """Replay what ``args`` name; ``transform`` may change the events first (``advrec
+    attack`` merges fake users in: trainer/attack_model.py)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not 0 <= args.rate <= MAX_RATE:
         print(f"advrec replay: --rate must be within [0, {MAX_RATE:.0f}]", file=sys.stderr)
@@ -212,11 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, OSError) as exc:
         print(f"advrec replay: {exc}", file=sys.stderr)
         return 1
-    if args.attack is not None:
+    if transform is not None:
         try:
-            events, total = _attacked(args, events)
+            events, total = transform(args, events)
         except ValueError as exc:
-            print(f"advrec replay: {exc}", file=sys.stderr)
+            print(f"{getattr(args, 'prog', 'advrec replay')}: {exc}", file=sys.stderr)
             return 2
     if args.envelope < 1 or args.envelope > MAX_ENVELOPE_EVENTS:
         print(f"advrec replay: --envelope must be within [1, {MAX_ENVELOPE_EVENTS}]",

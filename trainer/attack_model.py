@@ -1,5 +1,6 @@
-"""The ``generated`` attack's opponent model: a generator trained on the stream before the
-attack, asked for realistic next clicks (advrec/attacks.py, ``SequenceSampler``).
+"""``advrec attack``: replay a stream with fake users merged in; and the ``generated``
+attack's opponent model, a generator trained on the stream before the attack and asked for
+realistic next clicks (advrec/attacks.py, ``SequenceSampler``).
 
 It is the same ``OnlineLearner`` the sidecar trains (mode ``none``, G alone, no prior): what
 an attacker with a copy of the stream could build. Sampling draws from G's softmax at a
@@ -9,18 +10,23 @@ like a top-1 walk.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import argparse
+import logging
+import sys
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
+from advrec import replay
+from advrec.attacks import AttackConfig, add_attack_arguments, attack_config, inject
 from advrec.contract import ClickEvent
 from advrec.types import ItemId
 from trainer.learner import OnlineLearner, TrainConfig
 from trainer.model import ModelConfig
 from trainer.prior import PriorConfig
 
-__all__ = ["GeneratorSampler", "train_sampler"]
+__all__ = ["GeneratorSampler", "attack_sampler", "main", "train_sampler"]
 
 
 class GeneratorSampler:
@@ -68,3 +74,51 @@ def train_sampler(events: Sequence[ClickEvent], cut_ms: int, *, seed: int = 0,
     for i in tqdm(batches, desc="attack generator", unit="batch", disable=not progress):
         learner.train_batch(examples[i : i + batch_size])
     return GeneratorSampler(learner, temperature)
+
+
+def attack_sampler(cfg: AttackConfig, events: Sequence[ClickEvent],
+                   progress: bool = True) -> GeneratorSampler | None:
+    """The generated attack's generator, trained on ``events`` before the attack window;
+    None for the other kinds."""
+    if cfg.kind != "generated":
+        return None
+    t0, t1 = events[0].ts, events[-1].ts
+    return train_sampler(events, int(t0 + cfg.start * (t1 - t0)), seed=cfg.seed,
+                         progress=progress)
+
+
+def _attacked(args: argparse.Namespace, events: Iterable[ClickEvent]
+              ) -> tuple[list[ClickEvent], int]:
+    """Merge the requested attack into ``events``; write its labels aside."""
+    cfg = attack_config(args)
+    stream = list(events)
+    if not stream:
+        raise ValueError("the stream is empty: nothing to attack")
+    merged, labels = inject(stream, cfg, attack_sampler(cfg, stream, not args.no_progress))
+    labels.write(args.labels)
+    logging.getLogger("advrec.attack").info(
+        "attack %s: %d fake users (%d events) pushing %s; labels in %s", cfg.kind,
+        len(labels.fake_users), labels.n_events, ", ".join(labels.targets), args.labels)
+    return merged, len(merged)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = replay.build_parser()
+    p.prog = "advrec attack"
+    p.description = (
+        "Replay a stream into Kafka with a shilling attack merged in, as a producer of fake "
+        "accounts would send it: fake users at a budget, with random, popular (average, "
+        "bandwagon), segment or generated fillers around target items. Which users are "
+        "fake is written to --labels and never reaches the service. Every replay option "
+        "applies.")
+    add_attack_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.attack is None:
+        print("advrec attack: --attack KIND is required", file=sys.stderr)
+        return 2
+    args.prog = "advrec attack"
+    return replay.run(args, _attacked)

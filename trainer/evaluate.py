@@ -31,7 +31,6 @@ from advrec.attacks import (
     AttackLabels,
     add_attack_arguments,
     attack_config,
-    attack_sampler,
     inject,
 )
 from advrec.contract import TrainingExample
@@ -854,6 +853,8 @@ def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: li
     if args.attack is not None:  # the clean stream (reference exposure) and the attacked one
         try:
             cfg = attack_config(args)
+            from trainer.attack_model import attack_sampler
+
             attacked, labels = inject(evs, cfg, attack_sampler(cfg, evs, not args.no_progress))
         except ValueError as exc:
             print(ERROR.format(exc), file=sys.stderr)

@@ -23,14 +23,21 @@ import torch
 from aiokafka.errors import KafkaError
 from torch import nn
 
-from advrec.bundle import INPUT_NAME, OUTPUT_NAME, bundle_files, write_bundle
+from advrec.bundle import (
+    DETECTOR_INPUTS,
+    DETECTOR_OUTPUTS,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    bundle_files,
+    write_bundle,
+)
 from advrec.channel_io import publish_to_topic
 from advrec.config import bootstrap_servers, settings_as_dict
 from trainer.learner import OnlineLearner
 from trainer.model import Generator
 
-__all__ = ["ExportError", "check_parity", "export_onnx", "main", "publish_bundle",
-           "scoring_model"]
+__all__ = ["ExportError", "check_detector_parity", "check_parity", "detector_model",
+           "export_detector", "export_onnx", "main", "publish_bundle", "scoring_model"]
 
 OPSET = 17  # LayerNormalization is a native op from 17; onnxruntime 1.20+ runs it
 PARITY_TOL = 1e-3  # float32 scores of a 2-layer model agree to ~1e-6; 1e-3 flags real bugs
@@ -106,6 +113,63 @@ def export_onnx(model: nn.Module, max_len: int | None = None, *,
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             opset_version=OPSET, dynamo=False)
     return buf.getvalue()
+
+
+def detector_model(detector: Any) -> nn.Module:
+    """Return the detector the workers will run (trainer/detector.py), as a CPU eval-mode
+    copy over G's and D's live rows."""
+    from trainer.detector import DetectorGraph
+
+    graph = detector.graph()
+    d = copy.deepcopy(graph.discriminator).cpu().eval()
+    live = d.items.emb.weight[: d.n_items + 1].detach().clone()  # (V+1, d+1)
+    d.items.emb = nn.Embedding.from_pretrained(live, freeze=True, padding_idx=0)
+    return DetectorGraph(_scoring_copy(graph.generator), d, graph.pop_pct, graph.mean,
+                         graph.std, graph.weight, graph.bias).cpu().eval()
+
+
+def export_detector(model: nn.Module) -> bytes:
+    """Export a ``detector_model``: items [B, L] int64 and behaviour [B, F_b] float32 ->
+    P(fake) [B] and each feature's term in its logit [B, F]."""
+    from advrec.suspicion import BEHAVIOUR_FEATURES
+
+    L = model.generator.config.max_len
+    items = torch.zeros((2, L), dtype=torch.int64)  # (B, L)
+    items[0, -2:] = 1 if model.generator.n_items else 0
+    behaviour = torch.zeros((2, len(BEHAVIOUR_FEATURES)), dtype=torch.float32)
+    names_in, names_out = list(DETECTOR_INPUTS), list(DETECTOR_OUTPUTS)
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            model, (items, behaviour), buf, input_names=names_in, output_names=names_out,
+            dynamic_axes={n: {0: "batch"} for n in names_in + names_out},
+            opset_version=OPSET, dynamo=False)
+    return buf.getvalue()
+
+
+def check_detector_parity(model: nn.Module, onnx_bytes: bytes, items: np.ndarray,
+                          behaviour: np.ndarray) -> float:
+    """Return max |torch - onnxruntime| over P(fake) and the terms; inf on NaN."""
+    import onnxruntime as ort
+
+    x = torch.as_tensor(items, dtype=torch.int64)  # (B, L)
+    b = torch.as_tensor(behaviour, dtype=torch.float32)  # (B, F_b)
+    with torch.no_grad():
+        expected = [t.numpy() for t in model(x, b)]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+    got = session.run(list(DETECTOR_OUTPUTS), dict(zip(DETECTOR_INPUTS, (x.numpy(), b.numpy()),
+                                                        strict=True)))
+    diff = 0.0
+    for g, e in zip(got, expected, strict=True):
+        if g.shape != e.shape or not (np.isfinite(g).all() and np.isfinite(e).all()):
+            return float("inf")
+        diff = max(diff, float(np.abs(g.astype(np.float64) - e).max(initial=0.0)))
+    return diff
 
 
 def check_parity(model: nn.Module, onnx_bytes: bytes,

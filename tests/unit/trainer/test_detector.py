@@ -94,3 +94,43 @@ def test_the_filter_drops_flagged_users_examples_and_keeps_the_rest(trained) -> 
     kept = guard.admit(list(build_examples(events[300:600], SMALL.max_len)), 1)
     assert all(guard.records[ex.user].behaviour.clicks < 2 for ex in kept)
     assert guard.filtered == 300 - len(kept) > 0
+
+
+def test_the_detector_exports_to_onnx_that_agrees_with_torch_and_travels_in_the_bundle(
+        trained, tmp_path) -> None:
+    from advrec.bundle import bundle_files, load_bundle, write_bundle
+    from advrec.suspicion import behaviour_features
+    from trainer.export import check_detector_parity, detector_model, export_detector
+
+    learner, records, _ = trained
+    det = OnlineDetector(learner, DetectorConfig(seed=5))
+    det.train_round(list(records.items()))
+    model = detector_model(det)
+    onnx_bytes = export_detector(model)
+    users = list(records.values())[:32]
+    items = det._rows([u.items for u in users]).numpy()
+    beh = np.array([behaviour_features(u.behaviour) for u in users], dtype=np.float32)
+    assert check_detector_parity(model, onnx_bytes, items, beh) < 1e-4
+    assert np.allclose(model(torch.from_numpy(items), torch.from_numpy(beh))[0].detach(),
+                       det.score(users), atol=1e-5)
+    version = write_bundle(tmp_path, b"model", ["a"], {"max_len": 12,
+                           "detector": {"threshold": det.threshold}},
+                           detector_bytes=onnx_bytes)
+    bundle = load_bundle(tmp_path, version)
+    assert bundle.detector_bytes == onnx_bytes
+    assert bundle.meta["detector"]["threshold"] == det.threshold
+    assert "detector.onnx" in [name for name, _ in bundle_files(tmp_path, version)]
+
+
+def test_a_bundle_whose_detector_does_not_match_its_checksum_is_rejected(tmp_path) -> None:
+    from advrec.bundle import BundleError, load_bundle, write_bundle
+
+    version = write_bundle(tmp_path, b"model", ["a"], {"max_len": 4}, detector_bytes=b"det")
+    (tmp_path / version / "detector.onnx").write_bytes(b"tampered")
+    with pytest.raises(BundleError) as err:
+        load_bundle(tmp_path, version)
+    assert err.value.reason == "checksum_mismatch"
+    (tmp_path / version / "detector.onnx").unlink()
+    with pytest.raises(BundleError) as err:
+        load_bundle(tmp_path, version)
+    assert err.value.reason == "missing_model"
