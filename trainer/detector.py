@@ -11,8 +11,8 @@ exports to ONNX beside the scorer, so the worker scores without torch.
 How it learns (``OnlineDetector.train_round``): positives are fake users it makes itself
 with the attacks of advrec/attacks.py, from the catalogue as it stands (random, average,
 bandwagon, segment fillers with unpopular targets, and sessions sampled from G: the
-attacker who copies the model), half with bot timing and half with the counters of a real
-user (so that timing alone never separates them); negatives are recent real users. The
+attacker who copies the model), a quarter with bot timing and the rest with the counters
+of a real user (so that timing alone never separates them); negatives are recent real users. The
 stream's users are unlabelled, so a real attack in progress sits among the negatives for a
 while: positives are resampled every round and the model is refit from the features as
 they stand. Adversarially, the attacker best-responds: of the generated sessions at
@@ -51,6 +51,7 @@ class DetectorConfig:
     # most that share of the (unlabelled, mostly real) users is flagged
     max_fpr: float = 0.005
     min_clicks: int = 5  # users with fewer clicks are not scored (nothing to go on)
+    min_users: int = 100  # no training round (and no flag) before this many such users
     fakes_per_round: int = 160  # synthesized fake users per training round
     reals_per_round: int = 320  # recent real users per round
     steps_per_round: int = 60  # Adam steps of the logistic model per round
@@ -59,13 +60,17 @@ class DetectorConfig:
     filler: tuple[int, int] = (8, 40)  # fillers per synthesized fake user (uniform)
     target_clicks: tuple[int, int] = (1, 4)
     temperatures: tuple[float, ...] = (0.7, 1.0, 1.5)  # the attacker's choices for G sessions
-    bot_gap_ms: tuple[int, int] = (500, 8000)  # bot timing: uniform gaps
+    bot_share: float = 0.25  # synthesized fakes that click like bots (the rest: real timing)
+    bot_gap_ms: tuple[int, int] = (1000, 3000)  # bot timing: regular, uniform gaps
+    threshold_users: int = 2000  # recent users whose scores set the threshold in force
     seed: int = 0
 
     def __post_init__(self) -> None:
         assert 0 < self.threshold < 1, "threshold must lie in (0, 1)"
         assert 0 <= self.max_fpr < 1, "max_fpr must lie in [0, 1)"
+        assert 0 <= self.bot_share <= 1, "bot_share must lie in [0, 1]"
         assert self.min_clicks >= 2 and self.fakes_per_round >= 2 and self.reals_per_round >= 2
+        assert self.min_users >= 10, "min_users must be >= 10"
 
 
 @dataclass
@@ -250,12 +255,12 @@ class OnlineDetector:
         generated = [s for t in self.cfg.temperatures
                      for s in self._generated(catalogue, per_t, t)]
         sessions.extend(generated)
-        # half the fakes click like bots; the other half carry a real user's counters, so
-        # that timing alone never tells them apart and the content has to
+        # some fakes click like bots; the others carry a real user's counters, so that
+        # timing alone never tells them apart and the content has to
         start = int(self.learner.last_event_ms or 0)
         fakes = []
-        for n, items in enumerate(sessions):
-            if n % 2:
+        for items in sessions:
+            if self.rng.random() < self.cfg.bot_share:
                 behaviour = self._bot_timing(len(items), start)
             else:
                 behaviour = dataclasses.replace(
@@ -268,11 +273,13 @@ class OnlineDetector:
         return fakes
 
     def train_round(self, reals: Sequence[tuple[UserId, UserRecord]]) -> dict[str, float]:
-        """Refit the logistic model on fresh fakes against ``reals`` (recent real users)."""
+        """Refit the logistic model on fresh fakes against ``reals`` (recent real users,
+        the most recent last), then set the threshold in force from their scores."""
         cfg = self.cfg
         reals = [(u, r) for u, r in reals if r.behaviour.clicks >= cfg.min_clicks]
-        if len(reals) < 10:
+        if len(reals) < cfg.min_users:
             return {}
+        recent = [r for _, r in reals[-cfg.threshold_users:]]
         if len(reals) > cfg.reals_per_round:
             keep = self.rng.choice(len(reals), size=cfg.reals_per_round, replace=False)
             reals = [reals[int(k)] for k in keep]
@@ -303,8 +310,9 @@ class OnlineDetector:
         self.rounds += 1
         with torch.no_grad():
             p = torch.sigmoid(x @ self.weight + self.bias)
-        real_p = p[: len(x_real)]
-        self.threshold = max(cfg.threshold, float(torch.quantile(real_p, 1 - cfg.max_fpr))
+        real_p = torch.from_numpy(self.score(recent))  # (≤ threshold_users,)
+        self.threshold = max(cfg.threshold, float(torch.quantile(real_p.double(),
+                                                                1 - cfg.max_fpr))
                              if cfg.max_fpr > 0 else cfg.threshold)
         flag = p >= self.threshold
         self.last_round = {

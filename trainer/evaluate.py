@@ -530,7 +530,7 @@ class _Guard:
         self.cfg = cfg
         self.max_len = model_cfg.max_len
         self.records: dict[str, UserRecord] = {}  # insertion order = least recently active
-        self.last: dict[str, float] = {}  # each scored user's latest score
+        self.worst: dict[str, float] = {}  # each scored user's highest score so far
         self.filtered = 0
         self.examples = 0
 
@@ -545,7 +545,7 @@ class _Guard:
         scores = self.detector.score([self.records[u] for u in users])
         flagged = set()
         for u, p in zip(users, scores.tolist(), strict=True):
-            self.last[u] = p
+            self.worst[u] = max(p, self.worst.get(u, 0.0))
             if p >= self.detector.threshold:
                 flagged.add(u)
         admitted = [ex for ex in batch if ex.user not in flagged]
@@ -557,9 +557,14 @@ class _Guard:
         return admitted
 
     def metrics(self, attack: AttackLabels | None) -> dict[str, float]:
-        # flagged: the latest score at or above the threshold in force at the end (what
-        # the admin list shows)
-        flagged = {u for u, p in self.last.items() if p >= self.detector.threshold}
+        # flagged: every user with enough clicks, scored on their final state by the final
+        # detector (the service re-scores its flagged users when a new detector arrives)
+        users = [u for u, r in self.records.items()
+                 if r.behaviour.clicks >= self.cfg.min_clicks]
+        scores = self.detector.score([self.records[u] for u in users])
+        flagged = {u for u, p in zip(users, scores.tolist(), strict=True)
+                   if p >= self.detector.threshold}
+        ever = {u for u, p in self.worst.items() if p >= self.detector.threshold}
         out = {"filtered_examples": float(self.filtered),
                "filtered_share": self.filtered / max(1, self.examples),
                "flagged_users": float(len(flagged)),
@@ -573,7 +578,8 @@ class _Guard:
             out.update({"det_precision": precision, "det_recall": recall,
                         "det_f1": (2 * precision * recall / (precision + recall)
                                    if precision + recall else 0.0),
-                        "flagged_real_users": float(len(flagged - fake))})
+                        "flagged_real_users": float(len(flagged - fake)),
+                        "flagged_ever_real_users": float(len(ever - fake))})
         return out
 
 
