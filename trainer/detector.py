@@ -3,10 +3,11 @@
 What it reads (``advrec.suspicion.FEATURES``): the user's behaviour counters (kept with the
 user's state: clicks, account age, gaps between clicks) and the user's recent items, from
 which the graph computes how popular they are, how concentrated on one item, how likely the
-generator G finds each next click and how real the discriminator D finds it. A logistic
-model over the standardized features gives P(fake); its per-feature terms say why a user
-was flagged. The whole thing (G and D included) is one torch module, ``DetectorGraph``, that
-exports to ONNX beside the scorer, so the worker scores without torch.
+generator G finds each next click and how real the discriminator D finds it. A small MLP
+over the standardized features gives P(fake); per feature, how much the logit falls when
+that feature is reset to a typical user's value says why a user was flagged. The whole
+thing (G and D included) is one torch module, ``DetectorGraph``, that exports to ONNX
+beside the scorer, so the worker scores without torch.
 
 How it learns (``OnlineDetector.train_round``): positives are fake users it makes itself
 with the attacks of advrec/attacks.py, from the catalogue as it stands (random, average,
@@ -36,7 +37,7 @@ from advrec.types import ItemId, UserId
 from trainer.learner import OnlineLearner
 from trainer.model import static_dim
 
-__all__ = ["DetectorConfig", "DetectorGraph", "OnlineDetector", "UserRecord"]
+__all__ = ["Classifier", "DetectorConfig", "DetectorGraph", "OnlineDetector", "UserRecord"]
 
 SYNTH_KINDS = ("random", "average", "bandwagon", "segment", "generated")
 
@@ -54,9 +55,9 @@ class DetectorConfig:
     min_users: int = 100  # no training round (and no flag) before this many such users
     fakes_per_round: int = 160  # synthesized fake users per training round
     reals_per_round: int = 320  # recent real users per round
-    steps_per_round: int = 60  # Adam steps of the logistic model per round
-    lr: float = 0.05
-    l2: float = 1e-3
+    steps_per_round: int = 150  # steps of the classifier per round (warm-started)
+    lr: float = 0.01
+    l2: float = 1e-3  # AdamW weight decay of the classifier
     filler: tuple[int, int] = (8, 40)  # fillers per synthesized fake user (uniform)
     target_clicks: tuple[int, int] = (1, 4)
     temperatures: tuple[float, ...] = (0.7, 1.0, 1.5)  # the attacker's choices for G sessions
@@ -87,21 +88,46 @@ class UserRecord:
         self.behaviour.update(ts)
 
 
+class Classifier(nn.Module):
+    """P(fake) from standardized features z [B, F]: a small MLP (popularity, for one, is
+    suspicious at both ends: random fillers are obscure, bandwagon ones the most clicked).
+
+    ``explain`` gives each feature's term: how much the logit drops when that feature is
+    set to a typical user's value (z = 0), all others kept. One batched pass over F+1
+    variants of each row, so the exported graph explains as it scores.
+    """
+
+    def __init__(self, n_features: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(n_features, hidden), nn.GELU(),
+                                 nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        keep = torch.ones(n_features + 1, n_features)
+        keep[1:] -= torch.eye(n_features)  # row 0: all features; row i+1: feature i reset
+        self.register_buffer("keep", keep)  # (F+1, F)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z).squeeze(-1)  # (B,) logits
+
+    def explain(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        F_ = static_dim(z, 1)
+        variants = z.unsqueeze(1) * self.keep  # (B, F+1, F)
+        logits = self.net(variants.reshape(-1, F_)).reshape(-1, F_ + 1)  # (B, F+1)
+        return logits[:, 0], logits[:, :1] - logits[:, 1:]  # (B,), (B, F)
+
+
 class DetectorGraph(nn.Module):
     """items [B, L] int64 (G's rows, left-padded) and behaviour [B, 6] float32 ->
-    P(fake) [B] and each feature's term in the logit [B, F] (the explanation)."""
+    P(fake) [B] and each feature's term in the logit [B, F] (``Classifier.explain``)."""
 
     def __init__(self, generator: nn.Module, discriminator: nn.Module, pop_pct: torch.Tensor,
-                 mean: torch.Tensor, std: torch.Tensor, weight: torch.Tensor,
-                 bias: torch.Tensor) -> None:
+                 mean: torch.Tensor, std: torch.Tensor, classifier: Classifier) -> None:
         super().__init__()
         self.generator = generator
         self.discriminator = discriminator
+        self.classifier = classifier
         self.register_buffer("pop_pct", pop_pct)  # (V+1,) popularity percentile per row
         self.register_buffer("mean", mean)  # (F,)
         self.register_buffer("std", std)  # (F,)
-        self.register_buffer("weight", weight)  # (F,)
-        self.register_buffer("bias", bias)  # ()
         L = generator.config.max_len
         # prefix t (t = 1..L-1) of a row, right-aligned: index into [0, items...] (0 = pad)
         idx = torch.zeros(L - 1, L, dtype=torch.long)
@@ -142,8 +168,8 @@ class DetectorGraph(nn.Module):
     def forward(self, items: torch.Tensor, behaviour: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         z = (self.features(items, behaviour) - self.mean) / self.std  # (B, F)
-        terms = z * self.weight  # (B, F)
-        return torch.sigmoid(terms.sum(1) + self.bias), terms  # (B,), (B, F)
+        logit, terms = self.classifier.explain(z)  # (B,), (B, F)
+        return torch.sigmoid(logit), terms
 
 
 class OnlineDetector:
@@ -156,8 +182,8 @@ class OnlineDetector:
         n_f = len(FEATURES)
         self.mean = torch.zeros(n_f)
         self.std = torch.ones(n_f)
-        self.weight = torch.zeros(n_f)
-        self.bias = torch.zeros(())
+        torch.manual_seed(self.cfg.seed)
+        self.classifier = Classifier(n_f).eval()
         self.trained = False
         self.threshold = self.cfg.threshold  # in force: see DetectorConfig.max_fpr
         self.rounds = 0
@@ -175,8 +201,8 @@ class OnlineDetector:
         order = counts[1:].argsort(kind="stable").argsort(kind="stable")  # rank, 0 = rarest
         pct = np.concatenate([[0.0], (order + 1) / max(1, len(order))])  # (V+1,)
         g = DetectorGraph(learner.generator, learner.discriminator,
-                          torch.from_numpy(pct).float(), self.mean, self.std, self.weight,
-                          self.bias)
+                          torch.from_numpy(pct).float(), self.mean, self.std,
+                          self.classifier)
         return g.eval()
 
     @torch.no_grad()
@@ -195,7 +221,7 @@ class OnlineDetector:
         if not records or not self.trained:
             return np.zeros(len(records))
         z = (self.features(records) - self.mean) / self.std
-        return torch.sigmoid(z @ self.weight + self.bias).numpy()
+        return torch.sigmoid(self.classifier(z)).numpy()
 
     # ------------------------------------------------------------------ training
 
@@ -273,7 +299,7 @@ class OnlineDetector:
         return fakes
 
     def train_round(self, reals: Sequence[tuple[UserId, UserRecord]]) -> dict[str, float]:
-        """Refit the logistic model on fresh fakes against ``reals`` (recent real users,
+        """Train the classifier further on fresh fakes against ``reals`` (recent real users,
         the most recent last), then set the threshold in force from their scores."""
         cfg = self.cfg
         reals = [(u, r) for u, r in reals if r.behaviour.clicks >= cfg.min_clicks]
@@ -295,21 +321,19 @@ class OnlineDetector:
         y = torch.cat([torch.zeros(len(x_real)), torch.ones(len(x_fake))])  # (R+K,)
         w = torch.cat([torch.full((len(x_real),), 0.5 / len(x_real)),
                        torch.full((len(x_fake),), 0.5 / len(x_fake))])  # balanced classes
-        weight = self.weight.clone().requires_grad_(True)
-        bias = self.bias.clone().requires_grad_(True)
-        opt = torch.optim.Adam([weight, bias], lr=cfg.lr)
+        clf = self.classifier.train()
+        opt = torch.optim.AdamW(clf.parameters(), lr=cfg.lr, weight_decay=cfg.l2)
         for _ in range(cfg.steps_per_round):
             opt.zero_grad()
-            logit = x @ weight + bias
             loss = (w * nn.functional.binary_cross_entropy_with_logits(
-                logit, y, reduction="none")).sum() + cfg.l2 * (weight ** 2).sum()
+                clf(x), y, reduction="none")).sum()
             loss.backward()
             opt.step()
-        self.weight, self.bias = weight.detach(), bias.detach()
+        clf.eval()
         self.trained = True
         self.rounds += 1
         with torch.no_grad():
-            p = torch.sigmoid(x @ self.weight + self.bias)
+            p = torch.sigmoid(clf(x))
         real_p = torch.from_numpy(self.score(recent))  # (≤ threshold_users,)
         self.threshold = max(cfg.threshold, float(torch.quantile(real_p.double(),
                                                                 1 - cfg.max_fpr))
@@ -324,7 +348,8 @@ class OnlineDetector:
 
     def explain(self, record: UserRecord, top: int = 3) -> list[tuple[str, float]]:
         """The features that pushed this user's score up most: (name, term in the logit)."""
-        z = (self.features([record])[0] - self.mean) / self.std
-        terms = (z * self.weight).tolist()
+        z = (self.features([record]) - self.mean) / self.std  # (1, F)
+        with torch.no_grad():
+            terms = self.classifier.explain(z)[1][0].tolist()
         order = sorted(range(len(terms)), key=lambda i: -terms[i])[:top]
         return [(FEATURES[i], round(terms[i], 3)) for i in order if terms[i] > 0]

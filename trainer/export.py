@@ -125,7 +125,7 @@ def detector_model(detector: Any) -> nn.Module:
     live = d.items.emb.weight[: d.n_items + 1].detach().clone()  # (V+1, d+1)
     d.items.emb = nn.Embedding.from_pretrained(live, freeze=True, padding_idx=0)
     return DetectorGraph(_scoring_copy(graph.generator), d, graph.pop_pct, graph.mean,
-                         graph.std, graph.weight, graph.bias).cpu().eval()
+                         graph.std, copy.deepcopy(graph.classifier)).cpu().eval()
 
 
 def export_detector(model: nn.Module) -> bytes:

@@ -39,7 +39,6 @@ def test_the_graph_gives_every_named_feature_and_explains_the_logit(trained) -> 
     users = [r for r in records.values() if r.behaviour.clicks >= 5][:8]
     x = det.features(users)
     assert x.shape == (len(users), len(FEATURES)) and torch.isfinite(x).all()
-    det.weight = torch.arange(len(FEATURES), dtype=torch.float32) / 10
     det.trained = True
     items = det._rows([u.items for u in users])
     from advrec.suspicion import behaviour_features
@@ -47,8 +46,15 @@ def test_the_graph_gives_every_named_feature_and_explains_the_logit(trained) -> 
     beh = torch.tensor([behaviour_features(u.behaviour) for u in users])
     with torch.no_grad():
         p, terms = det.graph()(items, beh)
-    assert torch.allclose(p, torch.sigmoid(terms.sum(1) + det.bias), atol=1e-6)
     assert np.allclose(p.numpy(), det.score(users), atol=1e-6)
+    # a feature's term: how far the logit falls when it is reset to a typical value (z = 0)
+    z = (x - det.mean) / det.std
+    with torch.no_grad():
+        full = det.classifier(z)
+        reset = z.clone()
+        reset[:, 3] = 0
+        assert torch.allclose(terms[:, 3], full - det.classifier(reset), atol=1e-5)
+    assert terms.shape == (len(users), len(FEATURES))
 
 
 def test_detector_tells_random_and_bandwagon_fakes_from_real_users(trained) -> None:
@@ -87,10 +93,12 @@ def test_the_filter_drops_flagged_users_examples_and_keeps_the_rest(trained) -> 
     learner, _, events = trained
     guard = _Guard(learner, DetectorConfig(min_clicks=2), SMALL)
     guard.detector.trained = True
-    guard.detector.bias = torch.tensor(-20.0)  # nobody is flagged...
+    last = guard.detector.classifier.net[-1]
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.constant_(last.bias, -20.0)  # nobody is flagged...
     batch = list(build_examples(events[:300], SMALL.max_len))
     assert guard.admit(batch, 0) == batch
-    guard.detector.bias = torch.tensor(20.0)  # ...everybody scored is
+    torch.nn.init.constant_(last.bias, 20.0)  # ...everybody scored is
     kept = guard.admit(list(build_examples(events[300:600], SMALL.max_len)), 1)
     assert all(guard.records[ex.user].behaviour.clicks < 2 for ex in kept)
     assert guard.filtered == 300 - len(kept) > 0
