@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="send each user's events in envelopes of up to N events (one message "
                         "each, as a producer that batches; README 'Event contract'); 1 sends "
                         "one message per event (default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 

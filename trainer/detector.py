@@ -12,12 +12,13 @@ beside the scorer, so the worker scores without torch.
 How it learns (``OnlineDetector.train_round``): positives are fake users it makes itself
 with the attacks of advrec/attacks.py, from the catalogue as it stands (random, average,
 bandwagon, segment fillers with unpopular targets, and sessions sampled from G: the
-attacker who copies the model), a quarter with bot timing and the rest with the counters
-of a real user (so that timing alone never separates them); negatives are recent real users. The
-stream's users are unlabelled, so a real attack in progress sits among the negatives for a
-while: positives are resampled every round and the model is refit from the features as
-they stand. Adversarially, the attacker best-responds: of the generated sessions at
-several sampling temperatures, the ones the current detector scores lowest are added again.
+attacker who copies the model), some clicking like bots, some at gaps drawn from the
+stream's, some with a real user's counters copied (so that timing alone never separates
+those); negatives are recent real users. The stream's users are unlabelled, so a real
+attack in progress sits among the negatives for a while: positives are resampled every
+round and the classifier trains on, warm-started, from the features as they stand.
+Adversarially, the attacker best-responds: of the generated sessions at several sampling
+temperatures, the ones the current detector scores lowest are added again.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from trainer.model import static_dim
 __all__ = ["Classifier", "DetectorConfig", "DetectorGraph", "OnlineDetector", "UserRecord"]
 
 SYNTH_KINDS = ("random", "average", "bandwagon", "segment", "generated")
+GAP_SAMPLE = 4096  # gaps kept for fakes that click at the stream's own pace
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,9 @@ class DetectorConfig:
     filler: tuple[int, int] = (8, 40)  # fillers per synthesized fake user (uniform)
     target_clicks: tuple[int, int] = (1, 4)
     temperatures: tuple[float, ...] = (0.7, 1.0, 1.5)  # the attacker's choices for G sessions
-    bot_share: float = 0.25  # synthesized fakes that click like bots (the rest: real timing)
+    # how the synthesized fakes click: like bots (regular gaps), at gaps drawn one by one
+    # from the stream's own, or with a real user's counters copied; shares, summing to 1
+    timing_shares: tuple[float, float, float] = (0.25, 0.35, 0.40)
     bot_gap_ms: tuple[int, int] = (1000, 3000)  # bot timing: regular, uniform gaps
     threshold_users: int = 2000  # recent users whose scores set the threshold in force
     seed: int = 0
@@ -69,7 +73,8 @@ class DetectorConfig:
     def __post_init__(self) -> None:
         assert 0 < self.threshold < 1, "threshold must lie in (0, 1)"
         assert 0 <= self.max_fpr < 1, "max_fpr must lie in [0, 1)"
-        assert 0 <= self.bot_share <= 1, "bot_share must lie in [0, 1]"
+        assert abs(sum(self.timing_shares) - 1) < 1e-6 and min(self.timing_shares) >= 0, \
+            "timing_shares must be three shares summing to 1"
         assert self.min_clicks >= 2 and self.fakes_per_round >= 2 and self.reals_per_round >= 2
         assert self.min_users >= 10, "min_users must be >= 10"
 
@@ -184,6 +189,8 @@ class OnlineDetector:
         self.std = torch.ones(n_f)
         torch.manual_seed(self.cfg.seed)
         self.classifier = Classifier(n_f).eval()
+        self.gaps: list[int] = []  # a uniform sample of the stream's gaps (ms)
+        self._gaps_seen = 0
         self.trained = False
         self.threshold = self.cfg.threshold  # in force: see DetectorConfig.max_fpr
         self.rounds = 0
@@ -232,14 +239,29 @@ class OnlineDetector:
                           if learner.item_counts[r] > 0})
         return Catalogue(counts, {u: list(r.items) for u, r in reals})
 
-    def _bot_timing(self, n_clicks: int, start: int) -> Behaviour:
-        """A bot's counters: ``n_clicks`` at uniform gaps in ``bot_gap_ms``."""
+    def observe_gap(self, gap_ms: int) -> None:
+        """Keep a uniform sample of the gaps between a user's clicks seen in the stream."""
+        self._gaps_seen += 1
+        if len(self.gaps) < GAP_SAMPLE:
+            self.gaps.append(gap_ms)
+        else:
+            k = int(self.rng.integers(0, self._gaps_seen))
+            if k < GAP_SAMPLE:
+                self.gaps[k] = gap_ms
+
+    def _timing(self, n_clicks: int, reals: Sequence[tuple[UserId, UserRecord]],
+                start: int) -> Behaviour:
+        """A synthesized fake's counters, in one of the three ways ``timing_shares`` weighs."""
+        mode = int(self.rng.choice(3, p=np.asarray(self.cfg.timing_shares)))
+        if mode == 2 or (mode == 1 and not self.gaps):  # a real user's counters
+            return dataclasses.replace(reals[int(self.rng.integers(0, len(reals)))][1].behaviour)
         b = Behaviour()
         ts = start
         lo, hi = self.cfg.bot_gap_ms
         for k in range(n_clicks):
             if k:
-                ts += int(self.rng.integers(lo, hi))
+                ts += (int(self.rng.integers(lo, hi)) if mode == 0
+                       else self.gaps[int(self.rng.integers(0, len(self.gaps)))])
             b.update(ts)
         return b
 
@@ -281,16 +303,12 @@ class OnlineDetector:
         generated = [s for t in self.cfg.temperatures
                      for s in self._generated(catalogue, per_t, t)]
         sessions.extend(generated)
-        # some fakes click like bots; the others carry a real user's counters, so that
-        # timing alone never tells them apart and the content has to
+        # some fakes click like bots, some at the stream's own gaps, some with a real user's
+        # counters (so that timing alone never tells those apart and the content has to)
         start = int(self.learner.last_event_ms or 0)
         fakes = []
         for items in sessions:
-            if self.rng.random() < self.cfg.bot_share:
-                behaviour = self._bot_timing(len(items), start)
-            else:
-                behaviour = dataclasses.replace(
-                    reals[int(self.rng.integers(0, len(reals)))][1].behaviour)
+            behaviour = self._timing(len(items), reals, start)
             fakes.append(UserRecord(items[-max_len:], behaviour))
         if self.trained and generated:
             scores = self.score(fakes[-len(generated):])

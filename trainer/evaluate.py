@@ -538,6 +538,8 @@ class _Guard:
         """Count the batch's clicks, score its users, return the examples to train on."""
         for ex in batch:
             rec = self.records.pop(ex.user, None) or UserRecord()
+            if rec.behaviour.clicks and ex.ts >= rec.behaviour.last_ts:
+                self.detector.observe_gap(ex.ts - rec.behaviour.last_ts)
             rec.add(ex.item, ex.ts, self.max_len)
             self.records[ex.user] = rec  # now the most recently active
         users = [u for u in dict.fromkeys(ex.user for ex in batch)

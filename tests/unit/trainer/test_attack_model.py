@@ -28,3 +28,15 @@ def test_generated_attack_samples_known_items_that_are_new_to_the_session() -> N
     assert len(labels.fake_users) == 5
     assert set(Counter(e.user for e in fake).values()) == {8}
     assert {e.item for e in fake} - set(labels.targets) <= known
+
+
+def test_advrec_attack_needs_a_kind_and_refuses_a_bad_window_before_sending(
+        capsys, tmp_path) -> None:
+    from trainer.attack_model import main
+
+    assert main(["synthetic", "--limit", "500"]) == 2
+    assert "--attack KIND is required" in capsys.readouterr().err
+    assert main(["synthetic", "--limit", "500", "--attack", "random", "--attack-window",
+                 "0.9,0.1", "--labels", str(tmp_path / "l.json"), "--no-progress"]) == 2
+    assert "attack window" in capsys.readouterr().err
+    assert not (tmp_path / "l.json").exists()
