@@ -43,7 +43,7 @@ def session(model: bytes, threads: int) -> Any:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--items", type=int, default=10_000)
-    p.add_argument("--events", type=int, default=60_000, help="synthetic events trained on")
+    p.add_argument("--events", type=int, default=100_000, help="synthetic events trained on")
     p.add_argument("--batches", default="1,11,32", help="batch sizes of the model calls")
     p.add_argument("--slices", type=int, default=10, help="alternating slices per batch size")
     p.add_argument("--calls", type=int, default=200, help="calls per slice")
@@ -53,7 +53,8 @@ def main() -> int:
     model_cfg = ModelConfig()
     learner = OnlineLearner(model_cfg, TrainConfig(mode="none", steps_per_batch=1, seed=0),
                             prior_cfg=PriorConfig())
-    events = list(synthetic_events(SyntheticConfig(n_users=5000, n_items=args.items, seed=1),
+    events = list(synthetic_events(SyntheticConfig(n_users=5000, n_items=args.items, seed=1,
+                                                   initial_items=1.0),
                                    args.events))
     examples = list(build_examples(events, model_cfg.max_len))
     for i in range(0, len(examples), 1024):

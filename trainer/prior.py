@@ -187,7 +187,8 @@ class PriorScorer(nn.Module):
 
     def __init__(self, idx: np.ndarray, val: np.ndarray, cfg: PriorConfig) -> None:
         super().__init__()
-        self.register_buffer("idx", torch.as_tensor(idx, dtype=torch.int64))  # (V+1, K)
+        # int32 halves what the bundle carries for the links (cast per call, on [B, R, K])
+        self.register_buffer("idx", torch.as_tensor(idx, dtype=torch.int32))  # (V+1, K)
         self.register_buffer("val", torch.as_tensor(val, dtype=torch.float32))  # (V+1, K)
         pos = torch.tensor(cfg.position_weights()[::-1], dtype=torch.float32)  # oldest first
         self.register_buffer("pos", pos)  # (R,)
@@ -198,7 +199,7 @@ class PriorScorer(nn.Module):
         [B, V+1] (whose values are not used)."""
         R = min(self.n_recent, int(history.shape[1]))
         recent = history[:, -R:]  # (B, R) oldest .. newest
-        idx = self.idx[recent]  # (B, R, K)
+        idx = self.idx[recent].long()  # (B, R, K)
         val = self.val[recent] * self.pos[-R:].view(1, R, 1)  # (B, R, K)
         # ``like * 0``, not zeros_like: the latter exports as Shape + ConstantOfShape, and the
         # served graph reads no tensor shapes (tests/unit/trainer/test_export.py)
