@@ -24,6 +24,7 @@ temperatures, the ones the current detector scores lowest are added again.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,10 +50,11 @@ class DetectorConfig:
     """How the detector scores, when it flags and how it trains."""
 
     threshold: float = 0.5  # flag a user when P(fake) >= threshold...
-    # ...and above the share of recent real users it would flag: after each round the
-    # threshold in force rises to the (1 - max_fpr) quantile of their scores, so that at
-    # most that share of the (unlabelled, mostly real) users is flagged
-    max_fpr: float = 0.005
+    # ...and when the user's logit stands this many median absolute deviations above the
+    # median logit of recent users: after each round the threshold in force rises to it.
+    # Robust statistics, so that an attack in progress (fakes among the recent users, up
+    # to nearly half of them) cannot lift the bar over itself, as a quantile would
+    outlier_mads: float = 6.0
     min_clicks: int = 5  # users with fewer clicks are not scored (nothing to go on)
     min_users: int = 100  # no training round (and no flag) before this many such users
     fakes_per_round: int = 160  # synthesized fake users per training round
@@ -60,6 +62,7 @@ class DetectorConfig:
     steps_per_round: int = 150  # steps of the classifier per round (warm-started)
     lr: float = 0.01
     l2: float = 1e-3  # AdamW weight decay of the classifier
+    feature_dropout: float = 0.3  # share of features reset to typical per training row
     filler: tuple[int, int] = (8, 40)  # fillers per synthesized fake user (uniform)
     target_clicks: tuple[int, int] = (1, 4)
     temperatures: tuple[float, ...] = (0.7, 1.0, 1.5)  # the attacker's choices for G sessions
@@ -72,7 +75,7 @@ class DetectorConfig:
 
     def __post_init__(self) -> None:
         assert 0 < self.threshold < 1, "threshold must lie in (0, 1)"
-        assert 0 <= self.max_fpr < 1, "max_fpr must lie in [0, 1)"
+        assert self.outlier_mads >= 0, "outlier_mads must be >= 0"
         assert abs(sum(self.timing_shares) - 1) < 1e-6 and min(self.timing_shares) >= 0, \
             "timing_shares must be three shares summing to 1"
         assert self.min_clicks >= 2 and self.fakes_per_round >= 2 and self.reals_per_round >= 2
@@ -192,7 +195,8 @@ class OnlineDetector:
         self.gaps: list[int] = []  # a uniform sample of the stream's gaps (ms)
         self._gaps_seen = 0
         self.trained = False
-        self.threshold = self.cfg.threshold  # in force: see DetectorConfig.max_fpr
+        # in force, as a logit: see DetectorConfig.outlier_mads
+        self.threshold_logit = math.log(self.cfg.threshold / (1 - self.cfg.threshold))
         self.rounds = 0
         self.last_round: dict[str, float] = {}
 
@@ -223,12 +227,25 @@ class OnlineDetector:
         return self.graph().features(items, behaviour)
 
     @torch.no_grad()
+    def logits(self, records: Sequence[UserRecord]) -> np.ndarray:
+        """The classifier's logit per user [B] (float64); -inf before the first round."""
+        if not records or not self.trained:
+            return np.full(len(records), -np.inf)
+        z = (self.features(records) - self.mean) / self.std
+        return self.classifier(z).double().numpy()
+
     def score(self, records: Sequence[UserRecord]) -> np.ndarray:
         """P(fake) per user [B]; 0 before the first training round."""
-        if not records or not self.trained:
-            return np.zeros(len(records))
-        z = (self.features(records) - self.mean) / self.std
-        return torch.sigmoid(self.classifier(z)).numpy()
+        return 1.0 / (1.0 + np.exp(-np.clip(self.logits(records), -700, 700)))
+
+    def flags(self, records: Sequence[UserRecord]) -> np.ndarray:
+        """Whether each user is flagged now [B] (compared as logits: P(fake) saturates)."""
+        return self.logits(records) >= self.threshold_logit
+
+    @property
+    def threshold(self) -> float:
+        """The threshold in force, as P(fake)."""
+        return 1.0 / (1.0 + math.exp(-min(700.0, self.threshold_logit)))
 
     # ------------------------------------------------------------------ training
 
@@ -341,22 +358,28 @@ class OnlineDetector:
                        torch.full((len(x_fake),), 0.5 / len(x_fake))])  # balanced classes
         clf = self.classifier.train()
         opt = torch.optim.AdamW(clf.parameters(), lr=cfg.lr, weight_decay=cfg.l2)
+        gen = torch.Generator().manual_seed(int(self.rng.integers(1 << 31)))
         for _ in range(cfg.steps_per_round):
             opt.zero_grad()
+            # feature dropout: a random share of each row reads as a typical user's (z = 0),
+            # so that no single feature (G's likelihood of a session it never trained on, for
+            # one) carries the decision alone
+            keep = (torch.rand(x.shape, generator=gen) >= cfg.feature_dropout).float()
             loss = (w * nn.functional.binary_cross_entropy_with_logits(
-                clf(x), y, reduction="none")).sum()
+                clf(x * keep), y, reduction="none")).sum()
             loss.backward()
             opt.step()
         clf.eval()
         self.trained = True
         self.rounds += 1
         with torch.no_grad():
-            p = torch.sigmoid(clf(x))
-        real_p = torch.from_numpy(self.score(recent))  # (≤ threshold_users,)
-        self.threshold = max(cfg.threshold, float(torch.quantile(real_p.double(),
-                                                                1 - cfg.max_fpr))
-                             if cfg.max_fpr > 0 else cfg.threshold)
-        flag = p >= self.threshold
+            train_logit = clf(x).double()  # (R+K,)
+        logit = self.logits(recent)  # (≤ threshold_users,)
+        median = float(np.median(logit))
+        mad = float(np.median(np.abs(logit - median)))
+        self.threshold_logit = max(math.log(cfg.threshold / (1 - cfg.threshold)),
+                                   median + cfg.outlier_mads * mad)
+        flag = train_logit >= self.threshold_logit
         self.last_round = {
             "loss": float(loss.detach()), "reals": float(len(x_real)), "fakes": float(len(x_fake)),
             "train_fpr": float(flag[: len(x_real)].float().mean()),

@@ -530,7 +530,7 @@ class _Guard:
         self.cfg = cfg
         self.max_len = model_cfg.max_len
         self.records: dict[str, UserRecord] = {}  # insertion order = least recently active
-        self.worst: dict[str, float] = {}  # each scored user's highest score so far
+        self.worst: dict[str, float] = {}  # each scored user's highest logit so far
         self.filtered = 0
         self.examples = 0
 
@@ -544,11 +544,12 @@ class _Guard:
             self.records[ex.user] = rec  # now the most recently active
         users = [u for u in dict.fromkeys(ex.user for ex in batch)
                  if self.records[u].behaviour.clicks >= self.cfg.min_clicks]
-        scores = self.detector.score([self.records[u] for u in users])
+        recs = [self.records[u] for u in users]
+        logits = self.detector.logits(recs)
         flagged = set()
-        for u, p in zip(users, scores.tolist(), strict=True):
-            self.worst[u] = max(p, self.worst.get(u, 0.0))
-            if p >= self.detector.threshold:
+        for u, z in zip(users, logits.tolist(), strict=True):
+            self.worst[u] = max(z, self.worst.get(u, -math.inf))
+            if z >= self.detector.threshold_logit:
                 flagged.add(u)
         admitted = [ex for ex in batch if ex.user not in flagged]
         self.filtered += len(batch) - len(admitted)
@@ -563,10 +564,9 @@ class _Guard:
         # detector (the service re-scores its flagged users when a new detector arrives)
         users = [u for u, r in self.records.items()
                  if r.behaviour.clicks >= self.cfg.min_clicks]
-        scores = self.detector.score([self.records[u] for u in users])
-        flagged = {u for u, p in zip(users, scores.tolist(), strict=True)
-                   if p >= self.detector.threshold}
-        ever = {u for u, p in self.worst.items() if p >= self.detector.threshold}
+        now = self.detector.flags([self.records[u] for u in users])
+        flagged = {u for u, f in zip(users, now.tolist(), strict=True) if f}
+        ever = {u for u, z in self.worst.items() if z >= self.detector.threshold_logit}
         out = {"filtered_examples": float(self.filtered),
                "filtered_share": self.filtered / max(1, self.examples),
                "flagged_users": float(len(flagged)),

@@ -78,15 +78,22 @@ def test_detector_tells_random_and_bandwagon_fakes_from_real_users(trained) -> N
         assert auc > 0.9, (kind, auc)
 
 
-def test_the_threshold_in_force_flags_at_most_the_allowed_share_of_recent_users(
-        trained) -> None:
+def test_the_threshold_in_force_sits_far_out_in_the_recent_users_scores(trained) -> None:
     learner, records, _ = trained
-    det = OnlineDetector(learner, DetectorConfig(seed=4, max_fpr=0.05))
+    det = OnlineDetector(learner, DetectorConfig(seed=4, outlier_mads=3.0))
     reals = [(u, r) for u, r in records.items() if r.behaviour.clicks >= 5]
     det.train_round(reals)
-    scores = det.score([r for _, r in reals])
-    assert det.threshold >= 0.5
-    assert (scores >= det.threshold).mean() <= 0.05 + 1.0 / len(reals)
+    logit = det.logits([r for _, r in reals])
+    median = np.median(logit)
+    bar = median + 3.0 * np.median(np.abs(logit - median))
+    assert det.threshold_logit == pytest.approx(max(0.0, bar), rel=1e-6, abs=1e-9)
+    assert (det.flags([r for _, r in reals]) == (logit >= det.threshold_logit)).all()
+    # robust: with a tenth of the recent users scoring far out (an attack among them), the
+    # bar stays below them, where the 99th percentile would have risen to their own score
+    la = np.concatenate([logit, np.full(len(logit) // 10, logit.max() + 30.0)])
+    med_a = np.median(la)
+    assert med_a + 3.0 * np.median(np.abs(la - med_a)) < la.max() - 1.0
+    assert np.quantile(la, 0.99) == pytest.approx(la.max())
 
 
 def test_the_filter_drops_flagged_users_examples_and_keeps_the_rest(trained) -> None:
