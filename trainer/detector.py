@@ -190,8 +190,9 @@ class OnlineDetector:
         n_f = len(FEATURES)
         self.mean = torch.zeros(n_f)
         self.std = torch.ones(n_f)
-        torch.manual_seed(self.cfg.seed)
-        self.classifier = Classifier(n_f).eval()
+        with torch.random.fork_rng():  # its own initialisation, the process's RNG untouched
+            torch.manual_seed(self.cfg.seed)
+            self.classifier = Classifier(n_f).eval()
         self.gaps: list[int] = []  # a uniform sample of the stream's gaps (ms)
         self._gaps_seen = 0
         self.trained = False
@@ -325,8 +326,11 @@ class OnlineDetector:
         start = int(self.learner.last_event_ms or 0)
         fakes = []
         for items in sessions:
-            behaviour = self._timing(len(items), reals, start)
-            fakes.append(UserRecord(items[-max_len:], behaviour))
+            # the service scores a fake as its clicks arrive, from the min_clicks-th on: it
+            # is seen as a partial session far more often than as a whole one
+            cut = int(self.rng.integers(min(self.cfg.min_clicks, len(items)), len(items) + 1))
+            behaviour = self._timing(cut, reals, start)
+            fakes.append(UserRecord(items[:cut][-max_len:], behaviour))
         if self.trained and generated:
             scores = self.score(fakes[-len(generated):])
             worst = np.argsort(scores)[: max(1, len(generated) // 2)]

@@ -884,8 +884,10 @@ def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: li
     if not args.no_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(jobs) * sum(len(st[1]) for st in streams)
-                   * (2 if args.defence == "both" else 1), unit="ev",
+        # with --defence both, a neural method runs twice and a baseline once
+        runs_per_stream = sum(2 if args.defence == "both" and m not in BASELINES else 1
+                              for m, _ in jobs)
+        bar = tqdm(total=runs_per_stream * sum(len(st[1]) for st in streams), unit="ev",
                    desc="evaluate", file=sys.stderr, dynamic_ncols=True)
     runs: list[MethodRun] = []
     detector_cfg = DetectorConfig(threshold=args.detector_threshold,
