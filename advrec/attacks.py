@@ -251,7 +251,8 @@ def fake_session(cfg: AttackConfig, catalogue: Catalogue, targets: Sequence[Item
     """The items one fake user of ``cfg``'s kind clicks, in order (fillers and targets)."""
     if cfg.kind == "generated":
         if sampler is None:
-            raise ValueError("the generated attack needs a sequence sampler")
+            raise ValueError("the generated attack needs a sequence sampler (a trained "
+                             "generator)")
         return _generated(sampler, catalogue, cfg, targets, rng)
     fillers = _fillers(cfg.kind, catalogue, cfg.filler, targets, rng, cfg)
     return _with_targets(fillers, targets, cfg.target_clicks, rng)
@@ -263,8 +264,6 @@ def plan_attack(events: Sequence[ClickEvent], cfg: AttackConfig,
     their labels. Only what was clicked before the attack window is used to build them."""
     if not events:
         raise ValueError("cannot attack an empty stream")
-    if cfg.kind == "generated" and sampler is None:
-        raise ValueError("the generated attack needs a sequence sampler (a trained generator)")
     rng = np.random.default_rng(cfg.seed)
     t0, t1 = events[0].ts, events[-1].ts
     start_ms = int(t0 + cfg.start * (t1 - t0))

@@ -305,40 +305,11 @@ def _tallies(method: str, prior_weights: Sequence[float] | None) -> list[_Tally]
     return [_Tally(f"{method}@{w:g}", float(w)) for w in prior_weights]
 
 
-def run_prequential(examples: Sequence[TrainingExample], method: str, *, seed: int = 0,
-                    variant: str = "A", batch_size: int = 256, model_cfg: Any = None,
-                    train_cfg: TrainConfig | None = None,
-                    adv_cfg: AdversarialConfig | None = None,
-                    prior_cfg: PriorConfig | None = None,
-                    prior_weights: Sequence[float] | None = None,
-                    report_from: int = 0, n_windows: int = 10,
-                    record_d: bool = False, progress: Callable[[int], None] | None = None,
-                    attack: AttackLabels | None = None,
-                    defence: DetectorConfig | None = None) -> MethodRun:
-    """Replay ``examples`` test-then-train through one method; return what it measured.
-
-    ``report_from``: the first example of the reported part of the stream (the part after a
-    validation prefix); its metrics are added with the prefix ``test:``. For a hybrid method
-    (``mode+cooc``) given several ``prior_weights``, one training run is ranked at every
-    weight; ``run_prequential_all`` returns one ``MethodRun`` per weight.
-
-    ``attack``: the labels of a shilling attack (advrec/attacks.py) whose fake users are in
-    ``examples`` (or, for the clean reference, are not): fake users are trained on but never
-    scored, and ``target_hr@10`` counts the real users' lists, from the attack's start on,
-    that hold one of its targets.
-
-    ``defence``: a neural method runs with the fake-user detector (trainer/detector.py)
-    beside it, as the service does: after each batch's clicks are counted, the batch's users
-    are scored and the examples of users at or above the threshold are not trained on.
-    With ``attack``, the detector's precision, recall and F1 (a user counts as flagged once
-    scored at or above the threshold) are measured against the labels.
-    """
-    return run_prequential_all(examples, method, seed=seed, variant=variant,
-                               batch_size=batch_size, model_cfg=model_cfg, train_cfg=train_cfg,
-                               adv_cfg=adv_cfg, prior_cfg=prior_cfg,
-                               prior_weights=prior_weights, report_from=report_from,
-                               n_windows=n_windows, record_d=record_d, progress=progress,
-                               attack=attack, defence=defence)[0]
+def run_prequential(examples: Sequence[TrainingExample], method: str,
+                    **options: Any) -> MethodRun:
+    """Replay ``examples`` test-then-train through one method; return what it measured
+    (``run_prequential_all``'s options; with several prior weights, the first one's run)."""
+    return run_prequential_all(examples, method, **options)[0]
 
 
 def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, seed: int = 0,
@@ -351,7 +322,26 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
                         record_d: bool = False, progress: Callable[[int], None] | None = None,
                         attack: AttackLabels | None = None,
                         defence: DetectorConfig | None = None) -> list[MethodRun]:
-    """``run_prequential`` for every prior weight of a hybrid: one ``MethodRun`` each."""
+    """Replay ``examples`` test-then-train through one method; one ``MethodRun`` per way of
+    ranking (one, or one per prior weight of a hybrid given several ``prior_weights``).
+
+    ``report_from``: the first example of the reported part of the stream (the part after a
+    validation prefix); its metrics are added with the prefix ``test:``. For a hybrid method
+    (``mode+cooc``) given several ``prior_weights``, one training run is ranked at every
+    weight.
+
+    ``attack``: the labels of a shilling attack (advrec/attacks.py) whose fake users are in
+    ``examples`` (or, for the clean reference, are not): fake users are trained on but never
+    scored, and ``target_hr@10`` counts the real users' lists, from the attack's start on,
+    that hold one of its targets.
+
+    ``defence``: a neural method runs with the fake-user detector (trainer/detector.py)
+    beside it, as the service does: after each batch's clicks are counted, the batch's users
+    are scored and the examples of users at or above the threshold are not trained on.
+    With ``attack``, the detector's precision, recall and F1 are measured against the
+    labels, every user with enough clicks re-scored on their final state by the final
+    detector.
+    """
     assert variant in ("A", "B"), f"variant must be A or B, not {variant!r}"
     t0 = time.perf_counter()
     train_cfg = train_cfg or TrainConfig()
@@ -373,7 +363,7 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
     snap_at = {max(0, round(f * n_batches) - 1) for f in D_SNAPSHOTS}
     d_rng = np.random.default_rng(10_000 + seed)
     n_unknown = n_masked = 0
-    guard = (_Guard(adapter.learner, defence, model_cfg_of(adapter))
+    guard = (_Guard(adapter.learner, defence)
              if defence is not None and isinstance(adapter, LearnerAdapter) else None)
     for bi in range(n_batches):
         batch = examples[bi * batch_size : (bi + 1) * batch_size]
@@ -475,6 +465,7 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
             progress(len(batch))
     where = np.concatenate(positions) if positions else np.zeros(0, np.int64)
     settings = method_settings(adapter)
+    guarded = guard.metrics(attack) if guard is not None else {}  # one detector, every tally
     runs = []
     for t in tallies:
         ranks_all = np.concatenate(t.ranks) if t.ranks else np.zeros(0, np.int64)
@@ -493,8 +484,7 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
         if attack is not None:
             metrics["target_hr@10"] = t.target_hits / max(1, t.target_lists)
             metrics["target_lists"] = float(t.target_lists)
-        if guard is not None:
-            metrics.update(guard.metrics(attack))
+        metrics.update(guarded)
         mine = settings
         if t.weight is not None and "prior" in settings:
             mine = {**settings, "prior": {**settings["prior"], "weight": t.weight}}
@@ -514,21 +504,16 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
     return runs
 
 
-def model_cfg_of(adapter: Adapter) -> ModelConfig:
-    return adapter.learner.model_cfg  # type: ignore[attr-defined]
-
-
 class _Guard:
     """The detector and training filter beside one neural run (as the service runs them)."""
 
     ROUND_EVERY = 10  # batches between the detector's training rounds
     RECENT_USERS = 3000  # users it draws its real examples from (the most recently active)
 
-    def __init__(self, learner: OnlineLearner, cfg: DetectorConfig,
-                 model_cfg: ModelConfig) -> None:
+    def __init__(self, learner: OnlineLearner, cfg: DetectorConfig) -> None:
         self.detector = OnlineDetector(learner, cfg)
         self.cfg = cfg
-        self.max_len = model_cfg.max_len
+        self.max_len = learner.model_cfg.max_len
         self.records: dict[str, UserRecord] = {}  # insertion order = least recently active
         self.worst: dict[str, float] = {}  # each scored user's highest logit so far
         self.filtered = 0

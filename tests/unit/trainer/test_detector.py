@@ -98,7 +98,7 @@ def test_the_threshold_in_force_sits_far_out_in_the_recent_users_scores(trained)
 
 def test_the_filter_drops_flagged_users_examples_and_keeps_the_rest(trained) -> None:
     learner, _, events = trained
-    guard = _Guard(learner, DetectorConfig(min_clicks=2), SMALL)
+    guard = _Guard(learner, DetectorConfig(min_clicks=2))
     guard.detector.trained = True
     last = guard.detector.classifier.net[-1]
     torch.nn.init.zeros_(last.weight)
