@@ -4,8 +4,10 @@ and worker, as advrec/encoding.py is for the generator's input.
 A user's ``Behaviour`` is a handful of counters kept with the user's state and updated per
 event (when the account first and last clicked, how many clicks, the distribution of the
 gaps between them). ``behaviour_features`` turns it into the detector's behaviour input; the
-detector (trainer/detector.py, exported into the bundle) adds what the items say (their
-popularity, how concentrated they are, how likely the generator finds the sequence).
+detector (trainer/detector.py, exported into the bundle) adds what the items say: how
+popular they are, how concentrated on one, whether other users click them together (real
+sessions follow the catalogue's structure; fillers drawn at random do not), and whether one
+of them is bursting (an attack's target is clicked by every fake user at once).
 
 ``FEATURES`` names every input the detector weighs, in its order: the admin API explains a
 flag by the features that pushed the score up.
@@ -31,9 +33,10 @@ BEHAVIOUR_FEATURES = (
 CONTENT_FEATURES = (
     "pop_mean",  # mean popularity percentile of the history's items (1 = the most clicked)
     "pop_std",  # their spread
-    "repeat_share",  # share of the history taken by its most repeated item
-    "g_loglik",  # the generator's mean log-likelihood of each next item (per step)
-    "d_realism",  # the discriminator's mean logit that each next item is a real next click
+    "repeat_share",  # share of the history that repeats its most clicked item (0: none)
+    "coherence",  # mean log ratio of co-clicks by others to chance, over nearby item pairs
+    "unlinked",  # share of those pairs that nobody else co-clicked
+    "burst",  # the history's most bursting item: log ratio of its recent clicks to its usual
 )
 FEATURES = BEHAVIOUR_FEATURES + CONTENT_FEATURES
 

@@ -39,7 +39,7 @@ from advrec.suspicion import FEATURES
 from advrec.types import ItemId
 from trainer.adversarial import MODES, AdversarialConfig
 from trainer.baselines import ItemKNN, RecencyPopularity, StreamingBaseline
-from trainer.detector import DetectorConfig, OnlineDetector, UserRecord
+from trainer.detector import DetectorConfig, TrainingFilter
 from trainer.learner import OnlineLearner, TrainConfig
 from trainer.metrics import rank_targets, ranking_metrics
 from trainer.model import ModelConfig
@@ -200,6 +200,8 @@ class MethodRun:
     embedding_counts: np.ndarray | None = None
     seconds: float = 0.0
     settings: dict[str, Any] = field(default_factory=dict)  # every setting this run used
+    # with the defence: each scored user's highest P(fake) and whether the user was fake
+    suspicion: list[tuple[str, bool, float]] = field(default_factory=list)
 
 
 def method_settings(adapter: Adapter) -> dict[str, Any]:
@@ -363,7 +365,7 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
     snap_at = {max(0, round(f * n_batches) - 1) for f in D_SNAPSHOTS}
     d_rng = np.random.default_rng(10_000 + seed)
     n_unknown = n_masked = 0
-    guard = (_Guard(adapter.learner, defence)
+    guard = (TrainingFilter(adapter.learner, defence)
              if defence is not None and isinstance(adapter, LearnerAdapter) else None)
     for bi in range(n_batches):
         batch = examples[bi * batch_size : (bi + 1) * batch_size]
@@ -466,6 +468,7 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
     where = np.concatenate(positions) if positions else np.zeros(0, np.int64)
     settings = method_settings(adapter)
     guarded = guard.metrics(attack) if guard is not None else {}  # one detector, every tally
+    suspicion = guard.suspicion(attack) if guard is not None else []
     runs = []
     for t in tallies:
         ranks_all = np.concatenate(t.ranks) if t.ranks else np.zeros(0, np.int64)
@@ -489,7 +492,8 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
         if t.weight is not None and "prior" in settings:
             mine = {**settings, "prior": {**settings["prior"], "weight": t.weight}}
         runs.append(MethodRun(t.name, seed, ranks_all, metrics, t.curves,
-                              window_metrics(ranks_all, n_windows), snaps, settings=mine))
+                              window_metrics(ranks_all, n_windows), snaps, settings=mine,
+                              suspicion=suspicion))
     embeddings = counts_v = None
     if isinstance(adapter, LearnerAdapter):
         gen = adapter.learner.generator
@@ -502,72 +506,6 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
         run.seconds = seconds
         run.metrics["seconds"] = seconds
     return runs
-
-
-class _Guard:
-    """The detector and training filter beside one neural run (as the service runs them)."""
-
-    ROUND_EVERY = 10  # batches between the detector's training rounds
-    RECENT_USERS = 3000  # users it draws its real examples from (the most recently active)
-
-    def __init__(self, learner: OnlineLearner, cfg: DetectorConfig) -> None:
-        self.detector = OnlineDetector(learner, cfg)
-        self.cfg = cfg
-        self.max_len = learner.model_cfg.max_len
-        self.records: dict[str, UserRecord] = {}  # insertion order = least recently active
-        self.worst: dict[str, float] = {}  # each scored user's highest logit so far
-        self.filtered = 0
-        self.examples = 0
-
-    def admit(self, batch: Sequence[TrainingExample], bi: int) -> list[TrainingExample]:
-        """Count the batch's clicks, score its users, return the examples to train on."""
-        for ex in batch:
-            rec = self.records.pop(ex.user, None) or UserRecord()
-            if rec.behaviour.clicks and ex.ts >= rec.behaviour.last_ts:
-                self.detector.observe_gap(ex.ts - rec.behaviour.last_ts)
-            rec.add(ex.item, ex.ts, self.max_len)
-            self.records[ex.user] = rec  # now the most recently active
-        users = [u for u in dict.fromkeys(ex.user for ex in batch)
-                 if self.records[u].behaviour.clicks >= self.cfg.min_clicks]
-        recs = [self.records[u] for u in users]
-        logits = self.detector.logits(recs)
-        flagged = set()
-        for u, z in zip(users, logits.tolist(), strict=True):
-            self.worst[u] = max(z, self.worst.get(u, -math.inf))
-            if z >= self.detector.threshold_logit:
-                flagged.add(u)
-        admitted = [ex for ex in batch if ex.user not in flagged]
-        self.filtered += len(batch) - len(admitted)
-        self.examples += len(batch)
-        if bi % self.ROUND_EVERY == self.ROUND_EVERY - 1:
-            recent = list(self.records.items())[-self.RECENT_USERS:]
-            self.detector.train_round(recent)
-        return admitted
-
-    def metrics(self, attack: AttackLabels | None) -> dict[str, float]:
-        # flagged: every user with enough clicks, scored on their final state by the final
-        # detector (the service re-scores its flagged users when a new detector arrives)
-        users = [u for u, r in self.records.items()
-                 if r.behaviour.clicks >= self.cfg.min_clicks]
-        now = self.detector.flags([self.records[u] for u in users])
-        flagged = {u for u, f in zip(users, now.tolist(), strict=True) if f}
-        ever = {u for u, z in self.worst.items() if z >= self.detector.threshold_logit}
-        out = {"filtered_examples": float(self.filtered),
-               "filtered_share": self.filtered / max(1, self.examples),
-               "flagged_users": float(len(flagged)),
-               "detector_rounds": float(self.detector.rounds),
-               "detector_threshold": self.detector.threshold}
-        if attack is not None:
-            fake = set(attack.fake_users)
-            tp = len(flagged & fake)
-            precision = tp / len(flagged) if flagged else 0.0
-            recall = tp / len(fake) if fake else 0.0
-            out.update({"det_precision": precision, "det_recall": recall,
-                        "det_f1": (2 * precision * recall / (precision + recall)
-                                   if precision + recall else 0.0),
-                        "flagged_real_users": float(len(flagged - fake)),
-                        "flagged_ever_real_users": float(len(ever - fake))})
-        return out
 
 
 def _inverse(colmap: np.ndarray, n_cols: int) -> np.ndarray:
@@ -621,7 +559,8 @@ def format_table(summary: dict[str, dict[str, dict[str, float]]],
 
 def write_outputs(out: Path, runs: Sequence[MethodRun], summary: dict[str, Any],
                   header: dict[str, Any]) -> None:
-    """Write results.json, summary.csv, windows.csv and curves.csv into ``out``."""
+    """Write results.json, summary.csv, windows.csv and curves.csv into ``out`` (and, with
+    the defence, suspicion.csv: each scored user's highest P(fake))."""
     out.mkdir(parents=True, exist_ok=True)
     doc = dict(header)
     doc["summary"] = summary
@@ -640,6 +579,15 @@ def write_outputs(out: Path, runs: Sequence[MethodRun], summary: dict[str, Any],
                                       for r in runs for row in r.windows])
     _write_rows(out / "curves.csv", [{"method": r.method, "seed": r.seed, **row}
                                      for r in runs for row in r.curves])
+    seen: set[int] = set()  # the tallies of one replay share their detector and its list
+    rows = []
+    for r in runs:
+        if r.suspicion and id(r.suspicion) not in seen:
+            seen.add(id(r.suspicion))
+            rows.extend({"method": r.method, "seed": r.seed, "user": u, "fake": int(f),
+                         "p_fake": f"{p:.6g}"} for u, f, p in r.suspicion)
+    if rows:
+        _write_rows(out / "suspicion.csv", rows)
 
 
 def _write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -928,7 +876,7 @@ def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: li
     }
     if args.defence != "off":
         header["defence"] = {**dataclasses.asdict(detector_cfg), "features": list(FEATURES),
-                             "round_every_batches": _Guard.ROUND_EVERY}
+                             "round_every_batches": TrainingFilter.ROUND_EVERY}
     if args.attack is not None:
         labels = streams[1][3]
         header["attack"] = {
@@ -941,7 +889,7 @@ def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: li
     if args.plots:
         from trainer import plots
 
-        plots.prequential_plots(args.out, runs)
+        plots.prequential_plots(args.out, runs, detector_cfg.threshold)
     print(f"prequential, variant {args.variant}, {len(evs)} events, batch {args.batch_size}, "
           f"{args.seeds} seed(s); results in {args.out}")
     print(format_table(summary))

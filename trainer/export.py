@@ -116,16 +116,12 @@ def export_onnx(model: nn.Module, max_len: int | None = None, *,
 
 
 def detector_model(detector: Any) -> nn.Module:
-    """Return the detector the workers will run (trainer/detector.py), as a CPU eval-mode
-    copy over G's and D's live rows."""
-    from trainer.detector import DetectorGraph
-
+    """Return the detector the workers will run (trainer/detector.py): a CPU eval-mode copy
+    whose tables cover the learner's live rows, as the bundle's vocabulary does."""
     graph = detector.graph()
-    d = copy.deepcopy(graph.discriminator).cpu().eval()
-    live = d.items.emb.weight[: d.n_items + 1].detach().clone()  # (V+1, d+1)
-    d.items.emb = nn.Embedding.from_pretrained(live, freeze=True, padding_idx=0)
-    return DetectorGraph(_scoring_copy(graph.generator), d, graph.pop_pct, graph.mean,
-                         graph.std, copy.deepcopy(graph.classifier)).cpu().eval()
+    graph.classifier = copy.deepcopy(graph.classifier)
+    graph.max_len = detector.learner.model_cfg.max_len
+    return graph.cpu().eval()
 
 
 def export_detector(model: nn.Module) -> bytes:
@@ -133,9 +129,9 @@ def export_detector(model: nn.Module) -> bytes:
     P(fake) [B] and each feature's term in its logit [B, F]."""
     from advrec.suspicion import BEHAVIOUR_FEATURES
 
-    L = model.generator.config.max_len
+    L = model.max_len
     items = torch.zeros((2, L), dtype=torch.int64)  # (B, L)
-    items[0, -2:] = 1 if model.generator.n_items else 0
+    items[0, -2:] = 1 if model.pop_pct.shape[0] > 1 else 0
     behaviour = torch.zeros((2, len(BEHAVIOUR_FEATURES)), dtype=torch.float32)
     names_in, names_out = list(DETECTOR_INPUTS), list(DETECTOR_OUTPUTS)
     buf = io.BytesIO()

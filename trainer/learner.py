@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,6 +200,15 @@ class OnlineLearner:
             grown = np.zeros(self.generator.items.capacity + 1, dtype=np.int64)
             grown[: len(self.item_counts)] = self.item_counts
             self.item_counts = grown
+
+    def add_items(self, items: Iterable[ItemId]) -> None:
+        """Give ``items`` vocabulary rows (untrained) without training on them: the fake-user
+        detector keeps statistics of every clicked item, flagged users' ones too."""
+        before = len(self.vocab)
+        self.vocab.add_many(items)
+        if len(self.vocab) > before:
+            with self._rng():
+                self._grow(len(self.vocab) - before)
 
     def _encode(self, histories: Sequence[Sequence[ItemId]]) -> np.ndarray:
         return model_input([self.vocab.known_rows(h) for h in histories],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,12 @@ __all__ = [
 ]
 
 SMOOTH = 2000  # scored events per rolling window of the stream curves
+
+
+def _file_name(method: str) -> str:
+    """A method's name as a file name part (``apr+cooc/filter|bandwagon`` has three
+    characters that paths and shells dislike)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", method)
 
 
 def _save(fig: Any, path: Path) -> None:
@@ -153,22 +160,74 @@ def plot_loo_validation(history: dict[str, list[dict[str, float]]], path: Path,
     return path
 
 
-def prequential_plots(out: Path, runs: Sequence[MethodRun]) -> list[Path]:
+def plot_target_exposure(runs: Sequence[MethodRun], path: Path, window: int = 10) -> Path:
+    """Plot the share of real users' top-10 lists holding an attack's target, per batch
+    (trailing ``window`` batches), one line per method (mean of seeds)."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for method in dict.fromkeys(r.method for r in runs):
+        lines = []
+        for r in (r for r in runs if r.method == method):
+            hits = np.diff([0.0, *[c.get("target_hits", 0.0) for c in r.curves]])
+            lists = np.diff([0.0, *[c.get("target_lists", 0.0) for c in r.curves]])
+            kernel = np.ones(window)
+            lines.append(np.convolve(hits, kernel)[: hits.size]
+                         / np.maximum(np.convolve(lists, kernel)[: lists.size], 1.0))
+        n = min(x.size for x in lines)
+        events = [c["events"] for c in next(r for r in runs if r.method == method).curves][:n]
+        ax.plot(events, np.mean([x[:n] for x in lines], axis=0), label=method, lw=1.2)
+    ax.set_xlabel("events replayed")
+    ax.set_ylabel(f"real users' top-10 lists holding a target (trailing {window} batches)")
+    ax.set_title("Target exposure over the stream")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return path
+
+
+def plot_suspicion(runs: Sequence[MethodRun], path: Path, threshold: float) -> Path:
+    """Histogram of each scored user's highest P(fake), as log-odds, real vs fake users."""
+    real = [p for r in runs for _, f, p in r.suspicion if not f]
+    fake = [p for r in runs for _, f, p in r.suspicion if f]
+    logit = lambda p: np.log(np.clip(p, 1e-12, 1 - 1e-12) / np.clip(1 - p, 1e-12, None))  # noqa: E731
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    bins = np.linspace(-40, 40, 81)
+    for name, vals in (("real users", real), ("fake users", fake)):
+        if vals:
+            ax.hist(np.clip(logit(np.asarray(vals)), -40, 40), bins=bins, alpha=0.6,
+                    label=f"{name} ({len(vals)})", density=True)
+    ax.axvline(float(logit(np.asarray(threshold))), color="k", ls="--", lw=1, label="threshold")
+    ax.set_xlabel("highest log-odds of P(fake) while the user's clicks arrived")
+    ax.set_ylabel("density")
+    ax.set_title("Detector scores of real and fake users")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return path
+
+
+def prequential_plots(out: Path, runs: Sequence[MethodRun],
+                      threshold: float | None = None) -> list[Path]:
     """Write every plot of a prequential run into ``out``; return their paths."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [plot_metric_over_stream(runs, out / "stream_hr10.png", "hr", 10),
              plot_metric_over_stream(runs, out / "stream_ndcg10.png", "ndcg", 10)]
+    if any(r.curves and "target_hits" in r.curves[-1] for r in runs):
+        paths.append(plot_target_exposure(runs, out / "target_exposure.png"))
+    attacked = [r for r in runs if r.suspicion and "|" in r.method]
+    if attacked and threshold is not None:
+        firsts = {id(r.suspicion): r for r in attacked}  # one per replay (shared detector)
+        paths.append(plot_suspicion(list(firsts.values()), out / "suspicion.png", threshold))
     if any(r.curves and "loss_g" in r.curves[-1] for r in runs):
         paths.append(plot_training(runs, out / "training.png"))
     for r in runs:
         if r.d_snapshots:
-            name = r.method.replace("+", "_")
+            name = _file_name(r.method)
             paths.append(plot_d_scores(r.d_snapshots, out / f"d_scores_{name}.png",
                                        f"D logits, {r.method}, seed {r.seed}"))
     firsts = {r.method: r for r in reversed(runs) if r.embeddings is not None and r.seed == 0}
     for method, r in firsts.items():
         assert r.embeddings is not None and r.embedding_counts is not None
-        name = method.replace("+", "_")
+        name = _file_name(method)
         paths.append(plot_item_pca(r.embeddings, r.embedding_counts,
                                    out / f"pca_items_{name}.png",
                                    f"G item embeddings, {method} (PCA)"))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from advrec.config import ConfigError, bootstrap_servers, from_env
 from advrec.exclusion import ExclusionRule
+from trainer.detector import DetectorConfig
 from trainer.prior import PriorConfig
 
 __all__ = ["ENV_PREFIX", "TrainerSettings", "load_trainer_settings"]
@@ -63,6 +64,12 @@ class TrainerSettings:
     # prefix of both shared streams (docs/results.md)
     trainer_prior_weight: float = PriorConfig.weight
     trainer_prior_top_k: int = PriorConfig.top_k  # links per item the bundle carries
+    # the fake-user detector and training filter (trainer/detector.py): flagged users'
+    # examples are not trained on; the detector travels in the bundle as detector.onnx.
+    # Off by default until the admin can list flags and re-admit users across the fleet
+    trainer_detector: bool = False
+    trainer_detector_threshold: float = DetectorConfig.threshold  # flag at P(fake) >= this
+    trainer_detector_min_clicks: int = DetectorConfig.min_clicks  # users scored from here on
     export_every_s: float = 5.0  # publish a bundle at most this often...
     export_every_batches: int = 50  # ...or after this many batches, whichever first
     quality_delta: float = 0.02  # reject if window HR@10 < live's HR@10 - delta (absolute)
@@ -101,6 +108,9 @@ class TrainerSettings:
             ExclusionRule.parse(self.exclude)
         except ValueError as exc:
             raise ConfigError(f"setting {ENV_PREFIX}EXCLUDE: {exc}") from None
+        if not 0.0 < self.trainer_detector_threshold < 1.0 or self.trainer_detector_min_clicks < 2:
+            raise ConfigError(f"setting {ENV_PREFIX}TRAINER_DETECTOR_THRESHOLD must be in (0, 1) "
+                              f"and {ENV_PREFIX}TRAINER_DETECTOR_MIN_CLICKS >= 2")
         if self.trainer_prior_weight < 0 or self.trainer_prior_top_k < 1:
             raise ConfigError(f"setting {ENV_PREFIX}TRAINER_PRIOR_WEIGHT must be >= 0 and "
                               f"{ENV_PREFIX}TRAINER_PRIOR_TOP_K >= 1")

@@ -92,6 +92,8 @@ class Sidecar:
         self.m = metrics or TrainerMetrics.create()
         self.identity = settings.identity
         self.learner: Any = None
+        self.filter: Any = None  # the fake-user detector and training filter, when on
+        self.filter_batches = 0
         self.live: Any = None  # frozen copy of the learner as last published (quality gate)
         self.next_offset: int | None = None  # next train-batches offset to train on
         # when the newest batch trained on was written to train-batches (its Kafka timestamp,
@@ -151,6 +153,15 @@ class Sidecar:
             log.info("starting a fresh %s learner", self.s.trainer_mode)
         self.live = copy.deepcopy(self.learner) if self.live_version else None
         self.m.resumed_offset.set(-1 if self.resumed_at is None else self.resumed_at)
+        self.filter = None
+        if self.s.trainer_detector:
+            from trainer.detector import DetectorConfig, TrainingFilter
+
+            self.filter = TrainingFilter(self.learner, DetectorConfig(
+                threshold=self.s.trainer_detector_threshold,
+                min_clicks=self.s.trainer_detector_min_clicks, seed=self.s.trainer_seed))
+            log.info("fake-user detector on: threshold P(fake) >= %.4g from the %d-th click",
+                     self.s.trainer_detector_threshold, self.s.trainer_detector_min_clicks)
 
     def fresh_learner(self) -> Any:
         from trainer.adversarial import AdversarialConfig
@@ -305,10 +316,28 @@ class Sidecar:
         self.window["cand_hits"] += cand_hits
         self.window["live_hits"] += live_hits
         self.window["n"] += int(n_total)
-        stats = learner.train_batch(batch, fraction, messages=len(payloads))
+        train = batch
+        if self.filter is not None:
+            before = (self.filter.filtered, len(self.filter.flagged))
+            train = self.filter.admit(batch, self.filter_batches)
+            self.filter_batches += 1
+            self._report_filter(*before)
+        stats = learner.train_batch(train, fraction, messages=len(payloads))
         self.next_offset = offset + 1
         self._report(pre, stats, n_total, time.perf_counter() - started, fraction, len(payloads))
         return {**pre, **stats}
+
+    def _report_filter(self, filtered_before: int, flagged_before: int) -> None:
+        f, m = self.filter, self.m
+        m.filtered_examples.inc(f.filtered - filtered_before)
+        m.flagged_users.set(len(f.flagged))
+        m.held_examples.set(sum(len(v) for v in f.held.values()))
+        m.detector_rounds.set(f.detector.rounds)
+        m.detector_threshold.set(f.detector.threshold)
+        if len(f.flagged) > flagged_before:
+            new = len(f.flagged) - flagged_before
+            log.warning("detector flagged %d more user(s) (%d flagged, %d examples filtered "
+                        "so far)", new, len(f.flagged), f.filtered)
 
     def _sample(self, batch: list[TrainingExample], fraction: float) -> list[TrainingExample]:
         """A random share of ``batch`` to score while shedding (at least ``shed_eval_min``)."""
@@ -398,6 +427,7 @@ class Sidecar:
             self.m.exports.labels(outcome="rejected_parity").inc()
             log.error("ONNX parity %.2e > %.0e; not publishing", diff, PARITY_TOLERANCE)
             return None
+        detector_bytes, detector_meta = self._export_detector()
         meta = {
             "max_len": learner.model_cfg.max_len,
             "mode": learner.train_cfg.mode,
@@ -413,10 +443,41 @@ class Sidecar:
             "prior": dataclasses.asdict(learner.prior_cfg),
             "settings": settings_as_dict(self.s),
         }
+        if detector_meta is not None:
+            meta["detector"] = detector_meta
         version = write_bundle(self.s.bundle_dir, model_bytes, learner.vocab.items(), meta,
-                               keep=self.s.bundles_keep)
+                               keep=self.s.bundles_keep, detector_bytes=detector_bytes)
         return _Export(version, bundle_files(self.s.bundle_dir, version),
                        copy.deepcopy(learner), cand, live, int(window["n"]), started)
+
+    def _export_detector(self) -> tuple[bytes | None, dict[str, Any] | None]:
+        """The trained detector as ONNX, parity-checked, and what the bundle's meta says of
+        it; (None, None) while there is none (off, or no training round yet)."""
+        f = self.filter
+        if f is None or not f.detector.trained:
+            return None, None
+        from advrec.suspicion import FEATURES, behaviour_features
+        from trainer.export import check_detector_parity, detector_model, export_detector
+
+        try:
+            model = detector_model(f.detector)
+            data = export_detector(model)
+            records = list(f.records.values())[-32:]
+            items = f.detector._rows([r.items for r in records]).numpy()
+            behaviour = np.asarray([behaviour_features(r.behaviour) for r in records],
+                                   dtype=np.float32).reshape(len(records), -1)
+            diff = check_detector_parity(model, data, items, behaviour)
+        except Exception:
+            log.exception("detector export failed; the bundle goes out without it")
+            return None, None
+        if not diff <= PARITY_TOLERANCE:
+            log.error("detector ONNX parity %.2e > %.0e; the bundle goes out without it",
+                      diff, PARITY_TOLERANCE)
+            return None, None
+        return data, {"threshold": f.detector.threshold, "features": list(FEATURES),
+                      "rounds": f.detector.rounds, "min_clicks": f.cfg.min_clicks,
+                      "flagged_users": len(f.flagged), "filtered_examples": f.filtered,
+                      "parity_max_abs": diff}
 
     async def export(self) -> str | None:
         """Export and publish a bundle to the bundle topic; return its version, or None."""

@@ -47,6 +47,11 @@ class TrainerMetrics:
     lag: Gauge
     shed_examples: Counter
     skipped_batches: Counter
+    flagged_users: Gauge
+    filtered_examples: Counter
+    held_examples: Gauge
+    detector_rounds: Gauge
+    detector_threshold: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None,
@@ -111,6 +116,16 @@ class TrainerMetrics:
                                   registry=r),
             skipped_batches=Counter(f"{p}_skipped_batches", "Batches jumped over to reach the "
                                     "newest while far behind", registry=r),
+            flagged_users=Gauge(f"{p}_flagged_users", "Users the fake-user detector has "
+                                "flagged (their examples are not trained on)", registry=r),
+            filtered_examples=Counter(f"{p}_filtered_examples", "Examples not trained on "
+                                      "because their user is flagged", registry=r),
+            held_examples=Gauge(f"{p}_held_examples", "New users' examples waiting until the "
+                                "user can be scored", registry=r),
+            detector_rounds=Gauge(f"{p}_detector_rounds", "Training rounds of the fake-user "
+                                  "detector (its version)", registry=r),
+            detector_threshold=Gauge(f"{p}_detector_threshold", "P(fake) at and above which "
+                                     "the detector flags a user", registry=r),
         )
         # Outcomes start at 0: increase() misses a series whose first sample is 1.
         for outcome in EXPORT_OUTCOMES:
