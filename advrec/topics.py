@@ -47,6 +47,7 @@ class KafkaSettings:
     topic_train: str = "train-batches"
     topic_bundles: str = "model-bundles"
     topic_checkpoints: str = "trainer-checkpoints"
+    topic_flags: str = "user-flags"
 
     def __post_init__(self) -> None:
         if self.partitions < 1 or self.replication < 1:
@@ -62,7 +63,7 @@ class KafkaSettings:
         """Every topic advrec uses, with the table changelogs."""
         shared = default_topics(
             clicks=self.topic_clicks, dlq=self.topic_dlq, train=self.topic_train,
-            bundles=self.topic_bundles, partitions=self.partitions,
+            bundles=self.topic_bundles, flags=self.topic_flags, partitions=self.partitions,
             replication=self.replication, app_id=self.app_id)
         return [*shared, TopicSpec(self.topic_checkpoints, 1, self.replication,
                                    dict(CHANNEL_CONFIG))]
@@ -88,11 +89,13 @@ class TopicSpec:
 
 def channel_topics(*, train: str = "train-batches", bundles: str = "model-bundles",
                    checkpoints: str | None = "trainer-checkpoints",
-                   replication: int = 1) -> list[TopicSpec]:
+                   flags: str = "user-flags", replication: int = 1) -> list[TopicSpec]:
     """Return the trainer's topics: `train-batches` and the compacted channel topics, all of
-    one partition (one active trainer; one total order of each channel's records)."""
+    one partition (one active trainer; one total order of each channel's records), and the
+    compacted flags topic (advrec.flags: the latest record per user)."""
     specs = [TopicSpec(train, 1, replication),
-             TopicSpec(bundles, 1, replication, dict(CHANNEL_CONFIG))]
+             TopicSpec(bundles, 1, replication, dict(CHANNEL_CONFIG)),
+             TopicSpec(flags, 1, replication, {"cleanup.policy": "compact"})]
     if checkpoints is not None:
         specs.append(TopicSpec(checkpoints, 1, replication, dict(CHANNEL_CONFIG)))
     return specs
@@ -100,7 +103,8 @@ def channel_topics(*, train: str = "train-batches", bundles: str = "model-bundle
 
 def default_topics(*, clicks: str = "clicks", dlq: str = "clicks-dlq",
                    train: str = "train-batches", bundles: str = "model-bundles",
-                   partitions: int = 4, replication: int = 1, app_id: str | None = None,
+                   flags: str = "user-flags", partitions: int = 4, replication: int = 1,
+                   app_id: str | None = None,
                    tables: tuple[str, ...] = ("user_state", "trending")) -> list[TopicSpec]:
     """Return the topics advrec reads and writes, and with ``app_id`` the table changelogs.
 
@@ -113,7 +117,7 @@ def default_topics(*, clicks: str = "clicks", dlq: str = "clicks-dlq",
         TopicSpec(clicks, partitions, replication),
         TopicSpec(dlq, partitions, replication, {"retention.ms": str(14 * 24 * 3600 * 1000)}),
         # one partition: one consumer-group member (the active trainer) owns it
-        *channel_topics(train=train, bundles=bundles, checkpoints=None,
+        *channel_topics(train=train, bundles=bundles, checkpoints=None, flags=flags,
                         replication=replication),
     ]
     if app_id is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import defaultdict
@@ -385,6 +386,16 @@ def register(sa: StreamApp) -> None:
     @app.on_before_shutdown.connect
     async def stop_feed(app: Any, **kwargs: Any) -> None:
         await sa.feed.stop()
+        flags_stop.set()
+
+    flags_stop = asyncio.Event()
+
+    @app.task
+    async def follow_flags() -> None:
+        try:
+            await sa.flags.run(flags_stop)
+        except Exception:
+            log.exception("the flags feed stopped; /admin/flagged shows what was read")
 
     @app.timer(s.watch_interval_s)
     async def refresh_model_age() -> None:

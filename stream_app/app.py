@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from advrec.types import ItemId
 from stream_app.feed import BundleFeed
+from stream_app.flags import FlagFeed
 from stream_app.hotswap import BundleWatcher
 from stream_app.metrics import StreamMetrics
 from stream_app.rocks import STORE_URL
@@ -69,6 +70,7 @@ class StreamApp:
     server: ModelServer
     watcher: BundleWatcher
     feed: BundleFeed
+    flags: FlagFeed
     trending_cache: list[ItemId] = field(default_factory=list)
     started: bool = False
     backlog: int = 0  # messages between the log end and the last ingested batch
@@ -149,7 +151,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     sa = StreamApp(settings=s, app=app, clicks=clicks, clicks_dlq=clicks_dlq,
                    train_batches=train_batches, examples=app.channel(), user_state=user_state,
                    trending=trending, metrics=metrics, server=server, watcher=watcher,
-                   feed=feed,
+                   feed=feed, flags=FlagFeed(s, metrics),
                    read_pacer=ReadPacer(s.read_rate_under_backlog))
     from stream_app import agents, views  # registering needs the app; keeps imports acyclic
 

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_create_topics:
         asyncio.run(ensure_topics(settings.bootstrap, default_topics(
             clicks=settings.topic_clicks, dlq=settings.topic_dlq, train=settings.topic_train,
-            bundles=settings.topic_bundles,
+            bundles=settings.topic_bundles, flags=settings.topic_flags,
             partitions=settings.partitions, replication=settings.replication,
             app_id=settings.app_id)))
 

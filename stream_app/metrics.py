@@ -61,6 +61,7 @@ class StreamMetrics:
     bundle_feed_records: Counter
     bundle_feed_bytes: Counter
     bundle_feed_cpu: Counter
+    flagged_users: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None,
@@ -153,6 +154,8 @@ class StreamMetrics:
                                       registry=r),
             bundle_feed_cpu=Counter(f"{p}_bundle_feed_cpu_seconds",
                                     "CPU time of the bundle feed's thread", registry=r),
+            flagged_users=Gauge(f"{p}_flagged_users", "Users flagged as fake on the flags "
+                                "topic now (the trainer does not train on them)", registry=r),
         )
         # Known label values start at 0: increase() misses a series whose first sample is 1.
         for reason in REASONS:

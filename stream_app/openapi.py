@@ -151,6 +151,24 @@ def _schemas(s: Settings) -> dict[str, Any]:
             "properties": {"pinned": version, "by": version, "released": {"type": "boolean"},
                            "current_pointer": version},
         },
+        "Flag": {
+            "type": "object",
+            "required": ["user", "state", "at_ms", "by", "reasons"],
+            "properties": {
+                "user": {"type": "string"},
+                "state": {"type": "string", "enum": ["flagged", "readmitted"]},
+                "at_ms": {"type": "integer"}, "by": {"type": "string"},
+                "p_fake": {"type": "number", "nullable": True,
+                           "description": "The score that crossed the threshold"},
+                "rounds": {"type": "integer",
+                           "description": "The detector's training rounds then (its version)"},
+                "note": {"type": "string"},
+                "reasons": {"type": "array", "items": {
+                    "type": "object", "required": ["feature", "term"],
+                    "properties": {"feature": {"type": "string"}, "term": {"type": "number"}},
+                    "description": "A feature that raised the score and by how much (logit)"}},
+            },
+        },
     }
 
 
@@ -263,6 +281,39 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                               "503": _error("The release could not be written now")},
             },
         },
+        "/admin/flagged": {"get": {
+            "operationId": "adminFlagged",
+            "summary": "Users the fake-user detector flagged (their examples are not trained "
+                       "on), the highest score first, with the features that raised it",
+            "security": admin,
+            "parameters": [{"name": "limit", "in": "query", "required": False,
+                            "description": "At most this many users (1-10000, default 100)",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 10000}}],
+            "responses": {"200": _json("Flagged users", {
+                "type": "object", "required": ["count", "listed", "read_all", "users"],
+                "properties": {"count": {"type": "integer"}, "listed": {"type": "integer"},
+                               "read_all": {"type": "boolean"},
+                               "users": {"type": "array", "items": _ref("Flag")}}}),
+                          "400": _error("Bad limit"), "401": unauthorized,
+                          "404": admin_disabled},
+        }},
+        "/admin/flagged/{user}/readmit": {"post": {
+            "operationId": "adminReadmit",
+            "summary": "Lift a user's flag (a false positive): the trainer trains on the "
+                       "user's next examples and does not flag the user again",
+            "security": admin,
+            "parameters": [
+                {"name": "user", "in": "path", "required": True, "schema": {"type": "string"}},
+                {"name": "note", "in": "query", "required": False,
+                 "description": "Why (kept on the flags topic, at most 200 characters)",
+                 "schema": {"type": "string"}}],
+            "responses": {"200": _json("Re-admitted", {
+                "type": "object", "required": ["readmitted", "was"],
+                "properties": {"readmitted": _ref("Flag"), "was": _ref("Flag")}}),
+                          "401": unauthorized,
+                          "404": _error("Admin disabled, or the user is not flagged"),
+                          "503": _error("The re-admission could not be written now")},
+        }},
         OPENAPI_PATH: {"get": {
             "operationId": "openapi", "summary": "This document",
             "responses": {"200": _json("OpenAPI 3.0 document", {"type": "object"})},

@@ -15,6 +15,7 @@ from faust.exceptions import SameNode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from advrec.contract import MAX_ID_CHARS, encode_key
+from advrec.flags import FLAGGED
 from stream_app.feed import PinError
 from stream_app.openapi import DEFAULT_K, OPENAPI_PATH, build_openapi
 from stream_app.routing import KeyRouter
@@ -339,6 +340,44 @@ class HttpApi:
         log.warning("rolled the fleet back to bundle %s by admin request", done)
         return view.json({"rolled_back_to": done, "pinned": done})
 
+    async def admin_flagged(self, view: Any, request: Any) -> Any:
+        """``GET /admin/flagged[?limit=]``: users flagged as fake now, the highest score
+        first, each with its score, the features that raised it and who flagged it when."""
+        denied = self.admin_denied(view, request)
+        if denied is not None:
+            return denied
+        raw = request.query.get("limit", "100")
+        try:
+            limit = int(raw)
+            if not 1 <= limit <= 10_000:
+                raise ValueError
+        except ValueError:
+            return error(view, 400, f"limit must be an integer in [1, 10000], got {raw[:40]!r}")
+        flags = self.sa.flags
+        flagged = flags.book.flagged()
+        return view.json({"count": len(flagged), "listed": min(limit, len(flagged)),
+                          "read_all": flags.caught_up.is_set(),
+                          "users": [r.as_json() for r in flagged[:limit]]})
+
+    async def admin_readmit(self, view: Any, request: Any, user: str) -> Any:
+        """``POST /admin/flagged/{user}/readmit[?note=]``: lift a flag (a false positive):
+        the trainer trains on the user's next examples and does not flag the user again."""
+        denied = self.admin_denied(view, request)
+        if denied is not None:
+            return denied
+        current = self.sa.flags.book.get(user)
+        if current is None or current.state != FLAGGED:
+            return error(view, 404, f"user {user[:80]!r} is not flagged")
+        note = request.query.get("note", "")[:200]
+        try:
+            record = await self.sa.flags.readmit(user, by=self.admin_caller(request), note=note)
+        except Exception as exc:  # the broker is away: nothing changed
+            log.warning("could not write the re-admission of %s: %s", user, exc)
+            return error(view, 503, "could not write the re-admission to the flags topic; "
+                                    "retry later")
+        log.warning("user %s re-admitted by admin request (%s)", user, note or "no note")
+        return view.json({"readmitted": record.as_json(), "was": current.as_json()})
+
     async def admin_pin(self, view: Any, request: Any) -> Any:
         """``GET /admin/pin``: the fleet's pin, if any."""
         denied = self.admin_denied(view, request)
@@ -401,6 +440,18 @@ def register(sa: StreamApp) -> HttpApi:
         async def delete(self, request: Any) -> Any:
             return await unpin(self, request)
 
+    flagged, readmit = timed_admin(api.admin_flagged), timed_admin(api.admin_readmit)
+
+    class AdminFlagged(faust.web.View):
+        async def get(self, request: Any) -> Any:
+            return await flagged(self, request)
+
+    class AdminReadmit(faust.web.View):
+        async def post(self, request: Any, user: str) -> Any:
+            return await readmit(self, request, user)
+
     app.page("/admin/rollback")(AdminRollback)
     app.page("/admin/pin")(AdminPin)
+    app.page("/admin/flagged")(AdminFlagged)
+    app.page("/admin/flagged/{user}/readmit")(AdminReadmit)
     return api

@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -541,13 +541,19 @@ class TrainingFilter:
         self.worst: dict[str, float] = {}  # each scored user's highest logit so far
         self.flagged: set[str] = set()
         self.readmitted: set[str] = set()  # re-admitted by hand: never flagged again
+        self.new_flags: list[str] = []  # flagged since the owner last took them
+        self.since_round = 0  # batches since the detector's last training round
+        self.scored: list[float] = []  # logits given since the owner last took them
         self.held: dict[str, list[TrainingExample]] = {}  # new users' examples, waiting
         self.last_seen: dict[str, int] = {}  # batch index of each user's latest click
         self.filtered = 0
         self.examples = 0
 
-    def admit(self, batch: Sequence[TrainingExample], bi: int) -> list[TrainingExample]:
-        """Count the batch's clicks, score its users, return the examples to train on."""
+    def admit(self, batch: Sequence[TrainingExample], bi: int, batches: int = 1
+              ) -> list[TrainingExample]:
+        """Count the batch's clicks, score its users, return the examples to train on.
+        ``bi``: the batch's index in the stream; ``batches``: how many batches it joins (a
+        trainer that sheds load trains on several as one)."""
         self.detector.observe(batch)
         for ex in batch:
             rec = self.records.pop(ex.user, None) or UserRecord()
@@ -555,16 +561,7 @@ class TrainingFilter:
                 self.detector.observe_gap(ex.ts - rec.behaviour.last_ts)
             rec.add(ex.item, ex.ts, self.max_len)
             self.records[ex.user] = rec  # now the most recently active
-        users = [u for u in dict.fromkeys(ex.user for ex in batch)
-                 if u not in self.flagged and u not in self.readmitted
-                 and self.records[u].behaviour.clicks >= self.cfg.min_clicks]
-        if self.detector.rounds < self.cfg.warmup_rounds:
-            users = []
-        logits = self.detector.logits([self.records[u] for u in users])
-        for u, z in zip(users, logits.tolist(), strict=True):
-            self.worst[u] = max(z, self.worst.get(u, -math.inf))
-            if z >= self.detector.threshold_logit:
-                self.flagged.add(u)  # until re-admitted, as the service keeps a flag
+        self._score(dict.fromkeys(ex.user for ex in batch))
         # a new user's clicks on bursting items wait until the user can be scored
         # (min_clicks): released when that score is clean, or when the user has been idle
         # for hold_batches (a session too short to judge); dropped if the user is flagged
@@ -583,11 +580,31 @@ class TrainingFilter:
         for u in [u for u in self.held if self.last_seen[u] <= bi - self.cfg.hold_batches]:
             admitted.extend(self.held.pop(u))
         self.examples += len(batch)
-        if bi % self.ROUND_EVERY == self.ROUND_EVERY - 1:
+        self.since_round += batches
+        if self.since_round >= self.ROUND_EVERY:
+            self.since_round = 0
             recent = [(u, r) for u, r in list(self.records.items())[-self.RECENT_USERS:]
                       if u not in self.flagged]
-            self.detector.train_round(recent)
+            if self.detector.train_round(recent):
+                # a new detector looks again at the recently active users: an attack that
+                # ended before the detector could tell is still caught, its users flagged
+                self._score(u for u, _ in recent)
         return admitted
+
+    def _score(self, users: Iterable[UserId]) -> None:
+        """Score ``users`` now (those not flagged, not re-admitted, with enough clicks) and
+        flag the ones at or above the threshold in force (none before the warm-up)."""
+        if self.detector.rounds < self.cfg.warmup_rounds:
+            return
+        todo = [u for u in users if u not in self.flagged and u not in self.readmitted
+                and self.records[u].behaviour.clicks >= self.cfg.min_clicks]
+        logits = self.detector.logits([self.records[u] for u in todo])
+        self.scored.extend(logits.tolist())
+        for u, z in zip(todo, logits.tolist(), strict=True):
+            self.worst[u] = max(z, self.worst.get(u, -math.inf))
+            if z >= self.detector.threshold_logit:
+                self.flagged.add(u)  # until re-admitted, as the service keeps a flag
+                self.new_flags.append(u)
 
     def suspicion(self, attack: AttackLabels | None) -> list[tuple[str, bool, float]]:
         """(user, fake?, highest P(fake) while the user's clicks arrived) per scored user."""
@@ -614,6 +631,12 @@ class TrainingFilter:
                                    if precision + recall else 0.0),
                         "flagged_real_users": float(len(flagged - fake))})
         return out
+
+    def flag(self, user: UserId) -> None:
+        """Flag a user from outside (a flag the detector raised before a restart)."""
+        if user not in self.readmitted:
+            self.flagged.add(user)
+            self.held.pop(user, None)
 
     def readmit(self, user: UserId) -> bool:
         """Lift a user's flag (a false positive): the user's next examples train again and

@@ -24,6 +24,7 @@ class TrainerSettings:
     topic_train: str = "train-batches"
     topic_bundles: str = "model-bundles"  # where bundles go, for every worker (advrec.channel)
     topic_checkpoints: str = "trainer-checkpoints"  # where a standby finds the active's state
+    topic_flags: str = "user-flags"  # users the detector flagged, and re-admissions (advrec.flags)
     trainer_group: str = "advrec-trainer"  # one active trainer: owner of the one partition
     trainer_id: str = ""  # names this trainer on the topics; empty: host name and process id
     # a dead active trainer's partition moves to a standby after this long

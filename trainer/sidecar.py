@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import copy
 import dataclasses
 import logging
@@ -47,6 +48,7 @@ from advrec.channel import (
 from advrec.channel_io import ChannelPublisher, follow_topic, last_record
 from advrec.config import ConfigError, settings_as_dict
 from advrec.contract import TrainingExample, decode_batch
+from advrec.flags import FLAGGED, READMITTED, FlagBook, FlagRecord, publish_flags
 from advrec.memory import release_freed_memory
 from advrec.topics import channel_topics, ensure_topics
 from trainer.settings import TrainerSettings, load_trainer_settings
@@ -94,6 +96,11 @@ class Sidecar:
         self.learner: Any = None
         self.filter: Any = None  # the fake-user detector and training filter, when on
         self.filter_batches = 0
+        # the flags topic: records read (appended on the loop, applied on the torch thread),
+        # the book they make, and the flags raised here that are still to be published
+        self.flags_in: collections.deque[FlagRecord] = collections.deque()
+        self.flag_book = FlagBook()
+        self.flags_out: list[FlagRecord] = []
         self.live: Any = None  # frozen copy of the learner as last published (quality gate)
         self.next_offset: int | None = None  # next train-batches offset to train on
         # when the newest batch trained on was written to train-batches (its Kafka timestamp,
@@ -162,6 +169,8 @@ class Sidecar:
                 min_clicks=self.s.trainer_detector_min_clicks, seed=self.s.trainer_seed))
             log.info("fake-user detector on: threshold P(fake) >= %.4g from the %d-th click",
                      self.s.trainer_detector_threshold, self.s.trainer_detector_min_clicks)
+            for record in self.flag_book.records.values():  # the fleet's flags so far
+                self._apply_flag(record)
 
     def fresh_learner(self) -> Any:
         from trainer.adversarial import AdversarialConfig
@@ -317,15 +326,59 @@ class Sidecar:
         self.window["live_hits"] += live_hits
         self.window["n"] += int(n_total)
         train = batch
+        self._take_flags()
         if self.filter is not None:
             before = (self.filter.filtered, len(self.filter.flagged))
-            train = self.filter.admit(batch, self.filter_batches)
-            self.filter_batches += 1
+            self.filter_batches += len(payloads)
+            train = self.filter.admit(batch, self.filter_batches - 1, len(payloads))
             self._report_filter(*before)
+            self._raise_flags()
         stats = learner.train_batch(train, fraction, messages=len(payloads))
         self.next_offset = offset + 1
         self._report(pre, stats, n_total, time.perf_counter() - started, fraction, len(payloads))
         return {**pre, **stats}
+
+    def _take_flags(self) -> None:
+        """Apply the flag records read from the topic since the last step (torch thread)."""
+        while self.flags_in:
+            record = self.flags_in.popleft()
+            self.flag_book.apply(record)
+            self._apply_flag(record)
+
+    def _apply_flag(self, record: FlagRecord) -> None:
+        if self.filter is None:
+            return
+        if record.state == READMITTED and self.filter.readmit(record.user):
+            log.info("user %s re-admitted by %s%s: their examples train again", record.user,
+                     record.by, f" ({record.note})" if record.note else "")
+        elif record.state == FLAGGED:
+            self.filter.flag(record.user)
+
+    def _raise_flags(self) -> None:
+        """Turn the users the detector just flagged into records for the flags topic."""
+        f = self.filter
+        for user in f.new_flags:
+            rec = f.records.get(user)
+            z = f.worst.get(user, 0.0)
+            reasons = tuple(f.detector.explain(rec)) if rec is not None else ()
+            self.flags_out.append(FlagRecord(
+                user=user, state=FLAGGED, by=self.identity, reasons=reasons,
+                p_fake=1.0 / (1.0 + float(np.exp(-np.clip(z, -700.0, 700.0)))),
+                rounds=f.detector.rounds))
+        f.new_flags.clear()
+
+    async def publish_flags(self, producer: Any) -> None:
+        """Publish the flags raised since the last call (kept for the next on failure)."""
+        out, self.flags_out = self.flags_out, []
+        if not out or producer is None:
+            self.flags_out = out + self.flags_out if producer is None else self.flags_out
+            return
+        try:
+            await publish_flags(producer, self.s.topic_flags, out)
+        except Exception:
+            log.warning("could not publish %d flag(s); retrying after the next batch", len(out),
+                        exc_info=True)
+            self.flags_out = out + self.flags_out
 
     def _report_filter(self, filtered_before: int, flagged_before: int) -> None:
         f, m = self.filter, self.m
@@ -334,6 +387,9 @@ class Sidecar:
         m.held_examples.set(sum(len(v) for v in f.held.values()))
         m.detector_rounds.set(f.detector.rounds)
         m.detector_threshold.set(f.detector.threshold)
+        for z in f.scored:
+            m.detector_scores.observe(1.0 / (1.0 + float(np.exp(-np.clip(z, -700.0, 700.0)))))
+        f.scored.clear()
         if len(f.flagged) > flagged_before:
             new = len(f.flagged) - flagged_before
             log.warning("detector flagged %d more user(s) (%d flagged, %d examples filtered "
@@ -611,6 +667,7 @@ class Sidecar:
         except TimeoutError:
             log.warning("the bundle topic was not read within %.0fs; going on",
                         BUNDLE_TOPIC_WAIT_S)
+        flag_follower, flag_producer = await self._start_flags(stop)
         tp = TopicPartition(s.topic_train, 0)
         consumer = AIOKafkaConsumer(
             bootstrap_servers=s.bootstrap, group_id=s.trainer_group,
@@ -684,6 +741,7 @@ class Sidecar:
                         self.torch_thread, self.step,
                         [m.value for m in group] if len(group) > 1 else msg.value,
                         group[-1].offset, fraction)
+                    await self.publish_flags(flag_producer)
                     trained += len(group)
                     i += len(group)
                     self.trained_through_ms = max(group[-1].timestamp,
@@ -696,7 +754,9 @@ class Sidecar:
                         stop.set()
                         break
                 # a stream that pauses must not leave what was trained unpublished: the
-                # checks after each step run on an idle fetch too
+                # checks after each step run on an idle fetch too (a re-admission as well)
+                if self.flags_in:
+                    await loop.run_in_executor(self.torch_thread, self._take_flags)
                 if self.active and self.checkpoint_due():
                     await self.checkpoint(consumer, tp)
                 if self.active and self.export_due():
@@ -715,6 +775,44 @@ class Sidecar:
             await self.checkpoint_pub.stop()
             follower.cancel()
             await asyncio.gather(follower, return_exceptions=True)
+            if flag_producer is not None:
+                await self.publish_flags(flag_producer)
+                await flag_producer.stop()
+            if flag_follower is not None:
+                flag_follower.cancel()
+                await asyncio.gather(flag_follower, return_exceptions=True)
+
+    async def _start_flags(self, stop: asyncio.Event) -> tuple[Any, Any]:
+        """With the detector on: follow the flags topic (re-admissions, and the flags of
+        the trainer before) and start a producer for the flags raised here."""
+        if not self.s.trainer_detector:
+            return None, None
+        from aiokafka import AIOKafkaProducer
+
+        s = self.s
+        read = asyncio.Event()
+
+        def handle(record: Any) -> None:
+            book = FlagBook()
+            parsed = book.apply_raw(record.key, record.value)
+            if parsed is not None:
+                self.flags_in.append(parsed)
+            elif book.bad:
+                log.warning("skipping a record on %s that is not a flag record (offset %d)",
+                            s.topic_flags, record.offset)
+
+        follower = asyncio.create_task(follow_topic(
+            s.bootstrap, s.topic_flags, handle, stop=stop, on_caught_up=read.set,
+            client_id=f"advrec-trainer-flags-{self.identity}"))
+        try:  # the fleet's flags must be known before this trainer trains
+            await asyncio.wait_for(read.wait(), BUNDLE_TOPIC_WAIT_S)
+        except TimeoutError:
+            log.warning("the flags topic was not read within %.0fs; going on",
+                        BUNDLE_TOPIC_WAIT_S)
+        producer = AIOKafkaProducer(bootstrap_servers=s.bootstrap, acks="all",
+                                    client_id=f"advrec-trainer-flags-{self.identity}")
+        await producer.start()
+        return follower, producer
 
     async def _skip_ahead(self, consumer: Any, tp: Any, offset: int, end: int,
                           lag: float) -> None:
@@ -749,6 +847,10 @@ class Sidecar:
                           if k.startswith("loss_"))
         extra = "".join(f" {k}={r[k]:.3f}" for k in ("d_acc_real", "d_acc_fake", "g_reward")
                         if k in r)
+        f = self.filter
+        if f is not None:
+            extra += (f" | detector: {f.detector.rounds} rounds, {len(f.flagged)} flagged, "
+                      f"{f.filtered} examples filtered")
         log.info("batches %d | %.0f examples/s | live %s | prequential HR@10 %.3f NDCG@10 "
                  "%.3f | vocabulary %d | %s%s", self.learner.batches_seen, rate,
                  self.live_version, r.get("hr@10", 0.0), r.get("ndcg@10", 0.0),
@@ -770,7 +872,7 @@ def _import_torch_side() -> None:
 
 async def _ensure_topics_with_retry(s: TrainerSettings, stop: asyncio.Event) -> None:
     specs = channel_topics(train=s.topic_train, bundles=s.topic_bundles,
-                           checkpoints=s.topic_checkpoints)
+                           checkpoints=s.topic_checkpoints, flags=s.topic_flags)
     while not stop.is_set():
         try:
             await ensure_topics(s.bootstrap, specs, timeout_s=10.0)

@@ -14,6 +14,8 @@ EXPORT_OUTCOMES = ("published", "rejected_quality", "rejected_parity", "failed",
 
 # A training step on 2 cores takes ~50-500 ms; an export 0.2-2 s; checkpoints similar.
 _STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# P(fake): the detector flags at 0.999 by default, so the top buckets are fine-grained
+SCORE_BUCKETS = (0.001, 0.01, 0.1, 0.5, 0.9, 0.99, 0.999, 0.9999, 0.99999, 1.0)
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class TrainerMetrics:
     held_examples: Gauge
     detector_rounds: Gauge
     detector_threshold: Gauge
+    detector_scores: Histogram
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None,
@@ -126,6 +129,9 @@ class TrainerMetrics:
                                   "detector (its version)", registry=r),
             detector_threshold=Gauge(f"{p}_detector_threshold", "P(fake) at and above which "
                                      "the detector flags a user", registry=r),
+            detector_scores=Histogram(f"{p}_detector_score", "P(fake) of each user scored "
+                                      "(as their clicks arrive and after each round)",
+                                      buckets=SCORE_BUCKETS, registry=r),
         )
         # Outcomes start at 0: increase() misses a series whose first sample is 1.
         for outcome in EXPORT_OUTCOMES:

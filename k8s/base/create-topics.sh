@@ -5,7 +5,8 @@
 # Env: ADVREC_BROKER (kafka://host:port[,host:port]), ADVREC_PARTITIONS (partitions of
 # `clicks`, default 8), ADVREC_REPLICATION (replication factor, default 1: a single
 # broker), WAIT_SECONDS (how long to wait for the broker, default 300),
-# ADVREC_TOPIC_BUNDLES / ADVREC_TOPIC_CHECKPOINTS (model-bundles / trainer-checkpoints). The
+# ADVREC_TOPIC_BUNDLES / ADVREC_TOPIC_CHECKPOINTS / ADVREC_TOPIC_FLAGS (model-bundles /
+# trainer-checkpoints / user-flags). The
 # ADVREC_ names are the app's settings, so topics and Faust's own changelogs agree.
 # Faust creates only its internal topics (changelogs, repartition); source topics must exist
 # with the right partition count before a worker starts, or its agent crash-loops.
@@ -68,3 +69,6 @@ CHANNEL="cleanup.policy=compact min.cleanable.dirty.ratio=0.1 segment.ms=600000
 create "${ADVREC_TOPIC_BUNDLES:-model-bundles}" 1 $CHANNEL
 # shellcheck disable=SC2086
 create "${ADVREC_TOPIC_CHECKPOINTS:-trainer-checkpoints}" 1 $CHANNEL
+# Users the trainer's fake-user detector flagged and the admin re-admitted (advrec/flags.py):
+# keyed by user, compacted to the latest record per user.
+create "${ADVREC_TOPIC_FLAGS:-user-flags}" 1 cleanup.policy=compact

@@ -102,12 +102,15 @@ def test_settings_match_the_k8s_configmap(compose: dict[str, Any]) -> None:
     env = {k: v for k, v in compose["x-advrec-env"].items() if k != "ADVREC_ADMIN_TOKEN"}
     assert set(env) == set(configmap)
     differ = {k for k in env if str(env[k]) != configmap[k]}
-    # Only the broker, the replication (one local broker) and the two settings a user may
-    # pick from the shell (trainer mode, exclusion rule: same default as the configmap) differ.
+    # Only the broker, the replication (one local broker) and the settings a user may pick
+    # from the shell (trainer mode, exclusion rule, detector: same defaults as the configmap)
+    # differ.
     assert differ <= {"ADVREC_BROKER", "ADVREC_REPLICATION", "ADVREC_TRAINER_MODE",
-                      "ADVREC_EXCLUDE"}
+                      "ADVREC_EXCLUDE", "ADVREC_TRAINER_DETECTOR"}
     assert env["ADVREC_TRAINER_MODE"] == "${ADVREC_TRAINER_MODE:-apr}"
     assert env["ADVREC_EXCLUDE"] == "${ADVREC_EXCLUDE:-" + configmap["ADVREC_EXCLUDE"] + "}"
+    assert env["ADVREC_TRAINER_DETECTOR"] == (
+        "${ADVREC_TRAINER_DETECTOR:-" + configmap["ADVREC_TRAINER_DETECTOR"] + "}")
     assert compose["services"]["worker"]["environment"]["ADVREC_WEB_HOST"] == "worker"
 
 

@@ -40,6 +40,7 @@ EXPECTED_CONFIG = {
     "ADVREC_CHECKPOINT_DIR": "/var/lib/advrec/checkpoints",
     "ADVREC_TOPIC_BUNDLES": "model-bundles",
     "ADVREC_TOPIC_CHECKPOINTS": "trainer-checkpoints",
+    "ADVREC_TOPIC_FLAGS": "user-flags",
     "ADVREC_BUNDLES_KEEP": "5",
     "ADVREC_CHECKPOINT_MIN_INTERVAL_S": "30",
     "ADVREC_TRAINER_SESSION_TIMEOUT_S": "30",
@@ -53,6 +54,7 @@ EXPECTED_CONFIG = {
     "ADVREC_TRAINER_THREADS": "2",
     "ADVREC_TRAINER_MODE": "apr",
     "ADVREC_EXCLUDE": "seen",
+    "ADVREC_TRAINER_DETECTOR": "0",
     "ADVREC_ORT_PROVIDERS": "cpu",
     "ADVREC_LOG_LEVEL": "info",
 }
@@ -377,7 +379,7 @@ def test_topics_job_runs_the_shared_script(objects: list[Obj]) -> None:
     assert c["command"] == ["/bin/bash", f"{mount['mountPath']}/create-topics.sh"]
 
 
-def test_create_topics_script_creates_the_five_topics() -> None:
+def test_create_topics_script_creates_the_six_topics() -> None:
     script = (BASE / "create-topics.sh").read_text()
     assert subprocess.run(["bash", "-n", str(BASE / "create-topics.sh")],
                           check=False).returncode == 0
@@ -385,7 +387,8 @@ def test_create_topics_script_creates_the_five_topics() -> None:
                               script, re.MULTILINE))
     assert creates == {"clicks": '"$PARTITIONS"', "clicks-dlq": '"$PARTITIONS"',
                        "train-batches": "1", '"${ADVREC_TOPIC_BUNDLES:-model-bundles}"': "1",
-                       '"${ADVREC_TOPIC_CHECKPOINTS:-trainer-checkpoints}"': "1"}
+                       '"${ADVREC_TOPIC_CHECKPOINTS:-trainer-checkpoints}"': "1",
+                       '"${ADVREC_TOPIC_FLAGS:-user-flags}"': "1"}
     assert "--if-not-exists" in script
 
 

@@ -95,6 +95,7 @@ class Names:
         self.train = f"train-batches-{tag}"
         self.bundles = f"model-bundles-{tag}"
         self.checkpoints = f"trainer-checkpoints-{tag}"
+        self.flags = f"user-flags-{tag}"
 
 
 @pytest.fixture
@@ -177,6 +178,7 @@ class Worker(AdvrecProcess):
             "ADVREC_TOPIC_DLQ": names.dlq,
             "ADVREC_TOPIC_TRAIN": names.train,
             "ADVREC_TOPIC_BUNDLES": names.bundles,
+            "ADVREC_TOPIC_FLAGS": names.flags,
             "ADVREC_PARTITIONS": str(partitions),
             "ADVREC_DATA_DIR": str(self.data_dir),
             "ADVREC_BUNDLE_DIR": str(self.bundle_dir),
@@ -276,6 +278,7 @@ class TrainerProcess(AdvrecProcess):
             "ADVREC_TOPIC_TRAIN": names.train,
             "ADVREC_TOPIC_BUNDLES": names.bundles,
             "ADVREC_TOPIC_CHECKPOINTS": names.checkpoints,
+            "ADVREC_TOPIC_FLAGS": names.flags,
             "ADVREC_TRAINER_GROUP": f"{names.app_id}-trainer",
             "ADVREC_CHECKPOINT_MIN_INTERVAL_S": "0",
             "ADVREC_BUNDLE_DIR": str(bundle_dir),

@@ -32,9 +32,9 @@ def test_kafka_settings_default_to_what_worker_and_trainer_use() -> None:
     shared, worker, trainer = (load_kafka_settings({}), load_settings({}),
                                load_trainer_settings({}))
     for name in ("broker", "app_id", "partitions", "replication", "topic_clicks", "topic_dlq",
-                 "topic_train", "topic_bundles"):
+                 "topic_train", "topic_bundles", "topic_flags"):
         assert getattr(shared, name) == getattr(worker, name), name
-    for name in ("broker", "topic_train", "topic_bundles", "topic_checkpoints"):
+    for name in ("broker", "topic_train", "topic_bundles", "topic_checkpoints", "topic_flags"):
         assert getattr(shared, name) == getattr(trainer, name), name
 
 

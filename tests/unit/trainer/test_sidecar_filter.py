@@ -23,7 +23,7 @@ def ran(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, object]:
     s = load_trainer_settings({
         "ADVREC_TRAINER_DETECTOR": "1", "ADVREC_TRAINER_MODE": "none",
         "ADVREC_TRAINER_DIM": "16", "ADVREC_TRAINER_LAYERS": "1",
-        "ADVREC_TRAINER_STEPS_PER_BATCH": "1", "ADVREC_TRAINER_MAX_LEN": "12",
+        "ADVREC_TRAINER_STEPS_PER_BATCH": "1", "ADVREC_TRAINER_MAX_LEN": "20",
         "ADVREC_BUNDLE_DIR": str(tmp / "bundles"),
         "ADVREC_CHECKPOINT_DIR": str(tmp / "checkpoints")})
     events = list(synthetic_events(SyntheticConfig(n_users=300, n_items=200, seed=3), 14000))
@@ -31,7 +31,7 @@ def ran(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, object]:
                                                  start=0.6, end=0.7, seed=1))
     sidecar = Sidecar(s)
     sidecar.build()
-    examples = list(build_examples(stream, 12))
+    examples = list(build_examples(stream, 20))
     for n, i in enumerate(range(0, len(examples), 256)):
         sidecar.step(encode_batch(examples[i : i + 256]), n)
     return sidecar, labels
