@@ -904,6 +904,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--broker", help=f"Kafka URL [ADVREC_BROKER] (default {d.broker})")
     p.add_argument("--mode", choices=["none", "irgan", "apr", "irgan+apr"],
                    help=f"adversarial mode [ADVREC_TRAINER_MODE] (default {d.trainer_mode})")
+    p.add_argument("--detector", action=argparse.BooleanOptionalAction, default=None,
+                   help="the fake-user detector and training filter: flagged users' examples "
+                        "are not trained on [ADVREC_TRAINER_DETECTOR] "
+                        f"(default {'on' if d.trainer_detector else 'off'})")
     p.add_argument("--bundle-dir", help=f"where bundles go [ADVREC_BUNDLE_DIR] ({d.bundle_dir})")
     p.add_argument("--checkpoint-dir",
                    help=f"checkpoints [ADVREC_CHECKPOINT_DIR] ({d.checkpoint_dir})")
@@ -922,7 +926,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_trainer_settings(
-            broker=args.broker, trainer_mode=args.mode, bundle_dir=args.bundle_dir,
+            broker=args.broker, trainer_mode=args.mode, trainer_detector=args.detector,
+            bundle_dir=args.bundle_dir,
             checkpoint_dir=args.checkpoint_dir, trainer_metrics_port=args.metrics_port,
             export_every_s=args.export_every_s, log_level=args.log_level)
     except ConfigError as exc:
