@@ -71,6 +71,7 @@ REJECT_REASONS = (
     "load_error",  # onnxruntime could not build a session
     "bad_signature",  # model inputs/outputs are not history[B, L] -> scores[B, V+1]
     "nan_output",  # warm-up produced NaN or infinite scores
+    "bad_detector",  # detector.onnx does not load, or gives no finite P(fake) per user
     "pruned",  # the version left the directory while it was being loaded (not remembered)
 )
 _META_REQUIRED = ("version", "model_sha256", "vocab_sha256", "vocab_size", "max_len")

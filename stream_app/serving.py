@@ -18,7 +18,15 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from advrec.bundle import INPUT_NAME, OUTPUT_NAME, Bundle, BundleError, load_bundle
+from advrec.bundle import (
+    DETECTOR_INPUTS,
+    DETECTOR_OUTPUTS,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    Bundle,
+    BundleError,
+    load_bundle,
+)
 from advrec.encoding import exclusion_rows, known_rows, model_input
 from advrec.types import ItemId
 
@@ -186,6 +194,30 @@ def _check_signature(model: onnx.ModelProto, version: str, n_cols: int) -> None:
                                             f"vocabulary needs {n_cols}")
 
 
+def _check_detector(data: bytes, probe: np.ndarray, version: str) -> None:
+    """The bundle's fake-user detector must load and give each probe user a finite P(fake)
+    in [0, 1] and one finite term per feature, or the whole bundle is refused: what the
+    trainer flags with must be what an operator can replay."""
+    from advrec.suspicion import BEHAVIOUR_FEATURES, FEATURES
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(data, sess_options=opts,
+                                       providers=["CPUExecutionProvider"])
+        behaviour = np.zeros((len(probe), len(BEHAVIOUR_FEATURES)), dtype=np.float32)
+        p_fake, terms = session.run(list(DETECTOR_OUTPUTS),
+                                    dict(zip(DETECTOR_INPUTS, (probe, behaviour), strict=True)))
+    except Exception as exc:
+        raise BundleError("bad_detector", f"{version}: detector: {exc}"[:500]) from None
+    if p_fake.shape != (len(probe),) or terms.shape != (len(probe), len(FEATURES)):
+        raise BundleError("bad_detector", f"{version}: detector gives shapes {p_fake.shape}, "
+                                          f"{terms.shape} for {len(probe)} users")
+    if not (np.isfinite(p_fake).all() and np.isfinite(terms).all()
+            and ((p_fake >= 0) & (p_fake <= 1)).all()):
+        raise BundleError("bad_detector", f"{version}: detector scores are not finite P(fake)")
+
+
 def load_model(root: Path | str, version: str, *, providers: str = "auto",
                threads: int = 0) -> LoadedModel:
     """Verify a bundle, build its ranking session and warm it up; raise ``BundleError`` if
@@ -228,6 +260,8 @@ def load_model(root: Path | str, version: str, *, providers: str = "auto",
                           f"{version}: scores shape {scores.shape}, vocabulary needs {n_cols}")
     if not np.isfinite(scores[:, 1:]).all():
         raise BundleError("nan_output", f"{version}: warm-up scores are not finite")
+    if bundle.detector_bytes is not None:
+        _check_detector(bundle.detector_bytes, probe, version)
     index = {item: row for row, item in enumerate(bundle.vocab, start=1)}
     return LoadedModel(bundle=bundle, session=session, providers=session.get_providers(),
                        index=index, loaded_at=time.time(),

@@ -44,6 +44,39 @@ def toy_model(n_items: int, dim: int = 8, *, seed: int = 0, nan: bool = False,
     return model.SerializeToString()
 
 
+def toy_detector(*, nan: bool = False, n_terms: int | None = None) -> bytes:
+    """items[B, L] int64, behaviour[B, F_b] float32 -> p_fake[B] (a sigmoid of the summed
+    behaviour) and terms[B, F] (the behaviour, repeated to F columns): a detector.onnx."""
+    from advrec.bundle import DETECTOR_INPUTS, DETECTOR_OUTPUTS
+    from advrec.suspicion import BEHAVIOUR_FEATURES, FEATURES
+
+    f_b = len(BEHAVIOUR_FEATURES)
+    n_terms = len(FEATURES) if n_terms is None else n_terms
+    items, behaviour = DETECTOR_INPUTS
+    p_fake, terms = DETECTOR_OUTPUTS
+    scale = np.array([np.nan if nan else 1.0], dtype=np.float32)
+    pick = np.arange(n_terms, dtype=np.int64) % f_b
+    nodes = [
+        helper.make_node("Mul", [behaviour, "scale"], ["scaled"]),  # (B, F_b)
+        helper.make_node("ReduceSum", ["scaled", "axes"], ["total"], keepdims=0),  # (B,)
+        helper.make_node("Sigmoid", ["total"], [p_fake]),  # (B,)
+        helper.make_node("Gather", ["scaled", "pick"], [terms], axis=1),  # (B, F)
+    ]
+    graph = helper.make_graph(
+        nodes, "toy_detector",
+        [helper.make_tensor_value_info(items, TensorProto.INT64, ["batch", "length"]),
+         helper.make_tensor_value_info(behaviour, TensorProto.FLOAT, ["batch", f_b])],
+        [helper.make_tensor_value_info(p_fake, TensorProto.FLOAT, ["batch"]),
+         helper.make_tensor_value_info(terms, TensorProto.FLOAT, ["batch", n_terms])],
+        initializer=[numpy_helper.from_array(scale, "scale"),
+                     numpy_helper.from_array(np.array([1], dtype=np.int64), "axes"),
+                     numpy_helper.from_array(pick, "pick")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
 def publish_toy(root: Path, vocab: list[str], *, seed: int = 0, max_len: int = 10,
                 keep: int = 100, **kw: object) -> str:
     """Write a toy bundle for ``vocab`` and make it current; return its version."""

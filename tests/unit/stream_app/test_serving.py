@@ -25,7 +25,7 @@ from stream_app.serving import (
     load_model,
     select_providers,
 )
-from tests.bundles import publish_toy, toy_model
+from tests.bundles import publish_toy, toy_detector, toy_model
 
 VOCAB = [f"i{n}" for n in range(30)]
 
@@ -77,6 +77,24 @@ def test_bad_models_are_rejected_with_a_reason(tmp_path: Path, kwargs, reason) -
     with pytest.raises(BundleError) as info:
         load_model(tmp_path, v)
     assert info.value.reason == reason
+
+
+@pytest.mark.parametrize(("detector", "ok"), [
+    (toy_detector(), True),
+    (toy_detector(nan=True), False),  # NaN weights
+    (toy_detector(n_terms=3), False),  # explains fewer features than the detector reads
+    (b"not a detector", False),
+])
+def test_a_bundle_is_refused_when_its_detector_does_not_score(tmp_path: Path, detector,
+                                                               ok) -> None:
+    v = write_bundle(tmp_path, toy_model(len(VOCAB)), VOCAB, {"max_len": 5},
+                     detector_bytes=detector)
+    if ok:
+        assert load_model(tmp_path, v).bundle.detector_bytes == detector
+        return
+    with pytest.raises(BundleError) as info:
+        load_model(tmp_path, v)
+    assert info.value.reason == "bad_detector"
 
 
 def test_a_model_file_that_is_not_onnx_fails_to_load(tmp_path: Path) -> None:
