@@ -106,6 +106,7 @@ class DetectorConfig:
     timing_shares: tuple[float, float, float] = (0.25, 0.35, 0.40)
     bot_gap_ms: tuple[int, int] = (1000, 3000)  # bot timing: regular, uniform gaps
     threshold_users: int = 2000  # recent users whose scores set the threshold in force
+    max_users: int = 200_000  # users whose counters are kept (the least recently active go)
     half_life: int = 5000  # clicks over which an item's recent count halves (burst)
     window: int = 3  # a click pairs with this many items before it (coherence)
     links: int = 32  # co-click links per item that the exported tables keep
@@ -579,6 +580,12 @@ class TrainingFilter:
             self.last_seen[ex.user] = bi
         for u in [u for u in self.held if self.last_seen[u] <= bi - self.cfg.hold_batches]:
             admitted.extend(self.held.pop(u))
+        while len(self.records) > self.cfg.max_users:  # forget the least recently active
+            gone = next(iter(self.records))
+            del self.records[gone]
+            self.worst.pop(gone, None)
+            self.last_seen.pop(gone, None)
+            admitted.extend(self.held.pop(gone, ()))  # its waiting clicks train
         self.examples += len(batch)
         self.since_round += batches
         if self.since_round >= self.ROUND_EVERY:

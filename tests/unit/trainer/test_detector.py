@@ -270,3 +270,14 @@ def test_nobody_is_flagged_before_the_detector_has_trained_its_warm_up_rounds(tr
     guard.detector.rounds = 2
     guard.admit(examples[300:], 1)
     assert guard.flagged
+
+
+def test_the_filter_keeps_counters_of_the_most_recently_active_users_only(trained) -> None:
+    learner, _, events = trained
+    guard = TrainingFilter(learner, DetectorConfig(min_clicks=2, max_users=20))
+    examples = list(build_examples(events[:1000], SMALL.max_len))
+    kept = guard.admit(examples, 0)
+    assert len(guard.records) == 20
+    latest = list(dict.fromkeys(ex.user for ex in reversed(examples)))[:20]
+    assert set(guard.records) == set(latest)
+    assert len(kept) + sum(len(v) for v in guard.held.values()) == len(examples)  # none lost
