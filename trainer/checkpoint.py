@@ -12,14 +12,16 @@ import torch
 
 from trainer.learner import OnlineLearner
 
-__all__ = ["load_checkpoint", "read_extra", "save_checkpoint"]
+__all__ = ["load_checkpoint", "load_checkpoint_with_detector", "read_extra", "save_checkpoint"]
 
 CHECKPOINT_FORMAT = 1
 
 
 def save_checkpoint(path: Path | str, learner: OnlineLearner,
-                    extra: dict[str, Any] | None = None) -> None:
-    """Write the learner's state (and ``extra``: plain values only) to ``path`` atomically.
+                    extra: dict[str, Any] | None = None,
+                    detector: dict[str, Any] | None = None) -> None:
+    """Write the learner's state (and ``extra``: plain values only; ``detector``: the
+    training filter's ``state_dict``, when it runs) to ``path`` atomically.
 
     The file is written under a temporary name, fsynced, then renamed over ``path``, so a
     crash mid-save leaves the previous checkpoint intact. ``extra`` also goes to
@@ -29,7 +31,7 @@ def save_checkpoint(path: Path | str, learner: OnlineLearner,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": CHECKPOINT_FORMAT, "learner": learner.state_dict(),
-               "extra": dict(extra or {})}
+               "extra": dict(extra or {}), "detector": detector}
     _replace(path, lambda fh: torch.save(payload, fh))
     _replace(_extra_path(path), lambda fh: fh.write(json.dumps(dict(extra or {})).encode()))
 
@@ -73,6 +75,13 @@ def load_checkpoint(path: Path | str, *,
 
     ``device`` overrides the saved one (e.g. "cpu" for a checkpoint made on a GPU).
     """
+    learner, extra, _ = load_checkpoint_with_detector(path, device=device)
+    return learner, extra
+
+
+def load_checkpoint_with_detector(path: Path | str, *, device: str | None = None
+                                  ) -> tuple[OnlineLearner, dict[str, Any], dict[str, Any] | None]:
+    """``load_checkpoint``, and the training filter's state (None: the detector was off)."""
     # weights_only: a checkpoint holds tensors and plain values, never code to run
     payload = torch.load(Path(path), map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
@@ -81,4 +90,4 @@ def load_checkpoint(path: Path | str, *,
     state = payload["learner"]
     if device is not None:
         state = dict(state, train_config=dict(state["train_config"], device=device))
-    return OnlineLearner.from_state_dict(state), payload["extra"]
+    return OnlineLearner.from_state_dict(state), payload["extra"], payload.get("detector")

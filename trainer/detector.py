@@ -40,6 +40,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -654,3 +655,52 @@ class TrainingFilter:
         self.worst.pop(user, None)
         self.readmitted.add(user)
         return True
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a trainer that takes over needs to go on as this one would: the
+        detector (classifier, standardization, threshold, statistics, RNG) and the filter's
+        users (counters, flags, waiting examples). Tensors and plain values only."""
+        det, stats = self.detector, self.detector.stats
+        return {
+            "detector": {
+                "classifier": det.classifier.state_dict(), "mean": det.mean, "std": det.std,
+                "threshold_logit": det.threshold_logit, "trained": det.trained,
+                "rounds": det.rounds, "gaps": list(det.gaps), "gaps_seen": det._gaps_seen,
+                "rng": det.rng.bit_generator.state},
+            "stats": {"total": torch.from_numpy(stats.total.copy()),
+                      "recent": torch.from_numpy(stats.recent.copy()),
+                      "mass": torch.from_numpy(stats.mass.copy()), "clicks": stats.clicks,
+                      "pairs": stats.pairs.state_dict()},
+            "records": {u: [list(r.items), r.behaviour.to_list()]
+                        for u, r in self.records.items()},
+            "worst": dict(self.worst), "flagged": sorted(self.flagged),
+            "readmitted": sorted(self.readmitted), "last_seen": dict(self.last_seen),
+            "held": {u: [[list(e.history), e.item, e.ts, list(e.flags)] for e in exs]
+                     for u, exs in self.held.items()},
+            "filtered": self.filtered, "examples": self.examples,
+            "since_round": self.since_round}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from ``state_dict()`` (over the learner restored from the same checkpoint:
+        the statistics are indexed by its vocabulary rows)."""
+        det, d, s = self.detector, state["detector"], state["stats"]
+        det.classifier.load_state_dict(d["classifier"])
+        det.mean, det.std = d["mean"].clone(), d["std"].clone()
+        det.threshold_logit, det.trained = float(d["threshold_logit"]), bool(d["trained"])
+        det.rounds, det.gaps, det._gaps_seen = int(d["rounds"]), list(d["gaps"]), d["gaps_seen"]
+        det.rng.bit_generator.state = d["rng"]
+        stats = det.stats
+        stats.total, stats.recent = s["total"].numpy().copy(), s["recent"].numpy().copy()
+        stats.mass, stats.clicks = s["mass"].numpy().copy(), int(s["clicks"])
+        stats.pairs = Cooccurrence.from_state_dict(s["pairs"])
+        self.records = {u: UserRecord(list(items), Behaviour.from_list(beh))
+                        for u, (items, beh) in state["records"].items()}
+        self.worst = dict(state["worst"])
+        self.flagged, self.readmitted = set(state["flagged"]), set(state["readmitted"])
+        self.last_seen = dict(state["last_seen"])
+        self.held = {u: [TrainingExample(u, tuple(h), item, ts, tuple(flags))
+                         for h, item, ts, flags in exs] for u, exs in state["held"].items()}
+        self.filtered, self.examples = int(state["filtered"]), int(state["examples"])
+        self.since_round = int(state["since_round"])

@@ -146,11 +146,12 @@ class Sidecar:
 
     def build(self, checkpoint: Path | None = None) -> None:
         """Resume from ``checkpoint`` (or the local one) if there is one, else start fresh."""
-        from trainer.checkpoint import load_checkpoint
+        from trainer.checkpoint import load_checkpoint_with_detector
 
         path = checkpoint or (self.checkpoint_path if self.checkpoint_path.exists() else None)
+        detector_state = None
         if path is not None:
-            self.learner, extra = load_checkpoint(path)
+            self.learner, extra, detector_state = load_checkpoint_with_detector(path)
             self.next_offset = self.resumed_at = extra.get("next_offset")
             log.info("resumed from %s: %d examples seen, next offset %s", path,
                      self.learner.examples_seen, self.next_offset)
@@ -169,6 +170,10 @@ class Sidecar:
                 min_clicks=self.s.trainer_detector_min_clicks, seed=self.s.trainer_seed))
             log.info("fake-user detector on: threshold P(fake) >= %.4g from the %d-th click",
                      self.s.trainer_detector_threshold, self.s.trainer_detector_min_clicks)
+            if detector_state is not None:
+                self.filter.load_state_dict(detector_state)
+                log.info("detector resumed from the checkpoint: %d rounds, %d users flagged",
+                         self.filter.detector.rounds, len(self.filter.flagged))
             for record in self.flag_book.records.values():  # the fleet's flags so far
                 self._apply_flag(record)
 
@@ -592,7 +597,8 @@ class Sidecar:
                  "saved_at": time.time(), "trainer": self.identity,
                  "batches_seen": self.learner.batches_seen,
                  "examples_seen": self.learner.examples_seen}
-        save_checkpoint(self.checkpoint_path, self.learner, extra)
+        save_checkpoint(self.checkpoint_path, self.learner, extra,
+                        None if self.filter is None else self.filter.state_dict())
         self.batches_since_checkpoint = 0
         self.last_checkpoint = time.monotonic()
         self.m.checkpoint_seconds.observe(time.perf_counter() - started)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from advrec.attacks import AttackConfig, inject
@@ -59,3 +60,26 @@ def test_the_sidecars_bundle_carries_the_detector_checked_and_described(ran) -> 
     meta = bundle.meta["detector"]
     assert meta["rounds"] == sidecar.filter.detector.rounds
     assert meta["parity_max_abs"] < 1e-4 and meta["threshold"] == sidecar.filter.detector.threshold
+
+
+def test_a_trainer_that_resumes_from_the_checkpoint_goes_on_with_the_same_detector(
+        ran, tmp_path: Path) -> None:
+    from trainer.settings import load_trainer_settings
+    from trainer.sidecar import Sidecar
+
+    sidecar, _ = ran
+    sidecar.save_checkpoint()
+    other = Sidecar(load_trainer_settings({
+        "ADVREC_TRAINER_DETECTOR": "1", "ADVREC_TRAINER_MODE": "none",
+        "ADVREC_TRAINER_DIM": "16", "ADVREC_TRAINER_LAYERS": "1",
+        "ADVREC_TRAINER_STEPS_PER_BATCH": "1", "ADVREC_TRAINER_MAX_LEN": "20",
+        "ADVREC_BUNDLE_DIR": str(tmp_path / "bundles"),
+        "ADVREC_CHECKPOINT_DIR": str(tmp_path / "checkpoints")}))
+    other.build(sidecar.checkpoint_path)
+    a, b = sidecar.filter, other.filter
+    assert b.detector.rounds == a.detector.rounds and b.flagged == a.flagged
+    assert b.filtered == a.filtered and set(b.records) == set(a.records)
+    users = list(a.records.values())[-50:]
+    assert np.allclose(a.detector.logits(users), b.detector.logits(users))
+    assert np.allclose(a.detector.stats.burst(np.arange(1, 50)),
+                       b.detector.stats.burst(np.arange(1, 50)))
