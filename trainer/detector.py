@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -545,7 +545,8 @@ class TrainingFilter:
         self.readmitted: set[str] = set()  # re-admitted by hand: never flagged again
         self.new_flags: list[str] = []  # flagged since the owner last took them
         self.since_round = 0  # batches since the detector's last training round
-        self.scored: list[float] = []  # logits given since the owner last took them
+        # logits given since the owner last took them (the sidecar's score histogram)
+        self.scored: deque[float] = deque(maxlen=100_000)
         self.held: dict[str, list[TrainingExample]] = {}  # new users' examples, waiting
         self.last_seen: dict[str, int] = {}  # batch index of each user's latest click
         self.filtered = 0
@@ -644,11 +645,11 @@ class TrainingFilter:
         """Flag a user from outside (a flag the detector raised before a restart)."""
         if user not in self.readmitted:
             self.flagged.add(user)
-            self.held.pop(user, None)
+            self.filtered += len(self.held.pop(user, ()))
 
     def readmit(self, user: UserId) -> bool:
         """Lift a user's flag (a false positive): the user's next examples train again and
-        the user is scored afresh from now on. False if the user was not flagged."""
+        the user is not flagged again. False if the user was not flagged."""
         if user not in self.flagged:
             return False
         self.flagged.discard(user)
