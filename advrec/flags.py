@@ -93,15 +93,23 @@ class FlagBook:
     def __init__(self) -> None:
         self.records: dict[str, FlagRecord] = {}
         self.bad = 0  # records that could not be decoded (skipped, counted)
+        self.n_flagged = 0  # users whose latest record is a flag
 
     def apply(self, record: FlagRecord) -> None:
+        self._forget(record.user)
         self.records[record.user] = record
+        self.n_flagged += record.state == FLAGGED
+
+    def _forget(self, user: str) -> None:
+        old = self.records.pop(user, None)
+        if old is not None and old.state == FLAGGED:
+            self.n_flagged -= 1
 
     def apply_raw(self, key: bytes | None, value: bytes | None) -> FlagRecord | None:
         """Apply one topic record; a tombstone forgets the user, a bad record is counted."""
         if value is None:
             if key:
-                self.records.pop(key.decode(errors="replace"), None)
+                self._forget(key.decode(errors="replace"))
             return None
         try:
             record = FlagRecord.decode(key, value)

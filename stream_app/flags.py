@@ -38,7 +38,7 @@ class FlagFeed:
         if parsed is None and record.value is not None:
             log.warning("skipping a record on %s that is not a flag record (offset %d)",
                         self.s.topic_flags, record.offset)
-        self.m.flagged_users.set(len(self.book.flagged()))
+        self.m.flagged_users.set(self.book.n_flagged)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Follow the flags topic until ``stop`` is set (a task on the worker's loop)."""
@@ -63,5 +63,5 @@ class FlagFeed:
         record = FlagRecord(user=user, state=READMITTED, by=by, note=note)
         await publish_flags(self._producer, self.s.topic_flags, [record])
         self.book.apply(record)
-        self.m.flagged_users.set(len(self.book.flagged()))
+        self.m.flagged_users.set(self.book.n_flagged)
         return record

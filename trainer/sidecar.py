@@ -48,7 +48,7 @@ from advrec.channel import (
 from advrec.channel_io import ChannelPublisher, follow_topic, last_record
 from advrec.config import ConfigError, settings_as_dict
 from advrec.contract import TrainingExample, decode_batch
-from advrec.flags import FLAGGED, READMITTED, FlagBook, FlagRecord, publish_flags
+from advrec.flags import FLAGGED, READMITTED, FlagBook, FlagError, FlagRecord, publish_flags
 from advrec.memory import release_freed_memory
 from advrec.topics import channel_topics, ensure_topics
 from trainer.settings import TrainerSettings, load_trainer_settings
@@ -799,13 +799,13 @@ class Sidecar:
         read = asyncio.Event()
 
         def handle(record: Any) -> None:
-            book = FlagBook()
-            parsed = book.apply_raw(record.key, record.value)
-            if parsed is not None:
-                self.flags_in.append(parsed)
-            elif book.bad:
-                log.warning("skipping a record on %s that is not a flag record (offset %d)",
-                            s.topic_flags, record.offset)
+            if record.value is None:  # a tombstone: nothing to act on
+                return
+            try:
+                self.flags_in.append(FlagRecord.decode(record.key, record.value))
+            except FlagError as exc:
+                log.warning("skipping a record on %s at offset %d: %s", s.topic_flags,
+                            record.offset, exc)
 
         follower = asyncio.create_task(follow_topic(
             s.bootstrap, s.topic_flags, handle, stop=stop, on_caught_up=read.set,

@@ -34,9 +34,11 @@ def test_the_book_keeps_the_latest_record_per_user_and_counts_bad_ones() -> None
     book.apply_raw(b"b", FlagRecord("b", FLAGGED, p_fake=0.9999).value)
     book.apply_raw(b"c", FlagRecord("c", FLAGGED, p_fake=0.995).value)
     assert [r.user for r in book.flagged()] == ["b", "c", "a"]  # the highest score first
+    assert book.n_flagged == 3
     book.apply_raw(b"b", FlagRecord("b", READMITTED, by="admin", note="a regular").value)
     assert [r.user for r in book.flagged()] == ["c", "a"]
     assert book.get("b").state == READMITTED and book.get("b").note == "a regular"
+    assert book.n_flagged == 2
     book.apply_raw(b"c", None)  # a tombstone forgets the user
-    assert book.get("c") is None
+    assert book.get("c") is None and book.n_flagged == 1
     assert book.apply_raw(b"d", b"junk") is None and book.bad == 1
