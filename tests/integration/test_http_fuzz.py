@@ -133,7 +133,7 @@ def test_the_document_is_valid_openapi_and_takes_its_limits_from_the_code() -> N
                     schema = response["content"]["application/json"]["schema"]
                     assert schema["$ref"].endswith(("/Error", "/Readiness")), (path, status)
     admin = [op for item in doc["paths"].values() for op in item.values() if "security" in op]
-    assert len(admin) == 4 and all("401" in op["responses"] for op in admin)
+    assert len(admin) == 6 and all("401" in op["responses"] for op in admin)
 
 
 def test_every_route_the_views_register_is_in_the_document(tmp_path: Path) -> None:
