@@ -55,7 +55,13 @@ from trainer.model import static_dim
 from trainer.prior import Cooccurrence
 
 __all__ = ["Classifier", "DetectorConfig", "DetectorGraph", "ItemStats", "OnlineDetector",
-           "TrainingFilter", "UserRecord"]
+           "TrainingFilter", "UserRecord", "probability"]
+
+def probability(logit: float | np.ndarray) -> float | np.ndarray:
+    """P(fake) from the classifier's logit(s), without overflow (logits of fakes run high)."""
+    p = 1.0 / (1.0 + np.exp(-np.clip(logit, -700.0, 700.0)))
+    return float(p) if np.ndim(p) == 0 else p
+
 
 SYNTH_KINDS = ("random", "average", "bandwagon", "segment", "generated")
 GAP_SAMPLE = 4096  # gaps kept for fakes that click at the stream's own pace
@@ -357,7 +363,7 @@ class OnlineDetector:
     def score(self, records: Sequence[UserRecord], boost: np.ndarray | None = None
               ) -> np.ndarray:
         """P(fake) per user [B]; 0 before the first training round."""
-        return 1.0 / (1.0 + np.exp(-np.clip(self.logits(records, boost), -700, 700)))
+        return probability(self.logits(records, boost))  # type: ignore[return-value]
 
     def flags(self, records: Sequence[UserRecord]) -> np.ndarray:
         """Whether each user is flagged now [B] (compared as logits: P(fake) saturates)."""
@@ -366,7 +372,7 @@ class OnlineDetector:
     @property
     def threshold(self) -> float:
         """The threshold in force, as P(fake)."""
-        return 1.0 / (1.0 + math.exp(-min(700.0, self.threshold_logit)))
+        return probability(self.threshold_logit)  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ training
 
@@ -618,8 +624,7 @@ class TrainingFilter:
     def suspicion(self, attack: AttackLabels | None) -> list[tuple[str, bool, float]]:
         """(user, fake?, highest P(fake) while the user's clicks arrived) per scored user."""
         fake = set(attack.fake_users) if attack is not None else set()
-        return [(u, u in fake, 1.0 / (1.0 + math.exp(-min(max(z, -700.0), 700.0))))
-                for u, z in self.worst.items()]
+        return [(u, u in fake, float(probability(z))) for u, z in self.worst.items()]
 
     def metrics(self, attack: AttackLabels | None) -> dict[str, float]:
         # flagged: every user whose score crossed the threshold in force while their clicks

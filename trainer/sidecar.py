@@ -361,6 +361,8 @@ class Sidecar:
 
     def _raise_flags(self) -> None:
         """Turn the users the detector just flagged into records for the flags topic."""
+        from trainer.detector import probability
+
         f = self.filter
         for user in f.new_flags:
             rec = f.records.get(user)
@@ -368,7 +370,7 @@ class Sidecar:
             reasons = tuple(f.detector.explain(rec)) if rec is not None else ()
             self.flags_out.append(FlagRecord(
                 user=user, state=FLAGGED, by=self.identity, reasons=reasons,
-                p_fake=1.0 / (1.0 + float(np.exp(-np.clip(z, -700.0, 700.0)))),
+                p_fake=float(probability(z)),
                 rounds=f.detector.rounds))
         f.new_flags.clear()
 
@@ -386,6 +388,8 @@ class Sidecar:
             self.flags_out = out + self.flags_out
 
     def _report_filter(self, filtered_before: int, flagged_before: int) -> None:
+        from trainer.detector import probability
+
         f, m = self.filter, self.m
         m.filtered_examples.inc(f.filtered - filtered_before)
         m.flagged_users.set(len(f.flagged))
@@ -393,7 +397,7 @@ class Sidecar:
         m.detector_rounds.set(f.detector.rounds)
         m.detector_threshold.set(f.detector.threshold)
         for z in f.scored:
-            m.detector_scores.observe(1.0 / (1.0 + float(np.exp(-np.clip(z, -700.0, 700.0)))))
+            m.detector_scores.observe(float(probability(z)))
         f.scored.clear()
         if len(f.flagged) > flagged_before:
             new = len(f.flagged) - flagged_before

@@ -33,6 +33,16 @@ def trained() -> tuple[OnlineLearner, dict[str, UserRecord], list]:
     return learner, records, events
 
 
+def decided(guard: TrainingFilter, logit: float) -> TrainingFilter:
+    """Make ``guard``'s detector trained and give every user ``logit`` (20: flag everybody
+    scored, -20: nobody)."""
+    guard.detector.trained = True
+    last = guard.detector.classifier.net[-1]
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.constant_(last.bias, logit)
+    return guard
+
+
 def observing(learner: OnlineLearner, events: list, **cfg: object) -> OnlineDetector:
     """A detector that has counted ``events``' clicks, as the sidecar counts every batch."""
     det = OnlineDetector(learner, DetectorConfig(min_clicks=5, **cfg))  # type: ignore[arg-type]
@@ -108,14 +118,11 @@ def test_the_threshold_in_force_sits_far_out_in_the_recent_users_scores(trained)
 
 def test_the_filter_drops_flagged_users_examples_and_keeps_the_rest(trained) -> None:
     learner, _, events = trained
-    guard = TrainingFilter(learner, DetectorConfig(min_clicks=2, hold_batches=0, warmup_rounds=0))
-    guard.detector.trained = True
-    last = guard.detector.classifier.net[-1]
-    torch.nn.init.zeros_(last.weight)
-    torch.nn.init.constant_(last.bias, -20.0)  # nobody is flagged...
+    cfg = DetectorConfig(min_clicks=2, hold_batches=0, warmup_rounds=0)
+    guard = decided(TrainingFilter(learner, cfg), -20.0)  # nobody is flagged...
     batch = list(build_examples(events[:300], SMALL.max_len))
     assert guard.admit(batch, 0) == batch
-    torch.nn.init.constant_(last.bias, 20.0)  # ...everybody scored is
+    decided(guard, 20.0)  # ...everybody scored is
     kept = guard.admit(list(build_examples(events[300:600], SMALL.max_len)), 1)
     assert all(guard.records[ex.user].behaviour.clicks < 2 for ex in kept)
     assert guard.filtered == 300 - len(kept) > 0
@@ -188,16 +195,12 @@ def test_item_stats_read_a_burst_and_pairs_that_others_click_together() -> None:
 
 def test_a_flag_stays_until_readmitted_and_flagged_clicks_still_count(trained) -> None:
     learner, _, events = trained
-    guard = TrainingFilter(learner, DetectorConfig(min_clicks=2, warmup_rounds=0))
-    guard.detector.trained = True
-    last = guard.detector.classifier.net[-1]
-    torch.nn.init.zeros_(last.weight)
-    torch.nn.init.constant_(last.bias, 20.0)
+    guard = decided(TrainingFilter(learner, DetectorConfig(min_clicks=2, warmup_rounds=0)), 20.0)
     guard.admit(list(build_examples(events[:300], SMALL.max_len)), 0)
     flagged = set(guard.flagged)
     assert flagged
     clicks = guard.detector.stats.clicks
-    torch.nn.init.constant_(last.bias, -20.0)  # the detector changes its mind...
+    decided(guard, -20.0)  # the detector changes its mind...
     later = list(build_examples(events[300:600], SMALL.max_len))
     kept = guard.admit(later, 1)
     assert flagged <= guard.flagged  # ...the flag stays
@@ -210,12 +213,8 @@ def test_a_new_users_clicks_on_bursting_items_wait_until_the_user_can_be_scored(
     from advrec.contract import TrainingExample
 
     learner, _, events = trained
-    guard = TrainingFilter(learner, DetectorConfig(min_clicks=3, hold_batches=2, hold_burst=0.5,
-                                                  warmup_rounds=0))
-    guard.detector.trained = True
-    last = guard.detector.classifier.net[-1]
-    torch.nn.init.zeros_(last.weight)
-    torch.nn.init.constant_(last.bias, -20.0)  # nobody is flagged
+    cfg = DetectorConfig(min_clicks=3, hold_batches=2, hold_burst=0.5, warmup_rounds=0)
+    guard = decided(TrainingFilter(learner, cfg), -20.0)  # nobody is flagged
     guard.admit(list(build_examples(events[:2000], SMALL.max_len)), 0)
 
     def click(user: str, item: str, ts: int) -> TrainingExample:
@@ -242,11 +241,8 @@ def test_a_new_users_clicks_on_bursting_items_wait_until_the_user_can_be_scored(
 
 def test_a_readmitted_user_trains_again_and_is_not_flagged_again(trained) -> None:
     learner, _, events = trained
-    guard = TrainingFilter(learner, DetectorConfig(min_clicks=2, hold_batches=0, warmup_rounds=0))
-    guard.detector.trained = True
-    last = guard.detector.classifier.net[-1]
-    torch.nn.init.zeros_(last.weight)
-    torch.nn.init.constant_(last.bias, 20.0)  # everybody scored is flagged
+    cfg = DetectorConfig(min_clicks=2, hold_batches=0, warmup_rounds=0)
+    guard = decided(TrainingFilter(learner, cfg), 20.0)  # everybody scored is flagged
     guard.admit(list(build_examples(events[:300], SMALL.max_len)), 0)
     user = next(iter(guard.flagged))
     assert guard.readmit(user) and not guard.readmit(user)  # a second time: not flagged
@@ -258,11 +254,8 @@ def test_a_readmitted_user_trains_again_and_is_not_flagged_again(trained) -> Non
 
 def test_nobody_is_flagged_before_the_detector_has_trained_its_warm_up_rounds(trained) -> None:
     learner, _, events = trained
-    guard = TrainingFilter(learner, DetectorConfig(min_clicks=2, warmup_rounds=2))
-    guard.detector.trained = True
-    last = guard.detector.classifier.net[-1]
-    torch.nn.init.zeros_(last.weight)
-    torch.nn.init.constant_(last.bias, 20.0)  # it would flag everybody...
+    cfg = DetectorConfig(min_clicks=2, warmup_rounds=2)
+    guard = decided(TrainingFilter(learner, cfg), 20.0)  # it would flag everybody...
     examples = list(build_examples(events[:600], SMALL.max_len))
     guard.detector.rounds = 1
     guard.admit(examples[:300], 0)
