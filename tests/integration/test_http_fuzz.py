@@ -193,7 +193,9 @@ def test_schemathesis_finds_no_server_error_and_no_contract_violation(
     cmd = [_schemathesis(), "run", f"{live.url}{OPENAPI_PATH}", "--url", live.url,
            "--header", f"Authorization: Bearer {TOKEN}", "--checks", ",".join(CHECKS),
            "--phases", "examples,coverage,fuzzing", "--max-examples", str(MAX_EXAMPLES),
-           "--seed", "8", "--workers", "2", "--generation-database", "none",
+           # one worker: with two, the seed is not enough to fix which cases run, and now
+           # and then a POST operation's fuzzing ended after a handful of cases
+           "--seed", "8", "--workers", "1", "--generation-database", "none",
            "--request-timeout", "10", "--no-color",
            "--report", "ndjson", "--report-ndjson-path", str(report)]
     started = time.monotonic()
@@ -206,7 +208,8 @@ def test_schemathesis_finds_no_server_error_and_no_contract_violation(
     # every operation ran; the ones with inputs got hundreds of distinct cases
     operations = sum(len(item) for item in doc["paths"].values())
     assert len(cases) == operations - 1, cases  # it never fuzzes the schema's own URL
-    for op in ("GET /recommendations/{user}", "GET /users/{user}", "POST /admin/rollback"):
+    for op in ("GET /recommendations/{user}", "GET /users/{user}", "POST /admin/rollback",
+               "POST /admin/flagged/{user}/readmit"):
         assert cases[op] >= 200, cases
     assert _server_errors(live) == errors_before
     assert live.alive()
