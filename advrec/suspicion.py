@@ -16,10 +16,13 @@ flag by the features that pushed the score up.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
+
 __all__ = ["BEHAVIOUR_FEATURES", "CONTENT_FEATURES", "FEATURES", "SHORT_GAP_MS", "Behaviour",
-           "behaviour_features"]
+           "behaviour_features", "behaviour_matrix"]
 
 SHORT_GAP_MS = 10_000  # a click within 10 s of the previous one is a short gap
 BEHAVIOUR_FEATURES = (
@@ -89,3 +92,9 @@ def behaviour_features(b: Behaviour) -> list[float]:
     return [math.log1p(b.clicks), math.log1p(age_h),
             math.log(max(b.clicks, 1) / max(age_h, 1 / 60)),
             b.short_gaps / b.gaps if b.gaps else 0.0, mean, math.sqrt(max(var, 0.0))]
+
+
+def behaviour_matrix(behaviours: Iterable[Behaviour]) -> np.ndarray:
+    """The detector's ``behaviour`` input [B, F_b] float32 for B users (trainer and worker)."""
+    rows = [behaviour_features(b) for b in behaviours]
+    return np.asarray(rows, dtype=np.float32).reshape(len(rows), len(BEHAVIOUR_FEATURES))

@@ -14,6 +14,9 @@ are noisy:
   * ingest (write-behind) while 8 HTTP clients read user state without pause;
   * the same events in envelopes (``advrec replay --envelope 20``: each user's events 20 to
     a message, as a producer that batches): the Faust agent and ingest again, in events/s;
+  * ingest with the fake-user detector scoring each changed user (a bundle with a detector
+    trained on the start of the same stream live) vs the same bundle with scoring off
+    (``ADVREC_DETECTOR_SCORING=0``); ``--only detector`` runs just this, twice each way;
   * resident memory after 100,000 distinct users, with the state cache at its default bound.
 Writes bench/results/ingest.json and prints a table with each goal and whether it was met.
 """
@@ -40,6 +43,7 @@ from advrec.replay import as_envelopes, as_payloads, produce
 from advrec.synthetic import SyntheticConfig, synthetic_events
 from advrec.topics import default_topics, ensure_topics
 from bench._common import (
+    BundleTopic,
     machine,
     print_table,
     rss_mib,
@@ -187,14 +191,16 @@ def http_load(url: str, users: list[str], stop: threading.Event, counts: list[in
 
 
 def ingest_run(run_dir: Path, bootstrap: str, topic: str, n: int, *,
-               write_behind: bool, http_users: list[str] | None = None) -> dict:
+               write_behind: bool, http_users: list[str] | None = None,
+               env_extra: dict[str, str] | None = None) -> dict:
     """A fresh worker reads the whole topic; events/s, and its changelog bytes per event."""
     app_id = f"bench-{tag()}"
     env = {"ADVREC_BROKER": f"kafka://{bootstrap}", "ADVREC_TOPIC_CLICKS": topic,
            "ADVREC_APP_ID": app_id, "ADVREC_TOPIC_TRAIN": topic + "-train",
            "ADVREC_TOPIC_DLQ": topic + "-dlq", "ADVREC_TOPIC_BUNDLES": topic + "-bundles",
-           "ADVREC_STATE_WRITE_BEHIND": "1" if write_behind else "0"}
+           "ADVREC_STATE_WRITE_BEHIND": "1" if write_behind else "0", **(env_extra or {})}
     proc, url = start_worker(run_dir, env)
+    scored: dict[str, float] = {}
     stop, counts = threading.Event(), [0, 0]
     loader = None
     if http_users:
@@ -205,6 +211,11 @@ def ingest_run(run_dir: Path, bootstrap: str, topic: str, n: int, *,
         rate = worker_rate(url, n)
         seconds = time.perf_counter() - t0
         time.sleep(3)  # the last flush and the changelog records behind it
+        metrics = f"{url}/metrics"
+        scored = {"users_scored": scrape(metrics, "advrec_user_suspicion_count"),
+                  "batches_scored": scrape(metrics, "advrec_suspicion_seconds_count"),
+                  "scoring_seconds": scrape(metrics, "advrec_suspicion_seconds_sum"),
+                  "batches": scrape(metrics, "advrec_ingest_batch_seconds_count")}
     finally:
         stop.set()
         if loader is not None:
@@ -217,7 +228,82 @@ def ingest_run(run_dir: Path, bootstrap: str, topic: str, n: int, *,
     if http_users:
         out.update(http_requests=counts[0], http_5xx=counts[1],
                    http_requests_per_s=counts[0] / seconds)
-    return out
+    return {**out, **scored}
+
+
+def detector_bundle_topic(bootstrap: str, cfg: SyntheticConfig, n_events: int,
+                          run_dir: Path) -> dict:
+    """Train a generator and the fake-user detector on the first ``n_events`` of the
+    bench's own stream (as the trainer would, ``none`` mode for speed: the detector is what
+    is measured), and publish them as one bundle on a topic of their own."""
+    from advrec.bundle import bundle_files, write_bundle
+    from advrec.contract import TrainingExample
+    from trainer.detector import DetectorConfig, TrainingFilter
+    from trainer.export import export_filter_detector, export_onnx, scoring_model
+    from trainer.learner import OnlineLearner, TrainConfig
+    from trainer.model import ModelConfig
+
+    started = time.perf_counter()
+    learner = OnlineLearner(ModelConfig(), TrainConfig(mode="none", seed=0))
+    guard = TrainingFilter(learner, DetectorConfig())
+    history: dict[str, list[str]] = {}
+    batch: list[TrainingExample] = []
+    bi = 0
+    for e in synthetic_events(cfg, n_events):
+        h = history.setdefault(e.user, [])
+        batch.append(TrainingExample(e.user, tuple(h[-20:]), e.item, e.ts))
+        h.append(e.item)
+        if len(batch) == 256:
+            learner.train_batch(guard.admit(batch, bi))
+            batch, bi = [], bi + 1
+    detector, meta = export_filter_detector(guard)
+    root = run_dir / "detector-bundle"
+    version = write_bundle(root, export_onnx(scoring_model(learner), learner.model_cfg.max_len),
+                           learner.vocab.items(), {"max_len": learner.model_cfg.max_len,
+                                                   "detector": meta}, detector_bytes=detector)
+    topic = BundleTopic(bootstrap, f"bench-bundles-{tag()}")
+    try:
+        topic.publish(version, bundle_files(root, version))
+    finally:
+        topic.close()
+    return {"topic": topic.topic, "version": version, "train_batches": bi,
+            "detector_rounds": meta["rounds"], "min_clicks": meta["min_clicks"],
+            "items": len(learner.vocab), "train_s": time.perf_counter() - started}
+
+
+def detector_cost(run_dir: Path, bootstrap: str, topic: str, n: int, cfg: SyntheticConfig,
+                  repeats: int = 2) -> dict:
+    """Ingest (write-behind) with the live bundle's detector scoring users vs not, the
+    same bundle live in both, in alternating runs of fresh workers."""
+    bundle = detector_bundle_topic(bootstrap, cfg, min(n, 30_000), run_dir)
+    runs: dict[str, list[dict]] = {"on": [], "off": []}
+    for _ in range(repeats):
+        for side in ("off", "on"):
+            runs[side].append(ingest_run(run_dir, bootstrap, topic, n, write_behind=True,
+                                         env_extra={
+                                             "ADVREC_TOPIC_BUNDLES": bundle["topic"],
+                                             "ADVREC_READY_WITHOUT_MODEL": "0",
+                                             "ADVREC_DETECTOR_SCORING": "1" if side == "on"
+                                             else "0"}))
+    on = sum(r["events_per_s"] for r in runs["on"]) / repeats
+    off = sum(r["events_per_s"] for r in runs["off"]) / repeats
+    users = sum(r["users_scored"] for r in runs["on"])
+    spent = sum(r["scoring_seconds"] for r in runs["on"])
+    return {"bundle": bundle, "runs": runs, "on_events_per_s": on, "off_events_per_s": off,
+            "on_vs_off": on / off, "users_scored": users / repeats,
+            "scored_batch_share": sum(r["batches_scored"] for r in runs["on"])
+            / max(1.0, sum(r["batches"] for r in runs["on"])),
+            "us_per_scored_user": spent / max(1.0, users) * 1e6,
+            "us_per_event": spent / (n * repeats) * 1e6}
+
+
+def detector_rows(d: dict) -> list[tuple[str, str]]:
+    return [("ingest, detector scoring", f"{d['on_events_per_s']:,.0f} events/s on vs "
+             f"{d['off_events_per_s']:,.0f} off: {d['on_vs_off']:.2f}x; "
+             f"{d['us_per_event']:.1f} us of scoring per event, "
+             f"{d['us_per_scored_user']:.1f} us per scored user "
+             f"({d['users_scored']:,.0f} users scored per run, "
+             f"{d['scored_batch_share']:.0%} of batches)")]
 
 
 def main() -> int:
@@ -226,6 +312,9 @@ def main() -> int:
     p.add_argument("--events", type=int, default=200_000, help="events on the shared topic")
     p.add_argument("--users", type=int, default=100_000, help="distinct users, memory phase")
     p.add_argument("--bootstrap", default="127.0.0.1:9092")
+    p.add_argument("--only", choices=("all", "detector"), default="all",
+                   help="detector: only ingest with the detector scoring on vs off "
+                        "(bench/results/ingest-detector.json)")
     args = p.parse_args()
     run_dir = Path("var") / f"bench-ingest-{tag()}"
     run_dir.mkdir(parents=True)
@@ -235,6 +324,13 @@ def main() -> int:
         "events": args.events, "synthetic_users": cfg.n_users, "partitions": 4}}
     topic = f"bench-clicks-{tag()}"
     fill(args.bootstrap, topic, payloads)
+    if args.only == "detector":
+        result["detector"] = detector_cost(run_dir, args.bootstrap, topic, args.events, cfg)
+        subprocess.run(["rm", "-rf", str(run_dir)], check=False)
+        path = write_result("ingest-detector", result)
+        print_table("bench/ingest --only detector",
+                    [*detector_rows(result["detector"]), ("results", str(path))])
+        return 0
     raw = raw_consumer_rate(args.bootstrap, topic)
     floor = faust_floor_rate(args.bootstrap, topic, args.events)
     behind = ingest_run(run_dir, args.bootstrap, topic, args.events, write_behind=True)
@@ -253,6 +349,7 @@ def main() -> int:
     env_floor["events_per_s"] = env_floor["events_per_s"] * args.events / len(grouped)
     env_floor["messages"] = len(grouped)
     enveloped = ingest_run(run_dir, args.bootstrap, topic_env, args.events, write_behind=True)
+    detector = detector_cost(run_dir, args.bootstrap, topic, args.events, cfg, repeats=1)
 
     # resident memory after 100,000 distinct users
     topic3 = f"bench-clicks-{tag()}"
@@ -289,7 +386,8 @@ def main() -> int:
     result.update(raw=raw, faust_floor=floor, write_behind=behind, write_through=through,
                   under_http=loaded, enveloped={**enveloped, "events_per_message": ENVELOPE,
                                                 "messages": len(grouped)},
-                  faust_floor_enveloped=env_floor, ratios=ratios, distinct_users=args.users,
+                  faust_floor_enveloped=env_floor, detector=detector, ratios=ratios,
+                  distinct_users=args.users,
                   distinct_users_events_per_s=users_rate, rss_mib_at_start=rss_start,
                   rss_mib_after_users=rss_end, cached_users_after=cached,
                   goals={k: (">= " if k != "changelog_bytes_per_event"
@@ -338,6 +436,7 @@ def main() -> int:
                                        f"{verdict('under_http_vs_idle')}; "
                                        f"{loaded['http_requests_per_s']:,.0f} req/s, "
                                        f"{loaded['http_5xx']} 5xx)"),
+        *detector_rows(detector),
         (f"RSS after {args.users:,} users", f"{rss_end:,.0f} MiB (start {rss_start:,.0f}; "
                                             f"{cached:,.0f} states cached; "
                                             f"{verdict('rss_mib_after_users')})"),

@@ -25,6 +25,7 @@ from advrec.contract import (
 from advrec.memory import release_freed_memory
 from stream_app.rocks import local_stores, shared_memory
 from stream_app.state import UserState, merge_trending, position, update_trending
+from stream_app.suspicion import score_users
 from stream_app.writebehind import WriteBehind, writing_for
 
 if TYPE_CHECKING:
@@ -136,29 +137,35 @@ async def apply_batch(sa: StreamApp, events: Sequence[EventT],
     examples: list[TrainingExample] = []
     trending_hits: dict[int, list[tuple[str, int]]] = defaultdict(list)
     duplicates = 0
+    changed: list[tuple[str, UserState, EventT, bool]] = []  # user, state, event, is new
     for user, items in by_user.items():
         first_ev = items[0][0]
         with writing_for(first_ev):
             raw = sa.user_state.get(encode_key(user))
-            state = UserState.from_bytes(raw)
-            seen = {f for f, _ in state.fingerprints}
-            changed = False
-            for ev, click, pos in items:
-                example = state.apply(click, s.history_len, s.dedup_window, seen,
-                                      position=pos, example_len=s.train_history_len)
-                if example is None:
-                    duplicates += 1
-                    continue
-                changed = True
-                examples.append(example)
-                trending_hits[ev.message.partition].append((click.item, click.ts))
-            if changed:
-                value = state.to_bytes()
-                sa.user_state[encode_key(user)] = value
-                m.state_flushed_users.inc()
-                m.state_written_bytes.inc(len(value) + len(user))
-                if raw is None and keys is not None:
-                    keys.inserted(first_ev.message.partition)
+        state = UserState.from_bytes(raw)
+        seen = {f for f, _ in state.fingerprints}
+        applied = False
+        for ev, click, pos in items:
+            example = state.apply(click, s.history_len, s.dedup_window, seen,
+                                  position=pos, example_len=s.train_history_len)
+            if example is None:
+                duplicates += 1
+                continue
+            applied = True
+            examples.append(example)
+            trending_hits[ev.message.partition].append((click.item, click.ts))
+        if applied:
+            changed.append((user, state, first_ev, raw is None))
+    if s.detector_scoring:
+        score_users(sa.server, m, [state for _, state, _, _ in changed])
+    for user, state, first_ev, new in changed:
+        with writing_for(first_ev):
+            value = state.to_bytes()
+            sa.user_state[encode_key(user)] = value
+        m.state_flushed_users.inc()
+        m.state_written_bytes.inc(len(value) + len(user))
+        if new and keys is not None:
+            keys.inserted(first_ev.message.partition)
     for partition, hits in trending_hits.items():
         with writing_for(by_partition[partition]):
             key = str(partition).encode()
@@ -216,7 +223,9 @@ class Ingest:
         started = time.perf_counter()
         async with behind.lock:
             valid, n_events = await validated(sa, events)
-            examples, duplicates = behind.apply(valid)
+            examples, duplicates, changed = behind.apply(valid)
+            if sa.settings.detector_scoring:
+                score_users(sa.server, m, changed)
             behind.hold(events)
             if duplicates:
                 m.events_duplicate.inc(duplicates)

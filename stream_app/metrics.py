@@ -20,6 +20,8 @@ _PROCESS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 # A batch-1 model call is ~0.3 ms and a routed request a few ms; SLO thinking starts at 50 ms.
 _REQUEST_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# P(fake): most real users sit near 0; flags start at the trainer's threshold (0.999 default)
+_SUSPICION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 0.999, 1.0)
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ class StreamMetrics:
     bundle_feed_bytes: Counter
     bundle_feed_cpu: Counter
     flagged_users: Gauge
+    user_suspicion: Histogram
+    suspicion_seconds: Histogram
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None,
@@ -156,6 +160,12 @@ class StreamMetrics:
                                     "CPU time of the bundle feed's thread", registry=r),
             flagged_users=Gauge(f"{p}_flagged_users", "Users flagged as fake on the flags "
                                 "topic now (the trainer does not train on them)", registry=r),
+            user_suspicion=Histogram(f"{p}_user_suspicion", "P(fake) of each user scored at "
+                                     "ingest by the live bundle's detector",
+                                     buckets=_SUSPICION_BUCKETS, registry=r),
+            suspicion_seconds=Histogram(f"{p}_suspicion_seconds", "Time to score one ingest "
+                                        "batch's users with the detector",
+                                        buckets=_PROCESS_BUCKETS, registry=r),
         )
         # Known label values start at 0: increase() misses a series whose first sample is 1.
         for reason in REASONS:

@@ -92,6 +92,17 @@ def _schemas(s: Settings) -> dict[str, Any]:
                 "last_ts": {"type": "integer", "description": "Latest event time (ms)"},
                 "count": {"type": "integer", "minimum": 0},
                 "types": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "suspicion": {
+                    "type": "object", "nullable": True,
+                    "description": "P(fake) from the live bundle's fake-user detector at the "
+                                   "user's latest scored batch; null: not scored (too few "
+                                   "clicks, or no bundle with a detector yet)",
+                    "required": ["p_fake", "detector_rounds"],
+                    "properties": {
+                        "p_fake": {"type": "number", "minimum": 0, "maximum": 1},
+                        "detector_rounds": {"type": "integer", "minimum": 0,
+                                            "description": "The detector's version"}},
+                },
                 "served_by": _ref("ServedBy"),
             },
         },

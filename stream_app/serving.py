@@ -28,6 +28,7 @@ from advrec.bundle import (
     load_bundle,
 )
 from advrec.encoding import exclusion_rows, known_rows, model_input
+from advrec.suspicion import BEHAVIOUR_FEATURES, FEATURES, Behaviour, behaviour_matrix
 from advrec.types import ItemId
 
 __all__ = [
@@ -123,6 +124,8 @@ class LoadedModel:
     index: dict[ItemId, int]  # external id -> row (1-based)
     loaded_at: float
     load_seconds: float
+    # the bundle's fake-user detector (detector.onnx), checked at load; None without one
+    detector: ort.InferenceSession | None = None
 
     @property
     def version(self) -> str:
@@ -149,6 +152,22 @@ class LoadedModel:
         """
         return (model_input(known, self.max_len),
                 exclusion_rows(known if excluded is None else excluded))  # (B, L), (B, S)
+
+    @property
+    def detector_meta(self) -> dict[str, Any]:
+        """What the bundle's meta says of its detector (threshold, min_clicks, rounds)."""
+        meta = self.bundle.meta.get("detector")
+        return meta if isinstance(meta, dict) else {}
+
+    def suspicion(self, histories: list[list[ItemId]], behaviours: list[Behaviour]
+                  ) -> np.ndarray:
+        """P(fake) [B] of B users from the bundle's detector (one onnxruntime call; the
+        history is encoded as for ranking, the counters as the trainer encodes them)."""
+        assert self.detector is not None, "the bundle has no detector"
+        items = model_input([self.known_rows(h) for h in histories], self.max_len)  # (B, L)
+        feed = dict(zip(DETECTOR_INPUTS, (items, behaviour_matrix(behaviours)), strict=True))
+        p_fake, _ = self.detector.run(list(DETECTOR_OUTPUTS), feed)  # (B,), (B, F)
+        return p_fake
 
     def rank(self, model_in: np.ndarray, exclude: np.ndarray,
              k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -194,14 +213,15 @@ def _check_signature(model: onnx.ModelProto, version: str, n_cols: int) -> None:
                                             f"vocabulary needs {n_cols}")
 
 
-def _check_detector(data: bytes, probe: np.ndarray, version: str) -> None:
+def _check_detector(data: bytes, probe: np.ndarray, version: str) -> ort.InferenceSession:
     """The bundle's fake-user detector must load and give each probe user a finite P(fake)
     in [0, 1] and one finite term per feature, or the whole bundle is refused: what the
-    trainer flags with must be what an operator can replay."""
-    from advrec.suspicion import BEHAVIOUR_FEATURES, FEATURES
-
+    trainer flags with must be what an operator can replay. Return its session (one
+    thread: it scores users at ingest, on the event loop's core)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = ort.InferenceSession(data, sess_options=opts,
                                        providers=["CPUExecutionProvider"])
@@ -216,6 +236,7 @@ def _check_detector(data: bytes, probe: np.ndarray, version: str) -> None:
     if not (np.isfinite(p_fake).all() and np.isfinite(terms).all()
             and ((p_fake >= 0) & (p_fake <= 1)).all()):
         raise BundleError("bad_detector", f"{version}: detector scores are not finite P(fake)")
+    return session
 
 
 def load_model(root: Path | str, version: str, *, providers: str = "auto",
@@ -260,12 +281,13 @@ def load_model(root: Path | str, version: str, *, providers: str = "auto",
                           f"{version}: scores shape {scores.shape}, vocabulary needs {n_cols}")
     if not np.isfinite(scores[:, 1:]).all():
         raise BundleError("nan_output", f"{version}: warm-up scores are not finite")
+    detector = None
     if bundle.detector_bytes is not None:
-        _check_detector(bundle.detector_bytes, probe, version)
+        detector = _check_detector(bundle.detector_bytes, probe, version)
     index = {item: row for row, item in enumerate(bundle.vocab, start=1)}
     return LoadedModel(bundle=bundle, session=session, providers=session.get_providers(),
                        index=index, loaded_at=time.time(),
-                       load_seconds=time.perf_counter() - started)
+                       load_seconds=time.perf_counter() - started, detector=detector)
 
 
 @dataclass(slots=True)

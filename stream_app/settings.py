@@ -76,6 +76,10 @@ class Settings:
     model_timeout_s: float = 2.0
     watch_interval_s: float = 1.0  # how often the live model's age gauge is refreshed
     ready_without_model: bool = False  # declare fallback mode: ready while no bundle exists
+    # score each user whose events a batch applied with the live bundle's fake-user detector
+    # (when the bundle has one) and keep P(fake) in the user's state (GET /users/{user},
+    # advrec_user_suspicion); the trainer's flags decide what is not trained on
+    detector_scoring: bool = True
     admin_token: str = ""  # bearer token for /admin/*; empty disables admin endpoints
     max_k: int = 200
     backlog_messages: int = 5000  # ingest this far behind the log end counts as a backlog

@@ -12,6 +12,7 @@ import msgpack
 
 from advrec.contract import MAX_ID_CHARS, ClickEvent, TrainingExample
 from advrec.exclusion import TYPE_CODES
+from advrec.suspicion import Behaviour
 from advrec.types import ItemId
 
 __all__ = ["TrendingBuckets", "UserState", "fingerprint_hash", "merge_trending", "position",
@@ -64,6 +65,13 @@ class UserState:
     # one event-type code (advrec.exclusion.TYPE_CODES) per history item, for the exclusion
     # rule by type (e.g. only purchased items leave the list); empty in older states
     history_types: bytes = b""
+    # the fake-user detector's counters (advrec.suspicion): updated by every applied event
+    behaviour: Behaviour = field(default_factory=Behaviour)
+    # P(fake) the live bundle's detector gave the user at the latest scored batch, and that
+    # detector's training rounds (its version); -1: never scored (too few clicks, or no
+    # bundle with a detector). The trainer's own flags decide; this is what a worker shows
+    suspicion: float = -1.0
+    suspicion_rounds: int = 0
     # the hashes of ``fingerprints`` as a set, built on first use and kept in step by
     # apply (a state that lives in memory between events need not rebuild it per event)
     _seen: set[int] | None = field(default=None, init=False, repr=False, compare=False)
@@ -87,7 +95,10 @@ class UserState:
         return cls(history=h, last_ts=ts, count=n, types=c, fingerprints=pairs, floor_ts=fl,
                    last_position=fields[6] if len(fields) > 6 else -1,
                    floor_fps=_unpack48(fields[7]) if len(fields) > 7 else [],
-                   history_types=fields[8] if len(fields) > 8 else b"")
+                   history_types=fields[8] if len(fields) > 8 else b"",
+                   behaviour=Behaviour.from_list(fields[9] if len(fields) > 9 else None),
+                   suspicion=fields[10] if len(fields) > 10 else -1.0,
+                   suspicion_rounds=fields[11] if len(fields) > 11 else 0)
 
     @staticmethod
     def history_from_bytes(data: bytes | None) -> list[ItemId]:
@@ -103,13 +114,16 @@ class UserState:
         packed = _pack48([x for pair in self.fingerprints for x in pair])
         floor = _pack48(self.floor_fps)
         return msgpack.packb([self.history, self.last_ts, self.count, self.types, packed,
-                              self.floor_ts, self.last_position, floor, self.history_types],
+                              self.floor_ts, self.last_position, floor, self.history_types,
+                              self.behaviour.to_list(), self.suspicion, self.suspicion_rounds],
                              use_bin_type=True)
 
     def public(self) -> dict[str, Any]:
         """Return the state as the HTTP API shows it."""
+        suspicion = ({"p_fake": self.suspicion, "detector_rounds": self.suspicion_rounds}
+                     if self.suspicion >= 0 else None)
         return {"history": self.history, "last_ts": self.last_ts, "count": self.count,
-                "types": self.types}
+                "types": self.types, "suspicion": suspicion}
 
     def apply(self, event: ClickEvent, history_len: int, dedup_window: int,
               fingerprint_set: set[int] | None = None,
@@ -147,6 +161,7 @@ class UserState:
             del self.history[: len(self.history) - history_len]
             self.history_types = self.history_types[-history_len:]
         self.last_ts = max(self.last_ts, event.ts)
+        self.behaviour.update(event.ts)
         self.count += 1
         self.types[event.type] = self.types.get(event.type, 0) + 1
         self.fingerprints.append((fp, event.ts))
@@ -166,8 +181,8 @@ class UserState:
         """Rough bytes this state takes decoded in memory (for the write-behind budget)."""
         # a str object is ~49 bytes plus its characters (ids are mostly under 16), a list
         # slot 8; the fingerprints' tuples, the set of their hashes, the dict of types and
-        # the dataclass itself come to a few hundred bytes more
-        return (400 + 72 * len(self.history)
+        # the dataclass itself come to a few hundred bytes more, the detector's counters ~250
+        return (650 + 72 * len(self.history)
                 + 120 * (len(self.fingerprints) + len(self.floor_fps)) + 120 * len(self.types))
 
 
@@ -183,9 +198,10 @@ def state_size_bound(history_len: int, dedup_window: int) -> int:
     History: ``history_len`` ids of at most MAX_ID_CHARS characters (4 UTF-8 bytes each,
     plus a msgpack header) and one event-type byte each; fingerprints: ``dedup_window``
     packed 12-byte records and at most as many 6-byte ones at the floor; counters for the
-    few event types, the timestamps and the offset: well under 210 bytes.
+    few event types, the timestamps and the offset: well under 210 bytes; the detector's
+    seven counters and the score: under 100 more.
     """
-    return history_len * (MAX_ID_CHARS * 4 + 4) + dedup_window * 18 + 210
+    return history_len * (MAX_ID_CHARS * 4 + 4) + dedup_window * 18 + 310
 
 
 def update_trending(buckets: dict[str, dict[str, int]], items: Iterable[tuple[ItemId, int]],

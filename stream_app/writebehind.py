@@ -171,11 +171,12 @@ class WriteBehind:
         return entry
 
     def apply(self, valid: Sequence[tuple[EventT, ClickEvent, int]]) -> tuple[
-            list[TrainingExample], int]:
+            list[TrainingExample], int, list[UserState]]:
         """Apply valid clicks (with their events and positions) in memory; return the
-        training examples and the number of redelivered copies."""
+        training examples, the number of redelivered copies and the states they changed."""
         s = self.sa.settings
         examples: list[TrainingExample] = []
+        changed: dict[bytes, UserState] = {}
         duplicates = 0
         for ev, click, pos in valid:
             msg = ev.message
@@ -186,13 +187,14 @@ class WriteBehind:
                 duplicates += 1
                 continue
             self.cache.mark_dirty(msg.key, entry)
+            changed[msg.key] = entry.state
             examples.append(example)
             trending = self.trending.get(msg.partition)
             if trending is None:
                 trending = self.trending[msg.partition] = self._load_trending(msg.partition)
             trending.add(click.item, click.ts)
             self.trending_dirty.add(msg.partition)
-        return examples, duplicates
+        return examples, duplicates, list(changed.values())
 
     def hold(self, events: Sequence[EventT]) -> None:
         """Keep the batch's events unacked until the states they changed are flushed."""

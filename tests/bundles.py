@@ -44,6 +44,9 @@ def toy_model(n_items: int, dim: int = 8, *, seed: int = 0, nan: bool = False,
     return model.SerializeToString()
 
 
+TOY_DETECTOR_META = {"threshold": 0.999, "min_clicks": 3, "rounds": 5}
+
+
 def toy_detector(*, nan: bool = False, n_terms: int | None = None) -> bytes:
     """items[B, L] int64, behaviour[B, F_b] float32 -> p_fake[B] (a sigmoid of the summed
     behaviour) and terms[B, F] (the behaviour, repeated to F columns): a detector.onnx."""
@@ -113,16 +116,20 @@ def publish_dir(bootstrap: str, topic: str, root: Path, version: str) -> None:
 
 
 def publish_toy_to_topic(bootstrap: str, topic: str, vocab: list[str], *, seed: int = 0,
-                         max_len: int = 10, stale: int | None = None, **kw: object) -> str:
+                         max_len: int = 10, stale: int | None = None,
+                         detector: bytes | None = None, **kw: object) -> str:
     """Publish a toy bundle to a bundle topic; return its version (later calls, later
-    versions: versions are millisecond times, and two calls may share a millisecond)."""
+    versions: versions are millisecond times, and two calls may share a millisecond).
+    ``detector``: a detector.onnx to carry (meta: min_clicks 3, rounds 5)."""
     global _last_version
     _last_version = max(int(time.time() * 1000), _last_version + 1)
     version = f"{_last_version:013d}"
     with tempfile.TemporaryDirectory() as scratch:
         write_bundle(scratch, toy_model(len(vocab), seed=seed, **kw),  # type: ignore[arg-type]
                      vocab, {"max_len": max_len, "last_event_ms": 0, "examples_seen": 0,
-                             "metrics": {}, "version": version}, keep=1)
+                             "metrics": {}, "version": version,
+                             **({"detector": TOY_DETECTOR_META} if detector else {})},
+                     keep=1, detector_bytes=detector)
         files = bundle_files(scratch, version)
     publish_files(bootstrap, topic, version, files, stale=stale)
     return version

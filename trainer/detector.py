@@ -48,7 +48,7 @@ from torch import nn
 
 from advrec.attacks import AttackConfig, AttackLabels, Catalogue, SequenceSampler, fake_session
 from advrec.contract import TrainingExample
-from advrec.suspicion import BEHAVIOUR_FEATURES, FEATURES, Behaviour, behaviour_features
+from advrec.suspicion import FEATURES, Behaviour, behaviour_matrix
 from advrec.types import ItemId, UserId
 from trainer.learner import OnlineLearner
 from trainer.model import static_dim
@@ -346,9 +346,8 @@ class OnlineDetector:
     def features(self, records: Sequence[UserRecord], boost: np.ndarray | None = None
                  ) -> torch.Tensor:
         """Raw features [B, F] of users, in ``FEATURES`` order."""
-        items = self._rows([r.items for r in records])
-        behaviour = torch.tensor([behaviour_features(r.behaviour) for r in records],
-                                 dtype=torch.float32).reshape(-1, len(BEHAVIOUR_FEATURES))
+        items = self._rows([r.items for r in records])  # (B, L)
+        behaviour = torch.from_numpy(behaviour_matrix(r.behaviour for r in records))  # (B, 6)
         return self.graph(boost).features(items, behaviour)
 
     @torch.no_grad()

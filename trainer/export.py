@@ -37,7 +37,8 @@ from trainer.learner import OnlineLearner
 from trainer.model import Generator
 
 __all__ = ["ExportError", "check_detector_parity", "check_parity", "detector_model",
-           "export_detector", "export_onnx", "main", "publish_bundle", "scoring_model"]
+           "export_detector", "export_filter_detector", "export_onnx", "main", "publish_bundle",
+           "scoring_model"]
 
 OPSET = 17  # LayerNormalization is a native op from 17; onnxruntime 1.20+ runs it
 PARITY_TOL = 1e-3  # float32 scores of a 2-layer model agree to ~1e-6; 1e-3 flags real bugs
@@ -166,6 +167,30 @@ def check_detector_parity(model: nn.Module, onnx_bytes: bytes, items: np.ndarray
             return float("inf")
         diff = max(diff, float(np.abs(g.astype(np.float64) - e).max(initial=0.0)))
     return diff
+
+
+def export_filter_detector(guard: Any, parity_tol: float = PARITY_TOL
+                           ) -> tuple[bytes, dict[str, Any]]:
+    """A training filter's trained detector (trainer/detector.py ``TrainingFilter``) as the
+    bundle carries it: detector.onnx, parity-checked on the most recently active users, and
+    what meta.json says of it. Raise ``ExportError`` if it is not trained or fails parity."""
+    from advrec.suspicion import FEATURES, behaviour_matrix
+
+    if not guard.detector.trained:
+        raise ExportError("the detector has not finished a training round yet")
+    model = detector_model(guard.detector)
+    data = export_detector(model)
+    records = list(guard.records.values())[-32:]
+    items = guard.detector._rows([r.items for r in records]).numpy()  # (B, L)
+    diff = check_detector_parity(model, data, items, behaviour_matrix(
+        r.behaviour for r in records))
+    if not diff <= parity_tol:
+        raise ExportError(f"detector ONNX scores differ from torch by {diff:.3g} > "
+                          f"{parity_tol:g}")
+    return data, {"threshold": guard.detector.threshold, "features": list(FEATURES),
+                  "rounds": guard.detector.rounds, "min_clicks": guard.cfg.min_clicks,
+                  "flagged_users": len(guard.flagged), "filtered_examples": guard.filtered,
+                  "parity_max_abs": diff}
 
 
 def check_parity(model: nn.Module, onnx_bytes: bytes,

@@ -521,28 +521,15 @@ class Sidecar:
         f = self.filter
         if f is None or not f.detector.trained:
             return None, None
-        from advrec.suspicion import FEATURES, behaviour_features
-        from trainer.export import check_detector_parity, detector_model, export_detector
+        from trainer.export import ExportError, export_filter_detector
 
         try:
-            model = detector_model(f.detector)
-            data = export_detector(model)
-            records = list(f.records.values())[-32:]
-            items = f.detector._rows([r.items for r in records]).numpy()
-            behaviour = np.asarray([behaviour_features(r.behaviour) for r in records],
-                                   dtype=np.float32).reshape(len(records), -1)
-            diff = check_detector_parity(model, data, items, behaviour)
+            return export_filter_detector(f, PARITY_TOLERANCE)
+        except ExportError as exc:
+            log.error("%s; the bundle goes out without the detector", exc)
         except Exception:
             log.exception("detector export failed; the bundle goes out without it")
-            return None, None
-        if not diff <= PARITY_TOLERANCE:
-            log.error("detector ONNX parity %.2e > %.0e; the bundle goes out without it",
-                      diff, PARITY_TOLERANCE)
-            return None, None
-        return data, {"threshold": f.detector.threshold, "features": list(FEATURES),
-                      "rounds": f.detector.rounds, "min_clicks": f.cfg.min_clicks,
-                      "flagged_users": len(f.flagged), "filtered_examples": f.filtered,
-                      "parity_max_abs": diff}
+        return None, None
 
     async def export(self) -> str | None:
         """Export and publish a bundle to the bundle topic; return its version, or None."""

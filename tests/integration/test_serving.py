@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,14 @@ import pytest
 
 from advrec.bundle import write_bundle
 from advrec.contract import ClickEvent, encode_event, encode_key
-from tests.bundles import publish_dir, publish_toy_to_topic, toy_model
+from advrec.suspicion import Behaviour, behaviour_features
+from tests.bundles import (
+    TOY_DETECTOR_META,
+    publish_dir,
+    publish_toy_to_topic,
+    toy_detector,
+    toy_model,
+)
 from tests.integration.conftest import Names, Worker, send, wait_for
 
 pytestmark = pytest.mark.kafka
@@ -235,3 +243,30 @@ def test_admin_needs_the_bearer_token_and_rollback_works(serving) -> None:
     assert "let-me-in" not in httpx.get(f"{worker.url}/metrics").text
     assert "let-me-in" not in worker.log_text()  # settings are logged with secrets hidden
     assert "admin_token" in worker.log_text()  # ... and they were logged
+
+
+def test_a_bundle_with_a_detector_scores_users_as_their_clicks_arrive(serving) -> None:
+    worker, names, kafka, _first = serving
+    version = publish_toy_to_topic(kafka, names.bundles, VOCAB, seed=102,
+                                   detector=toy_detector())
+    wait_for(lambda: live_version(worker) == version, 30, "the bundle with a detector live")
+    send(names.clicks, [click("suspect", f"i{n}", n) for n in range(2)])
+    wait_for(lambda: httpx.get(f"{worker.url}/users/suspect").status_code == 200, 60,
+             "two clicks applied")
+    assert httpx.get(f"{worker.url}/users/suspect").json()["suspicion"] is None  # < 3 clicks
+    send(names.clicks, [click("suspect", f"i{n}", n) for n in range(2, 6)])
+    wait_for(lambda: httpx.get(f"{worker.url}/users/suspect").json()["count"] == 6, 60,
+             "six clicks applied")
+    body = httpx.get(f"{worker.url}/users/suspect").json()
+    # the toy detector's P(fake): a sigmoid of the summed behaviour features of six clicks
+    # 1 ms apart (advrec.suspicion), computed here from the same events
+    b = Behaviour()
+    for n in range(6):
+        b.update(NOW - 100_000 + n)
+    want = 1 / (1 + math.exp(-sum(behaviour_features(b))))
+    assert body["suspicion"]["detector_rounds"] == TOY_DETECTOR_META["rounds"]
+    assert abs(body["suspicion"]["p_fake"] - want) < 1e-5, (body, want)
+    metrics = httpx.get(f"{worker.url}/metrics").text
+    scored = [float(line.split()[1]) for line in metrics.splitlines()
+              if line.startswith("advrec_user_suspicion_count ")]
+    assert scored and scored[0] >= 1, scored

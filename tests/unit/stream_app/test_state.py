@@ -111,8 +111,8 @@ def test_a_typical_users_state_is_well_under_a_kilobyte() -> None:
         s.apply(ClickEvent("user-12345", f"sku-{n % 997:05d}", T0 + n, id=f"evt-{n:012d}"),
                 history_len=50, dedup_window=16, position=n)
     size = len(s.to_bytes())
-    assert size < 850, size  # 807 bytes with 9-character item ids; 2.9 KB before (128
-    # fingerprints as msgpack ints)
+    assert size < 900, size  # 848 bytes with 9-character item ids (41 of them the
+    # detector's counters and score); 2.9 KB before (128 fingerprints as msgpack ints)
     assert UserState.from_bytes(s.to_bytes()) == s
 
 
@@ -157,3 +157,29 @@ def test_each_history_item_keeps_its_event_type_through_trimming_and_bytes() -> 
     assert back.history == ["i2", "i3", "i4"]
     assert back.history_types == bytes(TYPE_CODES[k] for k in kinds[2:])
     assert UserState.history_from_bytes(state.to_bytes()) == ["i2", "i3", "i4"]
+
+
+def test_every_applied_event_updates_the_detectors_counters_and_they_persist() -> None:
+    s = UserState()
+    for n, ts in enumerate((T0, T0 + 2000, T0 + 4000, T0 + 64_000)):
+        s.apply(ClickEvent("u", f"i{n}", ts), 50, 10)
+        assert s.behaviour.clicks == n + 1
+    assert s.apply(ClickEvent("u", "i3", T0 + 64_000), 50, 10) is None  # a retry counts not
+    b = s.behaviour
+    assert (b.clicks, b.gaps, b.short_gaps) == (4, 3, 2)  # 2 s, 2 s and 60 s apart
+    assert (b.first_ts, b.last_ts) == (T0, T0 + 64_000)
+    s.suspicion, s.suspicion_rounds = 0.25, 7
+    again = UserState.from_bytes(s.to_bytes())
+    assert again.behaviour == b and (again.suspicion, again.suspicion_rounds) == (0.25, 7)
+    assert again.public()["suspicion"] == {"p_fake": 0.25, "detector_rounds": 7}
+
+
+def test_a_state_from_before_the_detector_reads_as_never_scored() -> None:
+    s = UserState()
+    s.apply(ClickEvent("u", "a", T0), 50, 10)
+    import msgpack
+
+    fields = msgpack.unpackb(s.to_bytes(), raw=False)
+    old = UserState.from_bytes(msgpack.packb(fields[:9], use_bin_type=True))
+    assert old.history == ["a"] and old.behaviour.clicks == 0  # counting starts afresh
+    assert old.suspicion == -1.0 and old.public()["suspicion"] is None
