@@ -274,3 +274,22 @@ def test_the_filter_keeps_counters_of_the_most_recently_active_users_only(traine
     latest = list(dict.fromkeys(ex.user for ex in reversed(examples)))[:20]
     assert set(guard.records) == set(latest)
     assert len(kept) + sum(len(v) for v in guard.held.values()) == len(examples)  # none lost
+
+
+@pytest.mark.parametrize(("logit", "as_real"), [(-3.0, True), (3.0, False)])
+def test_users_the_detector_finds_more_likely_fake_are_not_taken_as_real_examples(
+        trained, logit: float, as_real: bool) -> None:
+    learner, _, events = trained
+    cfg = DetectorConfig(min_clicks=2, hold_batches=0, warmup_rounds=0, threshold=0.999)
+    guard = decided(TrainingFilter(learner, cfg), logit)  # P(fake) 0.05 or 0.95: no flag
+    given: list[list[str]] = []
+    guard.detector.train_round = lambda reals: given.append([u for u, _ in reals]) or {}
+    examples = list(build_examples(events[:2560], SMALL.max_len))
+    for bi in range(TrainingFilter.ROUND_EVERY):
+        guard.admit(examples[bi * 256:(bi + 1) * 256], bi)
+    assert not guard.flagged and len(given) == 1
+    scored = {u for u, z in guard.latest.items() if z == pytest.approx(logit)}
+    assert len(scored) > 50
+    # unflagged users scored as likely fakes stay out of the round's real examples (an
+    # attack in progress would otherwise teach the next detector to pass it)
+    assert (scored <= set(given[0])) == as_real and (scored & set(given[0]) == set()) != as_real
