@@ -619,6 +619,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="seeds per neural method (mean ± std)")
     p.add_argument("--first-seed", type=int, default=0,
                    help="seeds run are first-seed .. first-seed + seeds - 1")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="replays run at once, each in a process of its own with --threads "
+                        "torch threads (prequential; seeds, methods, defence and streams "
+                        "are independent replays)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--limit", type=int, default=None, help="replay only the first N events")
     p.add_argument("--until", type=_fraction, default=1.0,
@@ -784,6 +788,39 @@ def main(argv: list[str] | None = None) -> int:
     return _run_prequential_cli(args, events, methods, argv)
 
 
+def _replay(kwargs: dict[str, Any], threads: int) -> list[MethodRun]:
+    """One replay in a process of its own (``--jobs``)."""
+    torch.set_num_threads(threads)
+    return run_prequential_all(**kwargs)
+
+
+def _replay_all(replays: Sequence[tuple[str, str, dict[str, Any]]], jobs: int,
+                bar: Any) -> list[list[MethodRun]]:
+    """Run every replay, ``jobs`` at once (spawned processes: the parent may have used
+    torch's thread pools, which a forked child must not inherit); results in order."""
+    if jobs <= 1 or len(replays) <= 1:
+        out = []
+        for method, suffix, kwargs in replays:
+            if bar is not None:
+                bar.set_postfix_str(f"{method}{suffix} seed {kwargs['seed']}")
+            out.append(run_prequential_all(**kwargs, progress=bar.update if bar else None))
+        return out
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = torch.get_num_threads()
+    results: list[list[MethodRun] | None] = [None] * len(replays)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = {pool.submit(_replay, kwargs, threads): i
+                   for i, (_, _, kwargs) in enumerate(replays)}
+        for done in as_completed(pending):
+            i = pending[done]
+            results[i] = done.result()
+            if bar is not None:  # whole replays: a child cannot move the parent's bar
+                bar.update(len(replays[i][2]["examples"]))
+    return [r for r in results if r is not None]
+
+
 def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: list[str],
                          argv: list[str] | None) -> int:
     evs = events.events[: args.limit] if args.limit else events.events
@@ -828,6 +865,7 @@ def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: li
     guards: list[tuple[str, DetectorConfig | None]] = {
         "off": [("", None)], "on": [("/filter", detector_cfg)],
         "both": [("", None), ("/filter", detector_cfg)]}[args.defence]
+    replays: list[tuple[str, str, dict[str, Any]]] = []  # method, its name's suffix, kwargs
     for suffix, stream, start, labels in streams:
         examples = list(build_examples(stream, args.max_len))
         for method, seed in jobs:
@@ -836,20 +874,20 @@ def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: li
                     if args.defence == "both":
                         continue  # it ran without the filter already
                     guard_name, guard = "", None
-                name = f"{method}{guard_name}{suffix}"
-                if bar is not None:
-                    bar.set_postfix_str(f"{name} seed {seed}")
-                found = run_prequential_all(
-                    examples, method, seed=seed, variant=args.variant,
+                replays.append((method, f"{guard_name}{suffix}", dict(
+                    examples=examples, method=method, seed=seed, variant=args.variant,
                     batch_size=args.batch_size, model_cfg=model_cfg, train_cfg=train_cfg,
                     adv_cfg=adv_cfg, prior_cfg=prior_cfg, prior_weights=weights,
                     report_from=start, n_windows=args.windows,
                     record_d=args.plots and seed == 0 and "irgan" in method and not suffix,
-                    progress=bar.update if bar is not None else None, attack=labels,
-                    defence=guard)
-                for run in found:
-                    run.method = run.method.replace(method, f"{method}{guard_name}", 1) + suffix
-                runs.extend(found)
+                    attack=labels, defence=guard)))
+    for (method, suffix, _), found in zip(replays, _replay_all(replays, args.jobs, bar),
+                                          strict=True):
+        guard_name = suffix.split("|")[0]
+        for run in found:
+            run.method = run.method.replace(method, f"{method}{guard_name}", 1) + \
+                suffix[len(guard_name):]
+        runs.extend(found)
     if bar is not None:
         bar.close()
     summary = summarize(runs)

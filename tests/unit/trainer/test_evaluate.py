@@ -100,6 +100,26 @@ def test_first_seed_reruns_exactly_one_seed_of_a_longer_run(tmp_path: Path) -> N
     assert quality(second[0]) == quality(both[1]) != quality(both[0])
 
 
+def test_replays_run_in_parallel_jobs_give_the_same_results_in_the_same_order(
+        tmp_path: Path) -> None:
+    common = ["--dataset", "movielens", str(ML), "--limit", "1500", "--methods", "none,pop",
+              "--seeds", "2", "--no-progress", "--dim", "16", "--layers", "1",
+              "--max-len", "8", "--attack", "random", "--attack-budget", "0.05",
+              "--defence", "both"]
+    assert evaluate.main([*common, "--out", str(tmp_path / "one")]) == 0
+    assert evaluate.main([*common, "--jobs", "2", "--out", str(tmp_path / "two")]) == 0
+
+    def runs(name: str) -> list[tuple[str, int, dict]]:
+        doc = json.loads((tmp_path / name / "results.json").read_text())
+        return [(r["method"], r["seed"], {k: v for k, v in r["metrics"].items()
+                                          if k != "seconds"}) for r in doc["runs"]]
+
+    one = runs("one")
+    assert {m for m, _, _ in one} == {"none", "none/filter", "pop", "none|random",
+                                      "none/filter|random", "pop|random"}
+    assert runs("two") == one
+
+
 def test_results_record_each_runs_own_method_seed_and_settings(tmp_path: Path) -> None:
     common = ["--dataset", "movielens", str(ML), "--limit", "600", "--methods", "irgan,knn",
               "--seeds", "2", "--first-seed", "3", "--no-progress", "--dim", "16",
