@@ -26,9 +26,11 @@ bandwagon, segment fillers with unpopular targets, and sessions sampled from G: 
 attacker who copies the model), each imagined as one of a group pushing the same target
 (its burst is read with the group's clicks added), some clicking like bots, some at gaps
 drawn from the stream's, some with a real user's counters copied (so that timing alone never
-separates those); negatives are recent real users. The stream's users are unlabelled, so a
-real attack in progress sits among the negatives for a while: positives are resampled every
-round and the classifier trains on, warm-started, from the features as they stand.
+separates those); negatives are recent users. The stream's users are unlabelled, so a real
+attack in progress would sit among the negatives and teach the next round to pass it: users
+the current detector already scores as likely fakes (below its flag threshold, above
+``negatives_below``) are left out of them. Positives are resampled every round and the
+classifier trains on, warm-started, from the features as they stand.
 Adversarially, the attacker best-responds: of the generated sessions at several sampling
 temperatures, the ones the current detector scores lowest are added again.
 """
@@ -540,7 +542,8 @@ class TrainingFilter:
     (``readmit``); a flagged user's examples are not trained on, counted in ``filtered``.
     A new user's clicks on a bursting item wait until the user can be scored (see
     ``DetectorConfig.hold_batches``). Every ``ROUND_EVERY`` batches the detector trains a
-    round against the most recently active users that are not flagged.
+    round against the most recently active users that are neither flagged nor scored as
+    likely fakes (``DetectorConfig.negatives_below``), then re-scores all of them.
     """
 
     ROUND_EVERY = 10  # batches between the detector's training rounds
