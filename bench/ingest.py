@@ -237,8 +237,8 @@ def detector_bundle_topic(bootstrap: str, cfg: SyntheticConfig, n_events: int,
     bench's own stream (as the trainer would, ``none`` mode for speed: the detector is what
     is measured), and publish them as one bundle on a topic of their own."""
     from advrec.bundle import bundle_files, write_bundle
-    from advrec.contract import TrainingExample
     from trainer.detector import DetectorConfig, TrainingFilter
+    from trainer.evaluate import build_examples
     from trainer.export import export_filter_detector, export_onnx, scoring_model
     from trainer.learner import OnlineLearner, TrainConfig
     from trainer.model import ModelConfig
@@ -246,16 +246,10 @@ def detector_bundle_topic(bootstrap: str, cfg: SyntheticConfig, n_events: int,
     started = time.perf_counter()
     learner = OnlineLearner(ModelConfig(), TrainConfig(mode="none", seed=0))
     guard = TrainingFilter(learner, DetectorConfig())
-    history: dict[str, list[str]] = {}
-    batch: list[TrainingExample] = []
-    bi = 0
-    for e in synthetic_events(cfg, n_events):
-        h = history.setdefault(e.user, [])
-        batch.append(TrainingExample(e.user, tuple(h[-20:]), e.item, e.ts))
-        h.append(e.item)
-        if len(batch) == 256:
-            learner.train_batch(guard.admit(batch, bi))
-            batch, bi = [], bi + 1
+    examples = list(build_examples(synthetic_events(cfg, n_events), learner.model_cfg.max_len))
+    n_batches = len(examples) // 256  # full batches, as the trainer gets them
+    for bi in range(n_batches):
+        learner.train_batch(guard.admit(examples[bi * 256:(bi + 1) * 256], bi))
     detector, meta = export_filter_detector(guard)
     root = run_dir / "detector-bundle"
     version = write_bundle(root, export_onnx(scoring_model(learner), learner.model_cfg.max_len),
@@ -266,7 +260,7 @@ def detector_bundle_topic(bootstrap: str, cfg: SyntheticConfig, n_events: int,
         topic.publish(version, bundle_files(root, version))
     finally:
         topic.close()
-    return {"topic": topic.topic, "version": version, "train_batches": bi,
+    return {"topic": topic.topic, "version": version, "train_batches": n_batches,
             "detector_rounds": meta["rounds"], "min_clicks": meta["min_clicks"],
             "items": len(learner.vocab), "train_s": time.perf_counter() - started}
 
