@@ -1,10 +1,13 @@
-"""Read public interaction logs as click events in time order.
+"""Read public interaction logs as click events in time order, and catalogues as items.
 
-Every loader returns an ``EventLog``: the events sorted by timestamp (ms), stable, so events
+Every click loader returns an ``EventLog``: the events sorted by timestamp (ms), stable, so events
 sharing a timestamp keep their file order. Event ids are derived from the source and the
 line number (``movielens:42``), so replaying a file twice yields the same ids and redelivery
 de-duplication holds across replays. A malformed line raises ``DatasetError`` naming the file,
 the line and the problem; with ``strict=False`` such lines are skipped and counted instead.
+The catalogue readers (``read_movielens_movies``, ``read_catalogue_csv``) return the items in
+file order and hold every row to the catalogue contract (``advrec.catalogue.check_item``), so
+a file that reads is a catalogue the worker accepts.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, overload
 
+from advrec.catalogue import CatalogueItem, InvalidItem, check_item
 from advrec.contract import FUTURE_SLACK_MS, MAX_ID_CHARS, MIN_TS_MS, ClickEvent
 from advrec.types import TimestampMs
 
@@ -28,8 +32,10 @@ __all__ = [
     "EventLog",
     "count_events",
     "load_events",
+    "read_catalogue_csv",
     "read_csv",
     "read_movielens",
+    "read_movielens_movies",
     "read_movielens_udata",
     "read_sequences",
     "read_yoochoose",
@@ -146,6 +152,10 @@ def _to_ms(raw: str, unit: str, what: str = "timestamp") -> TimestampMs:
 def _rows(path: Path, collect: _Collector, delimiter: str) -> Iterator[tuple[int, list[str]]]:
     """Yield (line number, fields) of a delimited file, skipping blank lines."""
     collect.paths.append(str(path))
+    yield from _delimited(path, delimiter)
+
+
+def _delimited(path: Path, delimiter: str) -> Iterator[tuple[int, list[str]]]:
     with _open(path) as handle:
         reader = csv.reader(handle, delimiter=delimiter)
         try:
@@ -414,6 +424,96 @@ def read_csv(path: str | Path, *, columns: str | Mapping[str, str | int],
 
     _parse_each(path, collect, rows, parse)
     return collect.result()
+
+
+MOVIELENS_NO_GENRES = "(no genres listed)"  # movies.csv's word for a movie without genres
+
+
+def _catalogue(path: Path, rows: Iterator[tuple[int, list[str]]],
+               parse: Callable[[list[str]], CatalogueItem]) -> list[CatalogueItem]:
+    """Turn each row into an item held to the catalogue contract; raise on the first bad one."""
+    now_ms = int(time.time() * 1000)
+    items: list[CatalogueItem] = []
+    for line, fields in rows:
+        try:
+            items.append(check_item(parse(fields), now_ms=now_ms))
+        except (_BadLine, InvalidItem) as exc:
+            raise DatasetError(path, line, str(exc)) from None
+    return items
+
+
+def _split_categories(raw: str, sep: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(sep) if part.strip())
+
+
+def read_movielens_movies(path: str | Path) -> list[CatalogueItem]:
+    """Read a MovieLens ``movies.csv`` (``movieId,title,genres``) as catalogue items.
+
+    The item id is the ``movieId`` as ``read_movielens`` gives it to clicks, the genres
+    (``|``-separated; ``(no genres listed)`` means none) become the categories. Titles hold
+    commas and quotes, so the file is read as CSV, never split by hand.
+    """
+    path = Path(path)
+    rows = _delimited(path, ",")
+    first = next(rows, None)
+    if first is None:
+        raise DatasetError(path, 1, "empty file: expected a header movieId,title,genres")
+    cols = _header_index(path, first[1], ("movieId", "title", "genres"))
+    width = len(first[1])
+
+    def parse(fields: list[str]) -> CatalogueItem:
+        _expect_fields(fields, width, "movieId,title,genres")
+        item, title, genres = (fields[c].strip() for c in cols)
+        categories = () if genres == MOVIELENS_NO_GENRES else _split_categories(genres, "|")
+        return CatalogueItem(item=item, title=title, categories=categories)
+
+    return _catalogue(path, rows, parse)
+
+
+def read_catalogue_csv(path: str | Path, *, id_col: str, title_col: str,
+                       text_col: str | None = None, categories_col: str | None = None,
+                       categories_sep: str = "|", created_col: str | None = None,
+                       created_unit: str = "s") -> list[CatalogueItem]:
+    """Read any CSV catalogue with a header line, given which column holds what.
+
+    Parameters
+    ----------
+    id_col, title_col
+        Header names of the item id (as the clicks name items) and of the title.
+    text_col, categories_col, created_col
+        Header names of the optional description, categories and creation time; None: the
+        file has none. An empty cell is an absent value.
+    categories_sep
+        What separates the categories within their cell.
+    created_unit
+        ``"s"`` (fractions allowed) or ``"ms"`` since the epoch.
+    """
+    assert created_unit in ("s", "ms"), f"created_unit must be 's' or 'ms', not {created_unit!r}"
+    assert categories_sep, "categories_sep must not be empty"
+    path = Path(path)
+    rows = _delimited(path, ",")
+    first = next(rows, None)
+    if first is None:
+        raise DatasetError(path, 1, "empty file: expected a header line")
+    wanted = {"id": id_col, "title": title_col, "text": text_col,
+              "categories": categories_col, "created": created_col}
+    named = {role: col for role, col in wanted.items() if col is not None}
+    index = dict(zip(named, _header_index(path, first[1], list(named.values())), strict=True))
+    width = max(index.values()) + 1
+
+    def cell(fields: list[str], role: str) -> str:
+        return fields[index[role]].strip() if role in index else ""
+
+    def parse(fields: list[str]) -> CatalogueItem:
+        if len(fields) < width:
+            raise _BadLine(f"expected at least {width} fields, got {len(fields)}")
+        created = cell(fields, "created")
+        return CatalogueItem(
+            item=cell(fields, "id"), title=cell(fields, "title"), text=cell(fields, "text"),
+            categories=_split_categories(cell(fields, "categories"), categories_sep),
+            created=_to_ms(created, created_unit, "created") if created else None)
+
+    return _catalogue(path, rows, parse)
 
 
 SOURCES: dict[str, Callable[..., EventLog]] = {

@@ -14,8 +14,8 @@ from aiokafka.errors import TopicAlreadyExistsError
 
 from advrec.config import ConfigError, bootstrap_servers, from_env
 
-__all__ = ["KafkaSettings", "TopicMismatch", "TopicSpec", "channel_topics", "default_topics",
-           "ensure_topics", "load_kafka_settings"]
+__all__ = ["ITEMS_CONFIG", "KafkaSettings", "TopicMismatch", "TopicSpec", "channel_topics",
+           "default_topics", "ensure_topics", "load_kafka_settings"]
 
 # A channel topic (advrec.channel: bundles, checkpoints) is compacted down to the last few
 # versions. Compaction only rewrites closed segments, so segments roll every 10 minutes or
@@ -29,6 +29,13 @@ CHANNEL_CONFIG = {
     "delete.retention.ms": str(24 * 3600 * 1000),
     "max.message.bytes": str(2 * 1024 * 1024),
 }
+
+# The catalogue (advrec.catalogue): one record per item id, compacted to the newest. One
+# partition: a catalogue changes at items a second, not clicks, so one worker validating it
+# is plenty, and every reader (the trainer follows all of it) gets one total order of the
+# changes, as the channel topics give. A tombstone stays a day for readers that lag.
+ITEMS_CONFIG = {"cleanup.policy": "compact", "delete.retention.ms": str(24 * 3600 * 1000)}
+DLQ_RETENTION_MS = 14 * 24 * 3600 * 1000  # dead letters are kept two weeks for inspection
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,8 @@ class KafkaSettings:
     topic_bundles: str = "model-bundles"
     topic_checkpoints: str = "trainer-checkpoints"
     topic_flags: str = "user-flags"
+    topic_items: str = "items"
+    topic_items_dlq: str = "items-dlq"
 
     def __post_init__(self) -> None:
         if self.partitions < 1 or self.replication < 1:
@@ -63,7 +72,8 @@ class KafkaSettings:
         """Every topic advrec uses, with the table changelogs."""
         shared = default_topics(
             clicks=self.topic_clicks, dlq=self.topic_dlq, train=self.topic_train,
-            bundles=self.topic_bundles, flags=self.topic_flags, partitions=self.partitions,
+            bundles=self.topic_bundles, flags=self.topic_flags, items=self.topic_items,
+            items_dlq=self.topic_items_dlq, partitions=self.partitions,
             replication=self.replication, app_id=self.app_id)
         return [*shared, TopicSpec(self.topic_checkpoints, 1, self.replication,
                                    dict(CHANNEL_CONFIG))]
@@ -103,7 +113,8 @@ def channel_topics(*, train: str = "train-batches", bundles: str = "model-bundle
 
 def default_topics(*, clicks: str = "clicks", dlq: str = "clicks-dlq",
                    train: str = "train-batches", bundles: str = "model-bundles",
-                   flags: str = "user-flags", partitions: int = 4, replication: int = 1,
+                   flags: str = "user-flags", items: str = "items",
+                   items_dlq: str = "items-dlq", partitions: int = 4, replication: int = 1,
                    app_id: str | None = None,
                    tables: tuple[str, ...] = ("user_state", "trending")) -> list[TopicSpec]:
     """Return the topics advrec reads and writes, and with ``app_id`` the table changelogs.
@@ -115,10 +126,12 @@ def default_topics(*, clicks: str = "clicks", dlq: str = "clicks-dlq",
     """
     specs = [
         TopicSpec(clicks, partitions, replication),
-        TopicSpec(dlq, partitions, replication, {"retention.ms": str(14 * 24 * 3600 * 1000)}),
+        TopicSpec(dlq, partitions, replication, {"retention.ms": str(DLQ_RETENTION_MS)}),
         # one partition: one consumer-group member (the active trainer) owns it
         *channel_topics(train=train, bundles=bundles, checkpoints=None, flags=flags,
                         replication=replication),
+        TopicSpec(items, 1, replication, dict(ITEMS_CONFIG)),
+        TopicSpec(items_dlq, 1, replication, {"retention.ms": str(DLQ_RETENTION_MS)}),
     ]
     if app_id is not None:
         specs += [TopicSpec(f"{app_id}-{table}-changelog", partitions, replication,

@@ -1,5 +1,6 @@
 """``advrec topics``: create `clicks`, `clicks-dlq`, `train-batches`, `model-bundles`,
-`trainer-checkpoints` and the table changelogs explicitly."""
+`trainer-checkpoints`, `user-flags`, `items`, `items-dlq` and the table changelogs
+explicitly."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Agents and timers: ``ingest`` validates and applies clicks, ``batcher`` feeds the trainer."""
+"""Agents and timers: ``ingest`` validates and applies clicks, ``batcher`` feeds the trainer,
+``check_catalogue`` validates the catalogue's records."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 from faust.types import EventT
 
+from advrec.catalogue import InvalidItem, decode_item
 from advrec.contract import (
     ClickEvent,
     InvalidEvent,
@@ -31,8 +33,8 @@ from stream_app.writebehind import WriteBehind, writing_for
 if TYPE_CHECKING:
     from stream_app.app import StreamApp
 
-__all__ = ["Ingest", "KeyCount", "StreamGauges", "TrainBatcher", "apply_batch", "register",
-           "validated"]
+__all__ = ["Ingest", "KeyCount", "StreamGauges", "TrainBatcher", "apply_batch",
+           "check_catalogue_batch", "register", "validated"]
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,38 @@ async def validated(sa: StreamApp, events: Sequence[EventT]) -> tuple[list[Valid
                                          msg.partition, msg.offset, click.index))
             m.dlq_writes.inc()
     return good, n_events
+
+
+async def check_catalogue_batch(sa: StreamApp, events: Sequence[EventT]) -> None:
+    """Check a batch of ``items`` records against the catalogue contract; dead-letter the bad
+    ones with their reason, as ``validated`` does clicks.
+
+    A tombstone (null value) deletes its item and is only counted. The worker keeps no
+    catalogue: the trainer follows the topic itself, so this is where a catalogue owner's
+    mistakes show (``items-dlq``, ``advrec_catalogue_items_invalid_total``).
+    """
+    m = sa.metrics
+    now_ms = int(time.time() * 1000)
+    for ev in events:
+        msg = ev.message
+        if ev.value is None:
+            m.catalogue_items.labels(outcome="deleted").inc()
+            continue
+        try:
+            decode_item(ev.value, msg.key, now_ms=now_ms)
+        except InvalidItem as exc:
+            log.warning("catalogue record %s[%d]@%d dead-lettered: %s", msg.topic,
+                        msg.partition, msg.offset, exc)
+            key = msg.key if isinstance(msg.key, bytes) else None
+            await sa.items_dlq.send(
+                key=key,
+                value=encode_dead_letter(exc.reason, exc.detail,
+                                         ev.value if isinstance(ev.value, bytes) else None,
+                                         key, msg.topic, msg.partition, msg.offset))
+            m.catalogue_items_invalid.labels(reason=exc.reason).inc()
+            m.catalogue_items.labels(outcome="dead_letter").inc()
+            continue
+        m.catalogue_items.labels(outcome="ok").inc()
 
 
 async def apply_batch(sa: StreamApp, events: Sequence[EventT],
@@ -363,6 +397,12 @@ def register(sa: StreamApp) -> None:
         ingesting.behind.stream = stream
         async for events in stream.noack_take(s.ingest_batch, within=s.ingest_wait_s):
             await ingesting.write_behind(events)
+
+    @app.agent(sa.items, name="check_catalogue")
+    async def check_catalogue(stream: Any) -> None:
+        # a catalogue changes slowly: small batches, and a lone record waits at most 1 s
+        async for events in stream.take_events(100, within=1.0):
+            await check_catalogue_batch(sa, events)
 
     @app.timer(max(0.05, s.state_flush_s / 2))
     async def flush_states() -> None:

@@ -63,6 +63,8 @@ class StreamApp:
     clicks: faust.TopicT
     clicks_dlq: faust.TopicT
     train_batches: faust.TopicT
+    items: faust.TopicT
+    items_dlq: faust.TopicT
     examples: faust.ChannelT
     user_state: faust.Table
     trending: faust.Table
@@ -132,6 +134,11 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
                            key_serializer="raw", value_serializer="raw")
     train_batches = app.topic(s.topic_train, key_type=bytes, value_type=bytes,
                               partitions=1, key_serializer="raw", value_serializer="raw")
+    # the catalogue, keyed by item id (advrec.catalogue; one partition: advrec.topics)
+    items = app.topic(s.topic_items, key_type=bytes, value_type=bytes, partitions=1,
+                      key_serializer="raw", value_serializer="raw")
+    items_dlq = app.topic(s.topic_items_dlq, key_type=bytes, value_type=bytes,
+                          key_serializer="raw", value_serializer="raw")
     # Keys and values are bytes (raw codec): keys are the UTF-8 user id exactly as on
     # `clicks` (key_type=str would mean JSON keys and misrouted lookups); values are msgpack
     # encoded by stream_app.state (value_type=list/dict would break changelog recovery).
@@ -149,7 +156,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
                             threads=s.ort_threads, metrics=metrics)
     feed = BundleFeed(s, watcher, metrics)
     sa = StreamApp(settings=s, app=app, clicks=clicks, clicks_dlq=clicks_dlq,
-                   train_batches=train_batches, examples=app.channel(), user_state=user_state,
+                   train_batches=train_batches, items=items, items_dlq=items_dlq,
+                   examples=app.channel(), user_state=user_state,
                    trending=trending, metrics=metrics, server=server, watcher=watcher,
                    feed=feed, flags=FlagFeed(s, metrics),
                    read_pacer=ReadPacer(s.read_rate_under_backlog))

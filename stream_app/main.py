@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(ensure_topics(settings.bootstrap, default_topics(
             clicks=settings.topic_clicks, dlq=settings.topic_dlq, train=settings.topic_train,
             bundles=settings.topic_bundles, flags=settings.topic_flags,
+            items=settings.topic_items, items_dlq=settings.topic_items_dlq,
             partitions=settings.partitions, replication=settings.replication,
             app_id=settings.app_id)))
 

@@ -7,13 +7,17 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from advrec.bundle import REJECT_REASONS
+from advrec.catalogue import ITEM_REASONS
 from advrec.channel import REJECT_REASONS as CHANNEL_REJECT_REASONS
 from advrec.contract import REASONS
 
-__all__ = ["FALLBACK_CAUSES", "StreamMetrics"]
+__all__ = ["CATALOGUE_OUTCOMES", "FALLBACK_CAUSES", "StreamMetrics"]
 
 # Why a recommendation came from the trending list (label of advrec_fallback_answers_total).
 FALLBACK_CAUSES = ("no_model", "no_history", "no_known_items", "model_error")
+# What became of a record of the catalogue topic (label of advrec_catalogue_items_total):
+# valid, dead-lettered, or a tombstone that deletes its item.
+CATALOGUE_OUTCOMES = ("ok", "dead_letter", "deleted")
 
 # Ingest batches take 1-100 ms on 2 cores; a stuck batch shows up in the 1-10 s buckets.
 _PROCESS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
@@ -66,6 +70,8 @@ class StreamMetrics:
     flagged_users: Gauge
     user_suspicion: Histogram
     suspicion_seconds: Histogram
+    catalogue_items: Counter
+    catalogue_items_invalid: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None,
@@ -166,6 +172,11 @@ class StreamMetrics:
             suspicion_seconds=Histogram(f"{p}_suspicion_seconds", "Time to score one ingest "
                                         "batch's users with the detector",
                                         buckets=_PROCESS_BUCKETS, registry=r),
+            catalogue_items=Counter(f"{p}_catalogue_items", "Records read from the catalogue "
+                                    "topic, by outcome", ["outcome"], registry=r),
+            catalogue_items_invalid=Counter(f"{p}_catalogue_items_invalid",
+                                            "Catalogue records rejected, by reason",
+                                            ["reason"], registry=r),
         )
         # Known label values start at 0: increase() misses a series whose first sample is 1.
         for reason in REASONS:
@@ -176,4 +187,8 @@ class StreamMetrics:
             m.bundle_chunks_rejected.labels(reason=reason)
         for cause in FALLBACK_CAUSES:
             m.fallback_answers.labels(cause=cause)
+        for outcome in CATALOGUE_OUTCOMES:
+            m.catalogue_items.labels(outcome=outcome)
+        for reason in ITEM_REASONS:
+            m.catalogue_items_invalid.labels(reason=reason)
         return m

@@ -29,6 +29,8 @@ class Settings:
     topic_train: str = "train-batches"
     topic_bundles: str = "model-bundles"  # bundles, the pointer and pins (advrec.channel)
     topic_flags: str = "user-flags"  # flagged and re-admitted users (advrec.flags)
+    topic_items: str = "items"  # the catalogue (advrec.catalogue), validated by the worker
+    topic_items_dlq: str = "items-dlq"  # catalogue records that break the contract
     bundles_keep: int = 5  # versions kept in the cache for rollback (plus live and pinned)
     bundle_max_mb: int = 1024  # a bigger version on the topic is refused (disk bound)
     rocksdb_write_buffer_mb: int = 2  # per table store (table x partition), two of them

@@ -72,3 +72,9 @@ create "${ADVREC_TOPIC_CHECKPOINTS:-trainer-checkpoints}" 1 $CHANNEL
 # Users the trainer's fake-user detector flagged and the admin re-admitted (advrec/flags.py):
 # keyed by user, compacted to the latest record per user.
 create "${ADVREC_TOPIC_FLAGS:-user-flags}" 1 cleanup.policy=compact
+# The catalogue (advrec/catalogue.py): one record per item id, keyed by it and compacted to the
+# newest; a tombstone deletes an item and stays a day. One partition: a catalogue changes
+# slowly and its readers get one total order (advrec.topics.ITEMS_CONFIG, a test compares).
+create items 1 cleanup.policy=compact delete.retention.ms=86400000
+# Catalogue records that break the contract, with their reason; kept like clicks-dlq.
+create items-dlq 1 retention.ms=1209600000

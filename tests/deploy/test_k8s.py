@@ -379,7 +379,7 @@ def test_topics_job_runs_the_shared_script(objects: list[Obj]) -> None:
     assert c["command"] == ["/bin/bash", f"{mount['mountPath']}/create-topics.sh"]
 
 
-def test_create_topics_script_creates_the_six_topics() -> None:
+def test_create_topics_script_creates_the_eight_topics() -> None:
     script = (BASE / "create-topics.sh").read_text()
     assert subprocess.run(["bash", "-n", str(BASE / "create-topics.sh")],
                           check=False).returncode == 0
@@ -388,8 +388,19 @@ def test_create_topics_script_creates_the_six_topics() -> None:
     assert creates == {"clicks": '"$PARTITIONS"', "clicks-dlq": '"$PARTITIONS"',
                        "train-batches": "1", '"${ADVREC_TOPIC_BUNDLES:-model-bundles}"': "1",
                        '"${ADVREC_TOPIC_CHECKPOINTS:-trainer-checkpoints}"': "1",
-                       '"${ADVREC_TOPIC_FLAGS:-user-flags}"': "1"}
+                       '"${ADVREC_TOPIC_FLAGS:-user-flags}"': "1", "items": "1",
+                       "items-dlq": "1"}
     assert "--if-not-exists" in script
+
+
+def test_the_catalogue_topic_gets_the_settings_the_app_creates_it_with() -> None:
+    # a catalogue topic that is not compacted keeps every old version of every item, and
+    # every reader (the trainer) reads them all at start-up
+    from advrec.topics import ITEMS_CONFIG
+
+    script = (BASE / "create-topics.sh").read_text()
+    [raw] = re.findall(r"^create items 1 (.*)$", script, re.MULTILINE)
+    assert dict(kv.split("=", 1) for kv in raw.split()) == ITEMS_CONFIG
 
 
 def test_the_channel_topics_get_the_settings_the_app_creates_them_with() -> None:

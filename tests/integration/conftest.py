@@ -96,6 +96,8 @@ class Names:
         self.bundles = f"model-bundles-{tag}"
         self.checkpoints = f"trainer-checkpoints-{tag}"
         self.flags = f"user-flags-{tag}"
+        self.items = f"items-{tag}"
+        self.items_dlq = f"items-dlq-{tag}"
 
 
 @pytest.fixture
@@ -179,6 +181,8 @@ class Worker(AdvrecProcess):
             "ADVREC_TOPIC_TRAIN": names.train,
             "ADVREC_TOPIC_BUNDLES": names.bundles,
             "ADVREC_TOPIC_FLAGS": names.flags,
+            "ADVREC_TOPIC_ITEMS": names.items,
+            "ADVREC_TOPIC_ITEMS_DLQ": names.items_dlq,
             "ADVREC_PARTITIONS": str(partitions),
             "ADVREC_DATA_DIR": str(self.data_dir),
             "ADVREC_BUNDLE_DIR": str(self.bundle_dir),
@@ -279,6 +283,7 @@ class TrainerProcess(AdvrecProcess):
             "ADVREC_TOPIC_BUNDLES": names.bundles,
             "ADVREC_TOPIC_CHECKPOINTS": names.checkpoints,
             "ADVREC_TOPIC_FLAGS": names.flags,
+            "ADVREC_TOPIC_ITEMS": names.items,
             "ADVREC_TRAINER_GROUP": f"{names.app_id}-trainer",
             "ADVREC_CHECKPOINT_MIN_INTERVAL_S": "0",
             "ADVREC_BUNDLE_DIR": str(bundle_dir),

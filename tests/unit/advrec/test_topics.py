@@ -32,7 +32,7 @@ def test_kafka_settings_default_to_what_worker_and_trainer_use() -> None:
     shared, worker, trainer = (load_kafka_settings({}), load_settings({}),
                                load_trainer_settings({}))
     for name in ("broker", "app_id", "partitions", "replication", "topic_clicks", "topic_dlq",
-                 "topic_train", "topic_bundles", "topic_flags"):
+                 "topic_train", "topic_bundles", "topic_flags", "topic_items", "topic_items_dlq"):
         assert getattr(shared, name) == getattr(worker, name), name
     for name in ("broker", "topic_train", "topic_bundles", "topic_checkpoints", "topic_flags"):
         assert getattr(shared, name) == getattr(trainer, name), name
@@ -47,3 +47,12 @@ def test_kafka_settings_read_the_same_variables() -> None:
     assert "advrec-user_state-changelog" in names
     with pytest.raises(ConfigError, match="ADVREC_PARTITIONS"):
         load_kafka_settings({"ADVREC_PARTITIONS": "0"})
+
+
+def test_the_catalogue_topic_is_compacted_by_item_and_its_dead_letters_kept() -> None:
+    s = load_kafka_settings({"ADVREC_TOPIC_ITEMS": "shop-items"})
+    specs = {t.name: t for t in s.topics()}
+    items, dlq = specs["shop-items"], specs["items-dlq"]
+    assert items.partitions == 1 and items.config["cleanup.policy"] == "compact"
+    assert dlq.partitions == 1 and "cleanup.policy" not in dlq.config
+    assert dlq.config["retention.ms"] == specs["clicks-dlq"].config["retention.ms"]

@@ -1,5 +1,5 @@
 """The agents' pieces one at a time, over a small stand-in for the stream app: cutting
-training batches, reporting consumer lag."""
+training batches, reporting consumer lag, checking catalogue records."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-from advrec.contract import TrainingExample, decode_batch
-from stream_app.agents import StreamGauges, TrainBatcher
+from advrec.catalogue import CatalogueItem, encode_item, item_key
+from advrec.contract import TrainingExample, decode_batch, decode_dead_letter
+from stream_app.agents import StreamGauges, TrainBatcher, check_catalogue_batch
 from stream_app.metrics import StreamMetrics
 from stream_app.settings import load_settings
 
@@ -97,3 +98,30 @@ def test_lag_is_reported_per_owned_clicks_partition_and_dropped_when_revoked() -
     assert lag(sa.metrics, 2) is None  # nothing fetched yet: no figure rather than a wrong one
     gauges.report_lag(Consumer({TP("clicks", 1): (60, 59)}))  # partition 0 moved away
     assert lag(sa.metrics, 0) is None and lag(sa.metrics, 1) == 0
+
+
+def record(value: bytes | None, key: bytes, offset: int) -> SimpleNamespace:
+    return SimpleNamespace(value=value, message=SimpleNamespace(
+        key=key, topic="items", partition=0, offset=offset))
+
+
+async def test_catalogue_records_are_counted_and_bad_ones_dead_lettered_with_reason() -> None:
+    sa = SimpleNamespace(metrics=StreamMetrics.create(), items_dlq=Topic())
+    good = encode_item(CatalogueItem("1", "Toy Story (1995)", categories=("Comedy",)))
+    untitled = b"\x81\xa4item\xa12"  # {"item": "2"}
+    await check_catalogue_batch(sa, [  # type: ignore[arg-type]
+        record(good, item_key("1"), 0), record(untitled, b"2", 1),
+        record(None, b"3", 2), record(good, b"not-1", 3)])
+    letters = [decode_dead_letter(v) for _, v in sa.items_dlq.sent]
+    assert [(d["reason"], d["original"], d["key"], d["topic"], d["offset"]) for d in letters] == [
+        ("missing_field", untitled, b"2", "items", 1), ("key_mismatch", good, b"not-1", "items", 3)]
+    assert [k for k, _ in sa.items_dlq.sent] == [b"2", b"not-1"]
+
+    def count(name: str, **labels: str) -> float | None:
+        return sa.metrics.registry.get_sample_value(name, labels)
+
+    assert count("advrec_catalogue_items_total", outcome="ok") == 1
+    assert count("advrec_catalogue_items_total", outcome="dead_letter") == 2
+    assert count("advrec_catalogue_items_total", outcome="deleted") == 1
+    assert count("advrec_catalogue_items_invalid_total", reason="missing_field") == 1
+    assert count("advrec_catalogue_items_invalid_total", reason="bad_title") == 0
