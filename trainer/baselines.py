@@ -28,7 +28,7 @@ from advrec.types import ItemId, TimestampMs
 from trainer.metrics import rank_targets, ranking_metrics
 from trainer.prior import Cooccurrence
 
-__all__ = ["HISTORY_MASKS", "ItemKNN", "RecencyPopularity", "StreamingBaseline"]
+__all__ = ["HISTORY_MASKS", "ContentKNN", "ItemKNN", "RecencyPopularity", "StreamingBaseline"]
 
 Batch = Sequence[TrainingExample]
 HISTORY_MASKS = ("except_target", "all", "none")  # leave-one-out, variant A, variant B
@@ -274,3 +274,77 @@ class ItemKNN(StreamingBaseline):
     def n_links(self) -> int:
         """Return the number of non-zero co-occurrence entries."""
         return self.cooc.n_links()
+
+
+class ContentKNN(StreamingBaseline):
+    """Content only: TF-IDF of each catalogue item's text, cosine to the user's latest items.
+
+    The cold-start reference (issue: zero-shot cold start): every catalogue item is a
+    candidate from the start, clicked or not, and is scored by how close its text (title and
+    categories for MovieLens) is to the text of the history's ``n_recent`` latest items,
+    weighted ``decay**p`` (p = 0 is the latest) as item-kNN weighs them. Clicks only break
+    ties (time-decayed popularity, as item-kNN's), so that a history with no textual match
+    falls back to what is popular. Items clicked but missing from the catalogue have no
+    text: they score 0.
+
+    Parameters
+    ----------
+    catalogue
+        (item id, text) of every catalogue item, known before the stream starts.
+    n_recent, decay
+        The history items that count, latest first, and their weight factor per step back.
+    history_mask
+        Which history items leave the ranking (one of ``HISTORY_MASKS``).
+    """
+
+    def __init__(self, catalogue: Sequence[tuple[ItemId, str]], n_recent: int = 5,
+                 decay: float = 0.7, history_mask: str = "except_target",
+                 dense: np.ndarray | None = None) -> None:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        super().__init__(history_mask)
+        assert n_recent >= 1 and 0 < decay <= 1, "n_recent >= 1, decay in (0, 1]"
+        self.n_recent, self.decay = n_recent, decay
+        self.popular = RecencyPopularity()
+        # words of two or more letters or digits: a title's year "(1995)" is a word too
+        vectorizer = TfidfVectorizer(sublinear_tf=True, token_pattern=r"(?u)\b\w\w+\b")
+        texts = [text for _, text in catalogue]
+        self.vectors = vectorizer.fit_transform(texts).tocsr() if texts else None  # (N0, T)
+        if dense is not None:  # the text encoder's unit vectors instead of TF-IDF
+            import scipy.sparse as sp
+
+            self.vectors = sp.csr_matrix(dense)
+        self.n_terms = 0 if self.vectors is None else self.vectors.shape[1]
+        for item, _ in catalogue:
+            self._register(item)
+
+    def _grow(self, n_items: int) -> None:
+        self.popular._register(self.ids[-1])
+
+    def _learn(self, example: TrainingExample) -> None:
+        for item in example.history:
+            self._register(item)
+        self.popular.add(self._register(example.item), example.ts)
+
+    def _scores(self, histories: Sequence[Sequence[ItemId]]) -> np.ndarray:
+        import scipy.sparse as sp
+
+        scores = np.zeros((len(histories), self.n_items))  # (B, N)
+        if self.vectors is None:
+            return scores
+        n_text = self.vectors.shape[0]
+        rows, cols, vals = [], [], []
+        for b, history in enumerate(histories):
+            recent = [self.index.get(i) for i in history[-self.n_recent:]][::-1]  # latest first
+            for p, c in enumerate(recent):
+                if c is not None and c < n_text:
+                    rows.append(b)
+                    cols.append(c)
+                    vals.append(self.decay**p)
+        weights = sp.csr_matrix((vals, (rows, cols)), shape=(len(histories), n_text))  # (B, N0)
+        profile = weights @ self.vectors  # (B, T): the history's weighted text
+        scores[:, :n_text] = (profile @ self.vectors.T).toarray()  # (B, N0) cosines, summed
+        return scores
+
+    def _tiebreak(self) -> np.ndarray:
+        return self.popular.popularity()

@@ -19,6 +19,7 @@ import json
 import math
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +35,19 @@ from advrec.attacks import (
     inject,
 )
 from advrec.contract import TrainingExample
-from advrec.datasets import SOURCES, DatasetError, EventLog, load_events
+from advrec.datasets import (
+    SOURCES,
+    DatasetError,
+    EventLog,
+    load_events,
+    read_catalogue_csv,
+    read_movielens_movies,
+)
 from advrec.suspicion import FEATURES
 from advrec.types import ItemId
 from trainer.adversarial import MODES, AdversarialConfig
-from trainer.baselines import ItemKNN, RecencyPopularity, StreamingBaseline
+from trainer.baselines import ContentKNN, ItemKNN, RecencyPopularity, StreamingBaseline
+from trainer.content import ContentConfig, TextEncoder, encode_cached
 from trainer.detector import DetectorConfig, TrainingFilter
 from trainer.learner import OnlineLearner, TrainConfig
 from trainer.metrics import rank_targets, ranking_metrics
@@ -49,6 +58,7 @@ __all__ = [
     "BASELINES",
     "DEFAULT_METHODS",
     "BaselineAdapter",
+    "EvalCatalogue",
     "LearnerAdapter",
     "MethodRun",
     "PastItems",
@@ -61,10 +71,83 @@ __all__ = [
 
 KS = (10, 20)
 TOP_K = 10  # list length for coverage and popularity bias
-BASELINES = ("pop", "knn")
+# tfidf: content only (TF-IDF of the catalogue's texts); enc-knn: the same with the text
+# encoder's vectors (--content on); both need --catalogue
+BASELINES = ("pop", "knn", "tfidf", "enc-knn")
 DEFAULT_METHODS = ("pop", "knn", "none", "irgan", "apr", "irgan+apr")
 D_SNAPSHOTS = (0.1, 0.4, 0.7, 1.0)  # stream fractions at which D's scores are recorded
 ERROR = "advrec evaluate: error: {}"
+# the cold-start curves: HR@10 by the user's past events (0: the first click, which the
+# service answers with the trending list) and by the target's past clicks
+USER_BUCKETS = ((0, 0), (1, 1), (2, 4), (5, 19), (20, None))
+ITEM_BUCKETS = ((0, 0), (1, 4), (5, 19), (20, None))
+# the worker's trending list counts the last hour of event time (stream_app/settings.py:
+# 6 buckets of 600 s)
+TRENDING_WINDOW_MS = 6 * 600 * 1000
+
+
+def bucket_name(bucket: tuple[int, int | None]) -> str:
+    lo, hi = bucket
+    return f"{lo}+" if hi is None else (f"{lo}" if lo == hi else f"{lo}-{hi}")
+
+
+@dataclass(frozen=True)
+class EvalCatalogue:
+    """The item catalogue, known before the stream starts: ids, the text an encoder reads,
+    and (for the content runs) the encoder's vectors [N, C]."""
+
+    items: tuple[ItemId, ...]
+    texts: tuple[str, ...]
+    vectors: np.ndarray | None = None
+
+
+class Trending:
+    """The trending list the service shows a user with no history: clicks per item over
+    the last ``window_ms`` of event time, most clicked first."""
+
+    def __init__(self, window_ms: int = TRENDING_WINDOW_MS) -> None:
+        self.window_ms = window_ms
+        self.clicks: deque[tuple[int, int]] = deque()  # (ts, gid), oldest first
+        self.counts = np.zeros(1024, dtype=np.int64)  # (capacity,) per global item id
+
+    def add(self, gid: int, ts: int) -> None:
+        if gid >= self.counts.size:
+            grown = np.zeros(max(gid + 1, 2 * self.counts.size), dtype=np.int64)
+            grown[: self.counts.size] = self.counts
+            self.counts = grown
+        self.clicks.append((ts, gid))
+        self.counts[gid] += 1
+
+    def rank(self, gid: int, ts: int) -> int:
+        """The rank of ``gid`` in the list at ``ts`` (ties against it); 0 if not listed."""
+        while self.clicks and self.clicks[0][0] < ts - self.window_ms:
+            _, old = self.clicks.popleft()
+            self.counts[old] -= 1
+        c = self.counts[gid] if gid < self.counts.size else 0
+        return int(np.count_nonzero(self.counts >= c)) if c > 0 else 0
+
+
+def cold_metrics(ranks: np.ndarray, user_events: np.ndarray, target_clicks: np.ndarray,
+                 first_ranks: np.ndarray) -> dict[str, float]:
+    """HR@10 and counts by the user's past events and by the target's past clicks
+    (``first_ranks``: the trending list's ranks of users' first clicks, bucket 0)."""
+    out: dict[str, float] = {}
+    for bucket in USER_BUCKETS:
+        lo, hi = bucket
+        if lo == 0:
+            part = first_ranks
+        else:
+            top = np.iinfo(np.int64).max if hi is None else hi
+            part = ranks[(user_events >= lo) & (user_events <= top)]
+        out[f"cold_user_hr@10:{bucket_name(bucket)}"] = ranking_metrics(part, (10,))["hr@10"]
+        out[f"cold_user_n:{bucket_name(bucket)}"] = float(part.size)
+    for bucket in ITEM_BUCKETS:
+        lo, hi = bucket
+        top = np.iinfo(np.int64).max if hi is None else hi
+        part = ranks[(target_clicks >= lo) & (target_clicks <= top)]
+        out[f"cold_item_hr@10:{bucket_name(bucket)}"] = ranking_metrics(part, (10,))["hr@10"]
+        out[f"cold_item_n:{bucket_name(bucket)}"] = float(part.size)
+    return out
 
 
 # ---------------------------------------------------------------------------- examples
@@ -211,7 +294,9 @@ def method_settings(adapter: Adapter) -> dict[str, Any]:
         return {"model": dataclasses.asdict(learner.model_cfg),
                 "train": dataclasses.asdict(learner.train_cfg),
                 "adversarial": dataclasses.asdict(learner.adv_cfg),
-                "prior": dataclasses.asdict(learner.prior_cfg)}
+                "prior": dataclasses.asdict(learner.prior_cfg),
+                "content": (dataclasses.asdict(learner.content_cfg)
+                            if learner.content is not None else None)}
     model = adapter.model  # type: ignore[attr-defined]
     params = {k: v for k, v in vars(model).items()
               if isinstance(v, (int, float, str, bool, type(None))) and k != "examples_seen"}
@@ -229,21 +314,41 @@ def split_method(name: str) -> tuple[str, bool]:
 
 
 def make_method(name: str, seed: int, model_cfg: Any, train_cfg: TrainConfig,
-                adv_cfg: AdversarialConfig, prior_cfg: PriorConfig | None = None) -> Adapter:
-    """Build the method called ``name`` (pop, knn, an adversarial mode, or a mode + cooc).
+                adv_cfg: AdversarialConfig, prior_cfg: PriorConfig | None = None,
+                catalogue: EvalCatalogue | None = None,
+                content: ContentConfig | None = None) -> Adapter:
+    """Build the method called ``name`` (pop, knn, tfidf, an adversarial mode, or a mode +
+    cooc).
 
     A plain mode ranks with G alone (prior weight 0); ``mode+cooc`` ranks with G plus the
-    prior at ``prior_cfg``'s weight."""
+    prior at ``prior_cfg``'s weight. With ``content``, a neural method starts with the
+    ``catalogue``'s vectors (trainer/content.py)."""
     if name == "pop":
         return BaselineAdapter(RecencyPopularity(history_mask="none"))
     if name == "knn":
         return BaselineAdapter(ItemKNN(history_mask="none"))
+    if name == "tfidf":
+        if catalogue is None:
+            raise ValueError("the tfidf baseline needs a catalogue (--catalogue)")
+        return BaselineAdapter(ContentKNN(list(zip(catalogue.items, catalogue.texts,
+                                                   strict=True)), history_mask="none"))
+    if name == "enc-knn":
+        if catalogue is None or catalogue.vectors is None:
+            raise ValueError("the enc-knn baseline needs the catalogue's text embeddings")
+        return BaselineAdapter(ContentKNN(list(zip(catalogue.items, catalogue.texts,
+                                                   strict=True)), history_mask="none",
+                                          dense=catalogue.vectors))
     mode, hybrid = split_method(name)
     prior_cfg = prior_cfg or PriorConfig()
     if not hybrid:
         prior_cfg = dataclasses.replace(prior_cfg, weight=0.0)
     cfg = dataclasses.replace(train_cfg, mode=mode, seed=seed)
-    return LearnerAdapter(OnlineLearner(model_cfg, cfg, adv_cfg, prior_cfg))
+    learner = OnlineLearner(model_cfg, cfg, adv_cfg, prior_cfg, content)
+    if content is not None:
+        if catalogue is None or catalogue.vectors is None:
+            raise ValueError("content runs need the catalogue's vectors")
+        learner.add_catalogue(list(catalogue.items), catalogue.vectors)
+    return LearnerAdapter(learner)
 
 
 @torch.no_grad()
@@ -323,7 +428,9 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
                         report_from: int = 0, n_windows: int = 10,
                         record_d: bool = False, progress: Callable[[int], None] | None = None,
                         attack: AttackLabels | None = None,
-                        defence: DetectorConfig | None = None) -> list[MethodRun]:
+                        defence: DetectorConfig | None = None,
+                        catalogue: EvalCatalogue | None = None,
+                        content: ContentConfig | None = None) -> list[MethodRun]:
     """Replay ``examples`` test-then-train through one method; one ``MethodRun`` per way of
     ranking (one, or one per prior weight of a hybrid given several ``prior_weights``).
 
@@ -343,6 +450,11 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
     With ``attack``, the detector's precision, recall and F1 are measured against the
     labels, every user with enough clicks re-scored on their final state by the final
     detector.
+
+    ``catalogue``: items known before the stream starts. A method that knows an item before
+    its first click (``content``: a neural method given the catalogue's vectors; the tfidf
+    baseline) can rank it; for the others a never-clicked target stays a miss. Every run
+    reports the cold-start curves (``cold_metrics``).
     """
     assert variant in ("A", "B"), f"variant must be A or B, not {variant!r}"
     t0 = time.perf_counter()
@@ -352,7 +464,7 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
     if tallies[0].weight is not None:
         prior_cfg = dataclasses.replace(prior_cfg, weight=tallies[0].weight)
     adapter = make_method(method, seed, model_cfg, train_cfg, adv_cfg or AdversarialConfig(),
-                          prior_cfg)
+                          prior_cfg, catalogue, content)
     by_parts = len(tallies) > 1  # several weights: score G and the prior apart, once
     past = PastItems()
     colmap = np.full(1024, -1, dtype=np.int64)  # global item id -> method column
@@ -365,6 +477,11 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
     snap_at = {max(0, round(f * n_batches) - 1) for f in D_SNAPSHOTS}
     d_rng = np.random.default_rng(10_000 + seed)
     n_unknown = n_masked = 0
+    trending = Trending()
+    first_ranks: list[int] = []  # the trending list's rank of each user's first click...
+    first_at: list[int] = []  # ...and its index in ``examples``
+    user_events: list[np.ndarray] = []  # per scored example: the user's past events...
+    target_clicks: list[np.ndarray] = []  # ...and the target's past clicks
     guard = (TrainingFilter(adapter.learner, defence)
              if defence is not None and isinstance(adapter, LearnerAdapter) else None)
     for bi in range(n_batches):
@@ -380,9 +497,20 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
             grow = max(len(past.ids), 2 * colmap.size)
             colmap = np.concatenate([colmap, np.full(grow - colmap.size, -1, np.int64)])
             counts = np.concatenate([counts, np.zeros(grow - counts.size, np.int64)])
-        # a user's first click is not scored, nor is any click of a fake user
-        scored = [j for j, ex in enumerate(batch)
-                  if ex.history and (attack is None or not attack.is_fake(ex.user))]
+        if catalogue is not None:  # items the method knows before their first click
+            for g in gids[gids >= n_catalogue].tolist():
+                if colmap[g] < 0:
+                    colmap[g] = adapter.column(past.ids[g])
+        # a user's first click is not scored by the method (the service shows the trending
+        # list: counted apart), nor is any click of a fake user
+        real = [attack is None or not attack.is_fake(ex.user) for ex in batch]
+        scored = [j for j, ex in enumerate(batch) if ex.history and real[j]]
+        for j, ex in enumerate(batch):
+            if not ex.history and real[j]:
+                first_ranks.append(trending.rank(int(gids[j]), ex.ts))
+                first_at.append(bi * batch_size + j)
+        user_events.append(n_before[scored])
+        target_clicks.append(counts[gids[scored]])
         positions.append(bi * batch_size + np.array(scored, dtype=np.int64))
         batch_ranks = {t.name: np.zeros(len(scored), dtype=np.int64) for t in tallies}
         if scored and n_catalogue:
@@ -429,7 +557,9 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
                     shown = np.isin(listed, target_cols).any(axis=1) & attacked  # (R,)
                     t.target_hits += int(shown.sum())
                     t.target_lists += int(attacked.sum())
-                t.pop_pct.append(float(pct[rec].mean()) if rec.size else 0.5)
+                # a catalogue item listed before its first click: percentile 0
+                rec_pct = np.where(rec < pct.size, pct[np.minimum(rec, pct.size - 1)], 0.0)
+                t.pop_pct.append(float(rec_pct.mean()) if rec.size else 0.5)
             tg = gids[scored]
             tg = tg[tg < n_catalogue]
             target_pct.append(float(pct[tg].mean()) if tg.size else 0.5)
@@ -449,6 +579,8 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
                 colmap[g] = c
                 pending.discard(g)
         np.add.at(counts, gids, 1)
+        for g, ex in zip(gids.tolist(), batch, strict=True):
+            trending.add(g, ex.ts)
         for t in tallies:
             ranks = batch_ranks[t.name]
             t.ranks.append(ranks)
@@ -466,6 +598,10 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
         if progress is not None:
             progress(len(batch))
     where = np.concatenate(positions) if positions else np.zeros(0, np.int64)
+    u_events = np.concatenate(user_events) if user_events else np.zeros(0, np.int64)
+    t_clicks = np.concatenate(target_clicks) if target_clicks else np.zeros(0, np.int64)
+    firsts = np.array(first_ranks, dtype=np.int64)
+    firsts_at = np.array(first_at, dtype=np.int64)
     settings = method_settings(adapter)
     guarded = guard.metrics(attack) if guard is not None else {}  # one detector, every tally
     suspicion = guard.suspicion(attack) if guard is not None else []
@@ -488,6 +624,12 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
             metrics["target_hr@10"] = t.target_hits / max(1, t.target_lists)
             metrics["target_lists"] = float(t.target_lists)
         metrics.update(guarded)
+        metrics.update(cold_metrics(ranks_all, u_events, t_clicks, firsts))
+        if report_from > 0:
+            part = where >= report_from
+            metrics.update({f"test:{k}": v for k, v in cold_metrics(
+                ranks_all[part], u_events[part], t_clicks[part],
+                firsts[firsts_at >= report_from]).items()})
         mine = settings
         if t.weight is not None and "prior" in settings:
             mine = {**settings, "prior": {**settings["prior"], "weight": t.weight}}
@@ -554,6 +696,27 @@ def format_table(summary: dict[str, dict[str, dict[str, float]]],
     for method, s in summary.items():
         cells = "".join(f"{s['mean'][c]:>10.4f} ±{s['std'][c]:.4f}" for c in columns)
         lines.append(f"{method:<{width}}{cells}{s['mean'].get('seconds', 0.0):>9.0f}")
+    return "\n".join(lines)
+
+
+def format_cold_table(summary: dict[str, dict[str, dict[str, float]]],
+                      prefix: str = "") -> str:
+    """Return the cold-start curves as a table: HR@10 (mean over seeds) per bucket of the
+    user's past events and of the target's past clicks, with each bucket's size
+    (``prefix`` "test:": over the reported part only)."""
+    cols = [("user", b) for b in USER_BUCKETS] + [("item", b) for b in ITEM_BUCKETS]
+    width = max([10, *(len(m) + 1 for m in summary)])
+    head = f"{'method':<{width}}" + "".join(f"{kind + ' ' + bucket_name(b):>12}"
+                                            for kind, b in cols)
+    first = next(iter(summary.values()))["mean"] if summary else {}
+    sizes = f"{'(events)':<{width}}" + "".join(
+        f"{first.get(f'{prefix}cold_{kind}_n:{bucket_name(b)}', 0):>12.0f}"
+        for kind, b in cols)
+    lines = [head, sizes, "-" * len(head)]
+    for method, s in summary.items():
+        lines.append(f"{method:<{width}}" + "".join(
+            f"{s['mean'][f'{prefix}cold_{kind}_hr@10:{bucket_name(b)}']:>12.4f}"
+            for kind, b in cols))
     return "\n".join(lines)
 
 
@@ -691,6 +854,25 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--prior-backward", type=float, default=pc.backward,
                    help="the prior's weight of the reverse link (next item -> history item)")
     m.add_argument("--threads", type=int, default=1, help="torch threads")
+    cc = ContentConfig()
+    c = p.add_argument_group("catalogue and content (cold start)")
+    c.add_argument("--catalogue", type=Path, default=None,
+                   help="item catalogue known from the start of the stream: a MovieLens "
+                        "movies.csv, or a CSV with --catalogue-columns; lets the tfidf "
+                        "baseline and the content runs rank items before their first click")
+    c.add_argument("--catalogue-columns", default=None,
+                   help="CSV catalogue: id=COL,title=COL[,text=COL][,categories=COL] "
+                        "(categories |-separated)")
+    c.add_argument("--content", choices=("off", "on", "both"), default="off",
+                   help="neural methods with the catalogue's text embeddings (on: "
+                        "METHOD/content), without (off), or both side by side")
+    c.add_argument("--content-blend", type=float, default=cc.blend_clicks,
+                   help="0: an item's content score stops at its first click; k > 0: it "
+                        "weighs k/(n+k) beside G's score after n clicks")
+    c.add_argument("--content-dim", type=int, default=cc.dim,
+                   help="main axes of the text embeddings kept (PCA) for the content score")
+    c.add_argument("--content-cache", type=Path, default=Path("var/content-cache"),
+                   help="where the catalogue's text embeddings are kept between runs")
     add_attack_arguments(p, labels=False)
     dc = DetectorConfig()
     g = p.add_argument_group("defence (the fake-user detector and training filter)")
@@ -744,6 +926,33 @@ def _configs(args: argparse.Namespace, replay_default: float
     return model_cfg, train_cfg, adv_cfg
 
 
+def _catalogue(args: argparse.Namespace, events: Sequence[Any]) -> EvalCatalogue | None:
+    """Read ``--catalogue`` (and, for content runs, encode it); None without one."""
+    if args.catalogue is None:
+        return None
+    if args.catalogue_columns is None:
+        items = read_movielens_movies(args.catalogue)
+    else:
+        cols = dict(part.split("=", 1) for part in args.catalogue_columns.split(",") if part)
+        if not {"id", "title"} <= cols.keys():
+            raise ValueError("--catalogue-columns needs id=COL and title=COL")
+        items = read_catalogue_csv(args.catalogue, id_col=cols["id"], title_col=cols["title"],
+                                   text_col=cols.get("text"),
+                                   categories_col=cols.get("categories"))
+    clicked = {e.item for e in events}
+    known = sum(1 for i in items if i.item in clicked)
+    print(f"catalogue: {len(items)} items, {known} of them clicked in the stream, "
+          f"{len(clicked) - known} clicked items not in it", file=sys.stderr)
+    texts = tuple(i.content_text() for i in items)
+    vectors = None
+    if args.content != "off":
+        t0 = time.perf_counter()
+        vectors = encode_cached(texts, args.content_cache, progress=not args.no_progress)
+        print(f"catalogue text embeddings: {vectors.shape} in {time.perf_counter() - t0:.1f}s",
+              file=sys.stderr)
+    return EvalCatalogue(tuple(i.item for i in items), texts, vectors)
+
+
 def _load(args: argparse.Namespace) -> EventLog:
     source, path = args.dataset
     opts: dict[str, Any] = {}
@@ -781,6 +990,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(ERROR.format(f"{args.dataset[1]}: {exc}"), file=sys.stderr)
         return 1
+    if args.catalogue is None and (args.content != "off" or "tfidf" in methods):
+        print(ERROR.format("--content and the tfidf baseline need --catalogue"),
+              file=sys.stderr)
+        return 2
     if args.protocol == "loo":
         from trainer.offline import run_loo_cli
 
@@ -844,6 +1057,15 @@ def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: li
                     labels)]
         print(f"attack {cfg.kind}: {len(labels.fake_users)} fake users ({labels.n_events} "
               f"events) pushing {', '.join(labels.targets)}", file=sys.stderr)
+    try:
+        catalogue = _catalogue(args, evs)
+    except (DatasetError, ValueError, OSError) as exc:
+        print(ERROR.format(exc), file=sys.stderr)
+        return 1
+    content_cfg = ContentConfig(blend_clicks=args.content_blend, dim=args.content_dim)
+    contents: list[tuple[str, ContentConfig | None]] = {
+        "off": [("", None)], "on": [("/content", content_cfg)],
+        "both": [("", None), ("/content", content_cfg)]}[args.content]
     model_cfg, train_cfg, adv_cfg = _configs(args, TrainConfig.replay_ratio)
     prior_cfg = PriorConfig(top_k=args.prior_top_k, n_recent=args.prior_recent,
                             decay=args.prior_decay, backward=args.prior_backward)
@@ -854,9 +1076,11 @@ def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: li
     if not args.no_progress:
         from tqdm import tqdm
 
-        # with --defence both, a neural method runs twice and a baseline once
-        runs_per_stream = sum(2 if args.defence == "both" and m not in BASELINES else 1
-                              for m, _ in jobs)
+        # with --defence or --content both, a neural method runs twice (or 4 times) and a
+        # baseline once
+        runs_per_stream = sum((2 if args.defence == "both" else 1)
+                              * (2 if args.content == "both" else 1)
+                              if m not in BASELINES else 1 for m, _ in jobs)
         bar = tqdm(total=runs_per_stream * sum(len(st[1]) for st in streams), unit="ev",
                    desc="evaluate", file=sys.stderr, dynamic_ncols=True)
     runs: list[MethodRun] = []
@@ -868,19 +1092,20 @@ def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: li
     replays: list[tuple[str, str, dict[str, Any]]] = []  # method, its name's suffix, kwargs
     for suffix, stream, start, labels in streams:
         examples = list(build_examples(stream, args.max_len))
-        for method, seed in jobs:
-            for guard_name, guard in guards:
-                if guard is not None and method in BASELINES:  # no G, D: no detector
-                    if args.defence == "both":
-                        continue  # it ran without the filter already
-                    guard_name, guard = "", None
-                replays.append((method, f"{guard_name}{suffix}", dict(
-                    examples=examples, method=method, seed=seed, variant=args.variant,
-                    batch_size=args.batch_size, model_cfg=model_cfg, train_cfg=train_cfg,
-                    adv_cfg=adv_cfg, prior_cfg=prior_cfg, prior_weights=weights,
-                    report_from=start, n_windows=args.windows,
-                    record_d=args.plots and seed == 0 and "irgan" in method and not suffix,
-                    attack=labels, defence=guard)))
+        for method, seed, (content_name, content), (guard_name, guard) in (
+                (m, sd, c, g) for m, sd in jobs for c in contents for g in guards):
+            if method in BASELINES and (guard is not None or content is not None):
+                if (args.defence == "both" and guard is not None) or (
+                        args.content == "both" and content is not None):
+                    continue  # no G: it ran without the filter and content already
+                guard_name, guard, content_name, content = "", None, "", None
+            replays.append((method, f"{content_name}{guard_name}{suffix}", dict(
+                examples=examples, method=method, seed=seed, variant=args.variant,
+                batch_size=args.batch_size, model_cfg=model_cfg, train_cfg=train_cfg,
+                adv_cfg=adv_cfg, prior_cfg=prior_cfg, prior_weights=weights,
+                report_from=start, n_windows=args.windows,
+                record_d=args.plots and seed == 0 and "irgan" in method and not suffix,
+                attack=labels, defence=guard, catalogue=catalogue, content=content)))
     for (method, suffix, _), found in zip(replays, _replay_all(replays, args.jobs, bar),
                                           strict=True):
         guard_name = suffix.split("|")[0]
@@ -912,6 +1137,14 @@ def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: li
         "base_train_config": dataclasses.asdict(train_cfg),
         "base_adversarial_config": dataclasses.asdict(adv_cfg),
     }
+    if catalogue is not None:
+        header["catalogue"] = {
+            "path": str(args.catalogue), "items": len(catalogue.items),
+            "content": dataclasses.asdict(content_cfg) if args.content != "off" else None,
+            "encoder": TextEncoder().meta if args.content != "off" else None,
+            "meaning": ("METHOD/content: a neural method given the catalogue's text "
+                        "embeddings from the start; cold_item_hr@10:0 is HR@10 over targets "
+                        "with no click before")}
     if args.defence != "off":
         header["defence"] = {**dataclasses.asdict(detector_cfg), "features": list(FEATURES),
                              "round_every_batches": TrainingFilter.ROUND_EVERY}
@@ -939,10 +1172,14 @@ def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: li
         cols = ("filtered_share", "flagged_users") + (
             ("det_precision", "det_recall", "det_f1") if args.attack is not None else ())
         print(format_table({m: v for m, v in summary.items() if "/filter" in m}, columns=cols))
+    print("\ncold start: HR@10 by the user's past events (0: the trending list) and by the "
+          "target's past clicks")
+    print(format_cold_table(summary))
     if report_from:
         print(f"\nreported part: events {report_from}..{len(evs)} (after the validation prefix)")
         print(format_table(summary, columns=("test:hr@10", "test:ndcg@10", "test:mrr@10",
                                              "test:hr@20", "test:ndcg@20")))
+        print(format_cold_table(summary, prefix="test:"))
     return 0
 
 

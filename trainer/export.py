@@ -63,7 +63,8 @@ def _scoring_copy(generator: Generator) -> Generator:
 
 def scoring_model(learner: OnlineLearner) -> nn.Module:
     """Return what the workers will serve, as a CPU eval-mode copy: G over its live rows,
-    plus the co-occurrence prior when the learner's prior weight is > 0 (trainer/prior.py)."""
+    plus the co-occurrence prior when the learner's prior weight is > 0 (trainer/prior.py),
+    plus the content score of catalogue items with no click (trainer/content.py)."""
     return learner.scorer(_scoring_copy(learner.generator)).cpu().eval()
 
 

@@ -29,14 +29,23 @@ from trainer.adversarial import (
     Players,
     get_update,
 )
+from trainer.content import ColdScorer, ContentConfig, ContentTable, WithCold
 from trainer.metrics import rank_targets, ranking_metrics
-from trainer.model import Discriminator, Generator, ModelConfig, replace_param, trim_padding
+from trainer.model import (
+    NEG,
+    Discriminator,
+    Generator,
+    ModelConfig,
+    replace_param,
+    trim_padding,
+)
 from trainer.prior import Cooccurrence, HybridScorer, PriorConfig, PriorScorer
 from trainer.vocab import Vocabulary
 
 __all__ = ["OnlineLearner", "ReplayBuffer", "TrainConfig"]
 
 STATE_FORMAT = 1
+MAX_CALIB_MESSAGES = 20  # a joined batch calibrates the content score as this many at most
 
 
 @dataclass(frozen=True)
@@ -131,7 +140,8 @@ class OnlineLearner:
 
     def __init__(self, model_cfg: ModelConfig | None = None, train_cfg: TrainConfig | None = None,
                  adv_cfg: AdversarialConfig | None = None,
-                 prior_cfg: PriorConfig | None = None) -> None:
+                 prior_cfg: PriorConfig | None = None,
+                 content_cfg: ContentConfig | None = None) -> None:
         self.model_cfg = model_cfg or ModelConfig()
         self.train_cfg = train_cfg or TrainConfig()
         self.adv_cfg = adv_cfg or AdversarialConfig()
@@ -155,6 +165,9 @@ class OnlineLearner:
                                    self.train_cfg.replay_policy)
         self.adv_state = AdversarialState()
         self._build_optimizers()
+        # catalogue content (trainer/content.py): made by the first add_catalogue
+        self.content_cfg = content_cfg or ContentConfig()
+        self.content: ContentTable | None = None
         self.examples_seen = 0
         self.batches_seen = 0
         self.last_event_ms: int | None = None
@@ -210,6 +223,104 @@ class OnlineLearner:
             with self._rng():
                 self._grow(len(self.vocab) - before)
 
+    # ------------------------------------------------------------------ catalogue content
+
+    def add_catalogue(self, items: Sequence[ItemId], vectors: np.ndarray,
+                      digests: Sequence[str] | None = None) -> None:
+        """Give catalogue ``items`` rows (if new) and their content ``vectors`` [N, C]: those
+        with no click yet are ranked by their content from now on (``ColdScorer``)."""
+        if not items:
+            return
+        self.add_items(items)
+        if self.content is None:
+            self.content = ContentTable(self.content_cfg, vectors.shape[1])
+        rows = np.array([self.vocab.index(i) for i in items], dtype=np.int64)
+        self.content.set(rows, vectors)
+        if digests is not None:
+            self.content.digests.update(zip(items, digests, strict=True))
+
+    def drop_catalogue(self, items: Sequence[ItemId]) -> None:
+        """The catalogue deleted ``items``: their content is forgotten; one that never had a
+        click keeps its untrained row, which ranks no better than any fresh row."""
+        if self.content is None:
+            return
+        rows = np.array([r for r in map(self.vocab.index, items) if r is not None],
+                        dtype=np.int64)
+        for item in items:
+            self.content.digests.pop(item, None)
+        self.content.drop(rows)
+
+    def cold_rows(self, n_rows: int | None = None) -> np.ndarray:
+        """Rows below ``n_rows`` (default: every live row) of catalogue items with no click."""
+        if self.content is None:
+            return np.zeros(0, dtype=np.int64)
+        rows = self.content.rows(self.generator.n_items + 1 if n_rows is None else n_rows)
+        return rows[self.item_counts[rows] == 0]
+
+    def content_rows(self) -> tuple[int, int]:
+        """(items with content, of those with no click yet: the ones ranked by content)."""
+        if self.content is None:
+            return 0, 0
+        rows = self.content.rows(self.generator.n_items + 1)
+        return int(rows.size), int(np.count_nonzero(self.item_counts[rows] == 0))
+
+    def cold_scorer(self, n_cols: int | None = None) -> ColdScorer | None:
+        """The content score of the rows that need it, as things stand (None: no row does,
+        or the catalogue is too small to have axes yet)."""
+        content = self.content
+        if content is None or content.axes.shape[0] == 0:
+            return None
+        n_cols = self.generator.n_items + 1 if n_cols is None else n_cols
+        rows = content.rows(n_cols)
+        counts = self.item_counts[rows].astype(np.float64)
+        k = self.content_cfg.blend_clicks
+        weight = np.where(counts == 0, 1.0, k / (counts + k) if k > 0 else 0.0)
+        if not np.any(weight > 0):
+            return None
+        mix = np.zeros(n_cols, dtype=np.float32)  # (V+1,)
+        mix[rows] = weight
+        return ColdScorer(content.projected(n_cols), mix, self.content_cfg.position_weights(),
+                          content.scale.item(), content.shift.item()).to(self.device)
+
+    def _calibrate_cold(self, examples: Sequence[TrainingExample],
+                        messages: int = 1) -> dict[str, float]:
+        """Fit the content score's scale and shift (a, b) a few steps further by maximum
+        likelihood of this batch's targets under the served scores, before training on it.
+
+        Without it, the score of thousands of items nobody clicks yet would be on a scale
+        of its own: too high, and they crowd the lists; too low, and no new item is ever
+        shown. The likelihood puts the content rows' probability where the stream's clicks
+        on new items are: their share of the lists follows their share of the clicks. A batch
+        that joins several messages (a trainer shedding load) gets the steps of each, up to
+        ``MAX_CALIB_MESSAGES`` of them.
+        """
+        cold = self.cold_scorer()
+        content = self.content
+        if cold is None or content is None or self.content_cfg.calib_steps == 0:
+            return {}
+        n_cols = self.generator.n_items + 1
+        rows = np.array([r if r is not None and r < n_cols else -1
+                         for r in map(self.vocab.index, (e.item for e in examples))])
+        keep = np.flatnonzero(rows > 0)
+        if keep.size == 0:
+            return {}
+        history = self._encode([examples[i].history for i in keep])  # (B, L)
+        with torch.no_grad():
+            base = torch.from_numpy(self._score_rows(history, cold=False)).to(self.device)
+            base[:, 0] = NEG  # (B, V+1)
+            sim = cold.similarity(trim_padding(torch.from_numpy(history).to(self.device)))
+        target = torch.from_numpy(rows[keep]).to(self.device)  # (B,)
+        mix = cold.mix  # (V+1,)
+        for _ in range(self.content_cfg.calib_steps * min(messages, MAX_CALIB_MESSAGES)):
+            final = base + mix * (content.scale * sim + content.shift - base)  # (B, V+1)
+            loss = torch.nn.functional.cross_entropy(final, target)
+            content.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            content.optimizer.step()
+        share = float((mix[target] == 1.0).float().mean())
+        return {"cold_share": share, "content_scale": content.scale.item(),
+                "content_shift": content.shift.item(), "content_loss": float(loss.detach())}
+
     def _encode(self, histories: Sequence[Sequence[ItemId]]) -> np.ndarray:
         return model_input([self.vocab.known_rows(h) for h in histories],
                            self.model_cfg.max_len)  # (B, L)
@@ -220,21 +331,29 @@ class OnlineLearner:
         return PriorScorer(idx, val, self.prior_cfg).to(self.device)
 
     def scorer(self, generator: torch.nn.Module | None = None) -> torch.nn.Module:
-        """Return what ranks: G, or G plus the weighted prior when its weight is > 0 (the
-        module the export turns into ONNX; ``generator`` defaults to the learner's own G)."""
+        """Return what ranks: G, plus the weighted prior when its weight is > 0, followed by
+        the content score of catalogue items with no click when there are any (the module
+        the export turns into ONNX; ``generator`` defaults to the learner's own G)."""
         generator = self.generator if generator is None else generator
-        if self.prior_cfg.weight <= 0:
-            return generator
-        return HybridScorer(generator, self.prior_scorer(), self.prior_cfg.weight)
+        model: torch.nn.Module = generator
+        if self.prior_cfg.weight > 0:
+            model = HybridScorer(generator, self.prior_scorer(), self.prior_cfg.weight)
+        cold = self.cold_scorer()
+        return model if cold is None else WithCold(model, cold)
 
     @torch.no_grad()
-    def _score_rows(self, history: np.ndarray, weight: float | None = None) -> np.ndarray:
+    def _score_rows(self, history: np.ndarray, weight: float | None = None,
+                    cold: bool = True) -> np.ndarray:
         """Score encoded histories [B, L] -> [B, V+1] in eval mode, in chunks (``weight``:
-        the prior's weight, default the configured one; 0 scores with G alone)."""
+        the prior's weight, default the configured one; 0 scores with G alone; ``cold``:
+        catalogue items with no click by their content)."""
         self.generator.eval()
         weight = self.prior_cfg.weight if weight is None else weight
-        model = (self.generator if weight <= 0
-                 else HybridScorer(self.generator, self.prior_scorer(), weight))
+        model: torch.nn.Module = (self.generator if weight <= 0
+                                  else HybridScorer(self.generator, self.prior_scorer(), weight))
+        content = self.cold_scorer() if cold else None
+        if content is not None:
+            model = WithCold(model, content)
         chunk = self.train_cfg.eval_chunk
         out = [model(trim_padding(torch.from_numpy(history[i : i + chunk])
                                   .to(self.device))).float().cpu().numpy()
@@ -327,6 +446,8 @@ class OnlineLearner:
         if not examples:
             self.batches_seen += messages
             return out
+        if self.content is not None:  # before the batch's clicks make its cold items warm
+            out.update(self._calibrate_cold(examples, messages))
         before = len(self.vocab)
         n_recent = self.prior_cfg.n_recent
         for e in examples:
@@ -350,6 +471,12 @@ class OnlineLearner:
             self._grow(len(self.vocab) - before)
             np.add.at(self.item_counts, target, 1)
             log_q = self._log_q()
+            cold = self.cold_rows()
+            blocked = None
+            if cold.size:
+                blocked = torch.zeros(self.generator.n_items + 1, dtype=torch.bool,
+                                      device=self.device)  # (V+1,)
+                blocked[torch.from_numpy(cold).to(self.device)] = True
             players = Players(self.generator, self.discriminator,
                               self.g_optimizer, self.d_optimizer)
             steps = self.steps_for_next_batch()
@@ -359,7 +486,7 @@ class OnlineLearner:
                     trim_padding(torch.from_numpy(np.concatenate([train_h, old_h]))
                                  .to(self.device)),
                     torch.from_numpy(np.concatenate([train_t, old_t])).to(self.device),
-                    log_q)
+                    log_q, blocked)
                 stats = self._update(players, step_batch, self.adv_cfg, self.adv_state)
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + value / steps
@@ -417,6 +544,8 @@ class OnlineLearner:
             "torch_rng": self._torch_rng,
             "cuda_rng": self._cuda_rng,
             "np_rng": self._np_rng.bit_generator.state,
+            "content_config": dataclasses.asdict(self.content_cfg),
+            "content": None if self.content is None else self.content.state_dict(),
         })
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -461,6 +590,11 @@ class OnlineLearner:
         self._cuda_rng = state["cuda_rng"]
         self._np_rng = np.random.default_rng()
         self._np_rng.bit_generator.state = state["np_rng"]
+        # states saved before catalogue content: none
+        self.content_cfg = ContentConfig(**state.get("content_config", {}))
+        saved = state.get("content")
+        self.content = None if saved is None else ContentTable.from_state_dict(saved)
+
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> OnlineLearner:

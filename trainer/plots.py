@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from trainer.evaluate import MethodRun
 
 __all__ = [
+    "plot_cold_start",
     "plot_d_scores",
     "plot_item_pca",
     "plot_loo_validation",
@@ -205,12 +206,42 @@ def plot_suspicion(runs: Sequence[MethodRun], path: Path, threshold: float) -> P
     return path
 
 
+def plot_cold_start(runs: Sequence[MethodRun], path: Path) -> Path:
+    """Plot HR@10 by the user's past events (0: the trending list) and by the target's past
+    clicks (0: items nobody clicked before), one line per method, mean and spread of seeds."""
+    from trainer.evaluate import ITEM_BUCKETS, USER_BUCKETS, bucket_name
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, kind, buckets, xlabel in (
+            (axes[0], "user", USER_BUCKETS, "user's past events (0: first click, trending list)"),
+            (axes[1], "item", ITEM_BUCKETS, "target's past clicks (0: never clicked)")):
+        names = [bucket_name(b) for b in buckets]
+        for method in dict.fromkeys(r.method for r in runs):
+            vals = np.array([[r.metrics[f"cold_{kind}_hr@10:{n}"] for n in names]
+                             for r in runs if r.method == method])  # (seeds, buckets)
+            ax.errorbar(range(len(names)), vals.mean(axis=0), yerr=vals.std(axis=0),
+                        marker="o", capsize=3, lw=1.2, label=method)
+        sizes = [runs[0].metrics[f"cold_{kind}_n:{n}"] for n in names]
+        ax.set_xticks(range(len(names)), [f"{n}\n({s:.0f})" for n, s in zip(names, sizes,
+                                                                              strict=True)])
+        ax.set_xlabel(xlabel + ", (events)")
+        ax.set_ylabel("HR@10")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("Cold users")
+    axes[1].set_title("Cold items")
+    axes[1].legend(fontsize=8)
+    _save(fig, path)
+    return path
+
+
 def prequential_plots(out: Path, runs: Sequence[MethodRun],
                       threshold: float | None = None) -> list[Path]:
     """Write every plot of a prequential run into ``out``; return their paths."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [plot_metric_over_stream(runs, out / "stream_hr10.png", "hr", 10),
              plot_metric_over_stream(runs, out / "stream_ndcg10.png", "ndcg", 10)]
+    if runs and all("cold_item_hr@10:0" in r.metrics for r in runs):
+        paths.append(plot_cold_start(runs, out / "cold_start.png"))
     if any(r.curves and "target_hits" in r.curves[-1] for r in runs):
         paths.append(plot_target_exposure(runs, out / "target_exposure.png"))
     attacked = [r for r in runs if r.suspicion and "|" in r.method]

@@ -25,6 +25,7 @@ class TrainerSettings:
     topic_bundles: str = "model-bundles"  # where bundles go, for every worker (advrec.channel)
     topic_checkpoints: str = "trainer-checkpoints"  # where a standby finds the active's state
     topic_flags: str = "user-flags"  # users the detector flagged, and re-admissions (advrec.flags)
+    topic_items: str = "items"  # the item catalogue (advrec.catalogue), compacted by item id
     trainer_group: str = "advrec-trainer"  # one active trainer: owner of the one partition
     trainer_id: str = ""  # names this trainer on the topics; empty: host name and process id
     # a dead active trainer's partition moves to a standby after this long
@@ -71,6 +72,13 @@ class TrainerSettings:
     trainer_detector: bool = False
     trainer_detector_threshold: float = DetectorConfig.threshold  # flag at P(fake) >= this
     trainer_detector_min_clicks: int = DetectorConfig.min_clicks  # users scored from here on
+    # catalogue content (trainer/content.py): every item on the items topic gets a text
+    # embedding and a row at once, so the next bundle ranks it before its first click
+    trainer_content: bool = True
+    # 0: a new item's row is its mapped content until its first click, then it learns; k > 0:
+    # rows of items with n clicks are pulled k / (n + k) back to the content after each batch
+    trainer_content_blend: float = 0.0
+    trainer_content_chunk: int = 256  # catalogue texts encoded between two training steps
     export_every_s: float = 5.0  # publish a bundle at most this often...
     export_every_batches: int = 50  # ...or after this many batches, whichever first
     quality_delta: float = 0.02  # reject if window HR@10 < live's HR@10 - delta (absolute)
@@ -112,6 +120,9 @@ class TrainerSettings:
         if not 0.0 < self.trainer_detector_threshold < 1.0 or self.trainer_detector_min_clicks < 2:
             raise ConfigError(f"setting {ENV_PREFIX}TRAINER_DETECTOR_THRESHOLD must be in (0, 1) "
                               f"and {ENV_PREFIX}TRAINER_DETECTOR_MIN_CLICKS >= 2")
+        if self.trainer_content_blend < 0 or self.trainer_content_chunk < 1:
+            raise ConfigError(f"setting {ENV_PREFIX}TRAINER_CONTENT_BLEND must be >= 0 and "
+                              f"{ENV_PREFIX}TRAINER_CONTENT_CHUNK >= 1")
         if self.trainer_prior_weight < 0 or self.trainer_prior_top_k < 1:
             raise ConfigError(f"setting {ENV_PREFIX}TRAINER_PRIOR_WEIGHT must be >= 0 and "
                               f"{ENV_PREFIX}TRAINER_PRIOR_TOP_K >= 1")

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from advrec.bundle import bundle_files, write_bundle
+from advrec.catalogue import CatalogueItem, InvalidItem, decode_item
 from advrec.channel import (
     Assembled,
     Assembler,
@@ -50,7 +51,7 @@ from advrec.config import ConfigError, settings_as_dict
 from advrec.contract import TrainingExample, decode_batch
 from advrec.flags import FLAGGED, READMITTED, FlagBook, FlagError, FlagRecord, publish_flags
 from advrec.memory import release_freed_memory
-from advrec.topics import channel_topics, ensure_topics
+from advrec.topics import ITEMS_CONFIG, TopicSpec, channel_topics, ensure_topics
 from trainer.settings import TrainerSettings, load_trainer_settings
 from trainer.shedding import LoadShedder
 from trainer.telemetry import TrainerMetrics
@@ -101,6 +102,16 @@ class Sidecar:
         self.flags_in: collections.deque[FlagRecord] = collections.deque()
         self.flag_book = FlagBook()
         self.flags_out: list[FlagRecord] = []
+        # the catalogue (items topic) as read: the latest record of every item, the items
+        # deleted since, and what is still to be embedded (on the torch thread, a chunk
+        # between two steps). A rebuilt learner (a take-over) is handed the whole catalogue
+        # again; items whose text it already embedded are not encoded twice
+        self.catalogue: dict[str, CatalogueItem] = {}
+        self.catalogue_deleted: set[str] = set()
+        self.catalogue_in: collections.deque[tuple[str, CatalogueItem | None]] = (
+            collections.deque())
+        self.catalogue_changed = False  # since the last export: a bundle is due
+        self.encoder: Any = None  # trainer.content.TextEncoder, loaded at the first item
         self.live: Any = None  # frozen copy of the learner as last published (quality gate)
         self.next_offset: int | None = None  # next train-batches offset to train on
         # when the newest batch trained on was written to train-batches (its Kafka timestamp,
@@ -176,9 +187,13 @@ class Sidecar:
                          self.filter.detector.rounds, len(self.filter.flagged))
             for record in self.flag_book.records.values():  # the fleet's flags so far
                 self._apply_flag(record)
+        # the whole catalogue as read so far, for this learner (unchanged texts are skipped)
+        self.catalogue_in = collections.deque(
+            [*((i, None) for i in self.catalogue_deleted), *self.catalogue.items()])
 
     def fresh_learner(self) -> Any:
         from trainer.adversarial import AdversarialConfig
+        from trainer.content import ContentConfig
         from trainer.learner import OnlineLearner, TrainConfig
         from trainer.model import ModelConfig
         from trainer.prior import PriorConfig
@@ -194,7 +209,8 @@ class Sidecar:
             # the history mask only where the list leaves the history out (advrec.exclusion)
             AdversarialConfig(mask_history=s.trainer_mask_history
                               and s.exclusion.mask_history),
-            PriorConfig(weight=s.trainer_prior_weight, top_k=s.trainer_prior_top_k))
+            PriorConfig(weight=s.trainer_prior_weight, top_k=s.trainer_prior_top_k),
+            ContentConfig(blend_clicks=s.trainer_content_blend))
 
     def _local_offset(self) -> int | None:
         """The next offset of the local checkpoint (this pod's own, from before a restart)."""
@@ -350,6 +366,68 @@ class Sidecar:
             self.flag_book.apply(record)
             self._apply_flag(record)
 
+    def _on_item_record(self, record: Any) -> None:
+        """A record of the items topic (on the loop): keep it, queue it for embedding."""
+        if record.key is None:
+            self.m.catalogue_items.labels(outcome="rejected").inc()
+            return
+        item_id = record.key.decode("utf-8", errors="replace")
+        if record.value is None:  # a tombstone: the catalogue deleted the item
+            self.catalogue.pop(item_id, None)
+            self.catalogue_deleted.add(item_id)
+            self.catalogue_in.append((item_id, None))
+            return
+        try:
+            item = decode_item(record.value, record.key)
+        except InvalidItem as exc:  # the workers dead-letter it with its reason
+            self.m.catalogue_items.labels(outcome="rejected").inc()
+            log.debug("items topic, offset %d: %s", record.offset, exc)
+            return
+        self.catalogue[item.item] = item
+        self.catalogue_deleted.discard(item.item)
+        self.catalogue_in.append((item.item, item))
+
+    def _take_catalogue(self) -> None:
+        """Embed up to a chunk of the catalogue records read since the last call and give
+        the learner their rows (torch thread): the next bundle ranks them."""
+        from trainer.content import TextEncoder, text_digest
+
+        learner = self.learner
+        latest: dict[str, CatalogueItem | None] = {}
+        while self.catalogue_in and len(latest) < self.s.trainer_content_chunk:
+            item_id, item = self.catalogue_in.popleft()
+            latest[item_id] = item  # an item's last record wins
+        deleted = [i for i, item in latest.items() if item is None]
+        known = learner.content.digests if learner.content is not None else {}
+        deleted = [i for i in deleted if i in known]
+        todo = [(item, text_digest(item.content_text())) for item in latest.values()
+                if item is not None]
+        unchanged = sum(1 for item, d in todo if known.get(item.item) == d)
+        todo = [(item, d) for item, d in todo if known.get(item.item) != d]
+        self.m.catalogue_items.labels(outcome="unchanged").inc(unchanged)
+        if deleted:
+            learner.drop_catalogue(deleted)
+            self.m.catalogue_items.labels(outcome="deleted").inc(len(deleted))
+        if todo:
+            if self.encoder is None:
+                self.encoder = TextEncoder()
+                log.info("loading the text encoder %s (%s %s)", self.encoder.meta["model"],
+                         self.encoder.meta["package"], self.encoder.meta["version"])
+            started = time.perf_counter()
+            vectors = self.encoder.encode([item.content_text() for item, _ in todo])
+            seconds = time.perf_counter() - started
+            self.m.encode_seconds.observe(seconds)
+            learner.add_catalogue([item.item for item, _ in todo], vectors,
+                                  [d for _, d in todo])
+            self.m.catalogue_items.labels(outcome="encoded").inc(len(todo))
+            log.info("catalogue: embedded %d items in %.1fs (%.1f ms each); %d waiting", len(todo),
+                     seconds, 1000 * seconds / len(todo), len(self.catalogue_in))
+        n_content, n_cold = learner.content_rows()
+        self.m.content_items.set(n_content)
+        self.m.content_cold_rows.set(n_cold)
+        self.m.vocab_size.set(len(learner.vocab))
+        self.catalogue_changed |= bool(todo or deleted)
+
     def _apply_flag(self, record: FlagRecord) -> None:
         if self.filter is None:
             return
@@ -445,7 +523,7 @@ class Sidecar:
     # ------------------------------------------------------------------ export and gate
 
     def export_due(self) -> bool:
-        if self.batches_since_export == 0:
+        if self.batches_since_export == 0 and not self.catalogue_changed:
             return False
         return (self.batches_since_export >= self.s.export_every_batches
                 or time.monotonic() - self.last_export >= self.s.export_every_s)
@@ -462,6 +540,7 @@ class Sidecar:
     def _next_window(self) -> dict[str, float]:
         self.last_export = time.monotonic()
         self.batches_since_export = 0
+        self.catalogue_changed = False
         window, self.window = self.window, {"cand_hits": 0.0, "live_hits": 0.0, "n": 0}
         return window
 
@@ -510,6 +589,13 @@ class Sidecar:
         }
         if detector_meta is not None:
             meta["detector"] = detector_meta
+        if learner.content is not None:
+            from trainer.content import TextEncoder
+
+            n_content, n_cold = learner.content_rows()
+            meta["content"] = {"encoder": (self.encoder or TextEncoder()).meta,
+                               "items": n_content, "content_only_rows": n_cold,
+                               "config": dataclasses.asdict(learner.content_cfg)}
         version = write_bundle(self.s.bundle_dir, model_bytes, learner.vocab.items(), meta,
                                keep=self.s.bundles_keep, detector_bytes=detector_bytes)
         return _Export(version, bundle_files(self.s.bundle_dir, version),
@@ -665,6 +751,11 @@ class Sidecar:
             log.warning("the bundle topic was not read within %.0fs; going on",
                         BUNDLE_TOPIC_WAIT_S)
         flag_follower, flag_producer = await self._start_flags(stop)
+        item_follower = None
+        if s.trainer_content:
+            item_follower = asyncio.create_task(follow_topic(
+                s.bootstrap, s.topic_items, self._on_item_record, stop=stop,
+                client_id=f"advrec-trainer-items-{self.identity}"))
         tp = TopicPartition(s.topic_train, 0)
         consumer = AIOKafkaConsumer(
             bootstrap_servers=s.bootstrap, group_id=s.trainer_group,
@@ -754,6 +845,8 @@ class Sidecar:
                 # checks after each step run on an idle fetch too (a re-admission as well)
                 if self.flags_in:
                     await loop.run_in_executor(self.torch_thread, self._take_flags)
+                if self.catalogue_in and self.active and self.learner is not None:
+                    await loop.run_in_executor(self.torch_thread, self._take_catalogue)
                 if self.active and self.checkpoint_due():
                     await self.checkpoint(consumer, tp)
                 if self.active and self.export_due():
@@ -775,9 +868,10 @@ class Sidecar:
             if flag_producer is not None:
                 await self.publish_flags(flag_producer)
                 await flag_producer.stop()
-            if flag_follower is not None:
-                flag_follower.cancel()
-                await asyncio.gather(flag_follower, return_exceptions=True)
+            for task in (flag_follower, item_follower):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
 
     async def _start_flags(self, stop: asyncio.Event) -> tuple[Any, Any]:
         """With the detector on: follow the flags topic (re-admissions, and the flags of
@@ -848,6 +942,11 @@ class Sidecar:
         if f is not None:
             extra += (f" | detector: {f.detector.rounds} rounds, {len(f.flagged)} flagged, "
                       f"{f.filtered} examples filtered")
+        content = self.learner.content
+        if content is not None:
+            n_content, n_cold = self.learner.content_rows()
+            extra += (f" | catalogue: {n_content} items, {n_cold} ranked by content "
+                      f"({content.scale.item():.2f} * cos {content.shift.item():+.2f})")
         log.info("batches %d | %.0f examples/s | live %s | prequential HR@10 %.3f NDCG@10 "
                  "%.3f | vocabulary %d | %s%s", self.learner.batches_seen, rate,
                  self.live_version, r.get("hr@10", 0.0), r.get("ndcg@10", 0.0),
@@ -870,6 +969,8 @@ def _import_torch_side() -> None:
 async def _ensure_topics_with_retry(s: TrainerSettings, stop: asyncio.Event) -> None:
     specs = channel_topics(train=s.topic_train, bundles=s.topic_bundles,
                            checkpoints=s.topic_checkpoints, flags=s.topic_flags)
+    if s.trainer_content:  # the catalogue it follows (the workers validate it)
+        specs.append(TopicSpec(s.topic_items, 1, 1, dict(ITEMS_CONFIG)))
     while not stop.is_set():
         try:
             await ensure_topics(s.bootstrap, specs, timeout_s=10.0)

@@ -11,6 +11,7 @@ __all__ = ["EXPORT_OUTCOMES", "TrainerMetrics"]
 # What became of an export (label of advrec_trainer_exports_total).
 # pinned: an operator's pin holds the fleet on one version, so nothing is exported
 EXPORT_OUTCOMES = ("published", "rejected_quality", "rejected_parity", "failed", "pinned")
+CATALOGUE_OUTCOMES = ("encoded", "unchanged", "deleted", "rejected")
 
 # A training step on 2 cores takes ~50-500 ms; an export 0.2-2 s; checkpoints similar.
 _STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -55,6 +56,10 @@ class TrainerMetrics:
     detector_rounds: Gauge
     detector_threshold: Gauge
     detector_scores: Histogram
+    catalogue_items: Counter
+    content_items: Gauge
+    content_cold_rows: Gauge
+    encode_seconds: Histogram
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None,
@@ -132,8 +137,21 @@ class TrainerMetrics:
             detector_scores=Histogram(f"{p}_detector_score", "P(fake) of each user scored "
                                       "(as their clicks arrive and after each round)",
                                       buckets=SCORE_BUCKETS, registry=r),
+            catalogue_items=Counter(f"{p}_catalogue_items", "Catalogue records read from the "
+                                    "items topic, by outcome (encoded, unchanged: the same "
+                                    "text as before, deleted, rejected: broke the contract)",
+                                    ["outcome"], registry=r),
+            content_items=Gauge(f"{p}_content_items", "Items with a content vector (text "
+                                "embedding) in the model", registry=r),
+            content_cold_rows=Gauge(f"{p}_content_cold_rows", "Items ranked from their "
+                                    "content alone (in the catalogue, no click yet)",
+                                    registry=r),
+            encode_seconds=Histogram(f"{p}_encode_seconds", "Time to encode one chunk of "
+                                     "catalogue texts", registry=r),
         )
         # Outcomes start at 0: increase() misses a series whose first sample is 1.
         for outcome in EXPORT_OUTCOMES:
             m.exports.labels(outcome=outcome)
+        for outcome in CATALOGUE_OUTCOMES:
+            m.catalogue_items.labels(outcome=outcome)
         return m
