@@ -95,6 +95,9 @@ def main() -> int:
     rows.append((f"{c['mode']} + content", f"{c['examples_per_s']:8.0f} examples/s   cost "
                  f"{c['cost_vs_off']:.2f}x {c['mode']}, {c['catalogue_items']} items with "
                  f"content ({c['content_mb']:.1f} MB)"))
+    rows.append(("serving, 1 history", f"{c['serve_us_with_content']:.0f} us with the content "
+                 f"score of {c['new_items']} new items vs {c['serve_us_without']:.0f} us without "
+                 f"({c['serve_items']} items)"))
     rows.append(("text encoder", f"{c['encode_ms_per_item']:.2f} ms/item (batches of "
                  f"{c['encode_batch']}), load {c['encoder_load_s']:.1f} s, RSS +"
                  f"{c['encoder_rss_mb']:.0f} MB; packages +{c['install_mb']:.0f} MB on disk"))
@@ -139,6 +142,10 @@ def detector_cost(data: list[list[TrainingExample]], warmup: int, model_cfg: Mod
             "rounds": len(timed), "round_s": sum(timed) / max(1, len(timed)),
             "score_us_per_example": (admit_s - sum(timed)) / max(1, examples) * 1e6,
             "flagged_users": len(guard.flagged)}
+
+
+COLD_START_PACKAGES = (ENCODER_PACKAGE, "sentence-transformers", "scikit-learn")
+NEW_ITEMS = 1000  # catalogue items published and never clicked: ranked by content
 
 
 def _rss_mb() -> float:
@@ -209,6 +216,7 @@ def content_cost(data: list[list[TrainingExample]], warmup: int, model_cfg: Mode
     # vectors made up: their values do not change the cost
     items = sorted({e.item for b in data for e in b} | {e2 for b in data for e in b
                                                        for e2 in e.history})
+    items += [f"new-{n}" for n in range(NEW_ITEMS)]  # published, never clicked
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(len(items), 384)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -228,22 +236,52 @@ def content_cost(data: list[list[TrainingExample]], warmup: int, model_cfg: Mode
     for b in data[warmup:]:
         n += int(learner.train_batch(b)["examples"])
     seconds = time.perf_counter() - started
-    # what the encoder's packages add to an install of the rest (the trainer image's growth)
+    serve = _serving_cost(learner)
+    # what the cold-start packages (the encoder, and scikit-learn for the TF-IDF baseline)
+    # add to an install of the rest of the image's (serving + trainer) requirements
     others = set()
     for req in importlib.metadata.requires("advrec") or []:
         name = re.split(r"[ ;<>=!~\[(]", req, maxsplit=1)[0]
-        if ENCODER_PACKAGE not in req and "sentence-transformers" not in req and (
+        if name not in COLD_START_PACKAGES and (
                 "extra ==" not in req or any(f'extra == "{x}"' in req
                                              for x in ("serving", "trainer"))):
             others |= _closure(name)
-    added = _closure(ENCODER_PACKAGE) - others
+    added = set().union(*(_closure(name) for name in COLD_START_PACKAGES)) - others
     return {"mode": mode, "examples_per_s": n / seconds, "seconds": seconds, "examples": n,
             "catalogue_items": len(items), "content_mb": content_bytes / 2**20,
             "content_bytes_per_item": content_bytes / len(items),
             "encoder": encoder.meta, "encoder_load_s": load_s, "encoder_rss_mb": rss_encoder,
             "encode_items": encode_items, "encode_batch": encoder.batch_size,
             "encode_ms_per_item": 1000 * encode_s / encode_items,
-            "install_mb": _installed_mb(added), "install_packages": sorted(added)}
+            "install_mb": _installed_mb(added), "install_packages": sorted(added),
+            "new_items": NEW_ITEMS, **serve}
+
+
+def _serving_cost(learner: OnlineLearner, calls: int = 300) -> dict[str, float]:
+    """One history per call through onnxruntime, the exported graph with the content score
+    of the never-clicked items and without it (the same model otherwise), alternating."""
+    import onnxruntime as ort
+
+    from advrec.bundle import INPUT_NAME
+    from trainer.export import export_onnx, scoring_model
+
+    with_cold = scoring_model(learner)
+    sessions = {}
+    for name, model in (("with_content", with_cold), ("without", with_cold.scorer)):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        sessions[name] = ort.InferenceSession(export_onnx(model, learner.model_cfg.max_len),
+                                              opts, providers=["CPUExecutionProvider"])
+    history = learner._encode([learner.vocab.items()[:12]])  # (1, L)
+    spent = dict.fromkeys(sessions, 0.0)
+    for _ in range(calls):
+        for name, session in sessions.items():
+            t0 = time.perf_counter()
+            session.run(None, {INPUT_NAME: history})
+            spent[name] += time.perf_counter() - t0
+    return {"serve_us_with_content": 1e6 * spent["with_content"] / calls,
+            "serve_us_without": 1e6 * spent["without"] / calls,
+            "serve_items": learner.generator.n_items}
 
 
 if __name__ == "__main__":

@@ -158,6 +158,7 @@ class ContentTable:
         self.mean = np.zeros(in_dim, dtype=np.float32)  # (C,)
         self.axes = np.zeros((0, in_dim), dtype=np.float32)  # (k, C); none before a fit
         self.fitted_on = 0  # items with content at the last fit
+        self._projected: np.ndarray | None = None  # projected() of the current content
         # the content score a * cos + b, fitted online (OnlineLearner._calibrate_cold); a
         # starts at a few logits per unit of cosine, b well below typical logits
         self.scale = torch.nn.Parameter(torch.tensor(5.0))
@@ -184,6 +185,7 @@ class ContentTable:
         self._reserve(int(rows.max()) + 1 if len(rows) else 0)
         self.vectors[rows] = vectors
         self.has[rows] = True
+        self._projected = None
         if len(self) >= (1.0 + self.config.refit_growth) * self.fitted_on:
             self.refit()
 
@@ -192,6 +194,7 @@ class ContentTable:
         rows = rows[rows < len(self.has)]
         self.has[rows] = False
         self.vectors[rows] = 0.0
+        self._projected = None
 
     def rows(self, n_rows: int) -> np.ndarray:
         """Rows below ``n_rows`` that have content."""
@@ -206,16 +209,22 @@ class ContentTable:
         _, _, vt = np.linalg.svd(x - self.mean, full_matrices=False)  # (min(N, C), C)
         self.axes = vt[: self.config.dim].astype(np.float32)  # (k, C)
         self.fitted_on = len(x)
+        self._projected = None
 
     def projected(self, n_rows: int) -> np.ndarray:
         """Unit-length projected vectors of rows 0..n_rows-1 [n_rows, k]; zero rows where
-        there is no content (row 0 included)."""
+        there is no content (row 0 included). Kept until the content or the axes change
+        (every scoring pass asks for it)."""
+        cached = self._projected
+        if cached is not None and len(cached) >= n_rows:
+            return cached[:n_rows]
         k = max(1, self.axes.shape[0])
         out = np.zeros((n_rows, k), dtype=np.float32)
         rows = self.rows(n_rows)
         if rows.size and self.axes.shape[0]:
             p = (self.vectors[rows] - self.mean) @ self.axes.T  # (N, k)
             out[rows] = p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-6)
+        self._projected = out
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -260,7 +269,7 @@ class ColdScorer(nn.Module):
     def __init__(self, table: np.ndarray, mix: np.ndarray, weights: Sequence[float],
                  scale: float, shift: float) -> None:
         super().__init__()
-        self.register_buffer("table", torch.from_numpy(table))  # (V+1, k)
+        self.register_buffer("table", torch.from_numpy(table.copy()))  # (V+1, k)
         self.register_buffer("mix", torch.from_numpy(mix))  # (V+1,)
         # position weights aligned with history[:, -R:] (oldest first, the latest last)
         self.register_buffer("weights", torch.tensor(list(weights)[::-1], dtype=torch.float32))

@@ -595,7 +595,6 @@ class OnlineLearner:
         saved = state.get("content")
         self.content = None if saved is None else ContentTable.from_state_dict(saved)
 
-
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> OnlineLearner:
         """Build a learner from a saved state."""
