@@ -187,9 +187,10 @@ class Sidecar:
                          self.filter.detector.rounds, len(self.filter.flagged))
             for record in self.flag_book.records.values():  # the fleet's flags so far
                 self._apply_flag(record)
-        # the whole catalogue as read so far, for this learner (unchanged texts are skipped)
-        self.catalogue_in = collections.deque(
-            [*((i, None) for i in self.catalogue_deleted), *self.catalogue.items()])
+        # the whole catalogue as read so far, for this learner (unchanged texts are skipped);
+        # list() copies in one step, while the loop's thread may be adding records
+        deleted, current = list(self.catalogue_deleted), list(self.catalogue.items())
+        self.catalogue_in = collections.deque([*((i, None) for i in deleted), *current])
 
     def fresh_learner(self) -> Any:
         from trainer.adversarial import AdversarialConfig
