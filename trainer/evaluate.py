@@ -776,7 +776,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"SOURCE is one of {', '.join(SOURCES)}")
     p.add_argument("--protocol", choices=("prequential", "loo"), default="prequential")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help="comma-separated: pop, knn and adversarial modes "
+                   help="comma-separated: pop, knn, tfidf and enc-knn (content only: need "
+                        "--catalogue; enc-knn also --content) and adversarial modes "
                         f"({', '.join(MODES)}); a mode followed by {PRIOR_SUFFIX} (apr+cooc) "
                         "ranks with G plus the item co-occurrence prior (the hybrid)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per neural method (mean ± std)")
