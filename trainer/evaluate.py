@@ -132,21 +132,15 @@ def cold_metrics(ranks: np.ndarray, user_events: np.ndarray, target_clicks: np.n
     """HR@10 and counts by the user's past events and by the target's past clicks
     (``first_ranks``: the trending list's ranks of users' first clicks, bucket 0)."""
     out: dict[str, float] = {}
-    for bucket in USER_BUCKETS:
-        lo, hi = bucket
-        if lo == 0:
-            part = first_ranks
-        else:
+    for kind, buckets, values in (("user", USER_BUCKETS, user_events),
+                                  ("item", ITEM_BUCKETS, target_clicks)):
+        for lo, hi in buckets:
             top = np.iinfo(np.int64).max if hi is None else hi
-            part = ranks[(user_events >= lo) & (user_events <= top)]
-        out[f"cold_user_hr@10:{bucket_name(bucket)}"] = ranking_metrics(part, (10,))["hr@10"]
-        out[f"cold_user_n:{bucket_name(bucket)}"] = float(part.size)
-    for bucket in ITEM_BUCKETS:
-        lo, hi = bucket
-        top = np.iinfo(np.int64).max if hi is None else hi
-        part = ranks[(target_clicks >= lo) & (target_clicks <= top)]
-        out[f"cold_item_hr@10:{bucket_name(bucket)}"] = ranking_metrics(part, (10,))["hr@10"]
-        out[f"cold_item_n:{bucket_name(bucket)}"] = float(part.size)
+            part = (first_ranks if kind == "user" and lo == 0  # never scored by the method
+                    else ranks[(values >= lo) & (values <= top)])
+            name = bucket_name((lo, hi))
+            out[f"cold_{kind}_hr@10:{name}"] = ranking_metrics(part, (10,))["hr@10"]
+            out[f"cold_{kind}_n:{name}"] = float(part.size)
     return out
 
 
