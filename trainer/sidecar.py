@@ -445,10 +445,13 @@ class Sidecar:
         from trainer.detector import probability
 
         f = self.filter
+        company = f.company([u for u in f.new_flags if u in f.records])
         for user in f.new_flags:
             rec = f.records.get(user)
             z = f.worst.get(user, 0.0)
             reasons = tuple(f.detector.explain(rec)) if rec is not None else ()
+            if user in company:  # how many high scorers push an item with this user
+                reasons += (("company", float(company[user])),)
             self.flags_out.append(FlagRecord(
                 user=user, state=FLAGGED, by=self.identity, reasons=reasons,
                 p_fake=float(probability(z)),

@@ -50,6 +50,10 @@ def test_the_sidecar_flags_fake_users_and_counts_what_it_filters(ran) -> None:
     assert reg.get_sample_value("advrec_trainer_filtered_examples_total") == f.filtered > 0
     assert reg.get_sample_value("advrec_trainer_detector_rounds") == f.detector.rounds
     assert reg.get_sample_value("advrec_trainer_suspect_users") == len(f.streak)
+    # each flag raised for the topic says why: features, then the company it was caught in
+    assert {r.user for r in sidecar.flags_out} == f.flagged
+    assert all(r.reasons[-1][0] == "company" and r.reasons[-1][1] >= 3
+               for r in sidecar.flags_out)
     assert reg.get_sample_value("advrec_trainer_held_examples") == sum(
         len(v) for v in f.held.values())
 
