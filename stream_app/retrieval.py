@@ -76,10 +76,25 @@ class ItemIndex:
         self.index.hnsw.efConstruction = config.ef_construction
         self.index.add(table[1:])  # id i is row i + 1
         self.index.hnsw.efSearch = max(config.ef_search, config.candidates)
+        # the index's own copy of the vectors, seen without a copy: the rescorer reads the
+        # candidates' rows from it (a second table would cost V x D' x 4 bytes: 256 MB at 1M)
+        storage = faiss.downcast_index(self.index.storage)
+        self._stored = faiss.rev_swig_ptr(storage.get_xb(), len(table[1:]) * table.shape[1]
+                                          ).reshape(len(table) - 1, table.shape[1])  # (V, D')
         self.build_seconds = time.perf_counter() - started
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """The item vectors of ``rows`` [B, C] -> [B, C, D'] (row 0, padding: zero)."""
+        out = self._stored[np.maximum(rows - 1, 0)]  # (B, C, D')
+        out[rows == 0] = 0.0
+        return out
 
     def search(self, users: np.ndarray, n: int) -> np.ndarray:
         """The ``n`` best rows for each user vector [B, D'] -> [B, n] int64, 0 where the
@@ -105,8 +120,7 @@ class TwoStage:
 
     user: ort.InferenceSession
     rescore: ort.InferenceSession
-    table: np.ndarray  # (V+1, D') the item vectors, row 0 zero
-    index: ItemIndex
+    index: ItemIndex  # holds the item vectors too
     candidates: int
 
     def __post_init__(self) -> None:
@@ -143,7 +157,8 @@ class TwoStage:
         fewer than ``k`` candidates remain: what the exact graph returns."""
         user, rows = self.candidate_rows(model_in, exclude, k)  # (B, D'), (B, C)
         feed = {name: value for name, value in zip(
-            TWO_STAGE_RESCORE_INPUTS, (model_in, user, rows, self.table[rows]), strict=True)
+            TWO_STAGE_RESCORE_INPUTS, (model_in, user, rows, self.index.vectors(rows)),
+            strict=True)
             if name in self._rescore_inputs}
         (scores,) = self.rescore.run([TWO_STAGE_RESCORE_OUTPUT], feed)  # (B, C)
         scores = np.where(rows > 0, scores, -np.inf).astype(np.float32)
@@ -182,4 +197,4 @@ def build_two_stage(parts: dict[str, bytes], n_items: int, config: IndexConfig, 
     if len(index) != n_items:
         raise BundleError("bad_index", f"{version}: the index holds {len(index)} of "
                                        f"{n_items} items")
-    return TwoStage(user, rescore, table, index, config.candidates)
+    return TwoStage(user, rescore, index, config.candidates)

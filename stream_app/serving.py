@@ -349,8 +349,9 @@ def load_model(root: Path | str, version: str, *, providers: str = "auto",
     if (index is not None and bundle.two_stage is not None and bundle.vocab
             and index.use_for(len(bundle.vocab))):
         two_stage = _two_stage(bundle, n_threads, providers, index, probe)
-        # the exact graph is never loaded: its bytes (~V x D x 4) need not stay in memory
-        bundle = dataclasses.replace(bundle, model_bytes=b"")
+        # the exact graph is never loaded, and the parts are: their bytes (~V x D x 4 each,
+        # 256 MB at 1M items) need not stay in memory
+        bundle = dataclasses.replace(bundle, model_bytes=b"", two_stage=None)
         in_use = two_stage.rescore.get_providers()
     else:
         session = _exact_session(bundle, n_threads, providers, probe)
