@@ -134,13 +134,14 @@ class TwoStage:
     def candidate_rows(self, model_in: np.ndarray, exclude: np.ndarray, k: int
                        ) -> tuple[np.ndarray, np.ndarray]:
         """Return the user vectors [B, D'] and the candidate rows [B, C] of a batch asking
-        for ``k`` rows: the index's (``candidates``, at least ``k``), the linked and the
-        content rows, each once, excluded rows and padding left out (0: no candidate; a
-        column of zeros when nobody has one there)."""
+        for ``k`` rows: the index's (``candidates``, at least ``k`` besides the excluded
+        ones), the linked and the content rows, each once, excluded rows and padding left
+        out (0: no candidate; a column of zeros when nobody has one there)."""
         user, linked, cold = self.user.run(list(TWO_STAGE_USER_OUTPUTS),
                                            {TWO_STAGE_USER_INPUT: model_in})
-        # excluded rows take places in the index's answer: ask for as many more
-        found = self.index.search(user, max(self.candidates, k) + exclude.shape[1])  # (B, n)
+        # the index's breadth is what a search costs (bench/results/ann-sweep.json): ask for
+        # ``candidates``, or for k plus room for the excluded rows that may take places
+        found = self.index.search(user, max(self.candidates, k + exclude.shape[1]))  # (B, n)
         rows = np.concatenate([found, linked, cold], axis=1)  # (B, C0)
         rows.sort(axis=1)
         rows[:, 1:][rows[:, 1:] == rows[:, :-1]] = 0  # repeats
