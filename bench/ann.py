@@ -7,7 +7,8 @@ rest (popular items score high for everyone under an inner product). User vector
 centre plus noise too. For each library and setting: build time, query latency at batch 1
 and 32 (one thread, as the worker runs it), and recall@10: the share of the exact top 10 by
 inner product found among the ``--candidates`` rows the index returns (what two-stage
-serving rescores), and among its top 10. Writes bench/results/ann-choice.json.
+serving rescores), and among its top 10. Writes bench/results/ann-choice.json; with
+``--sweep``, bench/results/ann-sweep.json (the chosen index at several breadths).
 """
 
 from __future__ import annotations
@@ -83,6 +84,12 @@ def faiss_hnsw(table: np.ndarray, m: int, ef_construction: int, ef_search: int) 
     def search(q: np.ndarray, n: int) -> np.ndarray:
         index.hnsw.efSearch = max(ef_search, n)
         return index.search(q, n)[1]
+
+    def search_at_breadth(q: np.ndarray, n: int) -> np.ndarray:
+        index.hnsw.efSearch = n  # the breadth is the number of candidates asked for
+        return index.search(q, n)[1]
+
+    search.at_breadth = search_at_breadth  # type: ignore[attr-defined]
     return search
 
 
@@ -135,6 +142,9 @@ def main() -> int:
     p.add_argument("--candidates", type=int, default=200, help="rows retrieved per query")
     p.add_argument("--only", nargs="*", default=list(CANDIDATES), choices=list(CANDIDATES))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sweep", type=int, nargs="*", default=[],
+                   help="also measure the chosen index (faiss-hnsw-m16) returning this many "
+                        "candidates (= HNSW's efSearch), one build")
     args = p.parse_args()
     import faiss
 
@@ -165,8 +175,20 @@ def main() -> int:
                            f"{entry['batch32']['p50_ms']:.2f} p99 "
                            f"{entry['batch32']['p99_ms']:.2f} ms | +{rss1 - rss0:.0f} MiB"))
         print(rows[-1][0], rows[-1][1], flush=True)
+        if name == "faiss-hnsw-m16":
+            at = search.at_breadth
+            for n in args.sweep:  # efSearch = n: the breadth is what costs and finds
+                sweep = {"recall10_at_n": recall(at(queries, n), truth),
+                         "batch1": timed_queries(at, queries, n, 1),
+                         "batch32": timed_queries(at, queries, n, 32)}
+                result.setdefault("sweep", {})[str(n)] = sweep
+                rows.append((f"  {name} n={n}", f"recall@10 {sweep['recall10_at_n']:.3f} | b1 "
+                                                f"p50 {sweep['batch1']['p50_ms']:.2f} ms | b32 "
+                                                f"p50 {sweep['batch32']['p50_ms']:.2f} p99 "
+                                                f"{sweep['batch32']['p99_ms']:.2f} ms"))
+                print(*rows[-1], flush=True)
         del search
-    path = write_result("ann-choice", result)
+    path = write_result("ann-sweep" if args.sweep else "ann-choice", result)
     print_table(f"bench/ann ({args.items} items x {args.dim})", [*rows, ("results", str(path))])
     return 0
 

@@ -44,10 +44,10 @@ class IndexConfig:
     """When the worker ranks in two stages, and how its index is built and searched."""
 
     min_items: int = 200_000  # catalogues of this many items or more (0: every catalogue)
-    candidates: int = 300  # rows the index returns per request, before the seen ones leave
+    candidates: int = 100  # rows the index returns per request, before the seen ones leave
     m: int = 16  # HNSW edges per item (M): memory ~ 2 x 4 bytes x M per item
     ef_construction: int = 80  # HNSW breadth while building: build time vs recall
-    ef_search: int = 300  # HNSW breadth while searching (at least ``candidates``)
+    ef_search: int = 100  # HNSW breadth while searching (at least ``candidates``)
     threads: int = 1  # index build threads: the other cores answer requests meanwhile
 
     def __post_init__(self) -> None:

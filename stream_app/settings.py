@@ -76,10 +76,13 @@ class Settings:
     # when the bundle carries the parts, are ranked by a nearest-neighbour index's candidates
     # and the exact score of those alone; smaller ones score every item (0: always two-stage)
     two_stage_items: int = 200_000
-    two_stage_candidates: int = 300  # rows the index returns per request (+ excluded ones)
+    # rows the index returns per request (at least k + the excluded ones); its search breadth
+    # is what a request costs: at 1M items, 100 found 0.987 of the top 10 in 4.7 ms per 32
+    # users, 300 0.990 in 16 ms (bench/results/ann-sweep.json)
+    two_stage_candidates: int = 100
     ann_m: int = 16  # HNSW edges per item: memory and recall
     ann_ef_construction: int = 80  # HNSW build breadth: build time vs recall
-    ann_ef_search: int = 300  # HNSW search breadth (at least the candidates)
+    ann_ef_search: int = 100  # HNSW search breadth (at least the candidates)
     microbatch_max: int = 32  # requests merged into one model call
     microbatch_wait_ms: float = 2.0
     # a request whose model call has not answered by then gets a 503 (counted in
