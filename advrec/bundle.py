@@ -264,8 +264,21 @@ def bundle_files(root: Path | str, version: str) -> list[tuple[str, bytes]]:
             if name not in optional or (path / name).is_file()]
 
 
-def load_bundle(root: Path | str, version: str) -> Bundle:
-    """Read and verify one bundle; raise ``BundleError`` naming what is wrong."""
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_bundle(root: Path | str, version: str, *, model: bool = True) -> Bundle:
+    """Read and verify one bundle; raise ``BundleError`` naming what is wrong.
+
+    ``model`` False: model.onnx is verified against its checksum but not kept
+    (``model_bytes`` is empty): a worker that ranks in two stages never loads it, and at 1M
+    items it is 256 MB.
+    """
     path = Path(root) / version
     if not path.is_dir():
         raise BundleError("missing", f"no bundle directory {path}")
@@ -280,10 +293,11 @@ def load_bundle(root: Path | str, version: str) -> Bundle:
     if not isinstance(meta, dict) or any(k not in meta for k in _META_REQUIRED):
         raise BundleError("bad_meta", f"meta.json must hold {_META_REQUIRED}")
     try:
-        model_bytes = (path / MODEL_FILE).read_bytes()
+        model_bytes = (path / MODEL_FILE).read_bytes() if model else b""
+        model_sha = sha256_hex(model_bytes) if model else _file_sha256(path / MODEL_FILE)
     except FileNotFoundError:
         raise BundleError("missing_model", f"{path / MODEL_FILE} does not exist") from None
-    if sha256_hex(model_bytes) != meta["model_sha256"]:
+    if model_sha != meta["model_sha256"]:
         raise BundleError("checksum_mismatch", f"model.onnx sha256 differs from meta ({version})")
     try:
         vocab_bytes = (path / VOCAB_FILE).read_bytes()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import threading
@@ -23,6 +24,7 @@ from advrec.bundle import (
     DETECTOR_INPUTS,
     DETECTOR_OUTPUTS,
     INPUT_NAME,
+    META_FILE,
     OUTPUT_NAME,
     Bundle,
     BundleError,
@@ -329,6 +331,17 @@ def _two_stage(bundle: Bundle, threads: int, providers: str, config: IndexConfig
     return two_stage
 
 
+def _two_stage_wanted(path: Path, index: IndexConfig) -> bool:
+    """Whether the bundle at ``path`` is ranked in two stages: its meta names the parts and
+    a catalogue of ``index.min_items`` items or more (False on any doubt: ``load_bundle``
+    then says what is wrong)."""
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+        return bool(meta.get("two_stage")) and index.use_for(int(meta["vocab_size"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
 def load_model(root: Path | str, version: str, *, providers: str = "auto",
                threads: int = 0, index: IndexConfig | None = None) -> LoadedModel:
     """Verify a bundle, build its ranking session and warm it up; raise ``BundleError`` if
@@ -340,14 +353,17 @@ def load_model(root: Path | str, version: str, *, providers: str = "auto",
     the result in). A bundle without the parts is ranked exactly, whatever its size.
     """
     started = time.perf_counter()
-    bundle = load_bundle(root, version)
+    staged = index is not None and _two_stage_wanted(Path(root) / version, index)
+    bundle = load_bundle(root, version, model=not staged)
     n_threads = threads or intra_op_threads(cpu_limit())
     probe = np.zeros((2, bundle.max_len), dtype=np.int64)  # an empty and a full history
     if bundle.vocab:
         probe[1] = np.arange(bundle.max_len) % len(bundle.vocab) + 1
     session, two_stage = None, None
-    if (index is not None and bundle.two_stage is not None and bundle.vocab
-            and index.use_for(len(bundle.vocab))):
+    if staged:
+        assert index is not None
+        if bundle.two_stage is None or not bundle.vocab:  # meta.json changed under us
+            raise BundleError("bad_meta", f"{version}: meta.json changed while loading")
         two_stage = _two_stage(bundle, n_threads, providers, index, probe)
         # the exact graph is never loaded, and the parts are: their bytes (~V x D x 4 each,
         # 256 MB at 1M items) need not stay in memory

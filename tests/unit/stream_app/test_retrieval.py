@@ -141,3 +141,13 @@ async def test_a_bundle_whose_index_fails_is_rejected_and_the_old_one_serves(
     assert server.current.version == good
     assert await server.recommend(VOCAB[:3], 10) == before
     await server.stop()
+
+
+def test_two_stage_keeps_no_bundle_bytes_but_still_verifies_the_model(tmp_path: Path) -> None:
+    version = publish_toy(tmp_path, VOCAB, two_stage=toy_two_stage(N_ITEMS))
+    staged = load_model(tmp_path, version, index=EVERY)
+    assert staged.bundle.model_bytes == b"" and staged.bundle.two_stage is None
+    (tmp_path / version / "model.onnx").write_bytes(b"corrupt")
+    with pytest.raises(BundleError) as info:
+        load_model(tmp_path, version, index=EVERY)
+    assert info.value.reason == "checksum_mismatch"
