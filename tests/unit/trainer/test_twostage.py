@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from advrec.bundle import load_bundle
+from advrec.bundle import TWO_STAGE_FILES, load_bundle
 from stream_app.retrieval import IndexConfig
 from stream_app.serving import load_model
 from tests.unit.trainer.planted import SMALL, planted_stream
@@ -134,3 +134,33 @@ def test_a_published_bundle_ranks_alike_on_both_paths(tmp_path: Path) -> None:
     ks = [10] * len(users)
     assert staged.recommend_batch(users, ks) == exact.recommend_batch(users, ks)
     assert load_bundle(tmp_path, publish_bundle(learner, tmp_path, {})).two_stage is None
+
+
+def test_the_sidecars_bundle_carries_the_parts_from_its_size_on(tmp_path: Path) -> None:
+    from advrec.contract import encode_batch
+    from advrec.synthetic import SyntheticConfig, synthetic_events
+    from trainer.evaluate import build_examples
+    from trainer.settings import load_trainer_settings
+    from trainer.sidecar import Sidecar
+
+    events = list(synthetic_events(SyntheticConfig(n_users=100, n_items=150, seed=2), 1500))
+    examples = list(build_examples(events, 20))
+    versions = []
+    for threshold in ("1", "100000"):
+        sidecar = Sidecar(load_trainer_settings({
+            "ADVREC_TRAINER_MODE": "none", "ADVREC_TRAINER_DIM": "16",
+            "ADVREC_TRAINER_LAYERS": "1", "ADVREC_TRAINER_STEPS_PER_BATCH": "1",
+            "ADVREC_TRAINER_TWO_STAGE_ITEMS": threshold,
+            "ADVREC_BUNDLE_DIR": str(tmp_path / threshold / "bundles"),
+            "ADVREC_CHECKPOINT_DIR": str(tmp_path / threshold / "checkpoints")}))
+        sidecar.build()
+        for n, i in enumerate(range(0, len(examples), 256)):
+            sidecar.step(encode_batch(examples[i : i + 256]), n)
+        export = sidecar.prepare_export()
+        assert export is not None
+        versions.append((load_bundle(Path(sidecar.s.bundle_dir), export.version),
+                         {name for name, _ in export.files}))
+    (with_parts, files), (without, plain) = versions
+    assert with_parts.two_stage is not None and without.two_stage is None
+    assert with_parts.meta["two_stage"]["parity_max_abs_diff"] < 1e-4
+    assert files - plain == set(TWO_STAGE_FILES)  # what travels on the bundle topic
