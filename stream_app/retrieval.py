@@ -23,10 +23,9 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnxruntime as ort
 
 from advrec.bundle import (
     TWO_STAGE_ITEMS,
@@ -38,6 +37,9 @@ from advrec.bundle import (
     TWO_STAGE_USER_OUTPUTS,
     BundleError,
 )
+
+if TYPE_CHECKING:  # the settings import IndexConfig: onnxruntime only where a model loads
+    import onnxruntime as ort
 
 __all__ = ["IndexConfig", "ItemIndex", "TwoStage", "build_two_stage"]
 
@@ -143,6 +145,8 @@ class ItemIndex:
 
 
 def _session(data: bytes, threads: int, providers: list[str]) -> ort.InferenceSession:
+    import onnxruntime as ort
+
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
