@@ -10,6 +10,11 @@ Layout under a bundle root::
     <root>/<version>/detector.onnx  optional: the fake-user detector over the same rows,
                                 items[B, L] + behaviour[B, F_b] -> p_fake[B], terms[B, F];
                                 meta["detector"] holds its sha256, features and threshold
+    <root>/<version>/user.onnx, rescore.onnx, items.npy  optional: the two-stage parts
+                                (trainer/twostage.py) for large catalogues: history ->
+                                user vector [B, D'] and candidate rows; the item table
+                                [V+1, D'] whose inner product with it is G's score; the full
+                                scorer at candidate rows. meta["two_stage"] holds their sha256
 
 A bundle is written under a temporary name, every file fsynced, then renamed into place;
 ``CURRENT`` is replaced the same way, so a reader sees either the old or the new bundle,
@@ -37,6 +42,14 @@ __all__ = [
     "INPUT_NAME",
     "OUTPUT_NAME",
     "REJECT_REASONS",
+    "TWO_STAGE_FILES",
+    "TWO_STAGE_ITEMS",
+    "TWO_STAGE_RESCORE",
+    "TWO_STAGE_RESCORE_INPUTS",
+    "TWO_STAGE_RESCORE_OUTPUT",
+    "TWO_STAGE_USER",
+    "TWO_STAGE_USER_INPUT",
+    "TWO_STAGE_USER_OUTPUTS",
     "Bundle",
     "BundleError",
     "bundle_files",
@@ -52,11 +65,22 @@ INPUT_NAME = "history"  # int64 [B, L], item rows, left-padded with 0
 OUTPUT_NAME = "scores"  # float32 [B, V+1], column 0 is padding and never recommended
 DETECTOR_INPUTS = ("items", "behaviour")  # int64 [B, L] rows; float32 [B, F_b] counters
 DETECTOR_OUTPUTS = ("p_fake", "terms")  # float32 [B] P(fake); [B, F] each feature's term
+# two-stage parts (trainer/twostage.py): user.onnx history[B, L] -> user[B, D'],
+# linked[B, R*K], cold[B, M] (candidate rows; 0 = none); rescore.onnx history[B, L],
+# user[B, D'], rows[B, C], vectors[B, C, D'] -> scores[B, C]; items.npy float32 [V+1, D']
+TWO_STAGE_USER_INPUT = "history"
+TWO_STAGE_USER_OUTPUTS = ("user", "linked", "cold")
+TWO_STAGE_RESCORE_INPUTS = ("history", "user", "rows", "vectors")
+TWO_STAGE_RESCORE_OUTPUT = "scores"
 CURRENT = "CURRENT"
 MODEL_FILE = "model.onnx"
 DETECTOR_FILE = "detector.onnx"
 VOCAB_FILE = "vocab.json"
 META_FILE = "meta.json"
+TWO_STAGE_USER = "user.onnx"
+TWO_STAGE_RESCORE = "rescore.onnx"
+TWO_STAGE_ITEMS = "items.npy"
+TWO_STAGE_FILES = (TWO_STAGE_USER, TWO_STAGE_RESCORE, TWO_STAGE_ITEMS)
 # names this process's temporary files: a PID alone is not unique (every container's first
 # process is PID 1, and two containers may share a volume)
 WRITER_TOKEN = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -72,6 +96,7 @@ REJECT_REASONS = (
     "bad_signature",  # model inputs/outputs are not history[B, L] -> scores[B, V+1]
     "nan_output",  # warm-up produced NaN or infinite scores
     "bad_detector",  # detector.onnx does not load, or gives no finite P(fake) per user
+    "bad_index",  # the two-stage parts do not load, or no nearest-neighbour index is built
     "pruned",  # the version left the directory while it was being loaded (not remembered)
 )
 _META_REQUIRED = ("version", "model_sha256", "vocab_sha256", "vocab_size", "max_len")
@@ -97,6 +122,8 @@ class Bundle:
     vocab: tuple[ItemId, ...]
     model_bytes: bytes
     detector_bytes: bytes | None = None  # the fake-user detector, when the bundle has one
+    # the two-stage parts (TWO_STAGE_FILES: name -> bytes), when the bundle has them
+    two_stage: dict[str, bytes] | None = None
 
     @property
     def max_len(self) -> int:
@@ -144,13 +171,15 @@ def _next_version(root: Path) -> str:
 
 def write_bundle(root: Path | str, model_bytes: bytes, vocab: list[ItemId] | tuple[ItemId, ...],
                  meta: dict[str, Any], *, keep: int = 5, make_current: bool = True,
-                 detector_bytes: bytes | None = None) -> str:
+                 detector_bytes: bytes | None = None,
+                 two_stage: dict[str, bytes] | None = None) -> str:
     """Publish a new bundle atomically and return its version.
 
     ``meta`` must hold ``max_len``; version, created time, checksums and the vocabulary
     size are filled in here. The oldest versions beyond ``keep`` are removed (never the
     current one). ``detector_bytes``: the fake-user detector (``meta["detector"]`` then
-    describes it; its sha256 is filled in here).
+    describes it; its sha256 is filled in here). ``two_stage``: the two-stage parts, every
+    one of ``TWO_STAGE_FILES`` (``meta["two_stage"]`` then holds their sha256).
     """
     assert keep >= 1, "keep at least the bundle being written"
     assert "max_len" in meta, "meta needs max_len (the history length the model takes)"
@@ -169,6 +198,10 @@ def write_bundle(root: Path | str, model_bytes: bytes, vocab: list[ItemId] | tup
                                  "sha256": sha256_hex(detector_bytes),
                                  "inputs": list(DETECTOR_INPUTS),
                                  "outputs": list(DETECTOR_OUTPUTS)}
+    if two_stage is not None:
+        assert sorted(two_stage) == sorted(TWO_STAGE_FILES), sorted(two_stage)
+        full_meta["two_stage"] = {**dict(meta.get("two_stage") or {}), "sha256": {
+            name: sha256_hex(data) for name, data in two_stage.items()}}
     tmp = root / f".tmp-{version}-{WRITER_TOKEN}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -177,6 +210,8 @@ def write_bundle(root: Path | str, model_bytes: bytes, vocab: list[ItemId] | tup
     _write_synced(tmp / VOCAB_FILE, vocab_bytes)
     if detector_bytes is not None:
         _write_synced(tmp / DETECTOR_FILE, detector_bytes)
+    for name, data in (two_stage or {}).items():
+        _write_synced(tmp / name, data)
     # meta.json last: a directory without it is never a bundle
     _write_synced(tmp / META_FILE, json.dumps(full_meta, indent=2, sort_keys=True).encode())
     fsync_dir(tmp)
@@ -223,13 +258,27 @@ def bundle_files(root: Path | str, version: str) -> list[tuple[str, bytes]]:
     """Return a written bundle's files as (name, bytes), ``meta.json`` last: what travels on
     the bundle topic (``advrec.channel``) and is rebuilt into a directory by each worker."""
     path = Path(root) / version
-    names = (MODEL_FILE, VOCAB_FILE, DETECTOR_FILE, META_FILE)
+    names = (MODEL_FILE, VOCAB_FILE, DETECTOR_FILE, *TWO_STAGE_FILES, META_FILE)
+    optional = (DETECTOR_FILE, *TWO_STAGE_FILES)
     return [(name, (path / name).read_bytes()) for name in names
-            if name != DETECTOR_FILE or (path / name).is_file()]
+            if name not in optional or (path / name).is_file()]
 
 
-def load_bundle(root: Path | str, version: str) -> Bundle:
-    """Read and verify one bundle; raise ``BundleError`` naming what is wrong."""
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_bundle(root: Path | str, version: str, *, model: bool = True) -> Bundle:
+    """Read and verify one bundle; raise ``BundleError`` naming what is wrong.
+
+    ``model`` False: model.onnx is verified against its checksum but not kept
+    (``model_bytes`` is empty): a worker that ranks in two stages never loads it, and at 1M
+    items it is 256 MB.
+    """
     path = Path(root) / version
     if not path.is_dir():
         raise BundleError("missing", f"no bundle directory {path}")
@@ -244,10 +293,11 @@ def load_bundle(root: Path | str, version: str) -> Bundle:
     if not isinstance(meta, dict) or any(k not in meta for k in _META_REQUIRED):
         raise BundleError("bad_meta", f"meta.json must hold {_META_REQUIRED}")
     try:
-        model_bytes = (path / MODEL_FILE).read_bytes()
+        model_bytes = (path / MODEL_FILE).read_bytes() if model else b""
+        model_sha = sha256_hex(model_bytes) if model else _file_sha256(path / MODEL_FILE)
     except FileNotFoundError:
         raise BundleError("missing_model", f"{path / MODEL_FILE} does not exist") from None
-    if sha256_hex(model_bytes) != meta["model_sha256"]:
+    if model_sha != meta["model_sha256"]:
         raise BundleError("checksum_mismatch", f"model.onnx sha256 differs from meta ({version})")
     try:
         vocab_bytes = (path / VOCAB_FILE).read_bytes()
@@ -274,5 +324,20 @@ def load_bundle(root: Path | str, version: str) -> Bundle:
         if sha256_hex(detector_bytes) != want:
             raise BundleError("checksum_mismatch",
                               f"detector.onnx sha256 differs from meta ({version})")
+    two_stage = None
+    if meta.get("two_stage"):
+        sums = meta["two_stage"].get("sha256") if isinstance(meta["two_stage"], dict) else None
+        if not isinstance(sums, dict) or sorted(sums) != sorted(TWO_STAGE_FILES):
+            raise BundleError("bad_meta", f"meta.json two_stage must name {TWO_STAGE_FILES}")
+        two_stage = {}
+        for name in TWO_STAGE_FILES:
+            try:
+                two_stage[name] = (path / name).read_bytes()
+            except FileNotFoundError:
+                raise BundleError("missing_model", f"{path / name} does not exist, meta.json "
+                                                   "names the two-stage parts") from None
+            if sha256_hex(two_stage[name]) != sums[name]:
+                raise BundleError("checksum_mismatch",
+                                  f"{name} sha256 differs from meta ({version})")
     return Bundle(path=path, version=str(meta["version"]), meta=meta, vocab=tuple(vocab),
-                  model_bytes=model_bytes, detector_bytes=detector_bytes)
+                  model_bytes=model_bytes, detector_bytes=detector_bytes, two_stage=two_stage)

@@ -153,7 +153,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
                          threads=s.infer_threads, call_timeout_s=s.model_timeout_s,
                          metrics=metrics)
     watcher = BundleWatcher(s.bundle_dir, server, providers=s.ort_providers,
-                            threads=s.ort_threads, metrics=metrics)
+                            threads=s.ort_threads, metrics=metrics, index=s.index)
     feed = BundleFeed(s, watcher, metrics)
     sa = StreamApp(settings=s, app=app, clicks=clicks, clicks_dlq=clicks_dlq,
                    train_batches=train_batches, items=items, items_dlq=items_dlq,

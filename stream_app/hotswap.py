@@ -15,6 +15,7 @@ from typing import Any
 
 from advrec.bundle import BundleError
 from advrec.memory import release_freed_memory
+from stream_app.retrieval import IndexConfig
 from stream_app.serving import LoadedModel, ModelServer, load_model
 
 __all__ = ["BundleWatcher"]
@@ -31,8 +32,10 @@ class BundleWatcher:
     """
 
     def __init__(self, root: Path | str, server: ModelServer, *, providers: str = "auto",
-                 threads: int = 0, metrics: Any = None) -> None:
+                 threads: int = 0, metrics: Any = None,
+                 index: IndexConfig | None = None) -> None:
         self.root = Path(root)
+        self.index = index  # when and how large catalogues are ranked in two stages
         self.server = server
         self.providers = providers
         self.threads = threads
@@ -68,7 +71,7 @@ class BundleWatcher:
             try:
                 model = await asyncio.get_running_loop().run_in_executor(
                     None, lambda: load_model(self.root, version, providers=self.providers,
-                                             threads=self.threads))
+                                             threads=self.threads, index=self.index))
             except BundleError as exc:
                 if not (self.root / version).is_dir():
                     # removed from the cache while it loaded: nothing is wrong with the
@@ -91,9 +94,9 @@ class BundleWatcher:
             self.swaps += 1
             release_freed_memory()
             self._report(model)
-            log.info("now serving bundle %s (vocabulary %d, providers %s, loaded in %.2fs)",
-                     model.version, len(model.bundle.vocab), ",".join(model.providers),
-                     model.load_seconds)
+            log.info("now serving bundle %s (vocabulary %d, %s, providers %s, loaded in "
+                     "%.2fs)", model.version, len(model.bundle.vocab), model.path,
+                     ",".join(model.providers), model.load_seconds)
             return True
 
     def _report(self, model: LoadedModel) -> None:
@@ -103,8 +106,10 @@ class BundleWatcher:
         m.model_swaps.inc()
         m.model_ready.set(1)
         m.model_load_seconds.observe(model.load_seconds)
+        if model.two_stage is not None:
+            m.index_build_seconds.observe(model.two_stage.index_seconds)
         m.model_info.info({"version": model.version,
-                           "vocab_size": str(len(model.bundle.vocab)),
+                           "vocab_size": str(len(model.bundle.vocab)), "path": model.path,
                            "mode": str(model.bundle.meta.get("mode", ""))})
         m.model_version_timestamp.set(float(model.bundle.meta.get("created", 0.0)))
         m.provider_info.info({"providers": ",".join(model.providers)})

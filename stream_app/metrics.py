@@ -48,6 +48,7 @@ class StreamMetrics:
     model_info: Info
     model_version_timestamp: Gauge
     model_load_seconds: Histogram
+    index_build_seconds: Histogram
     model_age_seconds: Gauge
     model_swaps: Counter
     bundles_rejected: Counter
@@ -119,6 +120,12 @@ class StreamMetrics:
                                          "Time to verify, load and warm a bundle",
                                          buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
                                          registry=r),
+            # HNSW over 1M items x 64 took 60-80 s on one core (bench/ann.py); 10k, ~0.3 s
+            index_build_seconds=Histogram(f"{p}_index_build_seconds",
+                                          "Time to build a bundle's nearest-neighbour index "
+                                          "(two-stage ranking), part of the load time",
+                                          buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120,
+                                                   300), registry=r),
             model_age_seconds=Gauge(f"{p}_model_age_seconds",
                                     "Now minus the last event time the live model trained on",
                                     registry=r),

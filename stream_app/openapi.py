@@ -133,12 +133,16 @@ def _schemas(s: Settings) -> dict[str, Any]:
                 "live": {
                     "type": "object",
                     "nullable": True,
-                    "required": ["version", "providers", "vocab_size", "loaded_at", "meta"],
+                    "required": ["version", "providers", "vocab_size", "loaded_at", "meta",
+                                 "path", "index_build_seconds"],
                     "properties": {
                         "version": {"type": "string"},
                         "providers": items,
                         "vocab_size": {"type": "integer", "minimum": 0},
                         "loaded_at": {"type": "number"},
+                        # how it ranks (README, "Large catalogues"), and its index's build
+                        "path": {"type": "string", "enum": ["exact", "two_stage"]},
+                        "index_build_seconds": {"type": "number", "nullable": True},
                         "meta": {"type": "object"},
                     },
                 },

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import os
 import threading
@@ -22,6 +24,7 @@ from advrec.bundle import (
     DETECTOR_INPUTS,
     DETECTOR_OUTPUTS,
     INPUT_NAME,
+    META_FILE,
     OUTPUT_NAME,
     Bundle,
     BundleError,
@@ -30,6 +33,7 @@ from advrec.bundle import (
 from advrec.encoding import exclusion_rows, known_rows, model_input
 from advrec.suspicion import BEHAVIOUR_FEATURES, FEATURES, Behaviour, behaviour_matrix
 from advrec.types import ItemId
+from stream_app.retrieval import IndexConfig, TwoStage, build_two_stage
 
 __all__ = [
     "LoadedModel", "ModelServer", "ModelTimeout", "cpu_limit", "intra_op_threads", "load_model",
@@ -116,16 +120,23 @@ def ranking_graph(model: onnx.ModelProto) -> bytes:
 
 @dataclass
 class LoadedModel:
-    """A verified bundle with a warmed onnxruntime session of its ranking graph."""
+    """A verified bundle with a warmed onnxruntime session of its ranking graph, or, for a
+    large catalogue, its two-stage parts and their index (stream_app/retrieval.py)."""
 
     bundle: Bundle
-    session: ort.InferenceSession
+    session: ort.InferenceSession | None  # the exact ranking graph; None when two-stage
     providers: list[str]
     index: dict[ItemId, int]  # external id -> row (1-based)
     loaded_at: float
     load_seconds: float
     # the bundle's fake-user detector (detector.onnx), checked at load; None without one
     detector: ort.InferenceSession | None = None
+    two_stage: TwoStage | None = None  # the index and rescorer, when ranking in two stages
+
+    @property
+    def path(self) -> str:
+        """How requests are ranked: ``exact`` (every item scored) or ``two_stage``."""
+        return "exact" if self.two_stage is None else "two_stage"
 
     @property
     def version(self) -> str:
@@ -171,7 +182,10 @@ class LoadedModel:
 
     def rank(self, model_in: np.ndarray, exclude: np.ndarray,
              k: int) -> tuple[np.ndarray, np.ndarray]:
-        """One onnxruntime call: the top-``k`` (scores, rows) [B, k] each, best first."""
+        """The top-``k`` (scores, rows) [B, k] each, best first: one onnxruntime call of the
+        exact graph, or the two-stage path (index search, then the rescorer's call)."""
+        if self.two_stage is not None:
+            return self.two_stage.rank(model_in, exclude, k)
         scores, rows = self.session.run(
             [TOP_SCORES, TOP_ROWS],
             {INPUT_NAME: model_in, EXCLUDE_NAME: exclude, K_NAME: np.array([k], np.int64)})
@@ -239,20 +253,34 @@ def _check_detector(data: bytes, probe: np.ndarray, version: str) -> ort.Inferen
     return session
 
 
-def load_model(root: Path | str, version: str, *, providers: str = "auto",
-               threads: int = 0) -> LoadedModel:
-    """Verify a bundle, build its ranking session and warm it up; raise ``BundleError`` if
-    unusable."""
-    started = time.perf_counter()
-    bundle = load_bundle(root, version)
-    n_cols = len(bundle.vocab) + 1
+def _warm_two_stage(two_stage: TwoStage, bundle: Bundle) -> None:
+    """Rank an empty and a full history in two stages: finite scores of real rows, or the
+    bundle is refused."""
+    probe = np.zeros((2, bundle.max_len), dtype=np.int64)
+    probe[1] = np.arange(bundle.max_len) % len(bundle.vocab) + 1
+    try:
+        scores, rows = two_stage.rank(probe, np.zeros((2, 1), dtype=np.int64),
+                                      min(10, len(bundle.vocab)))
+    except Exception as exc:
+        raise BundleError("bad_index", f"{bundle.version}: two-stage warm-up failed: "
+                                       f"{exc}"[:500]) from None
+    if not (np.isfinite(scores[rows > 0]).all() and (rows[:, 0] > 0).all()
+            and (rows <= len(bundle.vocab)).all()):
+        raise BundleError("nan_output", f"{bundle.version}: two-stage warm-up gave no finite "
+                                        "scores of known rows")
+
+
+def _exact_session(bundle: Bundle, threads: int, providers: str,
+                   probe: np.ndarray) -> ort.InferenceSession:
+    """Build the exact ranking graph's session and warm it up with ``probe`` [2, L]."""
+    version, n_cols = bundle.version, len(bundle.vocab) + 1
     try:
         model = onnx.load_from_string(bundle.model_bytes)
     except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX file
         raise BundleError("load_error", f"{version}: not an ONNX model: {exc}"[:500]) from None
     _check_signature(model, version, n_cols)
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or intra_op_threads(cpu_limit())
+    opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Spinning intra-op threads burn the cores the event loop needs between model calls
@@ -267,9 +295,6 @@ def load_model(root: Path | str, version: str, *, providers: str = "auto",
         raise BundleError("load_error", f"{version}: {exc}"[:500]) from None
     # Warm-up doubles as a health check: both an empty and a full history must give finite
     # scores over exactly V+1 columns (NaN weights or a wrong vocabulary show up here).
-    probe = np.zeros((2, bundle.max_len), dtype=np.int64)
-    if bundle.vocab:
-        probe[1] = np.arange(bundle.max_len) % len(bundle.vocab) + 1
     feed = {INPUT_NAME: probe, EXCLUDE_NAME: np.zeros((2, 1), dtype=np.int64),
             K_NAME: np.array([1], dtype=np.int64)}
     try:
@@ -281,13 +306,79 @@ def load_model(root: Path | str, version: str, *, providers: str = "auto",
                           f"{version}: scores shape {scores.shape}, vocabulary needs {n_cols}")
     if not np.isfinite(scores[:, 1:]).all():
         raise BundleError("nan_output", f"{version}: warm-up scores are not finite")
+    return session
+
+
+def _two_stage(bundle: Bundle, threads: int, providers: str, config: IndexConfig,
+               probe: np.ndarray) -> TwoStage:
+    """Load the bundle's two-stage parts, build their index, and rank ``probe`` [2, L] with
+    them: finite scores of known rows, or the bundle is refused."""
+    assert bundle.two_stage is not None
+    n_items = len(bundle.vocab)
+    two_stage = build_two_stage(bundle.two_stage, n_items, config, threads=threads,
+                                providers=select_providers(providers),
+                                version=bundle.version)
+    try:
+        scores, rows = two_stage.rank(probe, np.zeros((2, 1), dtype=np.int64),
+                                      min(10, n_items))
+    except Exception as exc:
+        raise BundleError("bad_index", f"{bundle.version}: two-stage warm-up failed: "
+                                       f"{exc}"[:500]) from None
+    if not (np.isfinite(scores[rows > 0]).all() and (rows[:, 0] > 0).all()
+            and (rows <= n_items).all()):
+        raise BundleError("nan_output", f"{bundle.version}: two-stage warm-up gave no finite "
+                                        "scores of known rows")
+    return two_stage
+
+
+def _two_stage_wanted(path: Path, index: IndexConfig) -> bool:
+    """Whether the bundle at ``path`` is ranked in two stages: its meta names the parts and
+    a catalogue of ``index.min_items`` items or more (False on any doubt: ``load_bundle``
+    then says what is wrong)."""
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+        return bool(meta.get("two_stage")) and index.use_for(int(meta["vocab_size"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def load_model(root: Path | str, version: str, *, providers: str = "auto",
+               threads: int = 0, index: IndexConfig | None = None) -> LoadedModel:
+    """Verify a bundle, build its ranking session and warm it up; raise ``BundleError`` if
+    unusable.
+
+    With ``index``, a catalogue of at least ``index.min_items`` items whose bundle carries
+    the two-stage parts is ranked in two stages: those parts and their nearest-neighbour
+    index are built here instead of the exact graph (off the request path: the caller swaps
+    the result in). A bundle without the parts is ranked exactly, whatever its size.
+    """
+    started = time.perf_counter()
+    staged = index is not None and _two_stage_wanted(Path(root) / version, index)
+    bundle = load_bundle(root, version, model=not staged)
+    n_threads = threads or intra_op_threads(cpu_limit())
+    probe = np.zeros((2, bundle.max_len), dtype=np.int64)  # an empty and a full history
+    if bundle.vocab:
+        probe[1] = np.arange(bundle.max_len) % len(bundle.vocab) + 1
+    session, two_stage = None, None
+    if staged:
+        assert index is not None
+        if bundle.two_stage is None or not bundle.vocab:  # meta.json changed under us
+            raise BundleError("bad_meta", f"{version}: meta.json changed while loading")
+        two_stage = _two_stage(bundle, n_threads, providers, index, probe)
+        # the exact graph is never loaded, and the parts are: their bytes (~V x D x 4 each,
+        # 256 MB at 1M items) need not stay in memory
+        bundle = dataclasses.replace(bundle, model_bytes=b"", two_stage=None)
+        in_use = two_stage.rescore.get_providers()
+    else:
+        session = _exact_session(bundle, n_threads, providers, probe)
+        in_use = session.get_providers()
     detector = None
     if bundle.detector_bytes is not None:
         detector = _check_detector(bundle.detector_bytes, probe, version)
-    index = {item: row for row, item in enumerate(bundle.vocab, start=1)}
-    return LoadedModel(bundle=bundle, session=session, providers=session.get_providers(),
-                       index=index, loaded_at=time.time(),
-                       load_seconds=time.perf_counter() - started, detector=detector)
+    rows = {item: row for row, item in enumerate(bundle.vocab, start=1)}
+    return LoadedModel(bundle=bundle, session=session, providers=in_use, index=rows,
+                       loaded_at=time.time(), load_seconds=time.perf_counter() - started,
+                       detector=detector, two_stage=two_stage)
 
 
 @dataclass(slots=True)

@@ -313,7 +313,9 @@ class HttpApi:
             "live": None if live is None else {
                 "version": live.version, "providers": live.providers,
                 "vocab_size": len(live.bundle.vocab), "loaded_at": live.loaded_at,
-                "meta": live.bundle.meta},
+                "meta": live.bundle.meta, "path": live.path,
+                "index_build_seconds": None if live.two_stage is None
+                else live.two_stage.index_seconds},
             "current_pointer": feed.pointer,
             "pin": None if pin is None else {"version": pin.version, "by": pin.by,
                                              "reason": pin.reason, "at_ms": pin.at},

@@ -44,6 +44,84 @@ def toy_model(n_items: int, dim: int = 8, *, seed: int = 0, nan: bool = False,
     return model.SerializeToString()
 
 
+def toy_table(n_items: int, dim: int = 8, *, seed: int = 0) -> np.ndarray:
+    """The item table [V+1, D] of ``toy_model`` with the same arguments (row 0 zero)."""
+    rng = np.random.default_rng(seed)
+    table = rng.normal(size=(n_items + 1, dim)).astype(np.float32)
+    table[0] = 0.0
+    return table
+
+
+def toy_two_stage(n_items: int, dim: int = 8, *, seed: int = 0,
+                  linked: list[int] | None = None) -> dict[str, bytes]:
+    """The two-stage parts of ``toy_model`` (same table, same scores): user.onnx (the mean
+    history embedding; ``linked`` rows named as candidates for every user, none by
+    default), rescore.onnx (user . vectors) and items.npy."""
+    import io
+
+    from advrec.bundle import (
+        TWO_STAGE_ITEMS,
+        TWO_STAGE_RESCORE,
+        TWO_STAGE_RESCORE_INPUTS,
+        TWO_STAGE_RESCORE_OUTPUT,
+        TWO_STAGE_USER,
+        TWO_STAGE_USER_INPUT,
+        TWO_STAGE_USER_OUTPUTS,
+    )
+
+    table = toy_table(n_items, dim, seed=seed)
+    user, out_linked, out_cold = TWO_STAGE_USER_OUTPUTS
+    links = np.array([linked or [0]], dtype=np.int64)  # (1, R)
+    nodes = [
+        helper.make_node("Gather", ["table", TWO_STAGE_USER_INPUT], ["emb"], axis=0),
+        helper.make_node("ReduceMean", ["emb", "axes"], [user], keepdims=0),  # (B, D)
+        helper.make_node("Shape", [TWO_STAGE_USER_INPUT], ["shape"]),  # (2,)
+        helper.make_node("Slice", ["shape", "zero", "one"], ["batch"]),  # (1,)
+        helper.make_node("Concat", ["batch", "one"], ["shape_b1"], axis=0),  # (2,) = [B, 1]
+        helper.make_node("Concat", ["batch", "n_links"], ["batch_r"], axis=0),  # [B, R]
+        helper.make_node("Expand", ["links", "batch_r"], [out_linked]),  # (B, R)
+        helper.make_node("ConstantOfShape", ["shape_b1"], [out_cold],
+                         value=helper.make_tensor("z", TensorProto.INT64, [1], [0])),
+    ]
+    graph = helper.make_graph(
+        nodes, "toy_user",
+        [helper.make_tensor_value_info(TWO_STAGE_USER_INPUT, TensorProto.INT64,
+                                       ["batch", "length"])],
+        [helper.make_tensor_value_info(user, TensorProto.FLOAT, ["batch", dim]),
+         helper.make_tensor_value_info(out_linked, TensorProto.INT64, ["batch", "r"]),
+         helper.make_tensor_value_info(out_cold, TensorProto.INT64, ["batch", 1])],
+        initializer=[numpy_helper.from_array(table, "table"),
+                     numpy_helper.from_array(np.array([1], dtype=np.int64), "axes"),
+                     numpy_helper.from_array(np.array([0], dtype=np.int64), "zero"),
+                     numpy_helper.from_array(np.array([1], dtype=np.int64), "one"),
+                     numpy_helper.from_array(links, "links"),
+                     numpy_helper.from_array(np.array([links.shape[1]], np.int64),
+                                             "n_links")])
+    history, user_in, rows, vectors = TWO_STAGE_RESCORE_INPUTS
+    rescore = helper.make_graph(
+        [helper.make_node("Unsqueeze", [user_in, "two"], ["user_3d"]),  # (B, D, 1)
+         helper.make_node("MatMul", [vectors, "user_3d"], ["dots"]),  # (B, C, 1)
+         helper.make_node("Squeeze", ["dots", "two"], [TWO_STAGE_RESCORE_OUTPUT])],  # (B, C)
+        "toy_rescore",
+        [helper.make_tensor_value_info(history, TensorProto.INT64, ["batch", "length"]),
+         helper.make_tensor_value_info(user_in, TensorProto.FLOAT, ["batch", dim]),
+         helper.make_tensor_value_info(rows, TensorProto.INT64, ["batch", "n"]),
+         helper.make_tensor_value_info(vectors, TensorProto.FLOAT, ["batch", "n", dim])],
+        [helper.make_tensor_value_info(TWO_STAGE_RESCORE_OUTPUT, TensorProto.FLOAT,
+                                       ["batch", "n"])],
+        initializer=[numpy_helper.from_array(np.array([2], dtype=np.int64), "two")])
+    out = {}
+    for name, g in ((TWO_STAGE_USER, graph), (TWO_STAGE_RESCORE, rescore)):
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+        model.ir_version = 9
+        onnx.checker.check_model(model)
+        out[name] = model.SerializeToString()
+    buf = io.BytesIO()
+    np.save(buf, table, allow_pickle=False)
+    out[TWO_STAGE_ITEMS] = buf.getvalue()
+    return out
+
+
 TOY_DETECTOR_META = {"threshold": 0.999, "min_clicks": 3, "rounds": 5}
 
 
@@ -81,11 +159,14 @@ def toy_detector(*, nan: bool = False, n_terms: int | None = None) -> bytes:
 
 
 def publish_toy(root: Path, vocab: list[str], *, seed: int = 0, max_len: int = 10,
-                keep: int = 100, **kw: object) -> str:
-    """Write a toy bundle for ``vocab`` and make it current; return its version."""
+                keep: int = 100, two_stage: dict[str, bytes] | None = None,
+                **kw: object) -> str:
+    """Write a toy bundle for ``vocab`` and make it current; return its version.
+    ``two_stage``: its two-stage parts (``toy_two_stage``)."""
     model = toy_model(len(vocab), seed=seed, **kw)  # type: ignore[arg-type]
     return write_bundle(root, model, vocab, {"max_len": max_len, "last_event_ms": 0,
-                                             "examples_seen": 0, "metrics": {}}, keep=keep)
+                                             "examples_seen": 0, "metrics": {}}, keep=keep,
+                        two_stage=two_stage)
 
 
 def publish_files(bootstrap: str, topic: str, version: str,

@@ -278,18 +278,30 @@ class ColdScorer(nn.Module):
         self.register_buffer("shift", torch.tensor(float(shift)))
         self.n_recent = len(weights)
 
-    def similarity(self, history: torch.Tensor) -> torch.Tensor:
-        """Cosine of every row's content to the history's recent content: [B, L] -> [B, V+1]."""
+    def profile(self, history: torch.Tensor) -> torch.Tensor:
+        """The unit-length weighted content of the history's latest items: [B, L] -> [B, k]."""
         R = min(self.n_recent, static_dim(history, 1))
         recent = history[:, -R:]  # (B, R); 0 = padding, whose content row is 0
         w = self.weights[-R:].view(1, R, 1)  # (1, R, 1)
         profile = (self.table[recent] * w).sum(dim=1)  # (B, k)
-        profile = profile / profile.norm(dim=1, keepdim=True).clamp(min=1e-6)
-        return profile @ self.table.t()  # (B, V+1)
+        return profile / profile.norm(dim=1, keepdim=True).clamp(min=1e-6)
+
+    def similarity(self, history: torch.Tensor) -> torch.Tensor:
+        """Cosine of every row's content to the history's recent content: [B, L] -> [B, V+1]."""
+        return self.profile(history) @ self.table.t()  # (B, V+1)
 
     def forward(self, history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         content = self.scale * self.similarity(history) + self.shift  # (B, V+1)
         return scores + self.mix * (content - scores)  # (B, V+1)
+
+    def at(self, history: torch.Tensor, rows: torch.Tensor, scores: torch.Tensor
+           ) -> torch.Tensor:
+        """``forward`` restricted to the candidate ``rows`` [B, C], whose scores so far are
+        ``scores`` [B, C] -> [B, C]."""
+        cand = self.table[rows]  # (B, C, k)
+        cos = (cand @ self.profile(history).unsqueeze(2)).squeeze(2)  # (B, C)
+        content = self.scale * cos + self.shift  # (B, C)
+        return scores + self.mix[rows] * (content - scores)  # (B, C)
 
 
 class WithCold(nn.Module):

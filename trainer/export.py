@@ -36,13 +36,17 @@ from advrec.config import bootstrap_servers, settings_as_dict
 from trainer.learner import OnlineLearner
 from trainer.model import Generator
 
-__all__ = ["ExportError", "check_detector_parity", "check_parity", "detector_model",
-           "export_detector", "export_filter_detector", "export_onnx", "main", "publish_bundle",
-           "scoring_model"]
+__all__ = ["TWO_STAGE_FROM_ITEMS", "ExportError", "check_detector_parity", "check_parity",
+           "detector_model", "export_detector", "export_filter_detector", "export_onnx",
+           "export_two_stage_checked", "main", "publish_bundle", "scoring_model"]
 
 OPSET = 17  # LayerNormalization is a native op from 17; onnxruntime 1.20+ runs it
 PARITY_TOL = 1e-3  # float32 scores of a 2-layer model agree to ~1e-6; 1e-3 flags real bugs
 PARITY_HISTORIES = 64  # replayed histories (plus an empty one) checked before publishing
+# bundles of this many items or more carry the two-stage parts (trainer/twostage.py): half
+# the worker's default switch (ADVREC_TWO_STAGE_ITEMS, 200k), so that a worker told to switch
+# a little lower still finds them; below, they would only add to every bundle's bytes
+TWO_STAGE_FROM_ITEMS = 100_000
 
 log = logging.getLogger(__name__)
 
@@ -212,9 +216,25 @@ def check_parity(model: nn.Module, onnx_bytes: bytes,
     return float(np.abs(got.astype(np.float64) - expected).max(initial=0.0))
 
 
+def export_two_stage_checked(scorer: nn.Module, max_len: int, histories: np.ndarray,
+                             parity_tol: float = PARITY_TOL) -> tuple[dict[str, bytes], float]:
+    """A ``scoring_model``'s two-stage parts (the bundle files) and their parity with torch;
+    raise ``ExportError`` if they disagree."""
+    from trainer.twostage import check_two_stage_parity, export_two_stage
+
+    files = export_two_stage(scorer, max_len)
+    diff = check_two_stage_parity(scorer, files, histories)
+    if not diff <= parity_tol:
+        raise ExportError(f"two-stage ONNX scores differ from torch by {diff:.3g} > "
+                          f"{parity_tol:g}")
+    return files, diff
+
+
 def publish_bundle(learner: OnlineLearner, root: Path | str, metrics: dict[str, float],
-                   keep: int = 5, *, parity_tol: float = PARITY_TOL) -> str:
-    """Export the learner's G, check parity, publish a bundle under ``root``; return its version."""
+                   keep: int = 5, *, parity_tol: float = PARITY_TOL,
+                   two_stage_items: int = TWO_STAGE_FROM_ITEMS) -> str:
+    """Export the learner's G, check parity, publish a bundle under ``root``; return its
+    version. From ``two_stage_items`` items on, the bundle carries the two-stage parts."""
     gen, vocab = learner.generator, learner.vocab
     if len(vocab) == 0:
         raise ExportError("the learner has not seen any item yet; nothing to publish")
@@ -227,6 +247,10 @@ def publish_bundle(learner: OnlineLearner, root: Path | str, metrics: dict[str, 
     diff = check_parity(scorer, model_bytes, histories)
     if not diff <= parity_tol:
         raise ExportError(f"ONNX scores differ from torch by {diff:.3g} > {parity_tol:g}")
+    two_stage = None
+    if len(vocab) >= two_stage_items:
+        two_stage, two_stage_diff = export_two_stage_checked(scorer, max_len, histories,
+                                                             parity_tol)
     meta: dict[str, Any] = {
         "max_len": max_len,
         "examples_seen": learner.examples_seen,
@@ -240,7 +264,10 @@ def publish_bundle(learner: OnlineLearner, root: Path | str, metrics: dict[str, 
         "adversarial_config": settings_as_dict(learner.adv_cfg),
         "prior_config": settings_as_dict(learner.prior_cfg),
     }
-    version = write_bundle(root, model_bytes, vocab.items(), meta, keep=keep)
+    if two_stage is not None:
+        meta["two_stage"] = {"parity_max_abs_diff": two_stage_diff}
+    version = write_bundle(root, model_bytes, vocab.items(), meta, keep=keep,
+                           two_stage=two_stage)
     log.info("published bundle %s (%d items, %d examples seen, parity %.2g)",
              version, len(vocab), learner.examples_seen, diff)
     return version
@@ -261,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="versions to keep for rollback (default: %(default)s)")
     parser.add_argument("--parity-tol", type=float, default=PARITY_TOL, metavar="X",
                         help="max abs score difference ONNX vs torch (default: %(default)s)")
+    parser.add_argument("--two-stage-items", type=int, default=TWO_STAGE_FROM_ITEMS,
+                        metavar="N",
+                        help="from this many items on, the bundle also carries the two-stage "
+                             "parts: user encoder, item table, rescorer (default: %(default)s)")
     parser.add_argument("--publish", action="store_true",
                         help="also publish the bundle to the bundle topic as the current "
                              "version: every worker of the fleet swaps to it (unless a pin "
@@ -279,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         learner, extra = load_checkpoint(args.checkpoint, device="cpu")
         metrics = extra.get("metrics", {}) if isinstance(extra, dict) else {}
         version = publish_bundle(learner, args.bundle_dir, metrics, keep=args.keep,
-                                 parity_tol=args.parity_tol)
+                                 parity_tol=args.parity_tol,
+                                 two_stage_items=args.two_stage_items)
         if args.publish:
             bootstrap = bootstrap_servers(args.broker)
             done = asyncio.run(publish_to_topic(

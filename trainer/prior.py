@@ -194,16 +194,31 @@ class PriorScorer(nn.Module):
         self.register_buffer("pos", pos)  # (R,)
         self.n_recent = cfg.n_recent
 
-    def forward(self, history: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Return ``log(1 + prior)`` for ``history`` [B, L], shaped as the scores ``like``
-        [B, V+1] (whose values are not used)."""
+    def links(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the links of the history's latest items: rows [B, R*K] int64 and their
+        position-weighted counts [B, R*K] (padding: row 0, count 0). The prior of a row is
+        the sum of the counts of the links that name it."""
         R = min(self.n_recent, int(history.shape[1]))
         recent = history[:, -R:]  # (B, R) oldest .. newest
         idx = self.idx[recent].long()  # (B, R, K)
         val = self.val[recent] * self.pos[-R:].view(1, R, 1)  # (B, R, K)
+        return idx.flatten(1), val.flatten(1)  # (B, R*K) each
+
+    def forward(self, history: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Return ``log(1 + prior)`` for ``history`` [B, L], shaped as the scores ``like``
+        [B, V+1] (whose values are not used)."""
+        idx, val = self.links(history)  # (B, R*K) each
         # ``like * 0``, not zeros_like: the latter exports as Shape + ConstantOfShape, and the
         # served graph reads no tensor shapes (tests/unit/trainer/test_export.py)
-        counts = (like * 0.0).scatter_add(1, idx.flatten(1), val.flatten(1))  # (B, V+1)
+        counts = (like * 0.0).scatter_add(1, idx, val)  # (B, V+1)
+        return torch.log1p(counts)
+
+    def at(self, history: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Return ``log(1 + prior)`` of the candidate ``rows`` [B, C] only -> [B, C] (what
+        ``forward`` gives at those columns)."""
+        idx, val = self.links(history)  # (B, R*K) each
+        hits = (idx.unsqueeze(1) == rows.unsqueeze(2)).to(val.dtype)  # (B, C, R*K)
+        counts = (hits @ val.unsqueeze(2)).squeeze(2)  # (B, C)
         return torch.log1p(counts)
 
 

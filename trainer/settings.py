@@ -86,6 +86,10 @@ class TrainerSettings:
     quality_delta: float = 0.02  # reject if window HR@10 < live's HR@10 - delta (absolute)
     quality_min_examples: int = 200  # smaller windows are too noisy to block a publish
     bundles_keep: int = 5  # versions kept on the bundle topic (and on disk) for rollback
+    # bundles of this many items or more carry the two-stage parts (user encoder, item table,
+    # rescorer: trainer/twostage.py) that a worker ranks a large catalogue with; half the
+    # worker's ADVREC_TWO_STAGE_ITEMS default (trainer/export.py TWO_STAGE_FROM_ITEMS)
+    trainer_two_stage_items: int = 100_000
     bundle_chunk_kb: int = 512  # chunk size on the topics (Kafka's default limit is 1 MiB)
     # a checkpoint (model, optimizers, replay: ~30 MB at 10k items) goes to the checkpoint
     # topic after this many batches, but not more often than every min interval; offsets are
@@ -111,7 +115,8 @@ class TrainerSettings:
                               f"one of {sorted(MODES)}")
         for name in ("export_every_batches", "checkpoint_every_batches", "bundles_keep",
                      "trainer_max_len", "trainer_dim", "trainer_layers",
-                     "trainer_steps_per_batch", "bundle_chunk_kb", "shed_eval_min"):
+                     "trainer_steps_per_batch", "bundle_chunk_kb", "shed_eval_min",
+                     "trainer_two_stage_items"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting {ENV_PREFIX}{name.upper()}={getattr(self, name)!r}"
                                   " must be >= 1")

@@ -554,7 +554,12 @@ class Sidecar:
     def prepare_export(self) -> _Export | None:
         """Gate, export, check parity and write the bundle locally (blocking); None if it
         must not be published."""
-        from trainer.export import check_parity, export_onnx, scoring_model
+        from trainer.export import (
+            check_parity,
+            export_onnx,
+            export_two_stage_checked,
+            scoring_model,
+        )
 
         started = time.perf_counter()
         ok, cand, live = self.gate()
@@ -570,6 +575,13 @@ class Sidecar:
             scorer = scoring_model(learner)  # G, plus the prior when its weight is > 0
             model_bytes = export_onnx(scorer, learner.model_cfg.max_len)
             diff = check_parity(scorer, model_bytes, self._probe_histories())
+            two_stage, two_stage_diff = None, 0.0
+            if len(learner.vocab) >= self.s.trainer_two_stage_items:
+                # the worker ranks a large catalogue with these (stream_app/retrieval.py);
+                # a part that disagrees with torch is an export failure like any other
+                two_stage, two_stage_diff = export_two_stage_checked(
+                    scorer, learner.model_cfg.max_len, self._probe_histories(),
+                    PARITY_TOLERANCE)
         except Exception:
             self.m.exports.labels(outcome="failed").inc()
             log.exception("export failed; the live bundle keeps serving")
@@ -596,6 +608,8 @@ class Sidecar:
         }
         if detector_meta is not None:
             meta["detector"] = detector_meta
+        if two_stage is not None:
+            meta["two_stage"] = {"parity_max_abs_diff": two_stage_diff}
         if learner.content is not None:
             from trainer.content import TextEncoder
 
@@ -604,7 +618,8 @@ class Sidecar:
                                "items": n_content, "content_only_rows": n_cold,
                                "config": dataclasses.asdict(learner.content_cfg)}
         version = write_bundle(self.s.bundle_dir, model_bytes, learner.vocab.items(), meta,
-                               keep=self.s.bundles_keep, detector_bytes=detector_bytes)
+                               keep=self.s.bundles_keep, detector_bytes=detector_bytes,
+                               two_stage=two_stage)
         return _Export(version, bundle_files(self.s.bundle_dir, version),
                        copy.deepcopy(learner), cand, live, int(window["n"]), started)
 

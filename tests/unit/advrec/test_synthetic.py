@@ -139,3 +139,17 @@ def test_malformed_payloads_raise_their_reason(seed: int) -> None:
         with pytest.raises(InvalidEvent) as caught:
             decode_event(payload)
         assert caught.value.reason == reason, (payload[:60], caught.value)
+
+
+def test_synthetic_events_a_million_items_keep_the_planted_structure() -> None:
+    cfg = SyntheticConfig(n_users=2000, n_items=1_000_000, drift=0.0, seed=6)
+    started = time.perf_counter()
+    world = SyntheticStream(cfg)
+    events = list(world.events(5000))
+    assert time.perf_counter() - started < 20  # ~0.2 s to plant, ~0.1 s per 5k events
+    assert len(world.cluster_of) == 1_000_000 and len(world.members) == cfg.n_clusters
+    assert world.n_initial == 500_000
+    assert all(0 <= int(e.item[1:]) < cfg.n_items for e in events)
+    assert _modal_cluster_share(cfg, 5000) > 0.8  # one taste per user, as at 2,000 items
+    counts = Counter(int(e.item[1:]) for e in world.events(20000))
+    assert max(counts.values()) > 20  # Zipf heads: 20k clicks over 500k visible items

@@ -221,3 +221,17 @@ async def test_readyz_is_503_until_the_bundle_topic_was_read(tmp_path: Path) -> 
     got = await api.readyz(View(), Request())
     assert got.status == 200 and got.body["published_version"] == "v2"
     await api.sa.server.stop()
+
+
+async def test_admin_model_says_how_the_live_model_ranks(tmp_path: Path) -> None:
+    from stream_app.retrieval import IndexConfig
+    from tests.bundles import toy_two_stage
+
+    auth = Request(headers={"Authorization": "Bearer s3cret"})
+    api, _, _ = make_api(tmp_path, ADVREC_ADMIN_TOKEN="s3cret")
+    live = (await api.admin_model(View(), auth)).body["live"]
+    assert live["path"] == "exact" and live["index_build_seconds"] is None
+    version = publish_toy(tmp_path, VOCAB, two_stage=toy_two_stage(len(VOCAB)))
+    api.sa.server.swap(load_model(tmp_path, version, index=IndexConfig(min_items=0)))
+    live = (await api.admin_model(View(), auth)).body["live"]
+    assert live["path"] == "two_stage" and live["index_build_seconds"] >= 0

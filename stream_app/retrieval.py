@@ -1,0 +1,258 @@
+"""Two-stage ranking for large catalogues: a nearest-neighbour index over G's item table
+finds candidates for a user vector, the bundle's rescorer ranks them exactly.
+
+The bundle's two-stage parts (trainer/twostage.py, advrec/bundle.py ``TWO_STAGE_*``):
+the user encoder (history -> user vector, the prior's linked rows and the best content-only
+rows), the item table whose inner product with the user vector is G's score, and the full
+scorer restricted to candidate rows. A request: user vector -> the index's ``candidates``
+best rows (plus as many as the user has excluded rows, which leave them), with the linked
+and content rows beside them; seen rows dropped; the rescorer's exact top k among the rest.
+
+The index is faiss's HNSW graph (``IndexHNSWFlat``) under the inner product, chosen by
+measurement at 1,000,000 items x 64 (bench/ann.py, bench/results/ann-choice.json; one
+thread, as the worker builds it): against usearch's HNSW it built in half the time (75 vs
+150 s), answered a batch of 32 in half the time (8 vs 16 ms) with less memory (394 vs 509
+MiB) at the same recall@10 (0.99); faiss's IVF-flat built in 3 s but found 0.35 of the
+top 10.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from advrec.bundle import (
+    TWO_STAGE_ITEMS,
+    TWO_STAGE_RESCORE,
+    TWO_STAGE_RESCORE_INPUTS,
+    TWO_STAGE_RESCORE_OUTPUT,
+    TWO_STAGE_USER,
+    TWO_STAGE_USER_INPUT,
+    TWO_STAGE_USER_OUTPUTS,
+    BundleError,
+)
+
+if TYPE_CHECKING:  # the settings import IndexConfig: onnxruntime only where a model loads
+    import onnxruntime as ort
+
+__all__ = ["IndexConfig", "ItemIndex", "TwoStage", "build_two_stage"]
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """When the worker ranks in two stages, and how its index is built and searched."""
+
+    min_items: int = 200_000  # catalogues of this many items or more (0: every catalogue)
+    candidates: int = 100  # rows the index returns per request, before the seen ones leave
+    m: int = 16  # HNSW edges per item (M): memory ~ 2 x 4 bytes x M per item
+    ef_construction: int = 80  # HNSW breadth while building: build time vs recall
+    ef_search: int = 100  # HNSW breadth while searching (at least ``candidates``)
+    threads: int = 1  # index build threads: the other cores answer requests meanwhile
+
+    def __post_init__(self) -> None:
+        assert self.min_items >= 0 and self.candidates >= 1, (self.min_items, self.candidates)
+        assert self.m >= 2 and self.ef_construction >= 1 and self.threads >= 1
+
+    def use_for(self, n_items: int) -> bool:
+        """Whether a catalogue of ``n_items`` items is ranked in two stages."""
+        return n_items >= self.min_items
+
+
+# The index builds on a thread of its own at the lowest CPU priority, so that the threads
+# answering requests take the cores first: at 1M items a build is ~75 s of one core, and
+# at normal priority requests' p99 at c=32 rose 3.3x while it ran (bench/rank.py, 2 cores).
+BUILD_NICE = 19
+
+
+def _build_niced(build: Any) -> None:
+    """Run ``build()`` on a new thread at ``BUILD_NICE`` and wait for it; re-raise its error."""
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BUILD_NICE)
+        except (OSError, AttributeError):  # not Linux: build at the caller's priority
+            pass
+        try:
+            build()
+        except BaseException as exc:  # handed to the caller
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name="advrec-index-build", daemon=True)
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+
+
+class ItemIndex:
+    """Inner-product HNSW index over the item table's rows 1..V (row 0 is padding)."""
+
+    def __init__(self, table: np.ndarray, config: IndexConfig) -> None:
+        import faiss
+
+        assert table.ndim == 2 and table.dtype == np.float32, (table.shape, table.dtype)
+        started = time.perf_counter()
+        self.config = config
+        self.index = faiss.IndexHNSWFlat(table.shape[1], config.m,
+                                         faiss.METRIC_INNER_PRODUCT)
+        self.index.hnsw.efConstruction = config.ef_construction
+
+        def build() -> None:
+            # OpenMP's thread count is each thread's own: set where the work runs
+            faiss.omp_set_num_threads(config.threads)
+            self.index.add(table[1:])  # id i is row i + 1
+
+        _build_niced(build)
+        self.index.hnsw.efSearch = max(config.ef_search, config.candidates)
+        # the index's own copy of the vectors, seen without a copy: the rescorer reads the
+        # candidates' rows from it (a second table would cost V x D' x 4 bytes: 256 MB at 1M)
+        storage = faiss.downcast_index(self.index.storage)
+        self._stored = faiss.rev_swig_ptr(storage.get_xb(), len(table[1:]) * table.shape[1]
+                                          ).reshape(len(table) - 1, table.shape[1])  # (V, D')
+        self.build_seconds = time.perf_counter() - started
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """The item vectors of ``rows`` [B, C] -> [B, C, D'] (row 0, padding: zero)."""
+        out = self._stored[np.maximum(rows - 1, 0)]  # (B, C, D')
+        out[rows == 0] = 0.0
+        return out
+
+    def search(self, users: np.ndarray, n: int) -> np.ndarray:
+        """The ``n`` best rows for each user vector [B, D'] -> [B, n] int64, 0 where the
+        index had fewer."""
+        import faiss
+
+        n = min(n, len(self))
+        # one thread: a search runs on an inference thread, beside the event loop's core
+        # (OpenMP's count is per thread, and a thread that never set it gets every core)
+        faiss.omp_set_num_threads(1)
+        _, ids = self.index.search(np.ascontiguousarray(users, dtype=np.float32), n)  # (B, n)
+        return ids + 1  # faiss marks a missing answer -1: row 0, padding
+
+
+def _session(data: bytes, threads: int, providers: list[str]) -> ort.InferenceSession:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as serving's
+    return ort.InferenceSession(data, sess_options=opts, providers=providers)
+
+
+@dataclass
+class TwoStage:
+    """The loaded two-stage parts of one bundle: what ``LoadedModel.rank`` runs instead of
+    the exact graph."""
+
+    user: ort.InferenceSession
+    rescore: ort.InferenceSession
+    index: ItemIndex  # holds the item vectors too
+    candidates: int
+
+    def __post_init__(self) -> None:
+        # the exporter drops an input the graph never reads (history, when G alone scores)
+        self._rescore_inputs = {i.name for i in self.rescore.get_inputs()}
+
+    @property
+    def index_seconds(self) -> float:
+        return self.index.build_seconds
+
+    def candidate_rows(self, model_in: np.ndarray, exclude: np.ndarray, k: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """Return the user vectors [B, D'] and the candidate rows [B, C] of a batch asking
+        for ``k`` rows: the index's (``candidates``, at least ``k`` besides the excluded
+        ones), the linked and the content rows, each once, excluded rows and padding left
+        out (0: no candidate; a column of zeros when nobody has one there)."""
+        user, linked, cold = self.user.run(list(TWO_STAGE_USER_OUTPUTS),
+                                           {TWO_STAGE_USER_INPUT: model_in})
+        # the index's breadth is what a search costs (bench/results/ann-sweep.json): ask for
+        # ``candidates``, or for k plus room for the excluded rows that may take places
+        found = self.index.search(user, max(self.candidates, k + exclude.shape[1]))  # (B, n)
+        rows = np.concatenate([found, linked, cold], axis=1)  # (B, C0)
+        rows.sort(axis=1)
+        rows[:, 1:][rows[:, 1:] == rows[:, :-1]] = 0  # repeats
+        seen = (rows[:, :, None] == exclude[:, None, :]).any(axis=2)  # (B, C0)
+        rows[seen] = 0
+        rows.sort(axis=1)  # padding first: cut the columns that are padding in every row
+        live = (rows != 0).any(axis=0)  # (C0,)
+        first = int(live.argmax()) if live.any() else rows.shape[1] - 1
+        return user, rows[:, first:]  # (B, D'), (B, C)
+
+    def rank(self, model_in: np.ndarray, exclude: np.ndarray,
+             k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The top-``k`` (scores, rows) [B, k] each, best first, -inf (and row 0) where
+        fewer than ``k`` candidates remain: what the exact graph returns."""
+        user, rows = self.candidate_rows(model_in, exclude, k)  # (B, D'), (B, C)
+        feed = {name: value for name, value in zip(
+            TWO_STAGE_RESCORE_INPUTS, (model_in, user, rows, self.index.vectors(rows)),
+            strict=True)
+            if name in self._rescore_inputs}
+        (scores,) = self.rescore.run([TWO_STAGE_RESCORE_OUTPUT], feed)  # (B, C)
+        scores = np.where(rows > 0, scores, -np.inf).astype(np.float32)
+        if rows.shape[1] < k:  # fewer candidates than asked: pad with nothing
+            pad = k - rows.shape[1]
+            rows = np.pad(rows, ((0, 0), (0, pad)))
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # (B, k), unordered
+        order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
+        top = np.take_along_axis(top, order, axis=1)  # (B, k), best first
+        return np.take_along_axis(scores, top, axis=1), np.take_along_axis(rows, top, axis=1)
+
+
+def _npy_view(data: bytes) -> np.ndarray:
+    """The array an .npy file holds, read in place from its bytes (no copy: the index
+    copies it anyway, and at 1M items x 64 it is 256 MB)."""
+    buf = io.BytesIO(data)
+    major, _ = np.lib.format.read_magic(buf)
+    read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                   else np.lib.format.read_array_header_2_0)
+    shape, fortran_order, dtype = read_header(buf)
+    if fortran_order or dtype.hasobject:
+        raise ValueError(f"a C-ordered numeric array is expected, not {dtype} "
+                         f"(fortran order: {fortran_order})")
+    count = int(np.prod(shape))
+    return np.frombuffer(data, dtype=dtype, count=count, offset=buf.tell()).reshape(shape)
+
+
+def build_two_stage(parts: dict[str, bytes], n_items: int, config: IndexConfig, *,
+                    threads: int, providers: list[str], version: str) -> TwoStage:
+    """Load a bundle's two-stage parts and build the index over its item table; raise
+    ``BundleError("bad_index")`` if any part is unusable."""
+    try:
+        table = _npy_view(parts[TWO_STAGE_ITEMS])
+    except Exception as exc:  # numpy raises ValueError, OSError, ... on a bad file
+        raise BundleError("bad_index", f"{version}: items.npy: {exc}"[:500]) from None
+    if table.ndim != 2 or table.shape[0] != n_items + 1 or table.dtype != np.float32:
+        raise BundleError("bad_index", f"{version}: item table {table.shape} {table.dtype}, "
+                                       f"the vocabulary needs float32 [{n_items + 1}, D]")
+    if not np.isfinite(table).all():
+        raise BundleError("bad_index", f"{version}: the item table is not finite")
+    try:
+        user = _session(parts[TWO_STAGE_USER], threads, providers)
+        rescore = _session(parts[TWO_STAGE_RESCORE], threads, providers)
+    except Exception as exc:  # onnxruntime raises its own untyped errors on bad graphs
+        raise BundleError("bad_index", f"{version}: two-stage graphs: {exc}"[:500]) from None
+    try:
+        index = ItemIndex(np.ascontiguousarray(table), config)
+    except Exception as exc:  # whatever the library raises: the bundle cannot serve
+        raise BundleError("bad_index", f"{version}: index build: {exc}"[:500]) from None
+    if len(index) != n_items:
+        raise BundleError("bad_index", f"{version}: the index holds {len(index)} of "
+                                       f"{n_items} items")
+    return TwoStage(user, rescore, index, config.candidates)

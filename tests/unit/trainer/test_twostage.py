@@ -1,0 +1,166 @@
+"""Two-stage parts: user . items is G's score, the rescorer is the full scorer at candidate
+rows (ONNX against torch, for every scorer shape), and a worker ranks a real bundle in two
+stages as it ranks it exactly."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from advrec.bundle import TWO_STAGE_FILES, load_bundle
+from stream_app.retrieval import IndexConfig
+from stream_app.serving import load_model
+from tests.unit.trainer.planted import SMALL, planted_stream
+from trainer.content import ColdScorer, WithCold
+from trainer.export import ExportError, export_two_stage_checked, publish_bundle, scoring_model
+from trainer.learner import OnlineLearner, TrainConfig
+from trainer.prior import PriorConfig
+from trainer.twostage import (
+    CandidateScorer,
+    UserEncoder,
+    check_two_stage_parity,
+    export_two_stage,
+    item_vectors,
+)
+
+
+def trained(item_bias: bool = False, tied: bool = True, prior: float = 4.0) -> OnlineLearner:
+    cfg = dataclasses.replace(SMALL, item_bias=item_bias, tied_output=tied)
+    learner = OnlineLearner(cfg, TrainConfig(mode="none", lr=3e-3, replay_size=300),
+                            prior_cfg=PriorConfig(weight=prior))
+    for batch in planted_stream(4, 64):
+        learner.train_batch(batch)
+    return learner
+
+
+def with_cold(scorer: torch.nn.Module, n_rows: int, n_cold: int = 30) -> WithCold:
+    """``scorer`` with a content score on ``n_cold`` random rows (as catalogue items with no
+    click would have), over random unit content vectors."""
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(n_rows, 8)).astype(np.float32)  # (V+1, k)
+    table[0] = 0.0
+    table /= np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-6)
+    mix = np.zeros(n_rows, dtype=np.float32)
+    mix[rng.choice(np.arange(1, n_rows), n_cold, replace=False)] = 1.0
+    return WithCold(scorer, ColdScorer(table, mix, [1.0, 0.7, 0.49], 5.0, -3.0)).eval()
+
+
+def histories(n: int, n_items: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    h = rng.integers(1, n_items + 1, size=(n, SMALL.max_len))  # (B, L)
+    for i in range(n):
+        h[i, : rng.integers(0, SMALL.max_len + 1)] = 0  # left padding of every length
+    h[0] = 0  # one empty history
+    return h.astype(np.int64)
+
+
+SHAPES = {
+    "G": {"prior": 0.0},
+    "G+prior": {},
+    "G+bias+prior": {"item_bias": True},
+    "G untied+prior": {"tied": False},
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("cold", [False, True])
+def test_two_stage_onnx_matches_torch(shape: str, cold: bool) -> None:
+    learner = trained(**SHAPES[shape])
+    scorer = scoring_model(learner)
+    if cold:
+        scorer = with_cold(scorer, learner.generator.n_items + 1)
+    files = export_two_stage(scorer, SMALL.max_len, n_cold=10)
+    assert check_two_stage_parity(scorer, files, histories(17, len(learner.vocab))) < 1e-4
+
+
+def test_user_vector_dot_item_table_is_g_score() -> None:
+    learner = trained(item_bias=True)
+    g = scoring_model(learner)
+    encoder = UserEncoder(g).eval()
+    h = torch.from_numpy(histories(5, len(learner.vocab)))
+    with torch.no_grad():
+        user = encoder(h)[0]  # (B, D+1)
+        want = encoder.generator(h)  # (B, V+1)
+    got = user @ torch.from_numpy(item_vectors(encoder.generator)).t()  # (B, V+1)
+    assert user.shape[1] == SMALL.d_model + 1
+    assert torch.allclose(got[:, 1:], want[:, 1:], atol=1e-5)
+
+
+def test_rescorer_is_the_full_scorer_at_the_candidate_rows() -> None:
+    learner = trained()
+    scorer = with_cold(scoring_model(learner), learner.generator.n_items + 1)
+    h = torch.from_numpy(histories(6, len(learner.vocab), seed=3))
+    table = torch.from_numpy(item_vectors(learner.generator))
+    encoder, rescorer = UserEncoder(scorer).eval(), CandidateScorer(scorer).eval()
+    rows = torch.randint(1, len(table), (6, 40))  # (B, C)
+    with torch.no_grad():
+        user, linked, cold = encoder(h)
+        got = rescorer(h, user, rows, table[rows])  # (B, C)
+        want = scorer(h).gather(1, rows)  # (B, C)
+    assert torch.allclose(got, want, atol=1e-4)
+    assert linked.shape == (6, PriorConfig().n_recent * PriorConfig().top_k)
+    assert cold.shape == (6, 30) and bool((scorer.cold.mix[cold] == 1).all())
+
+
+def test_a_two_stage_part_that_disagrees_with_torch_is_not_published() -> None:
+    learner = trained()
+    scorer = scoring_model(learner)
+    files = export_two_stage(scorer, SMALL.max_len)
+    with torch.no_grad():  # the model changes after its export
+        learner.generator.items.emb.weight.mul_(2.0)
+    h = histories(4, len(learner.vocab))
+    assert check_two_stage_parity(scoring_model(learner), files, h) > 1e-3
+    with pytest.raises(ExportError):
+        export_two_stage_checked(scorer, SMALL.max_len, h, parity_tol=-1.0)
+
+
+def test_a_published_bundle_ranks_alike_on_both_paths(tmp_path: Path) -> None:
+    learner = trained()
+    version = publish_bundle(learner, tmp_path, {}, two_stage_items=1)
+    assert load_bundle(tmp_path, version).two_stage is not None
+    n = len(learner.vocab)
+    exact = load_model(tmp_path, version, threads=1)
+    staged = load_model(tmp_path, version, threads=1,
+                        index=IndexConfig(min_items=0, candidates=n))
+    assert staged.path == "two_stage"
+    vocab = learner.vocab.items()
+    rng = np.random.default_rng(1)
+    users = [[vocab[i] for i in rng.choice(n, int(rng.integers(1, 12)), replace=False)]
+             for _ in range(30)]
+    ks = [10] * len(users)
+    assert staged.recommend_batch(users, ks) == exact.recommend_batch(users, ks)
+    assert load_bundle(tmp_path, publish_bundle(learner, tmp_path, {})).two_stage is None
+
+
+def test_the_sidecars_bundle_carries_the_parts_from_its_size_on(tmp_path: Path) -> None:
+    from advrec.contract import encode_batch
+    from advrec.synthetic import SyntheticConfig, synthetic_events
+    from trainer.evaluate import build_examples
+    from trainer.settings import load_trainer_settings
+    from trainer.sidecar import Sidecar
+
+    events = list(synthetic_events(SyntheticConfig(n_users=100, n_items=150, seed=2), 1500))
+    examples = list(build_examples(events, 20))
+    versions = []
+    for threshold in ("1", "100000"):
+        sidecar = Sidecar(load_trainer_settings({
+            "ADVREC_TRAINER_MODE": "none", "ADVREC_TRAINER_DIM": "16",
+            "ADVREC_TRAINER_LAYERS": "1", "ADVREC_TRAINER_STEPS_PER_BATCH": "1",
+            "ADVREC_TRAINER_TWO_STAGE_ITEMS": threshold,
+            "ADVREC_BUNDLE_DIR": str(tmp_path / threshold / "bundles"),
+            "ADVREC_CHECKPOINT_DIR": str(tmp_path / threshold / "checkpoints")}))
+        sidecar.build()
+        for n, i in enumerate(range(0, len(examples), 256)):
+            sidecar.step(encode_batch(examples[i : i + 256]), n)
+        export = sidecar.prepare_export()
+        assert export is not None
+        versions.append((load_bundle(Path(sidecar.s.bundle_dir), export.version),
+                         {name for name, _ in export.files}))
+    (with_parts, files), (without, plain) = versions
+    assert with_parts.two_stage is not None and without.two_stage is None
+    assert with_parts.meta["two_stage"]["parity_max_abs_diff"] < 1e-4
+    assert files - plain == set(TWO_STAGE_FILES)  # what travels on the bundle topic

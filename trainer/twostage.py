@@ -1,0 +1,222 @@
+"""Two-stage serving's graphs: G's user and item vectors, and the scorer at candidate rows.
+
+G scores item ``i`` as ``h . E[i] + b[i]`` (trainer/model.py ``Generator.score``), with ``h``
+the newest position's hidden state. So the *user vector* is ``[h, 1]`` and the *item table*
+is ``[E, b]`` (``[h]`` and ``[E]`` without item biases): their inner product is G's score
+exactly, and a worker finds G's best rows with a nearest-neighbour index over the table
+(stream_app/retrieval.py). The other score terms are not inner products: the co-occurrence
+prior (trainer/prior.py) scores the links of the history's latest items, the content score
+(trainer/content.py) the catalogue items with no click. The user encoder names those rows as
+candidates beside the user vector (``linked``, ``cold``), and the rescorer gives every
+candidate the full scorer's score, as ``scoring_model`` would at that column.
+
+Graphs (names in advrec/bundle.py, ``TWO_STAGE_*``):
+
+- user.onnx: history [B, L] int64 -> user [B, D'], linked [B, R*K] int64, cold [B, M] int64
+  (linked and cold are [B, 1] of padding when the scorer has no such term);
+- rescore.onnx: history [B, L], user [B, D'], rows [B, C] int64 and their item vectors
+  [B, C, D'] -> scores [B, C] (the vectors are an input: the worker holds the table once,
+  for its index, instead of once more inside the graph).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from advrec.bundle import (
+    TWO_STAGE_ITEMS,
+    TWO_STAGE_RESCORE,
+    TWO_STAGE_RESCORE_INPUTS,
+    TWO_STAGE_RESCORE_OUTPUT,
+    TWO_STAGE_USER,
+    TWO_STAGE_USER_INPUT,
+    TWO_STAGE_USER_OUTPUTS,
+)
+from trainer.content import ColdScorer, WithCold
+from trainer.model import NEG, Generator
+from trainer.prior import HybridScorer, PriorScorer
+
+__all__ = ["COLD_CANDIDATES", "CandidateScorer", "ScorerParts", "UserEncoder",
+           "check_two_stage_parity", "export_two_stage", "item_vectors", "scorer_parts"]
+
+OPSET = 17  # as trainer/export.py
+# content-only rows named per request: the content score ranks them, so the best M by it
+# are the only ones that can enter a top k <= M (ADVREC_MAX_K is at most 1000; 200 default)
+COLD_CANDIDATES = 200
+
+
+@dataclass(frozen=True)
+class ScorerParts:
+    """The terms of a ``scoring_model``: G, the prior and its weight, the content score."""
+
+    generator: Generator
+    prior: PriorScorer | None = None
+    weight: float = 0.0
+    cold: ColdScorer | None = None
+
+
+def scorer_parts(scorer: nn.Module) -> ScorerParts:
+    """Take a scorer (G, ``HybridScorer``, either inside ``WithCold``) apart."""
+    cold = None
+    if isinstance(scorer, WithCold):
+        scorer, cold = scorer.scorer, scorer.cold
+    if isinstance(scorer, HybridScorer):
+        assert isinstance(scorer.generator, Generator), type(scorer.generator)
+        return ScorerParts(scorer.generator, scorer.prior, scorer.weight, cold)
+    assert isinstance(scorer, Generator), f"not a scorer: {type(scorer).__name__}"
+    return ScorerParts(scorer, cold=cold)
+
+
+def item_vectors(generator: Generator) -> np.ndarray:
+    """G's item table as the index holds it: [V+1, D'] float32, row 0 (padding) zero;
+    ``D' = D + 1`` with item biases (the last column), else ``D``."""
+    with torch.no_grad():
+        table = generator.item_table().detach().float().cpu()  # (V+1, D)
+        bias = generator.item_bias()  # (V+1,) or None
+        if bias is not None:
+            table = torch.cat([table, bias.detach().float().cpu().unsqueeze(1)], dim=1)
+        table[0] = 0.0
+    return np.ascontiguousarray(table.numpy())  # (V+1, D')
+
+
+class UserEncoder(nn.Module):
+    """history [B, L] -> user vector [B, D'], the prior's linked rows [B, R*K] and the best
+    ``n_cold`` content-only rows by content score [B, M]."""
+
+    def __init__(self, scorer: nn.Module, n_cold: int = COLD_CANDIDATES) -> None:
+        super().__init__()
+        parts = scorer_parts(scorer)
+        self.generator = parts.generator
+        self.with_bias = parts.generator.item_bias() is not None
+        self.prior = parts.prior
+        self.cold = parts.cold
+        rows = (np.zeros(0, np.int64) if parts.cold is None
+                else np.flatnonzero(parts.cold.mix.cpu().numpy() > 0))
+        self.register_buffer("cold_rows", torch.from_numpy(rows.astype(np.int64)))  # (N_c,)
+        self.n_cold = min(n_cold, len(rows))
+
+    def forward(self, history: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = self.generator.last_hidden(history)  # (B, D)
+        if self.with_bias:
+            h = torch.cat([h, h[:, :1] * 0.0 + 1.0], dim=1)  # (B, D+1)
+        none = history[:, -1:] * 0  # (B, 1) padding: no candidates from this term
+        linked = none if self.prior is None else self.prior.links(history)[0]  # (B, R*K)
+        cold = none
+        if self.cold is not None and self.n_cold > 0:
+            table = self.cold.table[self.cold_rows]  # (N_c, k)
+            content = self.cold.scale * (self.cold.profile(history) @ table.t())  # (B, N_c)
+            best = torch.topk(content, self.n_cold, dim=1).indices  # (B, M)
+            cold = self.cold_rows[best]  # (B, M)
+        return h, linked, cold
+
+
+class CandidateScorer(nn.Module):
+    """The full scorer at candidate rows: (history [B, L], user [B, D'], rows [B, C], their
+    item vectors [B, C, D']) -> scores [B, C], as ``scoring_model(history)[:, rows]``."""
+
+    def __init__(self, scorer: nn.Module) -> None:
+        super().__init__()
+        parts = scorer_parts(scorer)
+        self.prior = parts.prior
+        self.weight = parts.weight
+        self.cold = parts.cold
+
+    def forward(self, history: torch.Tensor, user: torch.Tensor, rows: torch.Tensor,
+                vectors: torch.Tensor) -> torch.Tensor:
+        scores = (vectors @ user.unsqueeze(2)).squeeze(2)  # (B, C): G's score
+        scores = torch.where(rows > 0, scores, torch.full_like(scores, NEG))  # padding
+        if self.prior is not None:
+            scores = scores + self.weight * self.prior.at(history, rows)  # (B, C)
+        if self.cold is not None:
+            scores = self.cold.at(history, rows, scores)  # (B, C)
+        return scores
+
+
+def _export(module: nn.Module, args: tuple, names_in: list[str], names_out: list[str],
+            batch_axes: dict[str, dict[int, str]]) -> bytes:
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        # the TorchScript exporter, as trainer/export.py uses (the dynamo one is ~20x slower)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(module, args, buf, input_names=names_in, output_names=names_out,
+                          dynamic_axes=batch_axes, opset_version=OPSET, dynamo=False)
+    return buf.getvalue()
+
+
+def export_two_stage(scorer: nn.Module, max_len: int,
+                     n_cold: int = COLD_CANDIDATES) -> dict[str, bytes]:
+    """Export a ``scoring_model``'s two-stage parts: the bundle files (name -> bytes)."""
+    scorer = scorer.cpu().eval()
+    user_enc, rescorer = UserEncoder(scorer, n_cold).eval(), CandidateScorer(scorer).eval()
+    table = item_vectors(user_enc.generator)  # (V+1, D')
+    history = torch.zeros((2, max_len), dtype=torch.int64)  # (B, L)
+    history[0, -1] = 1 if len(table) > 1 else 0
+    user_bytes = _export(
+        user_enc, (history,), [TWO_STAGE_USER_INPUT], list(TWO_STAGE_USER_OUTPUTS),
+        {TWO_STAGE_USER_INPUT: {0: "batch"}, TWO_STAGE_USER_OUTPUTS[0]: {0: "batch"},
+         TWO_STAGE_USER_OUTPUTS[1]: {0: "batch", 1: "n_linked"},
+         TWO_STAGE_USER_OUTPUTS[2]: {0: "batch", 1: "n_cold"}})
+    with torch.no_grad():
+        user = user_enc(history)[0]  # (B, D')
+    rows = torch.tensor([[1, 0, 1], [0, 1, 1]], dtype=torch.int64) % len(table)  # (B, C)
+    vectors = torch.from_numpy(table)[rows]  # (B, C, D')
+    names = list(TWO_STAGE_RESCORE_INPUTS)
+    rescore_bytes = _export(
+        rescorer, (history, user, rows, vectors), names, [TWO_STAGE_RESCORE_OUTPUT],
+        {names[0]: {0: "batch"}, names[1]: {0: "batch"}, names[2]: {0: "batch", 1: "n"},
+         names[3]: {0: "batch", 1: "n"}, TWO_STAGE_RESCORE_OUTPUT: {0: "batch", 1: "n"}})
+    buf = io.BytesIO()
+    np.save(buf, table, allow_pickle=False)
+    return {TWO_STAGE_USER: user_bytes, TWO_STAGE_RESCORE: rescore_bytes,
+            TWO_STAGE_ITEMS: buf.getvalue()}
+
+
+def check_two_stage_parity(scorer: nn.Module, files: dict[str, bytes],
+                           histories: np.ndarray, n_random: int = 64) -> float:
+    """Return the largest |torch - onnxruntime| over: user . items against G's scores of
+    every row, and the rescored candidates (random rows, the linked and the content rows)
+    against the full scorer's scores at those rows; inf on NaN or a shape mismatch."""
+    import onnxruntime as ort
+
+    scorer = scorer.cpu().eval()
+    parts = scorer_parts(scorer)
+    history = torch.as_tensor(np.asarray(histories), dtype=torch.int64)  # (B, L)
+    table = np.load(io.BytesIO(files[TWO_STAGE_ITEMS]), allow_pickle=False)  # (V+1, D')
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1  # a check, not a benchmark
+
+    def session(name: str) -> ort.InferenceSession:
+        return ort.InferenceSession(files[name], options, providers=["CPUExecutionProvider"])
+
+    user, linked, cold = session(TWO_STAGE_USER).run(
+        list(TWO_STAGE_USER_OUTPUTS), {TWO_STAGE_USER_INPUT: history.numpy()})
+    with torch.no_grad():
+        expected_g = parts.generator(history).numpy()  # (B, V+1)
+        expected = scorer(history).numpy()  # (B, V+1)
+    got_g = user @ table.T  # (B, V+1)
+    if got_g.shape != expected_g.shape or not np.isfinite(got_g).all():
+        return float("inf")
+    diff = float(np.abs(got_g[:, 1:] - expected_g[:, 1:]).max(initial=0.0))
+    rng = np.random.default_rng(0)
+    random_rows = rng.integers(1, len(table), (len(history), n_random))  # (B, n)
+    rows = np.concatenate([random_rows, linked, cold], axis=1).astype(np.int64)  # (B, C)
+    rescore = session(TWO_STAGE_RESCORE)
+    reads = {i.name for i in rescore.get_inputs()}  # history is dropped when G alone scores
+    feed = zip(TWO_STAGE_RESCORE_INPUTS, (history.numpy(), user, rows, table[rows]),
+               strict=True)
+    (scores,) = rescore.run([TWO_STAGE_RESCORE_OUTPUT],
+                            {name: value for name, value in feed if name in reads})
+    want = np.take_along_axis(expected, rows, axis=1)  # (B, C)
+    live = rows > 0  # padding candidates are never ranked
+    if scores.shape != want.shape or not np.isfinite(scores[live]).all():
+        return float("inf")
+    return max(diff, float(np.abs(scores[live] - want[live]).max(initial=0.0)))
