@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-min", type=int, default=d.group_min,
                    help="high scorers that must share an item for a flag (1: no such check)")
     p.add_argument("--group-share", type=float, default=d.group_share)
+    p.add_argument("--lone-rounds", type=int, default=d.lone_rounds,
+                   help="rounds a suspect without company waits before it is cleared")
     p.add_argument("--explain", action="store_true",
                    help="at the end, the raw features of flagged real users, unflagged real "
                         "users and fake users (medians), and why each flagged user was flagged")
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    confirm_rounds=args.confirm_rounds,
                                                    group_min=args.group_min,
                                                    group_share=args.group_share,
+                                                   lone_rounds=args.lone_rounds,
                                                    timing_shares=tuple(map(
                                                        float, args.timing_shares.split(",")))))
     examples = list(build_examples(attacked, learner.model_cfg.max_len))
@@ -96,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
               f"the threshold | real users above: {(above & ~is_fake).sum():3d} of "
               f"{(~is_fake).sum()} | flagged so far: {len(guard.flagged & fake)} fake, "
               f"{len(guard.flagged - fake)} real", flush=True)
+    by_fakes = sum(1 for ex in examples if ex.user in fake)
     print(f"flagged: {len(guard.flagged & fake)} of {len(fake)} fake users, "
-          f"{len(guard.flagged - fake)} real users ({guard.lone} suspects had no company)")
+          f"{len(guard.flagged - fake)} real users ({guard.lone} suspects cleared for want "
+          f"of company); examples filtered: {guard.filtered} (fake users' examples: "
+          f"{by_fakes})")
     if args.explain:
         explain(guard, fake)
     for t in SWEEP:

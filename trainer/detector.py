@@ -114,10 +114,15 @@ class DetectorConfig:
     # items, an item whose clicks come at least group_share from high scorers. Poisoning is
     # coordinated (a target only moves when many users push it), while the real users the
     # classifier scores high are odd each in its own way: heavy MovieLens raters shared no
-    # such item. A suspect without company is cleared for now (its examples train) and may
-    # be confirmed later, when company comes. group_min 1: no such check
+    # such item. A suspect without company stays one, its examples waiting, until company
+    # comes or lone_rounds more rounds have passed: then it is cleared for now (its examples
+    # train; it may become a suspect again). group_min 1: no such check
     group_min: int = 3
     group_share: float = 0.5
+    # an attack's first fake users wait for the others: on MovieLens, whose fakes click at
+    # the stream's own gaps, clearing a suspect at once let the first ones' clicks (their
+    # target's included) train before the group formed
+    lone_rounds: int = 10
     min_users: int = 100  # no training round (and no flag) before this many such users
     # no flag before this many training rounds: early on, the statistics are thin and the
     # classifier has seen few real users, and flags stay until someone lifts them
@@ -151,8 +156,8 @@ class DetectorConfig:
         assert self.min_clicks >= 2 and self.fakes_per_round >= 2 and self.reals_per_round >= 2
         assert self.min_users >= 10, "min_users must be >= 10"
         assert self.confirm_rounds >= 1, "confirm_rounds must be >= 1"
-        assert self.group_min >= 1 and 0 <= self.group_share <= 1, \
-            "group_min must be >= 1 and group_share in [0, 1]"
+        assert self.group_min >= 1 and 0 <= self.group_share <= 1 and self.lone_rounds >= 0, \
+            "group_min must be >= 1, group_share in [0, 1] and lone_rounds >= 0"
         assert self.half_life >= 1 and self.window >= 1 and self.links >= 1
         assert 1 <= self.group[0] <= self.group[1], "group must be (low, high) >= 1"
 
@@ -558,9 +563,10 @@ class TrainingFilter:
     it beside each neural replay).
 
     A user scored at or above the threshold in force by ``confirm_rounds`` detector rounds
-    in a row is flagged until re-admitted (``readmit``); a flagged user's examples are not
-    trained on, counted in ``filtered``. A suspect (above, not yet confirmed) has its
-    examples wait: dropped if the flag comes, trained on if a later scoring clears it.
+    in a row, in company (``company``), is flagged until re-admitted (``readmit``); a flagged
+    user's examples are not trained on, counted in ``filtered``. A suspect (above, not yet
+    flagged) has its examples wait: dropped if the flag comes, trained on if a later scoring
+    clears it or no company has come in ``lone_rounds`` more rounds.
     A new user's clicks on a bursting item wait until the user can be scored (see
     ``DetectorConfig.hold_batches``). Every ``ROUND_EVERY`` batches the detector trains a
     round against the most recently active users that are neither flagged nor scored as
@@ -582,7 +588,7 @@ class TrainingFilter:
         self.new_flags: list[str] = []  # flagged since the owner last took them
         # suspects: (detector rounds in a row that scored the user above, the latest of them)
         self.streak: dict[str, tuple[int, int]] = {}
-        self.lone = 0  # times a suspect was confirmed by the rounds but had no company
+        self.lone = 0  # suspects cleared for want of company (lone_rounds without it)
         self.since_round = 0  # batches since the detector's last training round
         # logits given since the owner last took them (the sidecar's score histogram)
         self.scored: deque[float] = deque(maxlen=100_000)
@@ -620,7 +626,7 @@ class TrainingFilter:
                 admitted.extend(self.held.pop(ex.user, ()))
                 admitted.append(ex)
             self.last_seen[ex.user] = bi
-        for u in [u for u in self.held if u not in self.streak
+        for u in [u for u in self.held if u not in self.streak and u not in self.flagged
                   and self.last_seen[u] <= bi - self.cfg.hold_batches]:
             admitted.extend(self.held.pop(u))
         while len(self.records) > self.cfg.max_users:  # forget the least recently active
@@ -671,12 +677,14 @@ class TrainingFilter:
                 due.append(u)
         company = self.company(due)
         for u in due:
-            del self.streak[u]
-            if company[u] < self.cfg.group_min:
-                self.lone += 1  # cleared for now: its waiting examples go on to train
-                continue
-            self.flagged.add(u)  # until re-admitted, as the service keeps a flag
-            self.new_flags.append(u)
+            if company[u] >= self.cfg.group_min:
+                del self.streak[u]
+                self.flagged.add(u)  # until re-admitted, as the service keeps a flag
+                self.new_flags.append(u)
+                self.filtered += len(self.held.pop(u, ()))  # what waited is not trained on
+            elif self.streak[u][0] >= self.cfg.confirm_rounds + self.cfg.lone_rounds:
+                del self.streak[u]  # cleared for now: its waiting examples go on to train
+                self.lone += 1
 
     def company(self, users: Sequence[UserId]) -> dict[UserId, int]:
         """For each of ``users``: how many high scorers (latest logit at or above the

@@ -357,7 +357,7 @@ def test_a_suspect_is_flagged_only_in_company_of_others_pushing_the_same_item(
 
     learner, _, events = trained
     cfg = DetectorConfig(min_clicks=2, hold_batches=0, warmup_rounds=0, confirm_rounds=1,
-                         group_min=3, group_share=0.5)
+                         group_min=3, group_share=0.5, lone_rounds=1)
     guard = decided(TrainingFilter(learner, cfg), 0.0)
     # the classifier, as far as this test goes: users who clicked "t-pushed" or "solo"
     guard.detector.logits = lambda recs, boost=None: np.array(  # type: ignore[method-assign]
@@ -370,9 +370,10 @@ def test_a_suspect_is_flagged_only_in_company_of_others_pushing_the_same_item(
         return [TrainingExample(user=user, history=items[:k], item=item, ts=t0 + k)
                 for k, item in enumerate(items)]
 
-    # an odd real user alone: scored high, but nobody else pushes its odd item
-    guard.admit(session("loner", "solo", 10**13), 1)
-    assert not guard.flagged and guard.lone >= 1 and "loner" not in guard.streak
+    # an odd real user alone: scored high, but nobody else pushes its odd item: a suspect,
+    # its examples waiting
+    kept = guard.admit(session("loner", "solo", 10**13), 1)
+    assert not guard.flagged and "loner" in guard.streak and not kept
     # two users pushing one item are not yet a group of three...
     guard.admit(session("x0", "t-pushed", 10**13 + 100) + session("x1", "t-pushed", 10**13 + 200),
                 2)
@@ -380,8 +381,32 @@ def test_a_suspect_is_flagged_only_in_company_of_others_pushing_the_same_item(
     # ...the third makes one: it is flagged, and the first two at their next scoring
     guard.admit(session("x2", "t-pushed", 10**13 + 300), 3)
     assert guard.flagged == {"x2"}
-    guard.admit(session("x0", "t-pushed", 10**13 + 400) + session("x1", "t-pushed", 10**13 + 500)
-                + session("loner", "solo", 10**13 + 600), 4)
+    guard.admit(session("x0", "t-pushed", 10**13 + 400) + session("x1", "t-pushed", 10**13 + 500),
+                4)
     assert guard.flagged == {"x0", "x1", "x2"}
     assert guard.company(["loner", "x0"]) == {"loner": 1, "x0": 3}
+    # the loner, still alone a round later (lone_rounds 1), is cleared: its examples train
+    guard.detector.rounds += 1
+    kept = guard.admit(session("loner", "solo", 10**13 + 600), 5)
+    assert "loner" not in guard.flagged and "loner" not in guard.streak and guard.lone == 1
+    assert sum(ex.user == "loner" for ex in kept) == 10  # the waiting five and the new five
     assert guard.metrics(None)["lone_suspects"] == guard.lone
+
+
+def test_what_a_suspect_left_waiting_is_dropped_when_a_later_round_flags_it(trained) -> None:
+    learner, _, events = trained
+    cfg = DetectorConfig(min_clicks=2, hold_batches=0, warmup_rounds=0, confirm_rounds=2,
+                         group_min=1)  # company aside (its own test)
+    guard = decided(TrainingFilter(learner, cfg), 20.0)
+    examples = list(build_examples(events[:300], SMALL.max_len))
+    kept = guard.admit(examples, 0)
+    waiting = sum(len(v) for v in guard.held.values())
+    assert waiting and guard.streak
+    # the next round re-scores the suspects (none clicks again) and confirms them
+    guard.detector.rounds += 1
+    guard.detector.train_round = lambda reals: {"loss": 0.0}  # type: ignore[method-assign]
+    guard.since_round = TrainingFilter.ROUND_EVERY - 1
+    assert guard.admit([], 1) == []
+    assert guard.flagged and not guard.held and guard.filtered == waiting
+    assert guard.admit([], 5) == []  # idle or not, a flagged user's clicks never train
+    assert len(kept) + guard.filtered == len(examples)
