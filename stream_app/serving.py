@@ -253,23 +253,6 @@ def _check_detector(data: bytes, probe: np.ndarray, version: str) -> ort.Inferen
     return session
 
 
-def _warm_two_stage(two_stage: TwoStage, bundle: Bundle) -> None:
-    """Rank an empty and a full history in two stages: finite scores of real rows, or the
-    bundle is refused."""
-    probe = np.zeros((2, bundle.max_len), dtype=np.int64)
-    probe[1] = np.arange(bundle.max_len) % len(bundle.vocab) + 1
-    try:
-        scores, rows = two_stage.rank(probe, np.zeros((2, 1), dtype=np.int64),
-                                      min(10, len(bundle.vocab)))
-    except Exception as exc:
-        raise BundleError("bad_index", f"{bundle.version}: two-stage warm-up failed: "
-                                       f"{exc}"[:500]) from None
-    if not (np.isfinite(scores[rows > 0]).all() and (rows[:, 0] > 0).all()
-            and (rows <= len(bundle.vocab)).all()):
-        raise BundleError("nan_output", f"{bundle.version}: two-stage warm-up gave no finite "
-                                        "scores of known rows")
-
-
 def _exact_session(bundle: Bundle, threads: int, providers: str,
                    probe: np.ndarray) -> ort.InferenceSession:
     """Build the exact ranking graph's session and warm it up with ``probe`` [2, L]."""

@@ -655,7 +655,7 @@ class TrainingFilter:
     def _score(self, users: Iterable[UserId]) -> None:
         """Score ``users`` now (those not flagged, not re-admitted, with enough clicks) and
         flag the ones that ``confirm_rounds`` rounds in a row scored at or above the
-        threshold in force (none before the warm-up)."""
+        threshold in force and that have company (none before the warm-up)."""
         if self.detector.rounds < self.cfg.warmup_rounds:
             return
         todo = [u for u in users if u not in self.flagged and u not in self.readmitted
