@@ -43,6 +43,36 @@ from bench._common import machine, print_table, rss_mib, tag, write_result
 USERS, HISTORY = 500, 50
 
 
+class PeakRss:
+    """The highest RSS (MiB) of process ``pid``, sampled every 50 ms on a thread between
+    ``start`` and ``stop`` (or over a ``with`` block)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = rss_mib(pid)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample)
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            self.peak = max(self.peak, rss_mib(self.pid))
+            self._done.wait(0.05)
+
+    def start(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def __enter__(self) -> PeakRss:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 def _stats(latencies: list[float], elapsed: float) -> dict[str, float]:
     latencies.sort()
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 2 else [0.0] * 99
@@ -92,20 +122,10 @@ def serve(root: Path, version: str, swaps: list[str], seconds: float, exact: boo
     out: dict[str, Any] = {"rss_baseline_mib": rss_mib(pid)}
     # the worker's defaults (ADVREC_TWO_STAGE_*, ADVREC_ANN_*), two-stage whatever the size
     index = IndexConfig(min_items=0)
-    peak, done = [rss_mib(pid)], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_mib(pid))
-            done.wait(0.05)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    model = load_model(root, version, threads=1, index=index)
-    done.set()
-    sampler.join()
+    with PeakRss(pid) as loading:
+        model = load_model(root, version, threads=1, index=index)
     release_freed_memory()  # as the watcher does after a swap
-    out.update(path=model.path, load_s=model.load_seconds, rss_peak_loading_mib=peak[0],
+    out.update(path=model.path, load_s=model.load_seconds, rss_peak_loading_mib=loading.peak,
                index_build_s=model.two_stage.index_seconds,
                rss_one_model_mib=rss_mib(pid), candidates=index.candidates)
     vocab = model.bundle.vocab
@@ -137,15 +157,7 @@ def serve(root: Path, version: str, swaps: list[str], seconds: float, exact: boo
         watcher = BundleWatcher(root, server, threads=1, metrics=metrics, index=index)
         steady: tuple[list[float], float] = ([], 0.0)
         during: tuple[list[float], float] = ([], 0.0)
-        peak, done = [rss_mib(pid)], threading.Event()
-
-        def sample() -> None:
-            while not done.is_set():
-                peak[0] = max(peak[0], rss_mib(pid))
-                done.wait(0.05)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
+        rss = PeakRss(pid).start()
         loads = []
         try:
             for new in swaps:
@@ -159,12 +171,11 @@ def serve(root: Path, version: str, swaps: list[str], seconds: float, exact: boo
                 loads.append({"version": new, "load_s": server.current.load_seconds,
                               "waited_after_slice_s": time.perf_counter() - t})
         finally:
-            done.set()
-            sampler.join()
+            rss.stop()
             await server.stop()
         s, d = _stats(*steady), _stats(*during)
         out["swap"] = {"steady": s, "while_loading": d, "p99_ratio": d["p99_ms"] / s["p99_ms"],
-                       "loads": loads, "rss_peak_mib": peak[0],
+                       "loads": loads, "rss_peak_mib": rss.peak,
                        "index_build_s_observed": metrics.registry.get_sample_value(
                            "advrec_index_build_seconds_sum")}
 
