@@ -8,7 +8,8 @@ flags a user (with the score and the features that raised it), an admin writes
 reads the topic back: a re-admitted user trains again, and a trainer that takes over keeps
 the flags of the one before. Workers read it to list flagged users (``GET /admin/flagged``).
 A record is msgpack: ``{"v": 1, "state", "at_ms", "by", "p_fake", "reasons", "rounds",
-"note"}``; ``reasons`` are ``[feature, term in the logit]`` pairs, strongest first.
+"note"}``; ``reasons`` are ``[feature, term in the logit]`` pairs, strongest first, then
+``["company", n]``: how many high scorers push one item with the user (the flag needs 3).
 """
 
 from __future__ import annotations

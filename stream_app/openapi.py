@@ -181,7 +181,9 @@ def _schemas(s: Settings) -> dict[str, Any]:
                 "reasons": {"type": "array", "items": {
                     "type": "object", "required": ["feature", "term"],
                     "properties": {"feature": {"type": "string"}, "term": {"type": "number"}},
-                    "description": "A feature that raised the score and by how much (logit)"}},
+                    "description": "A feature that raised the score and by how much (logit); "
+                                   "the last, 'company', is how many high scorers push one "
+                                   "item with this user"}},
             },
         },
     }

@@ -878,6 +878,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flag a user at this P(fake) or above")
     g.add_argument("--detector-min-clicks", type=int, default=dc.min_clicks,
                    help="users with fewer clicks are not scored")
+    g.add_argument("--detector-confirm-rounds", type=int, default=dc.confirm_rounds,
+                   help="flag a user when this many detector rounds in a row score the user "
+                        "at or above the threshold (the user's examples wait meanwhile)")
     o = p.add_argument_group("loo protocol")
     o.add_argument("--epochs", type=int, default=10)
     o.add_argument("--patience", type=int, default=3, help="stop after N epochs without gain")
@@ -1080,7 +1083,8 @@ def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: li
                    desc="evaluate", file=sys.stderr, dynamic_ncols=True)
     runs: list[MethodRun] = []
     detector_cfg = DetectorConfig(threshold=args.detector_threshold,
-                                  min_clicks=args.detector_min_clicks)
+                                  min_clicks=args.detector_min_clicks,
+                                  confirm_rounds=args.detector_confirm_rounds)
     guards: list[tuple[str, DetectorConfig | None]] = {
         "off": [("", None)], "on": [("/filter", detector_cfg)],
         "both": [("", None), ("/filter", detector_cfg)]}[args.defence]

@@ -72,6 +72,8 @@ class TrainerSettings:
     trainer_detector: bool = False
     trainer_detector_threshold: float = DetectorConfig.threshold  # flag at P(fake) >= this
     trainer_detector_min_clicks: int = DetectorConfig.min_clicks  # users scored from here on
+    # flag only when this many detector rounds in a row score the user above the threshold
+    trainer_detector_confirm_rounds: int = DetectorConfig.confirm_rounds
     # catalogue content (trainer/content.py): every item on the items topic gets a text
     # embedding and a row at once, so the next bundle ranks it before its first click
     trainer_content: bool = True
@@ -125,6 +127,8 @@ class TrainerSettings:
         if not 0.0 < self.trainer_detector_threshold < 1.0 or self.trainer_detector_min_clicks < 2:
             raise ConfigError(f"setting {ENV_PREFIX}TRAINER_DETECTOR_THRESHOLD must be in (0, 1) "
                               f"and {ENV_PREFIX}TRAINER_DETECTOR_MIN_CLICKS >= 2")
+        if self.trainer_detector_confirm_rounds < 1:
+            raise ConfigError(f"setting {ENV_PREFIX}TRAINER_DETECTOR_CONFIRM_ROUNDS must be >= 1")
         if self.trainer_content_blend < 0 or self.trainer_content_chunk < 1:
             raise ConfigError(f"setting {ENV_PREFIX}TRAINER_CONTENT_BLEND must be >= 0 and "
                               f"{ENV_PREFIX}TRAINER_CONTENT_CHUNK >= 1")

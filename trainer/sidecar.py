@@ -178,9 +178,11 @@ class Sidecar:
 
             self.filter = TrainingFilter(self.learner, DetectorConfig(
                 threshold=self.s.trainer_detector_threshold,
-                min_clicks=self.s.trainer_detector_min_clicks, seed=self.s.trainer_seed))
-            log.info("fake-user detector on: threshold P(fake) >= %.4g from the %d-th click",
-                     self.s.trainer_detector_threshold, self.s.trainer_detector_min_clicks)
+                min_clicks=self.s.trainer_detector_min_clicks,
+                confirm_rounds=self.s.trainer_detector_confirm_rounds, seed=self.s.trainer_seed))
+            log.info("fake-user detector on: threshold P(fake) >= %.4g from the %d-th click, "
+                     "confirmed by %d rounds in a row", self.s.trainer_detector_threshold,
+                     self.s.trainer_detector_min_clicks, self.s.trainer_detector_confirm_rounds)
             if detector_state is not None:
                 self.filter.load_state_dict(detector_state)
                 log.info("detector resumed from the checkpoint: %d rounds, %d users flagged",
@@ -443,10 +445,13 @@ class Sidecar:
         from trainer.detector import probability
 
         f = self.filter
+        company = f.company([u for u in f.new_flags if u in f.records])
         for user in f.new_flags:
             rec = f.records.get(user)
             z = f.worst.get(user, 0.0)
             reasons = tuple(f.detector.explain(rec)) if rec is not None else ()
+            if user in company:  # how many high scorers push an item with this user
+                reasons += (("company", float(company[user])),)
             self.flags_out.append(FlagRecord(
                 user=user, state=FLAGGED, by=self.identity, reasons=reasons,
                 p_fake=float(probability(z)),
@@ -473,6 +478,7 @@ class Sidecar:
         m.filtered_examples.inc(f.filtered - filtered_before)
         m.flagged_users.set(len(f.flagged))
         m.held_examples.set(sum(len(v) for v in f.held.values()))
+        m.suspect_users.set(len(f.streak))
         m.detector_rounds.set(f.detector.rounds)
         m.detector_threshold.set(f.detector.threshold)
         for z in f.scored:

@@ -53,6 +53,7 @@ class TrainerMetrics:
     flagged_users: Gauge
     filtered_examples: Counter
     held_examples: Gauge
+    suspect_users: Gauge
     detector_rounds: Gauge
     detector_threshold: Gauge
     detector_scores: Histogram
@@ -128,8 +129,12 @@ class TrainerMetrics:
                                 "flagged (their examples are not trained on)", registry=r),
             filtered_examples=Counter(f"{p}_filtered_examples", "Examples not trained on "
                                       "because their user is flagged", registry=r),
-            held_examples=Gauge(f"{p}_held_examples", "New users' examples waiting until the "
-                                "user can be scored", registry=r),
+            held_examples=Gauge(f"{p}_held_examples", "Examples waiting: new users' until the "
+                                "user can be scored, suspects' until a flag is confirmed or "
+                                "cleared", registry=r),
+            suspect_users=Gauge(f"{p}_suspect_users", "Users scored above the threshold whose "
+                                "flag waits for the next detector round to confirm it",
+                                registry=r),
             detector_rounds=Gauge(f"{p}_detector_rounds", "Training rounds of the fake-user "
                                   "detector (its version)", registry=r),
             detector_threshold=Gauge(f"{p}_detector_threshold", "P(fake) at and above which "

@@ -65,6 +65,9 @@ def test_an_attack_is_flagged_filtered_listed_and_a_readmitted_user_trains_again
         assert len(set(users) - fake) <= len(caught)  # ...and more fakes than real users
         first = body["users"][0]
         assert first["p_fake"] >= 0.5 and first["reasons"] and first["by"]
+        # a flag says how many high scorers push one item with the user (3 at least)
+        assert first["reasons"][-1]["feature"] == "company"
+        assert first["reasons"][-1]["term"] >= 3
         # their examples were filtered; real users' examples still trained
         filtered = trainer.metric("advrec_trainer_filtered_examples_total")
         assert filtered > 0

@@ -118,7 +118,7 @@ def test_the_threshold_in_force_sits_far_out_in_the_recent_users_scores(trained)
 
 def test_the_filter_drops_flagged_users_examples_and_keeps_the_rest(trained) -> None:
     learner, _, events = trained
-    cfg = DetectorConfig(min_clicks=2, hold_batches=0, warmup_rounds=0)
+    cfg = DetectorConfig(min_clicks=2, hold_batches=0, warmup_rounds=0, confirm_rounds=1)
     guard = decided(TrainingFilter(learner, cfg), -20.0)  # nobody is flagged...
     batch = list(build_examples(events[:300], SMALL.max_len))
     assert guard.admit(batch, 0) == batch
@@ -195,7 +195,8 @@ def test_item_stats_read_a_burst_and_pairs_that_others_click_together() -> None:
 
 def test_a_flag_stays_until_readmitted_and_flagged_clicks_still_count(trained) -> None:
     learner, _, events = trained
-    guard = decided(TrainingFilter(learner, DetectorConfig(min_clicks=2, warmup_rounds=0)), 20.0)
+    cfg = DetectorConfig(min_clicks=2, warmup_rounds=0, confirm_rounds=1)
+    guard = decided(TrainingFilter(learner, cfg), 20.0)
     guard.admit(list(build_examples(events[:300], SMALL.max_len)), 0)
     flagged = set(guard.flagged)
     assert flagged
@@ -241,7 +242,7 @@ def test_a_new_users_clicks_on_bursting_items_wait_until_the_user_can_be_scored(
 
 def test_a_readmitted_user_trains_again_and_is_not_flagged_again(trained) -> None:
     learner, _, events = trained
-    cfg = DetectorConfig(min_clicks=2, hold_batches=0, warmup_rounds=0)
+    cfg = DetectorConfig(min_clicks=2, hold_batches=0, warmup_rounds=0, confirm_rounds=1)
     guard = decided(TrainingFilter(learner, cfg), 20.0)  # everybody scored is flagged
     guard.admit(list(build_examples(events[:300], SMALL.max_len)), 0)
     user = next(iter(guard.flagged))
@@ -254,7 +255,7 @@ def test_a_readmitted_user_trains_again_and_is_not_flagged_again(trained) -> Non
 
 def test_nobody_is_flagged_before_the_detector_has_trained_its_warm_up_rounds(trained) -> None:
     learner, _, events = trained
-    cfg = DetectorConfig(min_clicks=2, warmup_rounds=2)
+    cfg = DetectorConfig(min_clicks=2, warmup_rounds=2, confirm_rounds=1)
     guard = decided(TrainingFilter(learner, cfg), 20.0)  # it would flag everybody...
     examples = list(build_examples(events[:600], SMALL.max_len))
     guard.detector.rounds = 1
@@ -293,3 +294,119 @@ def test_users_the_detector_finds_more_likely_fake_are_not_taken_as_real_example
     # unflagged users scored as likely fakes stay out of the round's real examples (an
     # attack in progress would otherwise teach the next detector to pass it)
     assert (scored <= set(given[0])) == as_real and (scored & set(given[0]) == set()) != as_real
+
+
+def test_a_flag_needs_two_rounds_in_a_row_and_a_suspects_examples_wait_meanwhile(
+        trained) -> None:
+    learner, _, events = trained
+    cfg = DetectorConfig(min_clicks=2, hold_batches=0, warmup_rounds=0, confirm_rounds=2)
+    guard = decided(TrainingFilter(learner, cfg), 20.0)  # every user scored is above...
+    examples = list(build_examples(events[:900], SMALL.max_len))
+    kept = guard.admit(examples[:300], 0)
+    assert not guard.flagged and guard.streak  # ...but one round is not enough
+    suspects = set(guard.streak)
+    assert not any(ex.user in suspects for ex in kept)  # their examples wait
+    waiting = sum(len(v) for v in guard.held.values())
+    assert waiting == 300 - len(kept) > 0
+    kept = guard.admit(examples[300:600], 1)  # the same round again: still no flag
+    assert not guard.flagged
+    guard.detector.rounds += 1  # the next round scores them above too: confirmed
+    filtered = guard.filtered
+    kept = guard.admit(examples[600:], 2)
+    confirmed = {ex.user for ex in examples[600:]} & suspects
+    assert confirmed and confirmed <= guard.flagged
+    assert not any(ex.user in guard.flagged for ex in kept)
+    # a confirmed user's waiting examples are dropped, counted with the filtered ones
+    assert guard.filtered > filtered and not any(u in guard.held for u in guard.flagged)
+
+
+def test_a_suspect_that_the_next_round_clears_trains_on_its_waiting_examples(trained) -> None:
+    learner, _, events = trained
+    cfg = DetectorConfig(min_clicks=2, hold_batches=0, warmup_rounds=0, confirm_rounds=2)
+    guard = decided(TrainingFilter(learner, cfg), 20.0)
+    examples = list(build_examples(events[:600], SMALL.max_len))
+    first = guard.admit(examples[:300], 0)
+    waiting = {id(ex) for v in guard.held.values() for ex in v}
+    assert waiting and guard.streak
+    decided(guard, -20.0)  # the next round thinks better of them
+    guard.detector.rounds += 1
+    guard.detector.train_round = lambda reals: {"loss": 0.0}  # type: ignore[method-assign]
+    guard.since_round = TrainingFilter.ROUND_EVERY - 1  # that round comes after this batch
+    later = guard.admit(examples[300:], 1)
+    assert not guard.flagged and not guard.streak  # the round re-scored every suspect
+    # a cleared user who clicked again trains on its waiting examples at once; one who did
+    # not, at the next batch (idle for hold_batches, 0 here): nothing is lost
+    later += guard.admit([], 2)
+    assert {id(ex) for ex in later} & waiting == waiting and not guard.held
+    assert len(first) + len(later) == len(examples)
+
+
+def test_the_suspects_survive_a_checkpoint(trained) -> None:
+    learner, _, events = trained
+    cfg = DetectorConfig(min_clicks=2, hold_batches=0, warmup_rounds=0, confirm_rounds=2)
+    guard = decided(TrainingFilter(learner, cfg), 20.0)
+    guard.admit(list(build_examples(events[:300], SMALL.max_len)), 0)
+    again = TrainingFilter(learner, cfg)
+    again.load_state_dict(guard.state_dict())
+    assert again.streak == guard.streak and again.streak
+
+
+def test_a_suspect_is_flagged_only_in_company_of_others_pushing_the_same_item(
+        trained) -> None:
+    from advrec.contract import TrainingExample
+
+    learner, _, events = trained
+    cfg = DetectorConfig(min_clicks=2, hold_batches=0, warmup_rounds=0, confirm_rounds=1,
+                         group_min=3, group_share=0.5, lone_rounds=1)
+    guard = decided(TrainingFilter(learner, cfg), 0.0)
+    # the classifier, as far as this test goes: users who clicked "t-pushed" or "solo"
+    guard.detector.logits = lambda recs, boost=None: np.array(  # type: ignore[method-assign]
+        [20.0 if {"t-pushed", "solo"} & set(r.items) else -20.0 for r in recs])
+    guard.admit(list(build_examples(events[:2000], SMALL.max_len)), 0)
+    popular = [ex.item for ex in build_examples(events[:40], SMALL.max_len)]
+
+    def session(user: str, odd: str, t0: int) -> list[TrainingExample]:
+        items = [popular[0], odd, popular[1], odd, popular[2]]
+        return [TrainingExample(user=user, history=items[:k], item=item, ts=t0 + k)
+                for k, item in enumerate(items)]
+
+    # an odd real user alone: scored high, but nobody else pushes its odd item: a suspect,
+    # its examples waiting
+    kept = guard.admit(session("loner", "solo", 10**13), 1)
+    assert not guard.flagged and "loner" in guard.streak and not kept
+    # two users pushing one item are not yet a group of three...
+    guard.admit(session("x0", "t-pushed", 10**13 + 100) + session("x1", "t-pushed", 10**13 + 200),
+                2)
+    assert not guard.flagged
+    # ...the third makes one: it is flagged, and the first two at their next scoring
+    guard.admit(session("x2", "t-pushed", 10**13 + 300), 3)
+    assert guard.flagged == {"x2"}
+    guard.admit(session("x0", "t-pushed", 10**13 + 400) + session("x1", "t-pushed", 10**13 + 500),
+                4)
+    assert guard.flagged == {"x0", "x1", "x2"}
+    assert guard.company(["loner", "x0"]) == {"loner": 1, "x0": 3}
+    # the loner, still alone a round later (lone_rounds 1), is cleared: its examples train
+    guard.detector.rounds += 1
+    kept = guard.admit(session("loner", "solo", 10**13 + 600), 5)
+    assert "loner" not in guard.flagged and "loner" not in guard.streak and guard.lone == 1
+    assert sum(ex.user == "loner" for ex in kept) == 10  # the waiting five and the new five
+    assert guard.metrics(None)["lone_suspects"] == guard.lone
+
+
+def test_what_a_suspect_left_waiting_is_dropped_when_a_later_round_flags_it(trained) -> None:
+    learner, _, events = trained
+    cfg = DetectorConfig(min_clicks=2, hold_batches=0, warmup_rounds=0, confirm_rounds=2,
+                         group_min=1)  # company aside (its own test)
+    guard = decided(TrainingFilter(learner, cfg), 20.0)
+    examples = list(build_examples(events[:300], SMALL.max_len))
+    kept = guard.admit(examples, 0)
+    waiting = sum(len(v) for v in guard.held.values())
+    assert waiting and guard.streak
+    # the next round re-scores the suspects (none clicks again) and confirms them
+    guard.detector.rounds += 1
+    guard.detector.train_round = lambda reals: {"loss": 0.0}  # type: ignore[method-assign]
+    guard.since_round = TrainingFilter.ROUND_EVERY - 1
+    assert guard.admit([], 1) == []
+    assert guard.flagged and not guard.held and guard.filtered == waiting
+    assert guard.admit([], 5) == []  # idle or not, a flagged user's clicks never train
+    assert len(kept) + guard.filtered == len(examples)

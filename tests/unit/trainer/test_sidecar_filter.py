@@ -49,6 +49,13 @@ def test_the_sidecar_flags_fake_users_and_counts_what_it_filters(ran) -> None:
     assert reg.get_sample_value("advrec_trainer_flagged_users") == len(f.flagged)
     assert reg.get_sample_value("advrec_trainer_filtered_examples_total") == f.filtered > 0
     assert reg.get_sample_value("advrec_trainer_detector_rounds") == f.detector.rounds
+    assert reg.get_sample_value("advrec_trainer_suspect_users") == len(f.streak)
+    # each flag raised for the topic says why: features, then the company it was caught in
+    assert {r.user for r in sidecar.flags_out} == f.flagged
+    assert all(r.reasons[-1][0] == "company" and r.reasons[-1][1] >= 3
+               for r in sidecar.flags_out)
+    assert reg.get_sample_value("advrec_trainer_held_examples") == sum(
+        len(v) for v in f.held.values())
 
 
 def test_the_sidecars_bundle_carries_the_detector_checked_and_described(ran) -> None:
@@ -78,6 +85,7 @@ def test_a_trainer_that_resumes_from_the_checkpoint_goes_on_with_the_same_detect
     other.build(sidecar.checkpoint_path)
     a, b = sidecar.filter, other.filter
     assert b.detector.rounds == a.detector.rounds and b.flagged == a.flagged
+    assert b.streak == a.streak
     assert b.filtered == a.filtered and set(b.records) == set(a.records)
     users = list(a.records.values())[-50:]
     assert np.allclose(a.detector.logits(users), b.detector.logits(users))
