@@ -111,7 +111,9 @@ class DetectorConfig:
     confirm_rounds: int = 2
     # ...and when the user has company: at least group_min high scorers (users scored at or
     # above the threshold, or flagged; the user included) share one of the user's recent
-    # items, an item whose clicks come at least group_share from high scorers. Poisoning is
+    # items, an item held at least group_share by high scorers among the users who hold it
+    # in their recent items (both counted over the same windows: a target that real users
+    # clicked long ago does not hide a group pushing it now). Poisoning is
     # coordinated (a target only moves when many users push it), while the real users the
     # classifier scores high are odd each in its own way: heavy MovieLens raters shared no
     # such item. A suspect without company stays one, its examples waiting, until company
@@ -581,6 +583,9 @@ class TrainingFilter:
         self.cfg = cfg
         self.max_len = learner.model_cfg.max_len
         self.records: dict[str, UserRecord] = {}  # insertion order = least recently active
+        # per item: how many tracked users hold it among their recent items (the company
+        # rule's denominator, counted over the same windows as its numerator)
+        self.holders: Counter[ItemId] = Counter()
         self.worst: dict[str, float] = {}  # each scored user's highest logit so far
         self.latest: dict[str, float] = {}  # ... and the logit of the latest scoring
         self.flagged: set[str] = set()
@@ -607,6 +612,7 @@ class TrainingFilter:
             rec = self.records.pop(ex.user, None) or UserRecord()
             if rec.behaviour.clicks and ex.ts >= rec.behaviour.last_ts:
                 self.detector.observe_gap(ex.ts - rec.behaviour.last_ts)
+            self._hold(rec, ex.item)
             rec.add(ex.item, ex.ts, self.max_len)
             self.records[ex.user] = rec  # now the most recently active
         self._score(dict.fromkeys(ex.user for ex in batch))
@@ -631,7 +637,10 @@ class TrainingFilter:
             admitted.extend(self.held.pop(u))
         while len(self.records) > self.cfg.max_users:  # forget the least recently active
             gone = next(iter(self.records))
-            del self.records[gone]
+            for item in set(self.records.pop(gone).items):
+                self.holders[item] -= 1
+                if self.holders[item] <= 0:
+                    del self.holders[item]
             self.worst.pop(gone, None)
             self.latest.pop(gone, None)
             self.last_seen.pop(gone, None)
@@ -651,6 +660,19 @@ class TrainingFilter:
                 # users flagged, and a suspect is confirmed or cleared
                 self._score(dict.fromkeys([*(u for u, _ in recent), *self.streak]))
         return admitted
+
+    def _hold(self, rec: UserRecord, item: ItemId) -> None:
+        """Keep ``holders`` right as ``item`` joins ``rec``'s recent items and the oldest
+        leave, past ``max_len``; called before ``rec.add``."""
+        if item not in rec.items:
+            self.holders[item] += 1
+        cut = len(rec.items) + 1 - self.max_len  # how many leave
+        if cut > 0:
+            kept = [*rec.items[cut:], item]
+            for old in set(rec.items[:cut]).difference(kept):
+                self.holders[old] -= 1
+                if self.holders[old] <= 0:
+                    del self.holders[old]
 
     def _score(self, users: Iterable[UserId]) -> None:
         """Score ``users`` now (those not flagged, not re-admitted, with enough clicks) and
@@ -689,8 +711,9 @@ class TrainingFilter:
     def company(self, users: Sequence[UserId]) -> dict[UserId, int]:
         """For each of ``users``: how many high scorers (latest logit at or above the
         threshold in force, or flagged; the user included) share one of the user's recent
-        items, at most, over items whose clicks come at least ``group_share`` from high
-        scorers' recent items (an attack's target; not a film every user rates)."""
+        items, at most, over items that at least ``group_share`` of the users holding them
+        among their recent items are high scorers (an attack's target; not a film every
+        user rates). Both sides count the same span: users' recent items."""
         if not users:
             return {}
         if self.cfg.group_min <= 1:
@@ -698,18 +721,13 @@ class TrainingFilter:
         bar = self.detector.threshold_logit
         high = [v for v in dict.fromkeys([*self.flagged, *(
             v for v, z in self.latest.items() if z >= bar)]) if v in self.records]
-        holders: Counter[ItemId] = Counter()  # high scorers per item
-        clicks: Counter[ItemId] = Counter()  # their clicks on it
+        holders: Counter[ItemId] = Counter()  # high scorers holding each item
         for v in high:
-            items = self.records[v].items
-            clicks.update(items)
-            holders.update(set(items))
-        vocab, total = self.detector.learner.vocab, self.detector.stats.total
+            holders.update(set(self.records[v].items))
 
         def shared(item: ItemId) -> int:
-            row = vocab.index(item) or 0
-            t = float(total[row]) if 0 < row < total.size else 0.0
-            return holders[item] if t > 0 and clicks[item] >= self.cfg.group_share * t else 0
+            h = holders[item]
+            return h if h >= self.cfg.group_share * max(h, self.holders[item]) else 0
 
         return {u: max((shared(i) for i in set(self.records[u].items)), default=0)
                 for u in users}
@@ -802,6 +820,7 @@ class TrainingFilter:
         stats.pairs = Cooccurrence.from_state_dict(s["pairs"])
         self.records = {u: UserRecord(list(items), Behaviour.from_list(beh))
                         for u, (items, beh) in state["records"].items()}
+        self.holders = Counter(i for rec in self.records.values() for i in set(rec.items))
         self.worst = dict(state["worst"])
         self.latest = dict(state.get("latest", {}))  # checkpoints from before it: none
         self.flagged, self.readmitted = set(state["flagged"]), set(state["readmitted"])

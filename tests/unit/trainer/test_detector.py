@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -410,3 +412,49 @@ def test_what_a_suspect_left_waiting_is_dropped_when_a_later_round_flags_it(trai
     assert guard.flagged and not guard.held and guard.filtered == waiting
     assert guard.admit([], 5) == []  # idle or not, a flagged user's clicks never train
     assert len(kept) + guard.filtered == len(examples)
+
+
+def test_the_holders_of_each_item_are_counted_over_the_users_recent_items(trained) -> None:
+    learner, _, events = trained
+    cfg = DetectorConfig(min_clicks=2, hold_batches=0, warmup_rounds=10**6, max_users=150)
+    guard = TrainingFilter(learner, cfg)
+    examples = list(build_examples(events[:3000], SMALL.max_len))
+    for bi in range(0, len(examples), 100):
+        guard.admit(examples[bi:bi + 100], bi // 100)
+    expected = Counter(i for rec in guard.records.values() for i in set(rec.items))
+    assert len(guard.records) == 150 and +guard.holders == expected == guard.holders
+    again = TrainingFilter(learner, cfg)
+    again.load_state_dict(guard.state_dict())
+    assert again.holders == expected
+
+
+def test_a_group_pushing_an_item_that_real_users_clicked_long_ago_has_company(trained) -> None:
+    from advrec.contract import TrainingExample
+
+    learner, _, events = trained
+    cfg = DetectorConfig(min_clicks=2, hold_batches=0, warmup_rounds=0, confirm_rounds=1,
+                         group_min=3, group_share=0.5)
+    guard = decided(TrainingFilter(learner, cfg), 0.0)
+    guard.detector.logits = lambda recs, boost=None: np.array(  # type: ignore[method-assign]
+        [20.0 if "t-old" in r.items else -20.0 for r in recs])
+    fillers = [ex.item for ex in build_examples(events[:400], SMALL.max_len)]
+    fillers = list(dict.fromkeys(fillers))[: 2 * SMALL.max_len]
+    assert len(fillers) == 2 * SMALL.max_len
+
+    def clicks(user: str, items: list[str], t0: int) -> list[TrainingExample]:
+        return [TrainingExample(user=user, history=tuple(items[:k]), item=item, ts=t0 + k)
+                for k, item in enumerate(items)]
+
+    # ten real users clicked the target, then a whole window of other items: it left them
+    for n in range(10):
+        guard.admit(clicks(f"real{n}", ["t-old", *fillers], 10**12 + 1000 * n), n)
+    assert guard.holders["t-old"] == 0 and not guard.flagged
+    # three users push it now, each a few times among few fillers: a group (all ten real
+    # clicks, all-time, would have outnumbered their nine)
+    for k in range(3):
+        guard.admit(clicks(f"x{k}", ["t-old", fillers[0], "t-old", fillers[1], "t-old"],
+                           10**13 + 100 * k), 20 + k)
+    guard.admit(clicks("x0", [fillers[2]], 10**13 + 500)
+                + clicks("x1", [fillers[2]], 10**13 + 600), 30)
+    assert {"x0", "x1", "x2"} <= guard.flagged
+    assert not any(u.startswith("real") for u in guard.flagged)
