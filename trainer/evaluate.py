@@ -881,6 +881,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--detector-confirm-rounds", type=int, default=dc.confirm_rounds,
                    help="flag a user when this many detector rounds in a row score the user "
                         "at or above the threshold (the user's examples wait meanwhile)")
+    g.add_argument("--attacked-only", action="store_true",
+                   help="with --attack: replay the attacked stream only (its clean-stream "
+                        "rows do not depend on the attack kind: one run per dataset and seed "
+                        "gives them to every other)")
     o = p.add_argument_group("loo protocol")
     o.add_argument("--epochs", type=int, default=10)
     o.add_argument("--patience", type=int, default=3, help="stop after N epochs without gain")
@@ -1035,6 +1039,9 @@ def _replay_all(replays: Sequence[tuple[str, str, dict[str, Any]]], jobs: int,
 def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: list[str],
                          argv: list[str] | None) -> int:
     evs = events.events[: args.limit] if args.limit else events.events
+    if args.attacked_only and args.attack is None:
+        print(ERROR.format("--attacked-only needs --attack"), file=sys.stderr)
+        return 2
     if args.until < 1.0:  # the validation prefix only: where settings are chosen
         evs = evs[: round(args.until * len(evs))]
     report_from = round(args.report_from * len(evs))
@@ -1052,7 +1059,7 @@ def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: li
         streams = [("", evs, report_from, labels),
                    (f"|{cfg.kind}", attacked,
                     next((n for n, e in enumerate(attacked) if e.ts >= cut_ts), len(attacked)),
-                    labels)]
+                    labels)][1 if args.attacked_only else 0:]
         print(f"attack {cfg.kind}: {len(labels.fake_users)} fake users ({labels.n_events} "
               f"events) pushing {', '.join(labels.targets)}", file=sys.stderr)
     try:
@@ -1148,7 +1155,7 @@ def _run_prequential_cli(args: argparse.Namespace, events: EventLog, methods: li
         header["defence"] = {**dataclasses.asdict(detector_cfg), "features": list(FEATURES),
                              "round_every_batches": TrainingFilter.ROUND_EVERY}
     if args.attack is not None:
-        labels = streams[1][3]
+        labels = streams[-1][3]
         header["attack"] = {
             **dataclasses.asdict(labels.config), "targets": labels.targets,
             "fake_users": len(labels.fake_users), "fake_events": labels.n_events,

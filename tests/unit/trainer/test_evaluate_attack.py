@@ -40,6 +40,19 @@ def test_evaluate_attack_writes_clean_and_attacked_runs_with_the_attack_recorded
     assert "target_hr@10" in result["summary"]["pop|random"]["mean"]
 
 
+def test_evaluate_attacked_only_replays_the_attacked_stream_alone(tmp_path: Path,
+                                                                   capsys) -> None:
+    out = tmp_path / "atk"
+    args = ["--dataset", "movielens", str(MOVIELENS_SLICE), "--methods", "pop", "--limit",
+            "1500", "--attack-budget", "0.05", "--no-progress", "--attacked-only"]
+    assert evaluate.main([*args, "--attack", "random", "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert set(result["summary"]) == {"pop|random"}
+    assert result["attack"]["kind"] == "random"
+    assert evaluate.main(args) == 2  # no attack: nothing to replay
+    assert "--attacked-only needs --attack" in capsys.readouterr().err
+
+
 def test_evaluate_refuses_a_bad_attack_window_with_a_reason(capsys) -> None:
     rc = evaluate.main(["--dataset", "movielens", str(MOVIELENS_SLICE), "--methods", "pop",
                         "--attack", "random", "--attack-window", "0.7,0.2", "--no-progress"])
