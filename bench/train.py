@@ -10,6 +10,12 @@ encoder's load time and time per catalogue item, the trainer memory the content 
 the encoder take, the default mode's examples/s with every item's content known (the map
 learning beside G) against without, and the disk the encoder's packages add to an install
 (the image's growth). Writes bench/results/train.json and prints a table.
+
+``--scale 1000000`` measures the default mode at a large catalogue instead (every item a live
+row, as a shop's catalogue is): examples/s at 10,000 items and at the given size side by
+side, with the shipped loss (``auto``: the full softmax at 10,000 items, the sampled one
+above 100,000) and with the full softmax at the large size for reference, and the bytes of
+the model and optimizer tables. Writes bench/results/train-scale.json.
 """
 
 from __future__ import annotations
@@ -58,8 +64,16 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--encode-items", type=int, default=2000,
                    help="catalogue texts timed through the encoder")
+    p.add_argument("--scale", type=int, default=0, metavar="ITEMS",
+                   help="measure training at a catalogue of ITEMS live items against 10,000 "
+                        "(only that: bench/results/train-scale.json)")
+    p.add_argument("--scale-full-batches", type=int, default=1,
+                   help="--scale: timed batches of the full softmax at ITEMS, after one "
+                        "warm-up batch (minutes each at 1M items; 0: skip it)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.scale:
+        return scale(args)
     data = batches(args.warmup + args.batches, args.batch_size, args.items, seed=3)
     rows, result = [], {"settings": vars(args), "machine": machine(), "modes": {}}
     model_cfg = ModelConfig()
@@ -104,6 +118,59 @@ def main() -> int:
     result["goal"] = "irgan cost <= 2x none"
     path = write_result("train", result)
     print_table(f"bench/train (batch {args.batch_size}, {args.items} items, "
+                f"{args.threads} threads)", [*rows, ("results", str(path))])
+    return 0
+
+
+def scale(args: argparse.Namespace) -> int:
+    """Training examples/s of the default mode at 10,000 items and at ``args.scale``."""
+    from tqdm import tqdm
+
+    mode = TrainerSettings.trainer_mode
+    model_cfg = ModelConfig()
+    runs = [("10k items", 10_000, "auto", args.warmup, args.batches),
+            (f"{args.scale:,} items", args.scale, "auto", args.warmup, args.batches)]
+    if args.scale_full_batches:  # the reference: what the sampled softmax saves
+        runs.append((f"{args.scale:,} items, full softmax", args.scale, "full", 1,
+                     args.scale_full_batches))
+    result: dict = {"settings": vars(args), "machine": machine(), "mode": mode,
+                    "model": dataclasses.asdict(model_cfg), "runs": {}}
+    rows = []
+    for label, n_items, loss, warmup, n_batches in runs:
+        data = batches(warmup + n_batches, args.batch_size, n_items, seed=3)
+        adv_cfg = AdversarialConfig(loss=loss)
+        learner = OnlineLearner(model_cfg, TrainConfig(mode=mode, seed=0), adv_cfg)
+        t0 = time.perf_counter()
+        learner.add_items(f"i{k}" for k in range(n_items))  # the whole catalogue is live
+        rows_s = time.perf_counter() - t0
+        for b in tqdm(data[:warmup], desc=f"{label}: warm-up", leave=False):
+            learner.train_batch(b)
+        n = 0
+        started = time.perf_counter()
+        for b in tqdm(data[warmup:], desc=f"{label}: timed", leave=False):
+            n += int(learner.train_batch(b)["examples"])
+        seconds = time.perf_counter() - started
+        tables = [*learner.generator.item_tables(), learner.discriminator.items]
+        table_mb = sum(t.emb.weight.nbytes for t in tables) / 2**20
+        state_mb = sum(v.nbytes for opt in (learner.g_optimizer, learner.d_optimizer)
+                       for st in opt.state.values() for v in st.values()
+                       if torch.is_tensor(v)) / 2**20
+        result["runs"][label] = {
+            "items": n_items, "loss": loss, "sampled": learner._log_q() is not None,
+            "examples_per_s": n / seconds, "seconds": seconds, "examples": n,
+            "rows_s": rows_s, "item_tables_mb": table_mb, "optimizer_state_mb": state_mb}
+    base = result["runs"][runs[0][0]]["examples_per_s"]
+    for label, r in result["runs"].items():
+        r["vs_10k"] = r["examples_per_s"] / base
+        rows.append((label, f"{r['examples_per_s']:8.0f} examples/s  {r['vs_10k']:.2f}x 10k  "
+                            f"({'sampled' if r['sampled'] else 'full'} softmax; tables "
+                            f"{r['item_tables_mb']:.0f} MB + optimizer "
+                            f"{r['optimizer_state_mb']:.0f} MB)"))
+    big = result["runs"][runs[1][0]]
+    result["goal"] = "examples/s at the large catalogue >= 0.5x the 10k-item figure"
+    result["goal_met"] = big["vs_10k"] >= 0.5
+    path = write_result("train-scale", result)
+    print_table(f"bench/train --scale (mode {mode}, batch {args.batch_size}, "
                 f"{args.threads} threads)", [*rows, ("results", str(path))])
     return 0
 

@@ -45,7 +45,7 @@ from advrec.datasets import (
 )
 from advrec.suspicion import FEATURES
 from advrec.types import ItemId
-from trainer.adversarial import MODES, AdversarialConfig
+from trainer.adversarial import LOSSES, MODES, AdversarialConfig
 from trainer.baselines import ContentKNN, ItemKNN, RecencyPopularity, StreamingBaseline
 from trainer.content import ContentConfig, TextEncoder, encode_cached
 from trainer.detector import DetectorConfig, TrainingFilter
@@ -835,6 +835,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="APR: L2 radius of the input perturbation per example")
     m.add_argument("--apr-lambda", type=float, default=ac.apr_lambda,
                    help="APR: weight of the adversarial loss")
+    m.add_argument("--loss", choices=LOSSES, default=ac.loss,
+                   help="training loss: the full softmax, the sampled softmax (popularity "
+                        "negatives with the log Q correction), or auto: sampled above "
+                        "--sampled-above items (ranking for the metrics is always full)")
+    m.add_argument("--sampled-above", type=int, default=ac.sampled_above,
+                   help="auto: items from which the sampled softmax trains")
+    m.add_argument("--negatives", type=int, default=ac.n_negatives,
+                   help="sampled softmax: negatives a batch shares")
     pc = PriorConfig()
     m.add_argument("--prior-weights", type=_weights, default=[pc.weight],
                    help="mode+cooc methods: weight(s) w of the co-occurrence prior in "
@@ -924,7 +932,8 @@ def _configs(args: argparse.Namespace, replay_default: float
     mask = (getattr(args, "variant", "A") == "A") if args.mask_history is None \
         else args.mask_history  # trained for the list's rule, as the trainer is
     adv_cfg = AdversarialConfig(mask_history=mask, apr_eps=args.apr_eps,
-                                apr_lambda=args.apr_lambda)
+                                apr_lambda=args.apr_lambda, loss=args.loss,
+                                sampled_above=args.sampled_above, n_negatives=args.negatives)
     return model_cfg, train_cfg, adv_cfg
 
 

@@ -28,6 +28,7 @@ from trainer.adversarial import (
     Batch,
     Players,
     get_update,
+    uses_sampled,
 )
 from trainer.content import ColdScorer, ContentConfig, ContentTable, WithCold
 from trainer.metrics import rank_targets, ranking_metrics
@@ -35,6 +36,7 @@ from trainer.model import (
     NEG,
     Discriminator,
     Generator,
+    LazyAdam,
     ModelConfig,
     replace_param,
     trim_padding,
@@ -177,14 +179,14 @@ class OnlineLearner:
     def _build_optimizers(self) -> None:
         lr, mult = self.train_cfg.lr, self.train_cfg.item_lr_mult
         if mult == 1.0:  # one group, as checkpoints written before item_lr_mult hold
-            self.g_optimizer = torch.optim.Adam(self.generator.parameters(), lr=lr)
+            self.g_optimizer = LazyAdam(self.generator.parameters(), lr=lr)
         else:  # two groups: the item tables (stepping at lr * mult) and everything else
             tables = [t.emb.weight for t in self.generator.item_tables()]
             table_ids = {id(p) for p in tables}
             rest = [p for p in self.generator.parameters() if id(p) not in table_ids]
-            self.g_optimizer = torch.optim.Adam(
+            self.g_optimizer = LazyAdam(
                 [{"params": rest}, {"params": tables, "lr": lr * mult}], lr=lr)
-        self.d_optimizer = torch.optim.Adam(self.discriminator.parameters(),
+        self.d_optimizer = LazyAdam(self.discriminator.parameters(),
                                             lr=self.train_cfg.d_lr)
 
     @contextlib.contextmanager
@@ -375,7 +377,7 @@ class OnlineLearner:
 
     def _log_q(self) -> torch.Tensor | None:
         """Return log popularity of each live row [V+1] for sampled softmax, else None."""
-        if self.adv_cfg.loss != "sampled":
+        if not uses_sampled(self.adv_cfg, self.generator.n_items):
             return None
         counts = self.item_counts[1 : len(self.vocab) + 1].astype(np.float64) + 1.0  # (V,)
         log_q = np.concatenate([[0.0], np.log(counts / counts.sum())])  # (V+1,); row 0 unused
@@ -471,6 +473,9 @@ class OnlineLearner:
             self._grow(len(self.vocab) - before)
             np.add.at(self.item_counts, target, 1)
             log_q = self._log_q()
+            sparse = uses_sampled(self.adv_cfg, self.generator.n_items)
+            self.generator.set_sparse(sparse)  # only the rows a sampled batch touches step
+            self.discriminator.set_sparse(sparse)
             cold = self.cold_rows()
             blocked = None
             if cold.size:

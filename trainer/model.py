@@ -22,6 +22,7 @@ __all__ = [
     "NEG",
     "Discriminator",
     "Generator",
+    "LazyAdam",
     "ModelConfig",
     "attention_bias",
     "replace_param",
@@ -212,6 +213,20 @@ class _ItemTable(nn.Module):
     def capacity(self) -> int:
         return self.emb.num_embeddings - 1
 
+    @property
+    def sparse(self) -> bool:
+        """Whether lookups give sparse gradients (only the rows looked up; see
+        ``LazyAdam``): what keeps a step's cost off the table's size under sampled softmax."""
+        return self.emb.sparse
+
+    @sparse.setter
+    def sparse(self, on: bool) -> None:
+        self.emb.sparse = on
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Look up rows ``ids`` [...] -> [..., dim], sparse gradients when ``sparse``."""
+        return self.emb(ids)
+
     def grow(self, n_new: int) -> list[tuple[nn.Parameter, nn.Parameter]]:
         """Make ``n_new`` more rows live; return (old, new) parameters if reallocated."""
         assert n_new >= 0, n_new
@@ -221,7 +236,7 @@ class _ItemTable(nn.Module):
             old = self.emb.weight
             capacity = max(need, 2 * self.capacity)
             emb = nn.Embedding(capacity + 1, old.shape[1], padding_idx=0,
-                               device=old.device, dtype=old.dtype)
+                               device=old.device, dtype=old.dtype, sparse=self.emb.sparse)
             with torch.no_grad():
                 nn.init.normal_(emb.weight, std=self.init_std)
                 emb.weight[: old.shape[0]] = old
@@ -235,7 +250,7 @@ class _ItemTable(nn.Module):
         """Reallocate to exactly ``capacity`` rows (before loading a saved state)."""
         old = self.emb.weight
         self.emb = nn.Embedding(capacity + 1, old.shape[1], padding_idx=0,
-                                device=old.device, dtype=old.dtype)
+                                device=old.device, dtype=old.dtype, sparse=self.emb.sparse)
 
 
 # ---------------------------------------------------------------------------- generator
@@ -282,6 +297,16 @@ class Generator(nn.Module):
     def grow(self, n_new: int) -> list[tuple[nn.Parameter, nn.Parameter]]:
         """Add ``n_new`` item rows keeping learned ones; return replaced parameters."""
         return [pair for table in self.item_tables() for pair in table.grow(n_new)]
+
+    def set_sparse(self, on: bool) -> None:
+        """Give every item table sparse gradients (sampled softmax) or dense ones."""
+        for table in self.item_tables():
+            table.sparse = on
+
+    def candidate_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The scoring rows of candidates ``ids`` [...] -> [..., D] (sparse gradients when
+        the tables are: sampled softmax scores a few rows, and touches only those)."""
+        return (self.items if self.out_items is None else self.out_items).rows(ids)
 
     def item_table(self) -> torch.Tensor:
         """Return the live rows [V+1, D] that score candidates, row 0 (padding) included."""
@@ -382,6 +407,10 @@ class Discriminator(nn.Module):
         """Add ``n_new`` item rows keeping learned ones; return replaced parameters."""
         return self.items.grow(n_new)
 
+    def set_sparse(self, on: bool) -> None:
+        """Give the item table sparse gradients (sampled softmax) or dense ones."""
+        self.items.sparse = on
+
     def resize(self, capacity: int, n_items: int) -> None:
         """Reshape the item table to a saved capacity before ``load_state_dict``."""
         self.items.resize(capacity)
@@ -418,3 +447,47 @@ def replace_param(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.P
             value = torch.cat([value, pad], dim=0)
         grown[key] = value
     optimizer.state[new] = grown
+
+
+class LazyAdam(torch.optim.Adam):
+    """Adam that also takes sparse gradients: a table whose gradient is sparse (a lookup with
+    ``sparse=True``) has only the rows looked up stepped, their moments updated and the
+    others' left as they are (the "lazy" Adam of large embedding tables), so a step costs
+    the rows a batch touches, not the table. Dense gradients step exactly as ``Adam``; the
+    state keeps Adam's keys, so a checkpoint of one loads into the other and a table may
+    switch between dense and sparse gradients (full and sampled softmax) as it grows.
+    """
+
+    @torch.no_grad()
+    def step(self, closure: object = None) -> None:  # type: ignore[override]
+        assert closure is None, "LazyAdam takes no closure"
+        sparse = [(group, p) for group in self.param_groups for p in group["params"]
+                  if p.grad is not None and p.grad.is_sparse]
+        grads = [p.grad for _, p in sparse]
+        for _, p in sparse:
+            p.grad = None  # Adam skips them
+        super().step()
+        for (group, p), grad in zip(sparse, grads, strict=True):
+            self._sparse_step(group, p, grad)
+            p.grad = grad
+
+    def _sparse_step(self, group: dict, p: torch.Tensor, grad: torch.Tensor) -> None:
+        assert not group["amsgrad"] and not group["maximize"], "LazyAdam: plain Adam only"
+        grad = grad.coalesce()
+        idx, val = grad.indices()[0], grad.values()  # (K,), (K, ...)
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        t = float(state["step"])
+        (b1, b2), lr, eps = group["betas"], float(group["lr"]), group["eps"]
+        if group["weight_decay"]:
+            val = val.add(p[idx], alpha=group["weight_decay"])
+        m = state["exp_avg"][idx].mul_(b1).add_(val, alpha=1 - b1)  # (K, ...)
+        v = state["exp_avg_sq"][idx].mul_(b2).addcmul_(val, val, value=1 - b2)  # (K, ...)
+        state["exp_avg"][idx] = m
+        state["exp_avg_sq"][idx] = v
+        denom = (v.sqrt() / math.sqrt(1 - b2 ** t)).add_(eps)  # (K, ...)
+        p.index_add_(0, idx, m.div_(denom), alpha=-lr / (1 - b1 ** t))

@@ -56,6 +56,13 @@ class TrainerSettings:
     # re-clicks (ml-latest-small), off for session streams with many (yoochoose), where it
     # cost 2 % HR@10 (docs/results.md)
     trainer_mask_history: bool = True
+    # the training loss (trainer/adversarial.py): auto trains with the full softmax up to
+    # trainer_sampled_above items and with the sampled softmax (popularity negatives, log Q
+    # correction, only the touched rows stepped) above: the full one is a [B, V] logit
+    # matrix and a step of every row, which at 1M items is ~1 GB and most of a step's time
+    trainer_loss: str = "auto"
+    trainer_sampled_above: int = 100_000
+    trainer_negatives: int = 1024  # negatives a sampled batch shares (trainer/adversarial.py)
     # which past items the served list leaves out (the worker's ADVREC_EXCLUDE: seen | none |
     # event types, advrec/exclusion.py): the generator is trained for it (the history mask
     # holds only under "seen") and the quality gate ranks as the list does (variant A under
@@ -121,6 +128,13 @@ class TrainerSettings:
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting {ENV_PREFIX}{name.upper()}={getattr(self, name)!r}"
                                   " must be >= 1")
+        from trainer.adversarial import LOSSES
+
+        if self.trainer_loss not in LOSSES or self.trainer_negatives < 1:
+            raise ConfigError(f"setting {ENV_PREFIX}TRAINER_LOSS={self.trainer_loss!r} must be "
+                              f"one of {list(LOSSES)} and {ENV_PREFIX}TRAINER_NEGATIVES >= 1")
+        if self.trainer_sampled_above < 0:
+            raise ConfigError(f"setting {ENV_PREFIX}TRAINER_SAMPLED_ABOVE must be >= 0")
         try:
             ExclusionRule.parse(self.exclude)
         except ValueError as exc:

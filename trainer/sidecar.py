@@ -211,7 +211,9 @@ class Sidecar:
                         replay_policy=s.trainer_replay_policy, num_threads=s.trainer_threads),
             # the history mask only where the list leaves the history out (advrec.exclusion)
             AdversarialConfig(mask_history=s.trainer_mask_history
-                              and s.exclusion.mask_history),
+                              and s.exclusion.mask_history, loss=s.trainer_loss,
+                              sampled_above=s.trainer_sampled_above,
+                              n_negatives=s.trainer_negatives),
             PriorConfig(weight=s.trainer_prior_weight, top_k=s.trainer_prior_top_k),
             ContentConfig(blend_clicks=s.trainer_content_blend))
 

@@ -251,6 +251,23 @@ def test_trainer_mask_history_is_a_setting() -> None:
     assert off.trainer_mask_history is False
 
 
+def test_the_training_loss_is_a_setting_the_sidecar_builds_its_learner_with(
+        tmp_path: Path) -> None:
+    from trainer.settings import ConfigError, load_trainer_settings
+    from trainer.sidecar import Sidecar
+
+    s = load_trainer_settings({"ADVREC_TRAINER_LOSS": "sampled",
+                               "ADVREC_TRAINER_SAMPLED_ABOVE": "5000",
+                               "ADVREC_TRAINER_NEGATIVES": "64",
+                               "ADVREC_BUNDLE_DIR": str(tmp_path / "b"),
+                               "ADVREC_CHECKPOINT_DIR": str(tmp_path / "c")})
+    adv = Sidecar(s).fresh_learner().adv_cfg
+    assert (adv.loss, adv.sampled_above, adv.n_negatives) == ("sampled", 5000, 64)
+    assert load_trainer_settings({}).trainer_loss == "auto"
+    with pytest.raises(ConfigError, match="TRAINER_LOSS"):
+        load_trainer_settings({"ADVREC_TRAINER_LOSS": "partial"})
+
+
 def test_trainer_replay_policy_and_dropout_are_settings() -> None:
     from advrec.config import ConfigError
     from trainer.settings import load_trainer_settings
@@ -296,3 +313,50 @@ def test_under_exclude_none_the_trainer_trains_and_gates_for_lists_with_reclicks
     # the history stays in the training softmax; the gate decides on variant B
     assert not sidecar.learner.adv_cfg.mask_history and sidecar.variants == ("B", "A")
     assert sidecar.learner.prior_cfg.weight == 0.0
+
+
+@pytest.mark.parametrize("mode", ["none", "irgan+apr"])
+def test_above_its_catalogue_size_the_learner_trains_sampled_and_steps_only_touched_rows(
+        mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.adversarial import AdversarialConfig
+
+    batches = planted_stream(6, 32, seed=3)
+    adv = AdversarialConfig(loss="auto", sampled_above=10, n_negatives=8)
+    learner = OnlineLearner(SMALL, TrainConfig(mode=mode, lr=3e-3, seed=0, replay_size=500,
+                                               replay_ratio=0.0), adv)
+    for batch in batches[:3]:
+        learner.train_batch(batch)
+    assert learner.generator.items.sparse and learner.discriminator.items.sparse
+    assert learner._log_q() is not None
+    # a batch of one example touches its history, its target and the sampled negatives
+    from trainer import adversarial
+
+    drawn: list[torch.Tensor] = []
+    draw = adversarial._sample_negatives
+
+    def recorded(*args: object) -> torch.Tensor:
+        drawn.append(draw(*args))  # type: ignore[arg-type]
+        return drawn[-1]
+
+    before = learner.generator.items.emb.weight.detach().clone()
+    example = batches[3][0]
+    with monkeypatch.context() as m:
+        m.setattr(adversarial, "_sample_negatives", recorded)
+        learner.train_batch([example])
+    touched = set(learner.vocab.known_rows([*example.history, example.item]))
+    touched |= {int(r) for d in drawn for r in d}
+    moved = (learner.generator.items.emb.weight.detach() - before).abs().sum(1) > 0
+    assert drawn and set(moved.nonzero().flatten().tolist()) <= touched
+    assert 2 <= moved.sum() < len(learner.vocab) // 2
+    # it resumes exactly from a checkpoint (LazyAdam's state is Adam's)
+    saved = learner.state_dict()
+    expected = [learner.train_batch(b) for b in batches[4:]]
+    resumed = OnlineLearner.from_state_dict(saved)
+    assert [resumed.train_batch(b) for b in batches[4:]] == expected
+
+
+def test_below_its_catalogue_size_the_learner_keeps_the_full_softmax() -> None:
+    learner = _learner("none")
+    learner.train_batch(planted_stream(1, 32, seed=3)[0])
+    assert learner.adv_cfg.loss == "auto" and learner._log_q() is None
+    assert not learner.generator.items.sparse

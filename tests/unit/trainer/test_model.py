@@ -10,6 +10,7 @@ from trainer.model import (
     NEG,
     Discriminator,
     Generator,
+    LazyAdam,
     ModelConfig,
     attention_bias,
     replace_param,
@@ -221,3 +222,48 @@ def test_default_generator_has_a_tied_table_and_no_bias() -> None:
     assert gen.out_items is None and gen.out_bias is None
     assert gen.item_tables() == [gen.items]
     assert gen.item_table().data_ptr() == gen.items.emb.weight.data_ptr()
+
+
+def _table_and_optimizers(seed: int = 0) -> tuple[torch.nn.Embedding, torch.nn.Embedding]:
+    torch.manual_seed(seed)
+    dense = torch.nn.Embedding(50, 8, padding_idx=0)
+    sparse = torch.nn.Embedding(50, 8, padding_idx=0, sparse=True)
+    with torch.no_grad():
+        sparse.weight.copy_(dense.weight)
+    return dense, sparse
+
+
+def test_lazy_adam_steps_dense_gradients_exactly_as_adam() -> None:
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
+    b.load_state_dict(a.state_dict())
+    opt_a, opt_b = torch.optim.Adam(a.parameters(), lr=1e-2), LazyAdam(b.parameters(), lr=1e-2)
+    for step in range(5):
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(step))
+        for net, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            net(x).square().sum().backward()
+            opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    opt_a.load_state_dict(opt_b.state_dict())  # the same state: a checkpoint loads either way
+
+
+def test_lazy_adam_steps_only_the_rows_a_sparse_gradient_touches() -> None:
+    dense, sparse = _table_and_optimizers()
+    opt_d, opt_s = LazyAdam(dense.parameters(), lr=0.1), LazyAdam(sparse.parameters(), lr=0.1)
+    ids = [torch.tensor([[3, 7, 7, 0]]), torch.tensor([[5, 9, 0, 0]])]
+    for k, rows in enumerate(ids):
+        for table, opt in ((dense, opt_d), (sparse, opt_s)):
+            opt.zero_grad()
+            (table(rows).sum(-1) * torch.tensor([1.0, -2.0, 0.5, 3.0])).sum().backward()
+            opt.step()
+        assert sparse.weight.grad is not None and sparse.weight.grad.is_sparse
+        if k == 0:  # a first step moves the same rows by the same amounts as Adam
+            assert torch.allclose(dense.weight, sparse.weight, atol=1e-6)
+    # the second step: rows 3 and 7, untouched, stay where the first step left them (Adam's
+    # momentum moves them on); rows 5 and 9 take Adam's first step
+    moved = (dense.weight - sparse.weight).abs().sum(1) > 1e-6
+    assert moved.nonzero().flatten().tolist() == [3, 7]
+    assert torch.equal(sparse.weight[0], torch.zeros(8))  # padding never moves
+    state = opt_s.state[sparse.weight]
+    assert float(state["step"]) == 2 and state["exp_avg"][[1, 2, 4]].abs().sum() == 0
