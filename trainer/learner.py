@@ -186,8 +186,7 @@ class OnlineLearner:
             rest = [p for p in self.generator.parameters() if id(p) not in table_ids]
             self.g_optimizer = LazyAdam(
                 [{"params": rest}, {"params": tables, "lr": lr * mult}], lr=lr)
-        self.d_optimizer = LazyAdam(self.discriminator.parameters(),
-                                            lr=self.train_cfg.d_lr)
+        self.d_optimizer = LazyAdam(self.discriminator.parameters(), lr=self.train_cfg.d_lr)
 
     @contextlib.contextmanager
     def _rng(self) -> Iterator[None]:
