@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from advrec.contract import TrainingExample
 from advrec.synthetic import SyntheticConfig, synthetic_events
 from bench._common import machine, print_table, write_result
-from trainer.adversarial import MODES, AdversarialConfig
+from trainer.adversarial import MODES, AdversarialConfig, uses_sampled
 from trainer.content import ENCODER_PACKAGE, TextEncoder
 from trainer.detector import DetectorConfig, TrainingFilter
 from trainer.learner import OnlineLearner, TrainConfig
@@ -156,7 +156,8 @@ def scale(args: argparse.Namespace) -> int:
                        for st in opt.state.values() for v in st.values()
                        if torch.is_tensor(v)) / 2**20
         result["runs"][label] = {
-            "items": n_items, "loss": loss, "sampled": learner._log_q() is not None,
+            "items": n_items, "loss": loss,
+            "sampled": uses_sampled(adv_cfg, learner.generator.n_items),
             "examples_per_s": n / seconds, "seconds": seconds, "examples": n,
             "rows_s": rows_s, "item_tables_mb": table_mb, "optimizer_state_mb": state_mb}
     base = result["runs"][runs[0][0]]["examples_per_s"]

@@ -637,10 +637,7 @@ class TrainingFilter:
             admitted.extend(self.held.pop(u))
         while len(self.records) > self.cfg.max_users:  # forget the least recently active
             gone = next(iter(self.records))
-            for item in set(self.records.pop(gone).items):
-                self.holders[item] -= 1
-                if self.holders[item] <= 0:
-                    del self.holders[item]
+            self._unhold(set(self.records.pop(gone).items))
             self.worst.pop(gone, None)
             self.latest.pop(gone, None)
             self.last_seen.pop(gone, None)
@@ -668,11 +665,14 @@ class TrainingFilter:
             self.holders[item] += 1
         cut = len(rec.items) + 1 - self.max_len  # how many leave
         if cut > 0:
-            kept = [*rec.items[cut:], item]
-            for old in set(rec.items[:cut]).difference(kept):
-                self.holders[old] -= 1
-                if self.holders[old] <= 0:
-                    del self.holders[old]
+            self._unhold(set(rec.items[:cut]).difference([*rec.items[cut:], item]))
+
+    def _unhold(self, items: Iterable[ItemId]) -> None:
+        """One holder fewer for each of ``items`` (distinct), forgetting those left with none."""
+        for item in items:
+            self.holders[item] -= 1
+            if self.holders[item] <= 0:
+                del self.holders[item]
 
     def _score(self, users: Iterable[UserId]) -> None:
         """Score ``users`` now (those not flagged, not re-admitted, with enough clicks) and
