@@ -189,6 +189,9 @@ def test_trainer_settings_defaults_match_the_learner_defaults() -> None:
 
     s, train, model = TrainerSettings(), TrainConfig(), ModelConfig()
     assert s.trainer_mask_history == AdversarialConfig().mask_history
+    adv = AdversarialConfig()
+    assert (s.trainer_loss, s.trainer_sampled_above, s.trainer_negatives) == (
+        adv.loss, adv.sampled_above, adv.n_negatives)
     assert (s.trainer_lr, s.trainer_steps_per_batch) == (train.lr, train.steps_per_batch)
     assert (s.trainer_replay_size, s.trainer_replay_ratio, s.trainer_replay_policy) == (
         train.replay_size, train.replay_ratio, train.replay_policy)
