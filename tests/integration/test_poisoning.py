@@ -40,9 +40,12 @@ def test_an_attack_is_flagged_filtered_listed_and_a_readmitted_user_trains_again
     try:
         now = int(time.time() * 1000)
         cfg = SyntheticConfig(n_users=300, n_items=200, seed=3, start_ms=now - 6 * 3_600_000)
-        events = list(synthetic_events(cfg, 14000))
+        # ~80 batches of 256: the detector's rounds come every 10, its first 3 are a warm-up
+        # and a flag takes 2 rounds in a row, so the attack (batches ~35-44) leaves 3 or 4
+        # rounds after it, however the worker happens to cut the batches
+        events = list(synthetic_events(cfg, 20000))
         stream, labels = inject(events, AttackConfig(kind="random", budget=0.05, filler=20,
-                                                     start=0.6, end=0.7, seed=1))
+                                                     start=0.45, end=0.55, seed=1))
         fake = set(labels.fake_users)
         send(names.clicks, [(encode_key(e.user), encode_event(e)) for e in stream])
         real_events = len(stream) - labels.n_events
@@ -53,8 +56,12 @@ def test_an_attack_is_flagged_filtered_listed_and_a_readmitted_user_trains_again
             assert r.status_code == 200, r.text
             return r.json()
 
-        wait_for(lambda: listed()["count"] >= len(fake) // 2, 240,
-                 f"at least {len(fake) // 2} users flagged", interval=2)
+        try:
+            wait_for(lambda: listed()["count"] >= len(fake) // 2, 240,
+                     f"at least {len(fake) // 2} users flagged", interval=2)
+        except AssertionError as exc:  # say what the detector did
+            said = [line for line in trainer.log_text().splitlines() if "detector" in line]
+            raise AssertionError("\n".join([str(exc), *said[-20:]])) from None
         wait_for(lambda: trainer.metric("advrec_trainer_examples_total")
                  + trainer.metric("advrec_trainer_filtered_examples_total")
                  >= 0.95 * len(stream) - 2 * 256, 240, "the stream trained through", interval=2)
