@@ -8,13 +8,11 @@ vector on day zero. ``ContentTable`` keeps those vectors, projected onto their `
 axes (PCA over the catalogue, centred: the mean of a catalogue's texts says nothing about
 any one of them), and ``ColdScorer`` scores every catalogue item with no click by the
 cosine between its projected vector and the user's recent items' (weighted ``decay**p``,
-p = 0 the latest), scaled and shifted as ``a * cos + b``, plus a bias per item linear in its
-text vector (``w . (x - mean)``: the kinds of items clicked before anyone clicked them).
-That score stands in the served list where G's score of an untrained row would (the rows of
-G and the exclusion and ranking paths are unchanged); ``a``, ``b`` and ``w`` are fitted
-online by maximum likelihood of the stream's targets (``OnlineLearner._calibrate_cold``),
-so that the items scored by content get about the share of the probability that such items
-get of the clicks. When clicks
+p = 0 the latest), scaled and shifted as ``a * cos + b``. That score stands in the served
+list where G's score of an untrained row would (the rows of G and the exclusion and ranking
+paths are unchanged); ``a`` and ``b`` are fitted online by maximum likelihood of the
+stream's targets (``OnlineLearner._calibrate_cold``), so that the items scored by content
+get about the share of the probability that such items get of the clicks. When clicks
 arrive the item's own row takes over: at once (``blend_clicks`` 0), or with the content
 score weighing ``k / (n + k)`` after ``n`` clicks.
 
@@ -22,7 +20,7 @@ Measured on the validation prefix of ml-latest-small (docs/results.md, "Cold sta
 why it is not a map into G's item space: a learned map from content to G's rows (regressing
 warm rows, or trained to rank targets by mapped rows) ranked 0.0000-0.0020 of the cold
 targets in the top 10; the content cosine, ranking every item alone, 0.03 (as TF-IDF does),
-and 0.005 of them inside the hybrid (0.02 over the whole stream), 0.0085 with the text bias.
+and 0.005 of them inside the hybrid (0.02 over the whole stream).
 """
 
 from __future__ import annotations
@@ -166,11 +164,7 @@ class ContentTable:
         # starts at a few logits per unit of cosine, b well below typical logits
         self.scale = torch.nn.Parameter(torch.tensor(5.0))
         self.shift = torch.nn.Parameter(torch.tensor(-5.0))
-        # and a bias per item, linear in its text vector: which kinds of items are clicked
-        # while nobody has clicked them yet (a new film rather than an old one)
-        self.weight = torch.nn.Parameter(torch.zeros(in_dim))  # (C,)
-        self.optimizer = torch.optim.Adam([self.scale, self.shift, self.weight],
-                                          lr=config.calib_lr)
+        self.optimizer = torch.optim.Adam([self.scale, self.shift], lr=config.calib_lr)
 
     def __len__(self) -> int:
         return int(self.has.sum())
@@ -234,20 +228,6 @@ class ContentTable:
         self._projected = out
         return out
 
-    def centred(self, n_rows: int) -> torch.Tensor:
-        """Rows 0..n_rows-1's text vectors less the catalogue's mean [n_rows, C]; zero rows
-        where there is no content."""
-        vectors = np.zeros((n_rows, self.in_dim), dtype=np.float32)
-        rows = self.rows(n_rows)
-        vectors[rows] = self.vectors[rows] - self.mean
-        return torch.from_numpy(vectors).to(self.weight.device)
-
-    def bias(self, n_rows: int) -> torch.Tensor:
-        """Each row's content bias ``weight . (vector - mean)`` [n_rows] (0 where there is no
-        content)."""
-        with torch.no_grad():
-            return self.centred(n_rows) @ self.weight  # (n_rows,)
-
     def state_dict(self) -> dict[str, Any]:
         n = int(np.flatnonzero(self.has).max()) + 1 if self.has.any() else 1
         return {"config": asdict(self.config), "in_dim": self.in_dim,
@@ -258,7 +238,7 @@ class ContentTable:
                 "mean": torch.from_numpy(self.mean.copy()),
                 "axes": torch.from_numpy(self.axes.copy()), "fitted_on": self.fitted_on,
                 "scale": self.scale.item(), "shift": self.shift.item(),
-                "weight": self.weight.detach().clone(), "optimizer": self.optimizer.state_dict()}
+                "optimizer": self.optimizer.state_dict()}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> ContentTable:
@@ -272,10 +252,7 @@ class ContentTable:
         with torch.no_grad():
             table.scale.fill_(state["scale"])
             table.shift.fill_(state["shift"])
-            if "weight" in state:
-                table.weight.copy_(state["weight"])
-        if "weight" in state:  # a checkpoint from before the bias: a fresh optimizer
-            table.optimizer.load_state_dict(state["optimizer"])
+        table.optimizer.load_state_dict(state["optimizer"])
         return table
 
 
@@ -284,14 +261,14 @@ class ColdScorer(nn.Module):
 
     ``forward(history [B, L], scores [B, V+1]) -> [B, V+1]``: with ``mix`` [V+1] the content
     score's weight per row (1 for a catalogue item with no click, k / (n + k) after n clicks
-    when blending, 0 otherwise), ``scores * (1 - mix) + mix * (a * cos + b + bias)``, where
-    cos is between each row's projected content [V+1, k] and the weighted sum of the
-    history's latest items' content, and ``bias`` [V+1] the row's own, from its text.
-    Plain tensor arithmetic: it exports to ONNX with the scorer it wraps.
+    when blending, 0 otherwise), ``scores * (1 - mix) + mix * (a * cos + b)``, where cos is
+    between each row's projected content [V+1, k] and the weighted sum of the history's
+    latest items' content. Plain tensor arithmetic: it exports to ONNX with the scorer it
+    wraps.
     """
 
     def __init__(self, table: np.ndarray, mix: np.ndarray, weights: Sequence[float],
-                 scale: float, shift: float, bias: np.ndarray | None = None) -> None:
+                 scale: float, shift: float) -> None:
         super().__init__()
         self.register_buffer("table", torch.from_numpy(table.copy()))  # (V+1, k)
         self.register_buffer("mix", torch.from_numpy(mix))  # (V+1,)
@@ -299,8 +276,6 @@ class ColdScorer(nn.Module):
         self.register_buffer("weights", torch.tensor(list(weights)[::-1], dtype=torch.float32))
         self.register_buffer("scale", torch.tensor(float(scale)))
         self.register_buffer("shift", torch.tensor(float(shift)))
-        self.register_buffer("bias", torch.zeros(len(mix)) if bias is None
-                             else torch.from_numpy(bias.astype(np.float32)))  # (V+1,)
         self.n_recent = len(weights)
 
     def profile(self, history: torch.Tensor) -> torch.Tensor:
@@ -316,7 +291,7 @@ class ColdScorer(nn.Module):
         return self.profile(history) @ self.table.t()  # (B, V+1)
 
     def forward(self, history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        content = self.scale * self.similarity(history) + self.shift + self.bias  # (B, V+1)
+        content = self.scale * self.similarity(history) + self.shift  # (B, V+1)
         return scores + self.mix * (content - scores)  # (B, V+1)
 
     def at(self, history: torch.Tensor, rows: torch.Tensor, scores: torch.Tensor
@@ -325,7 +300,7 @@ class ColdScorer(nn.Module):
         ``scores`` [B, C] -> [B, C]."""
         cand = self.table[rows]  # (B, C, k)
         cos = (cand @ self.profile(history).unsqueeze(2)).squeeze(2)  # (B, C)
-        content = self.scale * cos + self.shift + self.bias[rows]  # (B, C)
+        content = self.scale * cos + self.shift  # (B, C)
         return scores + self.mix[rows] * (content - scores)  # (B, C)
 
 

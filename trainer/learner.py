@@ -280,9 +280,8 @@ class OnlineLearner:
             return None
         mix = np.zeros(n_cols, dtype=np.float32)  # (V+1,)
         mix[rows] = weight
-        bias = content.bias(n_cols).cpu().numpy()  # (V+1,)
         return ColdScorer(content.projected(n_cols), mix, self.content_cfg.position_weights(),
-                          content.scale.item(), content.shift.item(), bias).to(self.device)
+                          content.scale.item(), content.shift.item()).to(self.device)
 
     def _calibrate_cold(self, examples: Sequence[TrainingExample],
                         messages: int = 1) -> dict[str, float]:
@@ -313,10 +312,8 @@ class OnlineLearner:
             sim = cold.similarity(trim_padding(torch.from_numpy(history).to(self.device)))
         target = torch.from_numpy(rows[keep]).to(self.device)  # (B,)
         mix = cold.mix  # (V+1,)
-        centred = content.centred(n_cols)  # (V+1, C)
         for _ in range(self.content_cfg.calib_steps * min(messages, MAX_CALIB_MESSAGES)):
-            score = content.scale * sim + content.shift + centred @ content.weight  # (B, V+1)
-            final = base + mix * (score - base)  # (B, V+1)
+            final = base + mix * (content.scale * sim + content.shift - base)  # (B, V+1)
             loss = torch.nn.functional.cross_entropy(final, target)
             content.optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -111,8 +111,7 @@ class UserEncoder(nn.Module):
         cold = none
         if self.cold is not None and self.n_cold > 0:
             table = self.cold.table[self.cold_rows]  # (N_c, k)
-            content = (self.cold.scale * (self.cold.profile(history) @ table.t())
-                       + self.cold.bias[self.cold_rows])  # (B, N_c)
+            content = self.cold.scale * (self.cold.profile(history) @ table.t())  # (B, N_c)
             best = torch.topk(content, self.n_cold, dim=1).indices  # (B, M)
             cold = self.cold_rows[best]  # (B, M)
         return h, linked, cold
