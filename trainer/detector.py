@@ -29,8 +29,11 @@ drawn from the stream's, some with a real user's counters copied (so that timing
 separates those); negatives are recent users. The stream's users are unlabelled, so a real
 attack in progress would sit among the negatives and teach the next round to pass it: users
 the current detector already scores as likely fakes (below its flag threshold, above
-``negatives_below``) are left out of them. Positives are resampled every round and the
-classifier trains on, warm-started, from the features as they stand.
+``negatives_below``) are left out of them, and so are users in the company of high scorers
+and flagged users (``TrainingFilter.company``): the later users of an attack whose first
+users were flagged, which otherwise became a sixth of the negatives and taught the rounds
+to pass the rest of a 3 % attack (docs/results.md, "Poisoning"). Positives are resampled
+every round and the classifier trains on, warm-started, from the features as they stand.
 Adversarially, the attacker best-responds: of the generated sessions at several sampling
 temperatures, the ones the current detector scores lowest are added again.
 """
@@ -651,6 +654,11 @@ class TrainingFilter:
                       if u not in self.flagged]
             below = self.cfg.negatives_below
             reals = [(u, r) for u, r in recent if self.latest.get(u, -math.inf) < below]
+            # nor users in the company of high scorers and flagged users (an attack that goes
+            # on after its first users were flagged): they would teach the next round to pass
+            # the rest of it
+            company = self.company([u for u, _ in reals])
+            reals = [(u, r) for u, r in reals if company[u] < self.cfg.group_min]
             if self.detector.train_round(reals):
                 # a new detector looks again at the recently active users and the suspects:
                 # an attack that ended before the detector could tell is still caught, its

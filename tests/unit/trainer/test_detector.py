@@ -458,3 +458,40 @@ def test_a_group_pushing_an_item_that_real_users_clicked_long_ago_has_company(tr
                 + clicks("x1", [fillers[2]], 10**13 + 600), 30)
     assert {"x0", "x1", "x2"} <= guard.flagged
     assert not any(u.startswith("real") for u in guard.flagged)
+
+
+def test_users_in_the_company_of_flagged_users_are_not_taken_as_real_examples(
+        trained) -> None:
+    """An attack that goes on after its first users were flagged: the later fake users,
+    scored low so far, share the pushed item with the flagged ones and must not teach the
+    next round that they are real."""
+    from advrec.contract import TrainingExample
+
+    learner, _, events = trained
+    cfg = DetectorConfig(min_clicks=2, hold_batches=0, warmup_rounds=0, confirm_rounds=1,
+                         group_min=3, group_share=0.5)
+    guard = decided(TrainingFilter(learner, cfg), 0.0)
+    guard.detector.logits = lambda recs, boost=None: np.array(  # type: ignore[method-assign]
+        [20.0 if r.items and r.items[-1] == "t-pushed" and "late" not in r.items else -20.0
+         for r in recs])
+    given: list[list[str]] = []
+    guard.detector.train_round = lambda reals: given.append([u for u, _ in reals]) or {}
+    guard.admit(list(build_examples(events[:2000], SMALL.max_len)), 0)
+    popular = [ex.item for ex in build_examples(events[:40], SMALL.max_len)]
+
+    def session(user: str, items: list[str], t0: int) -> list[TrainingExample]:
+        return [TrainingExample(user=user, history=tuple(items[:k]), item=item, ts=t0 + k)
+                for k, item in enumerate(items)]
+
+    pushers = [ex for k in range(3) for ex in session(
+        f"x{k}", [popular[0], popular[1], "t-pushed"], 10**13 + 100 * k)]
+    guard.admit(pushers, 1)
+    guard.admit(pushers, 2)
+    assert guard.flagged == {"x0", "x1", "x2"}
+    # a later one, scored low ("late" hides it from this test's classifier), and a real user
+    guard.since_round = TrainingFilter.ROUND_EVERY - 1
+    guard.admit(session("x3", [popular[0], "late", "t-pushed"], 10**13 + 400)
+                + session("real", [popular[0], popular[1], popular[2]], 10**13 + 500), 3)
+    assert guard.latest["x3"] < cfg.negatives_below and "x3" not in guard.flagged
+    assert len(given) == 1
+    assert "real" in given[0] and "x3" not in given[0]
