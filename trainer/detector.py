@@ -656,9 +656,10 @@ class TrainingFilter:
             reals = [(u, r) for u, r in recent if self.latest.get(u, -math.inf) < below]
             # nor users in the company of high scorers and flagged users (an attack that goes
             # on after its first users were flagged): they would teach the next round to pass
-            # the rest of it
-            company = self.company([u for u, _ in reals])
-            reals = [(u, r) for u, r in reals if company[u] < self.cfg.group_min]
+            # the rest of it (group_min 1: no company check, and none here either)
+            if self.cfg.group_min > 1:
+                company = self.company([u for u, _ in reals])
+                reals = [(u, r) for u, r in reals if company[u] < self.cfg.group_min]
             if self.detector.train_round(reals):
                 # a new detector looks again at the recently active users and the suspects:
                 # an attack that ended before the detector could tell is still caught, its

@@ -495,3 +495,15 @@ def test_users_in_the_company_of_flagged_users_are_not_taken_as_real_examples(
     assert guard.latest["x3"] < cfg.negatives_below and "x3" not in guard.flagged
     assert len(given) == 1
     assert "real" in given[0] and "x3" not in given[0]
+
+
+def test_without_the_company_check_a_round_still_gets_its_real_examples(trained) -> None:
+    learner, _, events = trained
+    cfg = DetectorConfig(min_clicks=2, hold_batches=0, warmup_rounds=0, group_min=1)
+    guard = decided(TrainingFilter(learner, cfg), -20.0)
+    given: list[list[str]] = []
+    guard.detector.train_round = lambda reals: given.append([u for u, _ in reals]) or {}
+    examples = list(build_examples(events[:2560], SMALL.max_len))
+    for bi in range(TrainingFilter.ROUND_EVERY):
+        guard.admit(examples[bi * 256:(bi + 1) * 256], bi)
+    assert len(given) == 1 and len(given[0]) > 50
