@@ -75,7 +75,7 @@ class TrainerSettings:
     trainer_prior_top_k: int = PriorConfig.top_k  # links per item the bundle carries
     # the fake-user detector and training filter (trainer/detector.py): flagged users'
     # examples are not trained on; the detector travels in the bundle as detector.onnx.
-    # Off by default: on a clean stream it costs 0.1-0.4 % of HR@10 and 1.13x the training
+    # Off by default: on a clean stream it costs up to 0.4 % of HR@10 and 1.13x the training
     # time (docs/results.md, "Poisoning"); on where fake accounts are a risk
     trainer_detector: bool = False
     trainer_detector_threshold: float = DetectorConfig.threshold  # flag at P(fake) >= this
