@@ -5,6 +5,7 @@ Layout under a bundle root::
     <root>/CURRENT              text file naming the live version (replaced by rename)
     <root>/<version>/model.onnx self-contained ONNX generator: history[B, L] -> scores[B, V+1]
     <root>/<version>/vocab.json JSON list of external item ids; id at position i is row i+1
+                                (null: a row a bounded vocabulary freed, never served)
     <root>/<version>/meta.json  version, created, last_event_ms, trained_through_ms, metrics,
                                 model_sha256, vocab_sha256, vocab_size, max_len, ...
     <root>/<version>/detector.onnx  optional: the fake-user detector over the same rows,
@@ -29,6 +30,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,7 +121,7 @@ class Bundle:
     path: Path
     version: str
     meta: dict[str, Any]
-    vocab: tuple[ItemId, ...]
+    vocab: tuple[ItemId | None, ...]  # None: a row a bounded vocabulary freed
     model_bytes: bytes
     detector_bytes: bytes | None = None  # the fake-user detector, when the bundle has one
     # the two-stage parts (TWO_STAGE_FILES: name -> bytes), when the bundle has them
@@ -169,7 +171,7 @@ def _next_version(root: Path) -> str:
     return f"{candidate:013d}"
 
 
-def write_bundle(root: Path | str, model_bytes: bytes, vocab: list[ItemId] | tuple[ItemId, ...],
+def write_bundle(root: Path | str, model_bytes: bytes, vocab: Sequence[ItemId | None],
                  meta: dict[str, Any], *, keep: int = 5, make_current: bool = True,
                  detector_bytes: bytes | None = None,
                  two_stage: dict[str, bytes] | None = None) -> str:
@@ -309,10 +311,12 @@ def load_bundle(root: Path | str, version: str, *, model: bool = True) -> Bundle
         vocab = json.loads(vocab_bytes)
     except ValueError as exc:
         raise BundleError("vocab_mismatch", f"vocab.json unreadable: {exc}") from None
-    if (not isinstance(vocab, list) or not all(isinstance(v, str) for v in vocab)
-            or len(vocab) != meta["vocab_size"] or len(set(vocab)) != len(vocab)):
+    ids = [v for v in vocab if v is not None] if isinstance(vocab, list) else None
+    if (ids is None or not all(isinstance(v, str) for v in ids)
+            or len(vocab) != meta["vocab_size"] or len(set(ids)) != len(ids)):
         raise BundleError("vocab_mismatch",
-                          f"vocab.json must be {meta['vocab_size']} distinct item ids")
+                          f"vocab.json must be {meta['vocab_size']} distinct item ids "
+                          "(or null: a freed row)")
     detector_bytes = None
     if meta.get("detector"):
         want = meta["detector"].get("sha256") if isinstance(meta["detector"], dict) else None

@@ -164,6 +164,7 @@ class TwoStage:
     rescore: ort.InferenceSession
     index: ItemIndex  # holds the item vectors too
     candidates: int
+    freed: np.ndarray | None = None  # (V+1,) bool: rows no item holds (bounded vocabulary)
 
     def __post_init__(self) -> None:
         # the exporter drops an input the graph never reads (history, when G alone scores)
@@ -185,6 +186,8 @@ class TwoStage:
         # ``candidates``, or for k plus room for the excluded rows that may take places
         found = self.index.search(user, max(self.candidates, k + exclude.shape[1]))  # (B, n)
         rows = np.concatenate([found, linked, cold], axis=1)  # (B, C0)
+        if self.freed is not None:
+            rows[self.freed[rows]] = 0
         rows.sort(axis=1)
         rows[:, 1:][rows[:, 1:] == rows[:, :-1]] = 0  # repeats
         seen = (rows[:, :, None] == exclude[:, None, :]).any(axis=2)  # (B, C0)
@@ -231,7 +234,8 @@ def _npy_view(data: bytes) -> np.ndarray:
 
 
 def build_two_stage(parts: dict[str, bytes], n_items: int, config: IndexConfig, *,
-                    threads: int, providers: list[str], version: str) -> TwoStage:
+                    threads: int, providers: list[str], version: str,
+                    holes: np.ndarray | None = None) -> TwoStage:
     """Load a bundle's two-stage parts and build the index over its item table; raise
     ``BundleError("bad_index")`` if any part is unusable."""
     try:
@@ -255,4 +259,8 @@ def build_two_stage(parts: dict[str, bytes], n_items: int, config: IndexConfig, 
     if len(index) != n_items:
         raise BundleError("bad_index", f"{version}: the index holds {len(index)} of "
                                        f"{n_items} items")
-    return TwoStage(user, rescore, index, config.candidates)
+    freed = None
+    if holes is not None and holes.size:  # rows a bounded vocabulary freed: never candidates
+        freed = np.zeros(n_items + 1, dtype=bool)
+        freed[holes] = True
+    return TwoStage(user, rescore, index, config.candidates, freed)

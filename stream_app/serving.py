@@ -80,6 +80,9 @@ def select_providers(wanted: str) -> list[str]:
 
 # The served graph: the bundle's generator with exclusion and top-k appended, so one
 # onnxruntime call returns the ranked rows (no [B, V+1] score matrix crosses into Python).
+# a score at or below this is no item: the model scores padding and the rows a bounded
+# vocabulary freed NEG (-1e9, trainer/model.py); real scores are logits, far above it
+SCORE_FLOOR = -1e8
 EXCLUDE_NAME = "exclude"  # int64 [B, S]: rows never to recommend (seen items), padded with 0
 K_NAME = "k"  # int64 [1]: how many rows to return
 TOP_SCORES = "top_scores"  # float32 [B, k], best first; -inf where fewer than k rows remain
@@ -198,7 +201,8 @@ class LoadedModel:
     @staticmethod
     def picked(scores: np.ndarray, rows: np.ndarray, ks: list[int]) -> list[list[int]]:
         """Cut each row of a ``rank`` result to its own ``k``, dropping excluded rows."""
-        finite = np.isfinite(scores).sum(axis=1).tolist()  # (B,): -inf (excluded) sorts last
+        # (B,): excluded rows (-inf) and freed ones (the model's NEG, -1e9) sort last
+        finite = (scores > SCORE_FLOOR).sum(axis=1).tolist()
         return [r[:min(k, n)] for r, k, n in zip(rows.tolist(), ks, finite, strict=True)]
 
     def recommend_batch(self, histories: list[list[ItemId]], ks: list[int]) -> list[list[int]]:
@@ -298,9 +302,11 @@ def _two_stage(bundle: Bundle, threads: int, providers: str, config: IndexConfig
     them: finite scores of known rows, or the bundle is refused."""
     assert bundle.two_stage is not None
     n_items = len(bundle.vocab)
+    holes = np.array([row for row, item in enumerate(bundle.vocab, start=1) if item is None],
+                     dtype=np.int64)
     two_stage = build_two_stage(bundle.two_stage, n_items, config, threads=threads,
                                 providers=select_providers(providers),
-                                version=bundle.version)
+                                version=bundle.version, holes=holes)
     try:
         scores, rows = two_stage.rank(probe, np.zeros((2, 1), dtype=np.int64),
                                       min(10, n_items))
@@ -358,7 +364,7 @@ def load_model(root: Path | str, version: str, *, providers: str = "auto",
     detector = None
     if bundle.detector_bytes is not None:
         detector = _check_detector(bundle.detector_bytes, probe, version)
-    rows = {item: row for row, item in enumerate(bundle.vocab, start=1)}
+    rows = {item: row for row, item in enumerate(bundle.vocab, start=1) if item is not None}
     return LoadedModel(bundle=bundle, session=session, providers=in_use, index=rows,
                        loaded_at=time.time(), load_seconds=time.perf_counter() - started,
                        detector=detector, two_stage=two_stage)

@@ -202,6 +202,13 @@ class ItemStats:
                 old = getattr(self, name)
                 setattr(self, name, np.concatenate([old, np.zeros(size - old.size)]))
 
+    def forget(self, rows: np.ndarray) -> None:
+        """Clear the counts of ``rows`` (freed vocabulary rows, which a new item will take)."""
+        rows = rows[rows < self.total.size]
+        for name in ("total", "recent", "mass"):
+            getattr(self, name)[rows] = 0.0
+        self.pairs.forget(rows.tolist())
+
     def observe(self, clicks: Sequence[tuple[Sequence[int], int]]) -> None:
         """Count clicks, each (the user's earlier rows, latest first; the clicked row)."""
         if not clicks:
@@ -357,7 +364,11 @@ class OnlineDetector:
     def observe(self, batch: Sequence[TrainingExample]) -> None:
         """Count a batch's clicks (every one: flagged users' clicks are evidence too)."""
         learner = self.learner
-        learner.add_items(i for ex in batch for i in (*ex.history[-self.cfg.window:], ex.item))
+        if learner.bounded:  # only a click brings an item (back) into a bounded vocabulary
+            learner.add_items(ex.item for ex in batch)
+        else:
+            learner.add_items(i for ex in batch
+                              for i in (*ex.history[-self.cfg.window:], ex.item))
         vocab = learner.vocab
         self.stats.observe([(vocab.known_rows(ex.history[-self.cfg.window:])[::-1],
                              int(vocab.index(ex.item) or 0)) for ex in batch])

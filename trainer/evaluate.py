@@ -585,7 +585,7 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
             if attack is not None:
                 row["target_hits"], row["target_lists"] = t.target_hits, t.target_lists
             for key in ("loss_ml", "loss_g", "loss_d", "d_acc", "d_acc_real", "d_acc_fake",
-                        "g_reward", "apr_loss"):
+                        "g_reward", "apr_loss", "vocab_size", "live_items", "expired_items"):
                 if key in stats:
                     row[key] = float(stats[key])
             t.curves.append(row)
@@ -819,6 +819,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="examples the replay buffer keeps")
     m.add_argument("--replay-policy", choices=("reservoir", "fifo"), default=tc.replay_policy,
                    help="reservoir: uniform over the whole past; fifo: the most recent")
+    m.add_argument("--item-ttl-days", type=float, default=tc.item_ttl_s / 86400,
+                   help="a bounded vocabulary: items with no click for this many days of "
+                        "event time leave the model and their rows are reused (0: never; "
+                        "the trainer's ADVREC_TRAINER_ITEM_TTL_S)")
     m.add_argument("--mask-history", action=argparse.BooleanOptionalAction, default=None,
                    help="leave the history's items (but the target) out of the training "
                         "softmax; default: as the variant's list does (on for A, off for B), "
@@ -928,7 +932,8 @@ def _configs(args: argparse.Namespace, replay_default: float
                             warmup_batches=args.warmup_batches,
                             warmup_steps_per_batch=args.warmup_steps_per_batch,
                             replay_size=args.replay_size, replay_ratio=replay,
-                            replay_policy=args.replay_policy, num_threads=args.threads)
+                            replay_policy=args.replay_policy, num_threads=args.threads,
+                            item_ttl_s=args.item_ttl_days * 86400)
     mask = (getattr(args, "variant", "A") == "A") if args.mask_history is None \
         else args.mask_history  # trained for the list's rule, as the trainer is
     adv_cfg = AdversarialConfig(mask_history=mask, apr_eps=args.apr_eps,

@@ -70,6 +70,9 @@ class TrainConfig:
     replay_ratio: float = 1.0  # replayed examples per new example in each update
     replay_policy: str = "reservoir"  # reservoir: uniform over the past; fifo: the most recent
     skip_flags: tuple[str, ...] = ("suspect",)  # examples carrying these flags are not trained on
+    # a bounded vocabulary: an item with no click (and no catalogue refresh) for this long, in
+    # event time, leaves it and its row is reused (``expire``); 0 keeps every item for ever
+    item_ttl_s: float = 0.0
     eval_chunk: int = 512  # histories scored at once when ranking (bounds B x V memory)
     seed: int = 0
     device: str = "cpu"
@@ -83,6 +86,7 @@ class TrainConfig:
         assert self.replay_size >= 0 and self.replay_ratio >= 0, "replay settings must be >= 0"
         assert self.replay_policy in ("reservoir", "fifo"), f"policy {self.replay_policy!r}"
         assert self.eval_chunk >= 1 and self.num_threads >= 0
+        assert self.item_ttl_s >= 0, f"item_ttl_s {self.item_ttl_s} < 0"
 
 
 class ReplayBuffer:
@@ -122,6 +126,28 @@ class ReplayBuffer:
         n = min(n, self.size)
         idx = rng.choice(self.size, size=n, replace=False) if n else np.zeros(0, np.int64)
         return self.history[idx], self.target[idx]
+
+    def forget(self, rows: np.ndarray) -> int:
+        """Drop the examples whose target is one of ``rows`` (freed vocabulary rows) and take
+        those rows out of the others' histories, which close up to the right as a history
+        of fewer known items would; return how many examples were dropped."""
+        if self.size == 0 or rows.size == 0:
+            return 0
+        hist, target = self.history[: self.size], self.target[: self.size]
+        keep = ~np.isin(target, rows)  # (N,)
+        hist, target = hist[keep], target[keep]
+        hit = np.isin(hist, rows)  # (N, L)
+        for i in np.flatnonzero(hit.any(axis=1)):
+            known = hist[i][(hist[i] != 0) & ~hit[i]]
+            hist[i] = 0
+            if known.size:
+                hist[i, -known.size:] = known
+        n = int(keep.sum())
+        self.history[:n], self.target[:n] = hist, target
+        self.history[n : self.size] = 0
+        self.target[n : self.size] = 0
+        dropped, self.size = self.size - n, n
+        return dropped
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": torch.from_numpy(self.history[: self.size].copy()),
@@ -163,6 +189,9 @@ class OnlineLearner:
         self._np_rng = np.random.default_rng(seed)
         self.vocab = Vocabulary()
         self.item_counts = np.zeros(self.model_cfg.n_items + 1, dtype=np.int64)  # (cap+1,)
+        # event time (ms) of each row's latest click or catalogue refresh; 0: not yet noted
+        self.item_last_ms = np.zeros(self.model_cfg.n_items + 1, dtype=np.int64)  # (cap+1,)
+        self.expired: list[tuple[int, ItemId]] = []  # (row, id) the last batch freed
         self.replay = ReplayBuffer(self.train_cfg.replay_size, self.model_cfg.max_len,
                                    self.train_cfg.replay_policy)
         self.adv_state = AdversarialState()
@@ -211,18 +240,74 @@ class OnlineLearner:
         for old, new in self.discriminator.grow(n_new):
             replace_param(self.d_optimizer, old, new)
         if len(self.item_counts) < len(self.vocab) + 1:
-            grown = np.zeros(self.generator.items.capacity + 1, dtype=np.int64)
-            grown[: len(self.item_counts)] = self.item_counts
-            self.item_counts = grown
+            size = self.generator.items.capacity + 1
+            for name in ("item_counts", "item_last_ms"):
+                old = getattr(self, name)
+                grown = np.zeros(size, dtype=np.int64)
+                grown[: len(old)] = old
+                setattr(self, name, grown)
+        self.generator.set_holes(self.vocab.holes())  # rows reused, or the tables reallocated
 
-    def add_items(self, items: Iterable[ItemId]) -> None:
+    def add_items(self, items: Iterable[ItemId], ts_ms: int | None = None) -> None:
         """Give ``items`` vocabulary rows (untrained) without training on them: the fake-user
-        detector keeps statistics of every clicked item, flagged users' ones too."""
+        detector keeps statistics of every clicked item, flagged users' ones too. ``ts_ms``
+        (default: the newest event seen) is when they were last active."""
         before = len(self.vocab)
-        self.vocab.add_many(items)
-        if len(self.vocab) > before:
-            with self._rng():
-                self._grow(len(self.vocab) - before)
+        rows = self.vocab.add_many(items)
+        with self._rng():
+            self._grow(len(self.vocab) - before)
+        self.touch(rows, self.last_event_ms if ts_ms is None else ts_ms)
+
+    # ------------------------------------------------------------------ bounded vocabulary
+
+    @property
+    def bounded(self) -> bool:
+        """Whether items leave the vocabulary after ``item_ttl_s`` without a click."""
+        return self.train_cfg.item_ttl_s > 0
+
+    def touch(self, rows: Sequence[int] | np.ndarray, ts_ms: int | None) -> None:
+        """Note activity (a click, a catalogue refresh) of ``rows`` at event time ``ts_ms``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if ts_ms is not None and rows.size:
+            np.maximum.at(self.item_last_ms, rows, int(ts_ms))
+
+    def expire(self, now_ms: int | None = None) -> list[tuple[int, ItemId]]:
+        """Free the rows of items with no activity for ``item_ttl_s`` before ``now_ms``
+        (default: the newest event seen); return the (row, id) pairs freed.
+
+        A freed row leaves everything that knows it: the vocabulary (the next new item takes
+        the row), G and D (the rows start afresh, with Adam's moments at zero, and G scores
+        them ``NEG`` until reused), the click counts, the co-occurrence links from and to
+        it, its content, and the replay buffer (examples that target it are dropped; in the
+        others' histories it is skipped as an unknown item would be). A row nobody noted
+        (saved before the vocabulary was bounded) counts as active at the first call.
+        """
+        now_ms = self.last_event_ms if now_ms is None else now_ms
+        if not self.bounded or now_ms is None:
+            return []
+        n = len(self.vocab) + 1
+        last = self.item_last_ms[:n]
+        last[1:][last[1:] == 0] = now_ms
+        stale = np.flatnonzero(last < now_ms - round(1000 * self.train_cfg.item_ttl_s))
+        stale = stale[stale > 0]
+        live = [int(r) for r in stale if self.vocab.at(int(r)) is not None]
+        if not live:
+            return []
+        rows = np.asarray(live, dtype=np.int64)
+        items = self.vocab.free(live)
+        with self._rng():
+            self.generator.reset_rows(rows, self.g_optimizer)
+            self.discriminator.reset_rows(rows, self.d_optimizer)
+        self.generator.set_holes(self.vocab.holes())
+        self.item_counts[rows] = 0
+        self.item_last_ms[rows] = 0
+        self.cooc.forget(live)
+        if self.content is not None:
+            self.content.drop(rows)
+            for item in items:
+                self.content.digests.pop(item, None)
+        self.replay.forget(rows)
+        return list(zip(live, items, strict=True))
 
     # ------------------------------------------------------------------ catalogue content
 
@@ -379,7 +464,11 @@ class OnlineLearner:
         if not uses_sampled(self.adv_cfg, self.generator.n_items):
             return None
         counts = self.item_counts[1 : len(self.vocab) + 1].astype(np.float64) + 1.0  # (V,)
-        log_q = np.concatenate([[0.0], np.log(counts / counts.sum())])  # (V+1,); row 0 unused
+        holes = np.asarray(self.vocab.holes(), dtype=np.int64)
+        counts[holes - 1] = 0.0  # freed rows are never drawn
+        with np.errstate(divide="ignore"):
+            log_q = np.concatenate([[0.0], np.log(counts / counts.sum())])  # (V+1,)
+        log_q[holes] = -1e4  # exp(-1e4) is 0 in float32; finite, so no NaN meets a 0
         return torch.from_numpy(log_q).float().to(self.device)
 
     # ------------------------------------------------------------------ prequential
@@ -452,7 +541,8 @@ class OnlineLearner:
         before = len(self.vocab)
         n_recent = self.prior_cfg.n_recent
         for e in examples:
-            self.vocab.add_many(e.history)
+            if not self.bounded:  # bounded, only a click brings an item (back) in
+                self.vocab.add_many(e.history)
             j = self.vocab.add(e.item)
             recent = self.vocab.known_rows(e.history[-n_recent:])[::-1]  # latest first
             self.cooc.learn(recent, j)
@@ -471,6 +561,8 @@ class OnlineLearner:
         with self._rng():
             self._grow(len(self.vocab) - before)
             np.add.at(self.item_counts, target, 1)
+            np.maximum.at(self.item_last_ms, target,
+                          np.array([e.ts for e in examples], dtype=np.int64))
             log_q = self._log_q()
             sparse = uses_sampled(self.adv_cfg, self.generator.n_items)
             self.generator.set_sparse(sparse)  # only the rows a sampled batch touches step
@@ -500,7 +592,10 @@ class OnlineLearner:
         self.batches_seen += messages
         out.update(sums)
         out["new_items"] = float(len(self.vocab) - before)
+        self.expired = self.expire()
+        out["expired_items"] = float(len(self.expired))
         out["vocab_size"] = float(len(self.vocab))
+        out["live_items"] = float(self.vocab.n_live)
         return out
 
     # ------------------------------------------------------------------ serving-side helpers
@@ -514,6 +609,7 @@ class OnlineLearner:
         """Return the top ``k`` item ids for one history."""
         scores = self.scores([history])[0].astype(np.float64)  # (V+1,)
         scores[0] = -np.inf
+        scores[self.vocab.holes()] = -np.inf
         if exclude_seen:
             seen = [r for r in map(self.vocab.index, history) if r is not None]
             scores[seen] = -np.inf
@@ -540,6 +636,7 @@ class OnlineLearner:
             "d_optimizer": self.d_optimizer.state_dict(),
             "vocab": self.vocab.state_dict(),
             "item_counts": torch.from_numpy(self.item_counts),
+            "item_last_ms": torch.from_numpy(self.item_last_ms),
             "replay": self.replay.state_dict(),
             "adversarial_state": self.adv_state.state_dict(),
             "examples_seen": self.examples_seen,
@@ -582,6 +679,12 @@ class OnlineLearner:
         self.g_optimizer.load_state_dict(state["g_optimizer"])
         self.d_optimizer.load_state_dict(state["d_optimizer"])
         self.item_counts = state["item_counts"].numpy().copy()
+        # states saved before the bounded vocabulary: no row noted yet
+        self.item_last_ms = (state["item_last_ms"].numpy().copy() if "item_last_ms" in state
+                             else np.zeros_like(self.item_counts))
+        self.expired = []
+        if self.vocab.holes():
+            self.generator.set_holes(self.vocab.holes())
         self.replay = ReplayBuffer(self.train_cfg.replay_size, self.model_cfg.max_len,
                                    self.train_cfg.replay_policy)
         self.replay.load_state_dict(state["replay"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -246,6 +247,18 @@ class _ItemTable(nn.Module):
         self.n_items = need
         return replaced
 
+    def reset(self, rows: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """Start ``rows`` [N] afresh (a freed vocabulary row): new initial values, and
+        Adam's moments of those rows at zero, so that no step moves them until they are
+        trained again."""
+        weight = self.emb.weight
+        with torch.no_grad():
+            weight[rows] = torch.randn(len(rows), weight.shape[1], device=weight.device,
+                                       dtype=weight.dtype) * self.init_std
+        for value in optimizer.state.get(weight, {}).values():
+            if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == weight.shape[0]:
+                value[rows] = 0
+
     def resize(self, capacity: int) -> None:
         """Reallocate to exactly ``capacity`` rows (before loading a saved state)."""
         old = self.emb.weight
@@ -284,11 +297,30 @@ class Generator(nn.Module):
                 nn.init.zeros_(p)
         with torch.no_grad():
             self.pos_emb.weight[0].zero_()
+        # NEG at the rows the vocabulary freed (``set_holes``), 0 elsewhere, over the
+        # tables' capacity; None while there are none. Not saved: the vocabulary says.
+        self.register_buffer("hole_offset", None, persistent=False)
 
     @property
     def n_items(self) -> int:
-        """Number of live items V (the vocabulary size)."""
+        """Number of live items V (the vocabulary size, freed rows included)."""
         return self.items.n_items
+
+    def set_holes(self, rows: list[int]) -> None:
+        """Score ``rows`` (freed vocabulary rows) ``NEG`` until they are reused."""
+        if not rows:
+            self.hole_offset = None
+            return
+        weight = self.items.emb.weight
+        offset = torch.zeros(weight.shape[0], device=weight.device)  # (cap+1,)
+        offset[torch.as_tensor(rows, dtype=torch.int64, device=weight.device)] = NEG
+        self.hole_offset = offset
+
+    def reset_rows(self, rows: np.ndarray, optimizer: torch.optim.Optimizer) -> None:
+        """Start the item rows ``rows`` afresh in every item table (``_ItemTable.reset``)."""
+        idx = torch.as_tensor(rows, dtype=torch.int64, device=self.items.emb.weight.device)
+        for table in self.item_tables():
+            table.reset(idx, optimizer)
 
     def item_tables(self) -> list[_ItemTable]:
         """Return every per-item table: input rows, then the optional output rows and bias."""
@@ -360,6 +392,8 @@ class Generator(nn.Module):
         item_bias = self.item_bias()  # (V+1,) or None
         offset = torch.zeros_like(table[:, 0]) if item_bias is None else item_bias  # (V+1,)
         offset = torch.cat([torch.full_like(offset[:1], NEG), offset[1:]])  # (V+1,)
+        if self.hole_offset is not None:
+            offset = offset + self.hole_offset[: static_dim(offset, 0)]  # (V+1,)
         return F.linear(hidden, table, offset)  # (B, V+1)
 
     def forward(self, history: torch.Tensor) -> torch.Tensor:
@@ -410,6 +444,11 @@ class Discriminator(nn.Module):
     def set_sparse(self, on: bool) -> None:
         """Give the item table sparse gradients (sampled softmax) or dense ones."""
         self.items.sparse = on
+
+    def reset_rows(self, rows: np.ndarray, optimizer: torch.optim.Optimizer) -> None:
+        """Start the item rows ``rows`` afresh (``_ItemTable.reset``)."""
+        self.items.reset(torch.as_tensor(rows, dtype=torch.int64,
+                                         device=self.items.emb.weight.device), optimizer)
 
     def resize(self, capacity: int, n_items: int) -> None:
         """Reshape the item table to a saved capacity before ``load_state_dict``."""

@@ -105,6 +105,34 @@ class Cooccurrence:
             if self.backward:
                 self.link(j, i, self.backward * w)
 
+    def forget(self, rows: Sequence[int]) -> None:
+        """Remove every link from and to ``rows`` (freed vocabulary rows). With backward
+        links, the rows linking to ``i`` are exactly those ``i`` links to; without them,
+        every row is looked through."""
+        gone = {int(r) for r in rows if 0 <= r < self.n_rows}
+        if not gone:
+            return
+        if self.backward:
+            touched = {int(j) for i in gone for j in self.row(i)[0]} - gone
+        else:
+            touched = set(range(self.n_rows)) - gone
+        for i in gone:
+            self.cols[i], self.vals[i], self.slots[i] = (np.zeros(4, dtype=np.int64),
+                                                         np.zeros(4), {})
+            self._dirty.add(i)
+        drop = np.fromiter(gone, dtype=np.int64)
+        for i in touched:
+            cols, vals = self.row(i)
+            keep = ~np.isin(cols, drop)
+            if keep.all():
+                continue
+            cols, vals = cols[keep], vals[keep]
+            size = max(4, cols.size)  # room to grow, as a new row has
+            self.cols[i], self.vals[i] = np.zeros(size, np.int64), np.zeros(size)
+            self.cols[i][: cols.size], self.vals[i][: vals.size] = cols, vals
+            self.slots[i] = {int(j): s for s, j in enumerate(cols.tolist())}
+            self._dirty.add(i)
+
     def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Return the columns and counts of row ``i`` (views, in insertion order)."""
         n = len(self.slots[i])

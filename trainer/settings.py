@@ -89,6 +89,11 @@ class TrainerSettings:
     # rows of items with n clicks are pulled k / (n + k) back to the content after each batch
     trainer_content_blend: float = 0.0
     trainer_content_chunk: int = 256  # catalogue texts encoded between two training steps
+    # a bounded vocabulary: an item with no click and no catalogue refresh for this many
+    # seconds of event time leaves the model and the next bundle, and a new item reuses its
+    # row (trainer/learner.py ``expire``); 0 keeps every item ever seen. The deployment's
+    # value holds over a checkpoint's
+    trainer_item_ttl_s: float = 0.0
     export_every_s: float = 5.0  # publish a bundle at most this often...
     export_every_batches: int = 50  # ...or after this many batches, whichever first
     quality_delta: float = 0.02  # reject if window HR@10 < live's HR@10 - delta (absolute)
@@ -144,6 +149,8 @@ class TrainerSettings:
                               f"and {ENV_PREFIX}TRAINER_DETECTOR_MIN_CLICKS >= 2")
         if self.trainer_detector_confirm_rounds < 1:
             raise ConfigError(f"setting {ENV_PREFIX}TRAINER_DETECTOR_CONFIRM_ROUNDS must be >= 1")
+        if self.trainer_item_ttl_s < 0:
+            raise ConfigError(f"setting {ENV_PREFIX}TRAINER_ITEM_TTL_S must be >= 0 (0: never)")
         if self.trainer_content_blend < 0 or self.trainer_content_chunk < 1:
             raise ConfigError(f"setting {ENV_PREFIX}TRAINER_CONTENT_BLEND must be >= 0 and "
                               f"{ENV_PREFIX}TRAINER_CONTENT_CHUNK >= 1")

@@ -108,6 +108,7 @@ class Sidecar:
         # again; items whose text it already embedded are not encoded twice
         self.catalogue: dict[str, CatalogueItem] = {}
         self.catalogue_deleted: set[str] = set()
+        self.dormant: set[str] = set()  # catalogue items the bounded vocabulary let go
         self.catalogue_in: collections.deque[tuple[str, CatalogueItem | None]] = (
             collections.deque())
         self.catalogue_changed = False  # since the last export: a bundle is due
@@ -164,6 +165,9 @@ class Sidecar:
         if path is not None:
             self.learner, extra, detector_state = load_checkpoint_with_detector(path)
             self.next_offset = self.resumed_at = extra.get("next_offset")
+            # the deployment's bound on the vocabulary holds over the checkpoint's
+            self.learner.train_cfg = dataclasses.replace(
+                self.learner.train_cfg, item_ttl_s=self.s.trainer_item_ttl_s)
             log.info("resumed from %s: %d examples seen, next offset %s", path,
                      self.learner.examples_seen, self.next_offset)
         else:
@@ -208,7 +212,8 @@ class Sidecar:
             TrainConfig(mode=s.trainer_mode, lr=s.trainer_lr, seed=s.trainer_seed,
                         steps_per_batch=s.trainer_steps_per_batch,
                         replay_size=s.trainer_replay_size, replay_ratio=s.trainer_replay_ratio,
-                        replay_policy=s.trainer_replay_policy, num_threads=s.trainer_threads),
+                        replay_policy=s.trainer_replay_policy, num_threads=s.trainer_threads,
+                        item_ttl_s=s.trainer_item_ttl_s),
             # the history mask only where the list leaves the history out (advrec.exclusion)
             AdversarialConfig(mask_history=s.trainer_mask_history
                               and s.exclusion.mask_history, loss=s.trainer_loss,
@@ -360,9 +365,34 @@ class Sidecar:
             self._report_filter(*before)
             self._raise_flags()
         stats = learner.train_batch(train, fraction, messages=len(payloads))
+        if learner.expired:
+            self._forget_expired(learner.expired)
+        if self.dormant:
+            self._revive(train)
         self.next_offset = offset + 1
         self._report(pre, stats, n_total, time.perf_counter() - started, fraction, len(payloads))
         return {**pre, **stats}
+
+    def _forget_expired(self, expired: list[tuple[int, str]]) -> None:
+        """Items left the bounded vocabulary (torch thread): the detector forgets their rows'
+        counts; those the catalogue lists wait, dormant, for a click to bring them back."""
+        rows = np.array([row for row, _ in expired], dtype=np.int64)
+        if self.filter is not None:
+            self.filter.detector.stats.forget(rows)
+        self.dormant.update(item for _, item in expired if item in self.catalogue)
+        self.m.items_expired.inc(len(expired))
+        log.info("vocabulary: %d items expired (no click for %.0f s); %d live, %d free rows",
+                 len(expired), self.learner.train_cfg.item_ttl_s, self.learner.vocab.n_live,
+                 len(self.learner.vocab.holes()))
+
+    def _revive(self, batch: list[Any]) -> None:
+        """A click brought a dormant catalogue item back: queue its record, so that its row
+        gets its content vector again (trainer/content.py)."""
+        for example in batch:
+            item = self.catalogue.get(example.item) if example.item in self.dormant else None
+            if item is not None:
+                self.dormant.discard(example.item)
+                self.catalogue_in.append((example.item, item))
 
     def _take_flags(self) -> None:
         """Apply the flag records read from the topic since the last step (torch thread)."""
@@ -408,6 +438,10 @@ class Sidecar:
         todo = [(item, text_digest(item.content_text())) for item in latest.values()
                 if item is not None]
         unchanged = sum(1 for item, d in todo if known.get(item.item) == d)
+        # an unchanged record is a refresh all the same: it keeps its item in the vocabulary
+        learner.touch([r for item, d in todo if known.get(item.item) == d
+                       for r in [learner.vocab.index(item.item)] if r is not None],
+                      learner.last_event_ms)
         todo = [(item, d) for item, d in todo if known.get(item.item) != d]
         self.m.catalogue_items.labels(outcome="unchanged").inc(unchanged)
         if deleted:
@@ -430,7 +464,7 @@ class Sidecar:
         n_content, n_cold = learner.content_rows()
         self.m.content_items.set(n_content)
         self.m.content_cold_rows.set(n_cold)
-        self.m.vocab_size.set(len(learner.vocab))
+        self.m.vocab_size.set(learner.vocab.n_live)
         self.catalogue_changed |= bool(todo or deleted)
 
     def _apply_flag(self, record: FlagRecord) -> None:
@@ -524,7 +558,7 @@ class Sidecar:
             m.g_reward.set(stats["g_reward"])
         replay = self.learner.replay
         m.replay_fill.set(len(replay) / max(1, self.learner.train_cfg.replay_size))
-        m.vocab_size.set(len(self.learner.vocab))
+        m.vocab_size.set(self.learner.vocab.n_live)
         if self.next_offset is not None:
             m.consumed_offset.set(self.next_offset)
         self.recent = {**pre, **stats, "n_total": n_total}

@@ -32,6 +32,7 @@ class TrainerMetrics:
     prequential: Gauge
     replay_fill: Gauge
     vocab_size: Gauge
+    items_expired: Counter
     exports: Counter
     export_seconds: Histogram
     step_seconds: Histogram
@@ -85,6 +86,9 @@ class TrainerMetrics:
             replay_fill=Gauge(f"{p}_replay_fill_ratio", "Replay buffer fill (0..1)",
                               registry=r),
             vocab_size=Gauge(f"{p}_vocab_size", "Items the model knows", registry=r),
+            items_expired=Counter(f"{p}_items_expired", "Items that left a bounded "
+                                  "vocabulary (no click for ADVREC_TRAINER_ITEM_TTL_S)",
+                                  registry=r),
             exports=Counter(f"{p}_exports", "Bundles exported, by outcome "
                             "(published, rejected_quality, rejected_parity, failed)",
                             ["outcome"], registry=r),

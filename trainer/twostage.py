@@ -74,7 +74,8 @@ def scorer_parts(scorer: nn.Module) -> ScorerParts:
 
 
 def item_vectors(generator: Generator) -> np.ndarray:
-    """G's item table as the index holds it: [V+1, D'] float32, row 0 (padding) zero;
+    """G's item table as the index holds it: [V+1, D'] float32, row 0 (padding) and the
+    rows a bounded vocabulary freed zero (the worker never takes those as candidates);
     ``D' = D + 1`` with item biases (the last column), else ``D``."""
     with torch.no_grad():
         table = generator.item_table().detach().float().cpu()  # (V+1, D)
@@ -82,6 +83,8 @@ def item_vectors(generator: Generator) -> np.ndarray:
         if bias is not None:
             table = torch.cat([table, bias.detach().float().cpu().unsqueeze(1)], dim=1)
         table[0] = 0.0
+        if generator.hole_offset is not None:
+            table[generator.hole_offset[: len(table)].cpu() < 0] = 0.0
     return np.ascontiguousarray(table.numpy())  # (V+1, D')
 
 
@@ -205,7 +208,8 @@ def check_two_stage_parity(scorer: nn.Module, files: dict[str, bytes],
     got_g = user @ table.T  # (B, V+1)
     if got_g.shape != expected_g.shape or not np.isfinite(got_g).all():
         return float("inf")
-    diff = float(np.abs(got_g[:, 1:] - expected_g[:, 1:]).max(initial=0.0))
+    held = expected_g[0] > NEG / 10  # (V+1,): not padding, not a freed row (G scores NEG)
+    diff = float(np.abs(got_g[:, held] - expected_g[:, held]).max(initial=0.0))
     rng = np.random.default_rng(0)
     random_rows = rng.integers(1, len(table), (len(history), n_random))  # (B, n)
     rows = np.concatenate([random_rows, linked, cold], axis=1).astype(np.int64)  # (B, C)
@@ -216,7 +220,7 @@ def check_two_stage_parity(scorer: nn.Module, files: dict[str, bytes],
     (scores,) = rescore.run([TWO_STAGE_RESCORE_OUTPUT],
                             {name: value for name, value in feed if name in reads})
     want = np.take_along_axis(expected, rows, axis=1)  # (B, C)
-    live = rows > 0  # padding candidates are never ranked
+    live = held[rows]  # padding and freed rows are never candidates
     if scores.shape != want.shape or not np.isfinite(scores[live]).all():
         return float("inf")
     return max(diff, float(np.abs(scores[live] - want[live]).max(initial=0.0)))

@@ -75,6 +75,15 @@ def test_load_bundle_rejects_a_vocabulary_that_disagrees_with_meta(tmp_path: Pat
     assert info.value.reason == "vocab_mismatch"
 
 
+def test_a_vocabulary_may_hold_freed_rows_but_no_id_twice(tmp_path: Path) -> None:
+    v = write_bundle(tmp_path, b"model", ["a", None, "c", None], dict(META))
+    assert load_bundle(tmp_path, v).vocab == ("a", None, "c", None)
+    bad = write_bundle(tmp_path, b"model", ["a", None, "a"], dict(META))
+    with pytest.raises(BundleError) as info:
+        load_bundle(tmp_path, bad)
+    assert info.value.reason == "vocab_mismatch"
+
+
 def test_set_current_refuses_a_missing_version(tmp_path: Path) -> None:
     with pytest.raises(BundleError):
         set_current(tmp_path, "0000000000000")

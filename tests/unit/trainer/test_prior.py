@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
 
 from advrec.bundle import INPUT_NAME, OUTPUT_NAME
@@ -116,3 +117,20 @@ def test_several_prior_weights_rank_one_run_as_separate_runs_would() -> None:
     np.testing.assert_array_equal(both[1].ranks, alone.ranks)
     np.testing.assert_array_equal(both[0].ranks, plain.ranks)
     assert "test:hr@10" in alone.metrics and alone.settings["prior"]["weight"] == 3.0
+
+
+@pytest.mark.parametrize("backward", [0.5, 0.0])
+def test_forget_removes_every_link_from_and_to_the_rows(backward: float) -> None:
+    cooc = Cooccurrence(n_recent=2, decay=0.5, backward=backward, top_k=4)
+    for recent, j in [([1, 2], 3), ([3, 1], 4), ([4, 3], 2), ([2], 1)]:
+        cooc.learn(recent, j)
+    cooc.forget([3])
+    assert cooc.row(3)[0].size == 0
+    for i in range(cooc.n_rows):
+        assert 3 not in cooc.row(i)[0].tolist()
+        assert 3 not in cooc.slots[i]
+    idx, _ = cooc.table(5)
+    assert not (idx == 3).any()
+    assert cooc.row(1)[0].tolist() != [] and 4 in cooc.row(1)[0].tolist()  # others stay
+    cooc.learn([1], 3)  # a reused row links afresh
+    assert cooc.row(1)[0].tolist().count(3) == 1

@@ -37,3 +37,23 @@ def test_state_round_trip() -> None:
     restored = Vocabulary.from_state(vocab.state_dict())
     assert restored.items() == ["a", "b"]
     assert restored.add("c") == 3
+
+
+def test_freed_rows_become_holes_and_new_items_take_the_lowest_first() -> None:
+    vocab = Vocabulary(["a", "b", "c", "d"])
+    assert vocab.free([3, 1, 1, 0, 99]) == ["c", "a"]  # a hole, padding or a stranger: ignored
+    assert vocab.items() == [None, "b", None, "d"]
+    assert (len(vocab), vocab.n_live, vocab.holes()) == (4, 2, [1, 3])
+    assert "a" not in vocab and vocab.index("a") is None and vocab.at(1) is None
+    assert vocab.encode_history(["a", "b", "c", "d"], max_len=3) == [0, 2, 4]
+    assert vocab.add_many(["e", "b", "f", "g"]) == [1, 2, 3, 5]  # holes first, then growth
+    assert vocab.items() == ["e", "b", "f", "d", "g"] and vocab.holes() == []
+
+
+def test_state_round_trip_keeps_holes_where_they_were() -> None:
+    vocab = Vocabulary(["a", "b", "c"])
+    vocab.free([2])
+    restored = Vocabulary.from_state(vocab.state_dict())
+    assert restored.items() == ["a", None, "c"]
+    assert restored.holes() == [2] and restored.index("c") == 3
+    assert restored.add("z") == 2
