@@ -564,6 +564,11 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
             snaps.append({"batch": bi, "fraction": (bi + 1) / n_batches,
                           "real": real.tolist(), "fake": fake.tolist()})
         stats = adapter.train(batch if guard is None else guard.admit(batch, bi))
+        if isinstance(adapter, LearnerAdapter):  # a bounded vocabulary freed these rows:
+            for _, item in adapter.learner.expired:  # the items have no column until back
+                g = past.gid.get(item)
+                if g is not None:
+                    colmap[g] = -1
         for g in gids.tolist():
             if colmap[g] < 0:
                 pending.add(g)

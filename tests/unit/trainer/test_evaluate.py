@@ -214,3 +214,31 @@ def test_unknown_method_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
 def test_training_example_history_type() -> None:
     ex = next(build_examples(_events([("u", "a")]), 3))
     assert isinstance(ex, TrainingExample) and ex.history == ()
+
+
+def test_a_bounded_vocabulary_is_scored_by_item_not_by_reused_row() -> None:
+    """Rows freed by expiry are reused by new items: the evaluator must not take a new item
+    for the expired one that held its row (a target "in the past" it never was)."""
+    from trainer.learner import TrainConfig
+
+    examples, histories = [], {f"u{u}": [] for u in range(24)}
+    for phase, start in (("a", 0), ("b", 3_600_000)):  # b an hour after a: a* expire
+        if phase == "b":  # one batch of someone else's clicks: its end frees the a* rows,
+            z: list[str] = []  # which the b* items then take in the order a* took them
+            for n in range(32):
+                examples.append(TrainingExample("z", tuple(z), f"c{n}", start - 60_000))
+                z.append(f"c{n}")
+        for n in range(12 * 24):  # every user clicks each item of the phase once
+            user, item = f"u{n % 24}", f"{phase}{n // 24}"
+            past = histories[user]
+            examples.append(TrainingExample(user, tuple(past[-20:]), item, start + 1000 * n))
+            past.append(item)
+    runs = {ttl: run_prequential(examples, "none", batch_size=32, model_cfg=TINY,
+                                 train_cfg=TrainConfig(mode="none", item_ttl_s=ttl))
+            for ttl in (0.0, 600.0)}
+    for run in runs.values():
+        assert run.metrics["n_target_in_past"] == 0  # nobody clicks an item twice
+        assert not (run.ranks == OUT_OF_LIST).any()
+    curves = runs[600.0].curves
+    assert sum(row["expired_items"] for row in curves) == 12  # every a* item
+    assert max(row["vocab_size"] for row in curves) == 12 + 32  # the b* items took a*'s rows
