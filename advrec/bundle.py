@@ -52,6 +52,7 @@ __all__ = [
     "TWO_STAGE_USER",
     "TWO_STAGE_USER_INPUT",
     "TWO_STAGE_USER_OUTPUTS",
+    "TWO_STAGE_USER_VECTORS",
     "Bundle",
     "BundleError",
     "bundle_files",
@@ -67,10 +68,13 @@ INPUT_NAME = "history"  # int64 [B, L], item rows, left-padded with 0
 OUTPUT_NAME = "scores"  # float32 [B, V+1], column 0 is padding and never recommended
 DETECTOR_INPUTS = ("items", "behaviour")  # int64 [B, L] rows; float32 [B, F_b] counters
 DETECTOR_OUTPUTS = ("p_fake", "terms")  # float32 [B] P(fake); [B, F] each feature's term
-# two-stage parts (trainer/twostage.py): user.onnx history[B, L] -> user[B, D'],
+# two-stage parts (trainer/twostage.py): user.onnx history[B, L] (and, with a tied item
+# table, history_vectors[B, L, D']: the history's rows of items.npy) -> user[B, D'],
 # linked[B, R*K], cold[B, M] (candidate rows; 0 = none); rescore.onnx history[B, L],
-# user[B, D'], rows[B, C], vectors[B, C, D'] -> scores[B, C]; items.npy float32 [V+1, D']
+# user[B, D'], rows[B, C], vectors[B, C, D'] -> scores[B, C]; items.npy [V+1, D'], float16
+# (G's tables rounded to it: trainer/export.py ``compact_item_tables``) or float32
 TWO_STAGE_USER_INPUT = "history"
+TWO_STAGE_USER_VECTORS = "history_vectors"
 TWO_STAGE_USER_OUTPUTS = ("user", "linked", "cold")
 TWO_STAGE_RESCORE_INPUTS = ("history", "user", "rows", "vectors")
 TWO_STAGE_RESCORE_OUTPUT = "scores"

@@ -16,8 +16,8 @@ the model's size accounts for.
 ``--items`` from the worker's two-stage size on (ADVREC_TWO_STAGE_ITEMS, 200k) serves the
 bundle's two-stage parts (stream_app/retrieval.py): the measurements wait for the first
 swap, which builds the index (~75 s at 1M items on one core), and the swap phase then
-measures requests while the next index builds (a new bundle every 2 s outpaces the builds;
-the watcher loads one version at a time, the newest it is told of).
+measures requests while the next bundles arrive and load, each refreshing the live index
+(the worker's default; the watcher loads one version at a time, the newest it is told of).
 Writes bench/results/serve.json (10k items) or serve-<items>.json.
 """
 
@@ -63,7 +63,7 @@ def make_bundle(root: Path, n_items: int, two_stage: bool | None = None, **shape
     items on one core, against ~80 s for clustered rows."""
     import torch
 
-    from trainer.export import TWO_STAGE_FROM_ITEMS, export_onnx
+    from trainer.export import TWO_STAGE_FROM_ITEMS, compact_item_tables, export_onnx
     from trainer.model import Generator, ModelConfig
     from trainer.twostage import export_two_stage
 
@@ -79,6 +79,7 @@ def make_bundle(root: Path, n_items: int, two_stage: bool | None = None, **shape
         with torch.no_grad():
             gen.items.emb.weight[: n_items + 1] = torch.from_numpy(
                 planted_table(n_items, gen.config.d_model, 20, 0))  # (V+1, D)
+        compact_item_tables(gen)  # as the trainer's bundles with the parts (float16 rows)
     model = export_onnx(gen, max_len)
     parts = export_two_stage(gen, max_len) if two_stage else None
     vocab = [f"i{n}" for n in range(gen.n_items)]

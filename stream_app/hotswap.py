@@ -8,6 +8,7 @@ it with a reason while the live model keeps serving.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from pathlib import Path
@@ -69,9 +70,12 @@ class BundleWatcher:
                 return False
             self.loading = version
             try:
-                model = await asyncio.get_running_loop().run_in_executor(
-                    None, lambda: load_model(self.root, version, providers=self.providers,
-                                             threads=self.threads, index=self.index))
+                # the live model lends its index, to be refreshed rather than rebuilt
+                load = functools.partial(load_model, self.root, version,
+                                         providers=self.providers, threads=self.threads,
+                                         index=self.index, previous=live)
+                model = await asyncio.get_running_loop().run_in_executor(None, load)
+                del load
             except BundleError as exc:
                 if not (self.root / version).is_dir():
                     # removed from the cache while it loaded: nothing is wrong with the
@@ -94,9 +98,11 @@ class BundleWatcher:
             self.swaps += 1
             release_freed_memory()
             self._report(model)
-            log.info("now serving bundle %s (vocabulary %d, %s, providers %s, loaded in "
+            log.info("now serving bundle %s (vocabulary %d, %s%s, providers %s, loaded in "
                      "%.2fs)", model.version, len(model.bundle.vocab), model.path,
-                     ",".join(model.providers), model.load_seconds)
+                     "" if model.two_stage is None else
+                     ", index refreshed" if model.two_stage.index.refreshed else
+                     ", index built afresh", ",".join(model.providers), model.load_seconds)
             return True
 
     def _report(self, model: LoadedModel) -> None:

@@ -35,6 +35,7 @@ from advrec.bundle import (
     TWO_STAGE_USER,
     TWO_STAGE_USER_INPUT,
     TWO_STAGE_USER_OUTPUTS,
+    TWO_STAGE_USER_VECTORS,
     BundleError,
 )
 
@@ -54,10 +55,16 @@ class IndexConfig:
     ef_construction: int = 80  # HNSW breadth while building: build time vs recall
     ef_search: int = 100  # HNSW breadth while searching (at least ``candidates``)
     threads: int = 1  # index build threads: the other cores answer requests meanwhile
+    # a new bundle's index is the previous one's graph with the new vectors (and its new
+    # rows inserted) until the graph is this old (s); then it is built afresh. 0: always afresh
+    rebuild_after_s: float = 900.0
+    # ... or until the rows inserted since the last full build pass this share of it
+    rebuild_growth: float = 0.1
 
     def __post_init__(self) -> None:
         assert self.min_items >= 0 and self.candidates >= 1, (self.min_items, self.candidates)
         assert self.m >= 2 and self.ef_construction >= 1 and self.threads >= 1
+        assert self.rebuild_after_s >= 0 and self.rebuild_growth >= 0
 
     def use_for(self, n_items: int) -> bool:
         """Whether a catalogue of ``n_items`` items is ranked in two stages."""
@@ -92,31 +99,62 @@ def _build_niced(build: Any) -> None:
 
 
 class ItemIndex:
-    """Inner-product HNSW index over the item table's rows 1..V (row 0 is padding)."""
+    """Inner-product HNSW index over the item table's rows 1..V (row 0 is padding).
 
-    def __init__(self, table: np.ndarray, config: IndexConfig) -> None:
+    Built afresh, an index costs ~75 s of one core at 1M items: longer than the trainer takes
+    to publish the next bundle. So a ``previous`` index is *refreshed* instead when it can be
+    (``refreshes_to``): a copy of its graph gets the new table's vectors in place of the old
+    ones and only the rows added since are inserted. The graph was laid out for older
+    vectors; a search still scores the new ones, and the candidates are rescored exactly,
+    so what drifts is only which rows a search reaches. A refreshed index is built afresh
+    once its graph is ``rebuild_after_s`` old or the rows inserted since its last full build
+    pass ``rebuild_growth`` of it (bench/rank.py measures recall either way).
+    """
+
+    def __init__(self, table: np.ndarray, config: IndexConfig,
+                 previous: ItemIndex | None = None) -> None:
         import faiss
 
         assert table.ndim == 2 and table.dtype == np.float32, (table.shape, table.dtype)
         started = time.perf_counter()
         self.config = config
-        self.index = faiss.IndexHNSWFlat(table.shape[1], config.m,
-                                         faiss.METRIC_INNER_PRODUCT)
-        self.index.hnsw.efConstruction = config.ef_construction
+        self.refreshed = previous is not None and previous.refreshes_to(table, config)
+        if previous is not None and self.refreshed:
+            old = len(previous)
+            self.built_at, self.built_rows = previous.built_at, previous.built_rows
 
-        def build() -> None:
-            # OpenMP's thread count is each thread's own: set where the work runs
-            faiss.omp_set_num_threads(config.threads)
-            self.index.add(table[1:])  # id i is row i + 1
+            def build() -> None:
+                faiss.omp_set_num_threads(config.threads)
+                index = faiss.clone_index(previous.index)  # graph and vectors, copied
+                _stored_view(index, old)[:] = table[1 : old + 1]
+                if len(table) - 1 > old:
+                    index.add(table[old + 1 :])  # the new rows join the graph
+                self.index = index
+        else:
+            self.built_at, self.built_rows = time.monotonic(), len(table) - 1
+            self.index = faiss.IndexHNSWFlat(table.shape[1], config.m,
+                                             faiss.METRIC_INNER_PRODUCT)
+            self.index.hnsw.efConstruction = config.ef_construction
+
+            def build() -> None:
+                # OpenMP's thread count is each thread's own: set where the work runs
+                faiss.omp_set_num_threads(config.threads)
+                self.index.add(table[1:])  # id i is row i + 1
 
         _build_niced(build)
         self.index.hnsw.efSearch = max(config.ef_search, config.candidates)
         # the index's own copy of the vectors, seen without a copy: the rescorer reads the
         # candidates' rows from it (a second table would cost V x D' x 4 bytes: 256 MB at 1M)
-        storage = faiss.downcast_index(self.index.storage)
-        self._stored = faiss.rev_swig_ptr(storage.get_xb(), len(table[1:]) * table.shape[1]
-                                          ).reshape(len(table) - 1, table.shape[1])  # (V, D')
+        self._stored = _stored_view(self.index, len(table) - 1)  # (V, D')
         self.build_seconds = time.perf_counter() - started
+
+    def refreshes_to(self, table: np.ndarray, config: IndexConfig) -> bool:
+        """Whether the index for ``table`` may be this one refreshed (see the class)."""
+        grown = len(table) - 1 - self.built_rows
+        return (config.rebuild_after_s > 0 and config.m == self.config.m
+                and table.shape[1] == self.dim and len(table) - 1 >= len(self)
+                and time.monotonic() - self.built_at < config.rebuild_after_s
+                and grown <= config.rebuild_growth * self.built_rows)
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -144,6 +182,15 @@ class ItemIndex:
         return ids + 1  # faiss marks a missing answer -1: row 0, padding
 
 
+def _stored_view(index: Any, n: int) -> np.ndarray:
+    """The vectors an HNSW index stores, [n, d] float32, seen in place (no copy); valid
+    until rows are added to it."""
+    import faiss
+
+    storage = faiss.downcast_index(index.storage)
+    return faiss.rev_swig_ptr(storage.get_xb(), n * index.d).reshape(n, index.d)
+
+
 def _session(data: bytes, threads: int, providers: list[str]) -> ort.InferenceSession:
     import onnxruntime as ort
 
@@ -169,6 +216,9 @@ class TwoStage:
     def __post_init__(self) -> None:
         # the exporter drops an input the graph never reads (history, when G alone scores)
         self._rescore_inputs = {i.name for i in self.rescore.get_inputs()}
+        # a user encoder without an item table of its own reads the history's rows here
+        self._user_reads_vectors = TWO_STAGE_USER_VECTORS in {
+            i.name for i in self.user.get_inputs()}
 
     @property
     def index_seconds(self) -> float:
@@ -180,8 +230,10 @@ class TwoStage:
         for ``k`` rows: the index's (``candidates``, at least ``k`` besides the excluded
         ones), the linked and the content rows, each once, excluded rows and padding left
         out (0: no candidate; a column of zeros when nobody has one there)."""
-        user, linked, cold = self.user.run(list(TWO_STAGE_USER_OUTPUTS),
-                                           {TWO_STAGE_USER_INPUT: model_in})
+        feed = {TWO_STAGE_USER_INPUT: model_in}
+        if self._user_reads_vectors:
+            feed[TWO_STAGE_USER_VECTORS] = self.index.vectors(model_in)  # (B, L, D')
+        user, linked, cold = self.user.run(list(TWO_STAGE_USER_OUTPUTS), feed)
         # the index's breadth is what a search costs (bench/results/ann-sweep.json): ask for
         # ``candidates``, or for k plus room for the excluded rows that may take places
         found = self.index.search(user, max(self.candidates, k + exclude.shape[1]))  # (B, n)
@@ -235,16 +287,20 @@ def _npy_view(data: bytes) -> np.ndarray:
 
 def build_two_stage(parts: dict[str, bytes], n_items: int, config: IndexConfig, *,
                     threads: int, providers: list[str], version: str,
-                    holes: np.ndarray | None = None) -> TwoStage:
-    """Load a bundle's two-stage parts and build the index over its item table; raise
+                    holes: np.ndarray | None = None,
+                    previous: TwoStage | None = None) -> TwoStage:
+    """Load a bundle's two-stage parts and build the index over its item table (refreshing
+    ``previous``'s, the live bundle's, when it can: ``ItemIndex``); raise
     ``BundleError("bad_index")`` if any part is unusable."""
     try:
         table = _npy_view(parts[TWO_STAGE_ITEMS])
     except Exception as exc:  # numpy raises ValueError, OSError, ... on a bad file
         raise BundleError("bad_index", f"{version}: items.npy: {exc}"[:500]) from None
-    if table.ndim != 2 or table.shape[0] != n_items + 1 or table.dtype != np.float32:
+    if (table.ndim != 2 or table.shape[0] != n_items + 1
+            or table.dtype not in (np.float16, np.float32)):
         raise BundleError("bad_index", f"{version}: item table {table.shape} {table.dtype}, "
-                                       f"the vocabulary needs float32 [{n_items + 1}, D]")
+                                       f"the vocabulary needs float16 or float32 "
+                                       f"[{n_items + 1}, D]")
     if not np.isfinite(table).all():
         raise BundleError("bad_index", f"{version}: the item table is not finite")
     try:
@@ -253,7 +309,8 @@ def build_two_stage(parts: dict[str, bytes], n_items: int, config: IndexConfig, 
     except Exception as exc:  # onnxruntime raises its own untyped errors on bad graphs
         raise BundleError("bad_index", f"{version}: two-stage graphs: {exc}"[:500]) from None
     try:
-        index = ItemIndex(np.ascontiguousarray(table), config)
+        index = ItemIndex(np.ascontiguousarray(table, dtype=np.float32), config,
+                          None if previous is None else previous.index)
     except Exception as exc:  # whatever the library raises: the bundle cannot serve
         raise BundleError("bad_index", f"{version}: index build: {exc}"[:500]) from None
     if len(index) != n_items:

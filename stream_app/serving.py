@@ -297,16 +297,17 @@ def _exact_session(bundle: Bundle, threads: int, providers: str,
 
 
 def _two_stage(bundle: Bundle, threads: int, providers: str, config: IndexConfig,
-               probe: np.ndarray) -> TwoStage:
-    """Load the bundle's two-stage parts, build their index, and rank ``probe`` [2, L] with
-    them: finite scores of known rows, or the bundle is refused."""
+               probe: np.ndarray, previous: TwoStage | None = None) -> TwoStage:
+    """Load the bundle's two-stage parts, build their index (or refresh ``previous``'s),
+    and rank ``probe`` [2, L] with them: finite scores of known rows, or the bundle is
+    refused."""
     assert bundle.two_stage is not None
     n_items = len(bundle.vocab)
     holes = np.array([row for row, item in enumerate(bundle.vocab, start=1) if item is None],
                      dtype=np.int64)
     two_stage = build_two_stage(bundle.two_stage, n_items, config, threads=threads,
                                 providers=select_providers(providers),
-                                version=bundle.version, holes=holes)
+                                version=bundle.version, holes=holes, previous=previous)
     try:
         scores, rows = two_stage.rank(probe, np.zeros((2, 1), dtype=np.int64),
                                       min(10, n_items))
@@ -332,7 +333,8 @@ def _two_stage_wanted(path: Path, index: IndexConfig) -> bool:
 
 
 def load_model(root: Path | str, version: str, *, providers: str = "auto",
-               threads: int = 0, index: IndexConfig | None = None) -> LoadedModel:
+               threads: int = 0, index: IndexConfig | None = None,
+               previous: LoadedModel | None = None) -> LoadedModel:
     """Verify a bundle, build its ranking session and warm it up; raise ``BundleError`` if
     unusable.
 
@@ -340,6 +342,8 @@ def load_model(root: Path | str, version: str, *, providers: str = "auto",
     the two-stage parts is ranked in two stages: those parts and their nearest-neighbour
     index are built here instead of the exact graph (off the request path: the caller swaps
     the result in). A bundle without the parts is ranked exactly, whatever its size.
+    ``previous`` (the live model) lends its index to be refreshed rather than built afresh
+    when it can (``stream_app.retrieval.ItemIndex``).
     """
     started = time.perf_counter()
     staged = index is not None and _two_stage_wanted(Path(root) / version, index)
@@ -353,7 +357,8 @@ def load_model(root: Path | str, version: str, *, providers: str = "auto",
         assert index is not None
         if bundle.two_stage is None or not bundle.vocab:  # meta.json changed under us
             raise BundleError("bad_meta", f"{version}: meta.json changed while loading")
-        two_stage = _two_stage(bundle, n_threads, providers, index, probe)
+        two_stage = _two_stage(bundle, n_threads, providers, index, probe,
+                               None if previous is None else previous.two_stage)
         # the exact graph is never loaded, and the parts are: their bytes (~V x D x 4 each,
         # 256 MB at 1M items) need not stay in memory
         bundle = dataclasses.replace(bundle, model_bytes=b"", two_stage=None)

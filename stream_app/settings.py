@@ -83,6 +83,10 @@ class Settings:
     ann_m: int = 16  # HNSW edges per item: memory and recall
     ann_ef_construction: int = 80  # HNSW build breadth: build time vs recall
     ann_ef_search: int = 100  # HNSW search breadth (at least the candidates)
+    # a new bundle refreshes the live index (its graph, the new vectors) until the graph is
+    # this old or has grown by this share since its last full build (stream_app/retrieval.py)
+    ann_rebuild_after_s: float = 900.0
+    ann_rebuild_growth: float = 0.1
     microbatch_max: int = 32  # requests merged into one model call
     microbatch_wait_ms: float = 2.0
     # a request whose model call has not answered by then gets a 503 (counted in
@@ -120,6 +124,8 @@ class Settings:
             "ann_m": 2 <= self.ann_m <= 256,
             "ann_ef_construction": self.ann_ef_construction >= 1,
             "ann_ef_search": self.ann_ef_search >= 1,
+            "ann_rebuild_after_s": self.ann_rebuild_after_s >= 0,
+            "ann_rebuild_growth": self.ann_rebuild_growth >= 0,
             "model_timeout_s": self.model_timeout_s > 0,
             "max_k": 1 <= self.max_k <= 1000,
             "bundles_keep": self.bundles_keep >= 1,
@@ -148,7 +154,9 @@ class Settings:
         return IndexConfig(min_items=self.two_stage_items, candidates=self.two_stage_candidates,
                            m=self.ann_m,
                            ef_construction=self.ann_ef_construction,
-                           ef_search=self.ann_ef_search)
+                           ef_search=self.ann_ef_search,
+                           rebuild_after_s=self.ann_rebuild_after_s,
+                           rebuild_growth=self.ann_rebuild_growth)
 
     @property
     def worker_dir(self) -> Path:

@@ -608,7 +608,10 @@ class Sidecar:
             return None
         learner = self.learner
         try:
-            scorer = scoring_model(learner)  # G, plus the prior when its weight is > 0
+            # G, plus the prior when its weight is > 0; with the two-stage parts, its item
+            # tables rounded to float16 (their item table travels as float16)
+            scorer = scoring_model(
+                learner, compact=len(learner.vocab) >= self.s.trainer_two_stage_items)
             model_bytes = export_onnx(scorer, learner.model_cfg.max_len)
             diff = check_parity(scorer, model_bytes, self._probe_histories())
             two_stage, two_stage_diff = None, 0.0

@@ -13,7 +13,10 @@ candidate the full scorer's score, as ``scoring_model`` would at that column.
 Graphs (names in advrec/bundle.py, ``TWO_STAGE_*``):
 
 - user.onnx: history [B, L] int64 -> user [B, D'], linked [B, R*K] int64, cold [B, M] int64
-  (linked and cold are [B, 1] of padding when the scorer has no such term);
+  (linked and cold are [B, 1] of padding when the scorer has no such term). With G's item
+  table tied (the default), the history's own rows of the item table come in as well,
+  history_vectors [B, L, D'], read by the worker from its index: the graph then carries no
+  item table of its own (256 MB at 1M items, in every bundle and in every worker);
 - rescore.onnx: history [B, L], user [B, D'], rows [B, C] int64 and their item vectors
   [B, C, D'] -> scores [B, C] (the vectors are an input: the worker holds the table once,
   for its index, instead of once more inside the graph).
@@ -37,6 +40,7 @@ from advrec.bundle import (
     TWO_STAGE_USER,
     TWO_STAGE_USER_INPUT,
     TWO_STAGE_USER_OUTPUTS,
+    TWO_STAGE_USER_VECTORS,
 )
 from trainer.content import ColdScorer, WithCold
 from trainer.model import NEG, Generator
@@ -89,7 +93,8 @@ def item_vectors(generator: Generator) -> np.ndarray:
 
 
 class UserEncoder(nn.Module):
-    """history [B, L] -> user vector [B, D'], the prior's linked rows [B, R*K] and the best
+    """history [B, L] (and, when ``reads_vectors``, the history's rows of the item table
+    [B, L, D']) -> user vector [B, D'], the prior's linked rows [B, R*K] and the best
     ``n_cold`` content-only rows by content score [B, M]."""
 
     def __init__(self, scorer: nn.Module, n_cold: int = COLD_CANDIDATES) -> None:
@@ -97,6 +102,8 @@ class UserEncoder(nn.Module):
         parts = scorer_parts(scorer)
         self.generator = parts.generator
         self.with_bias = parts.generator.item_bias() is not None
+        # the scoring table is the input table: the worker's index holds the history's rows
+        self.reads_vectors = parts.generator.out_items is None
         self.prior = parts.prior
         self.cold = parts.cold
         rows = (np.zeros(0, np.int64) if parts.cold is None
@@ -104,9 +111,13 @@ class UserEncoder(nn.Module):
         self.register_buffer("cold_rows", torch.from_numpy(rows.astype(np.int64)))  # (N_c,)
         self.n_cold = min(n_cold, len(rows))
 
-    def forward(self, history: torch.Tensor
+    def forward(self, history: torch.Tensor, vectors: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        h = self.generator.last_hidden(history)  # (B, D)
+        emb = None
+        if vectors is not None:  # (B, L, D'): the rows of item_vectors, bias column last
+            D = self.generator.config.d_model
+            emb = vectors[..., :D] * self.generator.emb_scale  # (B, L, D), as G.embed
+        h = self.generator.last_hidden(history, emb)  # (B, D)
         if self.with_bias:
             h = torch.cat([h, h[:, :1] * 0.0 + 1.0], dim=1)  # (B, D+1)
         none = history[:, -1:] * 0  # (B, 1) padding: no candidates from this term
@@ -163,13 +174,19 @@ def export_two_stage(scorer: nn.Module, max_len: int,
     table = item_vectors(user_enc.generator)  # (V+1, D')
     history = torch.zeros((2, max_len), dtype=torch.int64)  # (B, L)
     history[0, -1] = 1 if len(table) > 1 else 0
+    args: tuple = (history,)
+    names_in, axes = [TWO_STAGE_USER_INPUT], {TWO_STAGE_USER_INPUT: {0: "batch"}}
+    if user_enc.reads_vectors:
+        args = (history, torch.from_numpy(table)[history])  # (B, L), (B, L, D')
+        names_in.append(TWO_STAGE_USER_VECTORS)
+        axes[TWO_STAGE_USER_VECTORS] = {0: "batch"}
     user_bytes = _export(
-        user_enc, (history,), [TWO_STAGE_USER_INPUT], list(TWO_STAGE_USER_OUTPUTS),
-        {TWO_STAGE_USER_INPUT: {0: "batch"}, TWO_STAGE_USER_OUTPUTS[0]: {0: "batch"},
+        user_enc, args, names_in, list(TWO_STAGE_USER_OUTPUTS),
+        {**axes, TWO_STAGE_USER_OUTPUTS[0]: {0: "batch"},
          TWO_STAGE_USER_OUTPUTS[1]: {0: "batch", 1: "n_linked"},
          TWO_STAGE_USER_OUTPUTS[2]: {0: "batch", 1: "n_cold"}})
     with torch.no_grad():
-        user = user_enc(history)[0]  # (B, D')
+        user = user_enc(*args)[0]  # (B, D')
     rows = torch.tensor([[1, 0, 1], [0, 1, 1]], dtype=torch.int64) % len(table)  # (B, C)
     vectors = torch.from_numpy(table)[rows]  # (B, C, D')
     names = list(TWO_STAGE_RESCORE_INPUTS)
@@ -178,7 +195,11 @@ def export_two_stage(scorer: nn.Module, max_len: int,
         {names[0]: {0: "batch"}, names[1]: {0: "batch"}, names[2]: {0: "batch", 1: "n"},
          names[3]: {0: "batch", 1: "n"}, TWO_STAGE_RESCORE_OUTPUT: {0: "batch", 1: "n"}})
     buf = io.BytesIO()
-    np.save(buf, table, allow_pickle=False)
+    half = table.astype(np.float16)
+    # float16 when that loses nothing (G's tables rounded by trainer/export.py
+    # ``compact_item_tables``): half the bytes on the topic and in the bundle
+    np.save(buf, half if np.array_equal(half.astype(np.float32), table) else table,
+            allow_pickle=False)
     return {TWO_STAGE_USER: user_bytes, TWO_STAGE_RESCORE: rescore_bytes,
             TWO_STAGE_ITEMS: buf.getvalue()}
 
@@ -193,15 +214,19 @@ def check_two_stage_parity(scorer: nn.Module, files: dict[str, bytes],
     scorer = scorer.cpu().eval()
     parts = scorer_parts(scorer)
     history = torch.as_tensor(np.asarray(histories), dtype=torch.int64)  # (B, L)
-    table = np.load(io.BytesIO(files[TWO_STAGE_ITEMS]), allow_pickle=False)  # (V+1, D')
+    table = np.load(io.BytesIO(files[TWO_STAGE_ITEMS]), allow_pickle=False
+                    ).astype(np.float32)  # (V+1, D'), float16 or float32 in the file
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1  # a check, not a benchmark
 
     def session(name: str) -> ort.InferenceSession:
         return ort.InferenceSession(files[name], options, providers=["CPUExecutionProvider"])
 
-    user, linked, cold = session(TWO_STAGE_USER).run(
-        list(TWO_STAGE_USER_OUTPUTS), {TWO_STAGE_USER_INPUT: history.numpy()})
+    user_session = session(TWO_STAGE_USER)
+    feed = {TWO_STAGE_USER_INPUT: history.numpy()}
+    if TWO_STAGE_USER_VECTORS in {i.name for i in user_session.get_inputs()}:
+        feed[TWO_STAGE_USER_VECTORS] = table[history.numpy()]  # (B, L, D'), as the worker
+    user, linked, cold = user_session.run(list(TWO_STAGE_USER_OUTPUTS), feed)
     with torch.no_grad():
         expected_g = parts.generator(history).numpy()  # (B, V+1)
         expected = scorer(history).numpy()  # (B, V+1)

@@ -151,3 +151,76 @@ def test_two_stage_keeps_no_bundle_bytes_but_still_verifies_the_model(tmp_path: 
     with pytest.raises(BundleError) as info:
         load_model(tmp_path, version, index=EVERY)
     assert info.value.reason == "checksum_mismatch"
+
+
+def test_a_refreshed_index_holds_the_new_vectors_and_leaves_the_old_one_as_it_was() -> None:
+    rng = np.random.default_rng(3)
+    old_table = rng.normal(size=(N_ITEMS + 1, 8)).astype(np.float32)
+    old_table[0] = 0.0
+    old = retrieval.ItemIndex(old_table, EVERY)
+    assert not old.refreshed
+    new_table = np.concatenate([old_table + 0.3 * rng.normal(size=old_table.shape),
+                                rng.normal(size=(20, 8))]).astype(np.float32)  # 20 new rows
+    new_table[0] = 0.0
+    new = retrieval.ItemIndex(new_table, EVERY, previous=old)
+    assert new.refreshed and len(new) == N_ITEMS + 20
+    rows = np.arange(1, N_ITEMS + 21).reshape(1, -1)
+    assert np.array_equal(new.vectors(rows)[0], new_table[1:])
+    assert np.array_equal(old.vectors(rows[:, :N_ITEMS])[0], old_table[1:])  # still serving
+    users = rng.normal(size=(5, 8)).astype(np.float32)
+    exact = np.argsort(-(users @ new_table[1:].T), axis=1)[:, :10] + 1  # (5, 10)
+    assert np.array_equal(new.search(users, 10), exact)
+
+
+@pytest.mark.parametrize("why", ["always afresh", "graph too old", "grown too much",
+                                 "other width"])
+def test_an_index_is_built_afresh_when_refreshing_would_drift_too_far(why: str) -> None:
+    import dataclasses
+
+    rng = np.random.default_rng(4)
+    table = rng.normal(size=(N_ITEMS + 1, 8)).astype(np.float32)
+    config = EVERY
+    old = retrieval.ItemIndex(table, config)
+    if why == "always afresh":
+        config = dataclasses.replace(EVERY, rebuild_after_s=0.0)
+    elif why == "graph too old":
+        old.built_at -= EVERY.rebuild_after_s
+    elif why == "grown too much":
+        extra = int(EVERY.rebuild_growth * N_ITEMS) + 1
+        table = np.concatenate([table, rng.normal(size=(extra, 8))]).astype(np.float32)
+    else:
+        table = rng.normal(size=(N_ITEMS + 1, 9)).astype(np.float32)
+    new = retrieval.ItemIndex(table, config, previous=old)
+    assert not new.refreshed and new.built_at >= old.built_at and len(new) == len(table) - 1
+
+
+def test_a_swap_refreshes_the_live_index_and_ranks_as_the_exact_path(tmp_path: Path) -> None:
+    first = publish_toy(tmp_path, VOCAB, two_stage=toy_two_stage(N_ITEMS))
+    live = load_model(tmp_path, first, index=EVERY)
+    second = publish_toy(tmp_path, VOCAB, seed=1, two_stage=toy_two_stage(N_ITEMS, seed=1))
+    staged = load_model(tmp_path, second, index=EVERY, previous=live)
+    assert staged.two_stage is not None and staged.two_stage.index.refreshed
+    exact = load_model(tmp_path, second)
+    users = histories(40, seed=2)
+    ks = [10] * len(users)
+    assert staged.recommend_batch(users, ks) == exact.recommend_batch(users, ks)
+    assert live.recommend_batch(users, ks) == load_model(tmp_path, first).recommend_batch(
+        users, ks)  # the live model is untouched by its successor's refresh
+
+
+async def test_the_watcher_refreshes_the_live_index_on_a_swap(tmp_path: Path) -> None:
+    metrics = StreamMetrics.create()
+    server = ModelServer(metrics=metrics)
+    watcher = BundleWatcher(tmp_path, server, metrics=metrics, index=EVERY)
+    assert await watcher.activate(publish_toy(tmp_path, VOCAB, two_stage=toy_two_stage(N_ITEMS)))
+    assert server.current is not None and not server.current.two_stage.index.refreshed
+    second = publish_toy(tmp_path, VOCAB, seed=1, two_stage=toy_two_stage(N_ITEMS, seed=1))
+    assert await watcher.activate(second)
+    assert server.current.version == second and server.current.two_stage.index.refreshed
+    exact = load_model(tmp_path, second)
+    for history in histories(10, seed=5):
+        items, version = await server.recommend(history, 10)
+        rows = exact.recommend_batch([history], [10])[0]
+        assert version == second and items == [VOCAB[r - 1] for r in rows]
+    assert metrics.registry.get_sample_value("advrec_index_build_seconds_count") == 2
+    await server.stop()

@@ -5,13 +5,14 @@ stages as it ranks it exactly."""
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from advrec.bundle import TWO_STAGE_FILES, load_bundle
+from advrec.bundle import TWO_STAGE_FILES, TWO_STAGE_ITEMS, load_bundle
 from stream_app.retrieval import IndexConfig
 from stream_app.serving import load_model
 from tests.unit.trainer.planted import SMALL, planted_stream
@@ -164,3 +165,47 @@ def test_the_sidecars_bundle_carries_the_parts_from_its_size_on(tmp_path: Path) 
     assert with_parts.two_stage is not None and without.two_stage is None
     assert with_parts.meta["two_stage"]["parity_max_abs_diff"] < 1e-4
     assert files - plain == set(TWO_STAGE_FILES)  # what travels on the bundle topic
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_tied_user_encoder_reads_the_history_rows_instead_of_carrying_the_table(
+        tied: bool) -> None:
+    import onnx
+
+    from advrec.bundle import TWO_STAGE_USER, TWO_STAGE_USER_VECTORS
+
+    learner = trained(tied=tied, prior=0.0)
+    files = export_two_stage(scoring_model(learner), SMALL.max_len)
+    graph = onnx.load_from_string(files[TWO_STAGE_USER]).graph
+    rows = len(learner.vocab) + 1
+    tables = [i.name for i in graph.initializer if i.dims and i.dims[0] == rows]
+    inputs = [i.name for i in graph.input]
+    if tied:  # the worker's index holds the table once: user.onnx has none of its own
+        assert TWO_STAGE_USER_VECTORS in inputs and tables == []
+    else:  # the input table is not the scoring one the index holds
+        assert TWO_STAGE_USER_VECTORS not in inputs and len(tables) == 1
+    h = histories(8, len(learner.vocab))
+    assert check_two_stage_parity(scoring_model(learner), files, h) < 1e-4
+
+
+def test_a_compacted_model_ships_a_float16_table_that_serves_like_its_exact_graph(
+        tmp_path: Path) -> None:
+    learner = trained(item_bias=True)
+    version = publish_bundle(learner, tmp_path, {}, two_stage_items=1)
+    bundle = load_bundle(tmp_path, version)
+    table = np.load(io.BytesIO(bundle.two_stage[TWO_STAGE_ITEMS]))
+    assert table.dtype == np.float16
+    full = item_vectors(learner.generator)  # the learner's own float32 rows
+    assert np.abs(table.astype(np.float32) - full).max() <= 1e-3 * np.abs(full).max()
+    n = len(learner.vocab)
+    exact = load_model(tmp_path, version, threads=1)
+    staged = load_model(tmp_path, version, threads=1,
+                        index=IndexConfig(min_items=0, candidates=n))
+    users = [[f"i{i}" for i in range(j, j + 8)] for j in range(0, 120, 7)]
+    ks = [10] * len(users)
+    assert staged.recommend_batch(users, ks) == exact.recommend_batch(users, ks)
+    # below the two-stage size nothing is rounded: the bundle serves the learner's lists
+    plain = load_model(tmp_path, publish_bundle(learner, tmp_path, {}), threads=1)
+    vocab = learner.vocab.items()
+    assert [[vocab[r - 1] for r in rows] for rows in plain.recommend_batch(users, ks)] == [
+        learner.recommend(user, 10) for user in users]
