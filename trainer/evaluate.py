@@ -569,6 +569,8 @@ def run_prequential_all(examples: Sequence[TrainingExample], method: str, *, see
                 g = past.gid.get(item)
                 if g is not None:
                     colmap[g] = -1
+            if guard is not None and adapter.learner.expired:  # as the sidecar's detector
+                guard.detector.stats.forget(np.array([r for r, _ in adapter.learner.expired]))
         for g in gids.tolist():
             if colmap[g] < 0:
                 pending.add(g)

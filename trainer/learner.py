@@ -192,6 +192,7 @@ class OnlineLearner:
         # event time (ms) of each row's latest click or catalogue refresh; 0: not yet noted
         self.item_last_ms = np.zeros(self.model_cfg.n_items + 1, dtype=np.int64)  # (cap+1,)
         self.expired: list[tuple[int, ItemId]] = []  # (row, id) the last batch freed
+        self._holes_key: tuple[int, int] | None = None  # what G's hole mask was made for
         self.replay = ReplayBuffer(self.train_cfg.replay_size, self.model_cfg.max_len,
                                    self.train_cfg.replay_policy)
         self.adv_state = AdversarialState()
@@ -246,7 +247,14 @@ class OnlineLearner:
                 grown = np.zeros(size, dtype=np.int64)
                 grown[: len(old)] = old
                 setattr(self, name, grown)
-        self.generator.set_holes(self.vocab.holes())  # rows reused, or the tables reallocated
+        self._sync_holes()
+
+    def _sync_holes(self) -> None:
+        """Give G the vocabulary's holes again if they changed or its tables reallocated."""
+        key = (self.vocab.hole_epoch, self.generator.items.capacity)
+        if key != self._holes_key:
+            self.generator.set_holes(self.vocab.holes())
+            self._holes_key = key
 
     def add_items(self, items: Iterable[ItemId], ts_ms: int | None = None) -> None:
         """Give ``items`` vocabulary rows (untrained) without training on them: the fake-user
@@ -298,7 +306,7 @@ class OnlineLearner:
         with self._rng():
             self.generator.reset_rows(rows, self.g_optimizer)
             self.discriminator.reset_rows(rows, self.d_optimizer)
-        self.generator.set_holes(self.vocab.holes())
+        self._sync_holes()
         self.item_counts[rows] = 0
         self.item_last_ms[rows] = 0
         self.cooc.forget(live)
@@ -526,6 +534,7 @@ class OnlineLearner:
         counts messages, so a checkpoint says how much of the topic the model has seen.
         """
         assert 0.0 < fraction <= 1.0, f"fraction {fraction} outside (0, 1]"
+        self.expired = []
         skip = set(self.train_cfg.skip_flags)
         examples = [e for e in batch if not skip.intersection(e.flags)]
         if batch:
@@ -683,8 +692,8 @@ class OnlineLearner:
         self.item_last_ms = (state["item_last_ms"].numpy().copy() if "item_last_ms" in state
                              else np.zeros_like(self.item_counts))
         self.expired = []
-        if self.vocab.holes():
-            self.generator.set_holes(self.vocab.holes())
+        self._holes_key = None
+        self._sync_holes()
         self.replay = ReplayBuffer(self.train_cfg.replay_size, self.model_cfg.max_len,
                                    self.train_cfg.replay_policy)
         self.replay.load_state_dict(state["replay"])

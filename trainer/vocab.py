@@ -27,6 +27,7 @@ class Vocabulary:
         self._rows: dict[ItemId, ItemIndex] = {}
         self._items: list[ItemId | None] = []
         self._free: list[ItemIndex] = []  # a heap of holes
+        self.hole_epoch = 0  # counts changes to the holes (one freed, one taken)
         for item in items:  # in row order: a saved vocabulary keeps its rows and holes
             if item is None:
                 self._items.append(None)
@@ -58,6 +59,7 @@ class Vocabulary:
             if self._free:
                 row = heapq.heappop(self._free)
                 self._items[row - 1] = item
+                self.hole_epoch += 1
             else:
                 self._items.append(item)
                 row = len(self._items)
@@ -80,6 +82,7 @@ class Vocabulary:
             self._items[row - 1] = None
             heapq.heappush(self._free, row)
             removed.append(item)
+            self.hole_epoch += 1
         return removed
 
     def index(self, item: ItemId) -> ItemIndex | None:

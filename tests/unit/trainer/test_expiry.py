@@ -56,6 +56,8 @@ def test_items_without_a_click_for_the_ttl_leave_and_new_items_take_their_rows()
     assert stats["expired_items"] == n_old  # every a* item: an hour without a click
     assert {item for _, item in learner.expired} == {e.item for b in old for e in b}
     assert not any(e.item in learner.vocab for b in old for e in b)
+    learner.train_batch([])  # a batch with nothing to train on frees nothing more
+    assert learner.expired == []
     for batch in new[1:]:
         learner.train_batch(batch)
     first, n_new = {e.item for e in new[0]}, len({e.item for b in new for e in b})
