@@ -16,6 +16,22 @@ Layout under a bundle root::
                                 user vector [B, D'] and candidate rows; the item table
                                 [V+1, D'] whose inner product with it is G's score; the full
                                 scorer at candidate rows. meta["two_stage"] holds their sha256
+    <root>/<version>/prior-indptr.npy, prior-cols.npy, prior-vals.npy  with the two-stage
+                                parts of a scorer with the prior: its links as sparse rows
+                                (advrec/links.py), which the worker gathers for the graphs
+    <root>/<version>/delta-*.npy, delta-vocab.json  a *delta* bundle's alternative to
+                                items.npy, vocab.json and the prior's files: the rows that
+                                changed since a full bundle (meta["delta"]["base"]) and their
+                                values (see "Deltas" below)
+
+Deltas. At a million items a bundle is mostly its item table, and most rows do not change
+between exports (the sampled softmax steps only the rows a batch touches). A delta bundle
+carries the two-stage graphs whole, the rows of ``items.npy`` and ``vocab.json`` that differ
+from its base (a full bundle), and no ``model.onnx`` (it is served in two stages only).
+Its meta.json records the checksums of the *whole* items.npy and vocab.json it stands for:
+a reader rebuilds them from its copy of the base (``apply_delta``) and checks them, so a
+rebuilt delta is byte for byte the full bundle the trainer would have written. The trainer
+writes those whole files locally too; only the delta's files travel (``bundle_files``).
 
 A bundle is written under a temporary name, every file fsynced, then renamed into place;
 ``CURRENT`` is replaced the same way, so a reader sees either the old or the new bundle,
@@ -25,6 +41,7 @@ never half of one. Readers verify checksums and the vocabulary before trusting a
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -35,14 +52,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from advrec.links import PRIOR_FILES, SparseRows
 from advrec.types import ItemId
 
 __all__ = [
+    "DELTA_FILES",
+    "DELTA_PRIOR_FILES",
+    "DELTA_VOCAB",
     "DETECTOR_FILE",
     "DETECTOR_INPUTS",
     "DETECTOR_OUTPUTS",
     "INPUT_NAME",
     "OUTPUT_NAME",
+    "PRIOR_FILES",
     "REJECT_REASONS",
     "TWO_STAGE_FILES",
     "TWO_STAGE_ITEMS",
@@ -55,7 +79,10 @@ __all__ = [
     "TWO_STAGE_USER_VECTORS",
     "Bundle",
     "BundleError",
+    "appended_items",
+    "apply_delta",
     "bundle_files",
+    "delta_files",
     "list_versions",
     "load_bundle",
     "read_current",
@@ -87,6 +114,13 @@ TWO_STAGE_USER = "user.onnx"
 TWO_STAGE_RESCORE = "rescore.onnx"
 TWO_STAGE_ITEMS = "items.npy"
 TWO_STAGE_FILES = (TWO_STAGE_USER, TWO_STAGE_RESCORE, TWO_STAGE_ITEMS)
+DELTA_ROWS = "delta-rows.npy"  # int64 [n]: rows of items.npy that differ from the base's
+DELTA_ITEMS = "delta-items.npy"  # [n, D'] their values, in items.npy's dtype
+DELTA_VOCAB = "delta-vocab.json"  # {"size": V, "rows": [[row, id or null], ...]}
+DELTA_FILES = (DELTA_ROWS, DELTA_ITEMS, DELTA_VOCAB)
+# with the prior: the rows whose links changed, as sparse rows (advrec/links.py)
+DELTA_PRIOR_FILES = ("delta-prior-rows.npy", "delta-prior-indptr.npy", "delta-prior-cols.npy",
+                     "delta-prior-vals.npy")
 # names this process's temporary files: a PID alone is not unique (every container's first
 # process is PID 1, and two containers may share a volume)
 WRITER_TOKEN = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -103,6 +137,7 @@ REJECT_REASONS = (
     "nan_output",  # warm-up produced NaN or infinite scores
     "bad_detector",  # detector.onnx does not load, or gives no finite P(fake) per user
     "bad_index",  # the two-stage parts do not load, or no nearest-neighbour index is built
+    "bad_delta",  # a delta whose base is not here, or whose rebuilt files do not match meta
     "pruned",  # the version left the directory while it was being loaded (not remembered)
 )
 _META_REQUIRED = ("version", "model_sha256", "vocab_sha256", "vocab_size", "max_len")
@@ -134,6 +169,11 @@ class Bundle:
     @property
     def max_len(self) -> int:
         return int(self.meta["max_len"])
+
+    @property
+    def exact(self) -> bool:
+        """Whether the bundle has the exact graph (model.onnx): a delta has not."""
+        return self.meta.get("model_sha256") is not None
 
 
 def sha256_hex(data: bytes) -> str:
@@ -175,10 +215,11 @@ def _next_version(root: Path) -> str:
     return f"{candidate:013d}"
 
 
-def write_bundle(root: Path | str, model_bytes: bytes, vocab: Sequence[ItemId | None],
+def write_bundle(root: Path | str, model_bytes: bytes | None, vocab: Sequence[ItemId | None],
                  meta: dict[str, Any], *, keep: int = 5, make_current: bool = True,
                  detector_bytes: bytes | None = None,
-                 two_stage: dict[str, bytes] | None = None) -> str:
+                 two_stage: dict[str, bytes] | None = None,
+                 delta: tuple[str, dict[str, bytes]] | None = None) -> str:
     """Publish a new bundle atomically and return its version.
 
     ``meta`` must hold ``max_len``; version, created time, checksums and the vocabulary
@@ -186,9 +227,15 @@ def write_bundle(root: Path | str, model_bytes: bytes, vocab: Sequence[ItemId | 
     current one). ``detector_bytes``: the fake-user detector (``meta["detector"]`` then
     describes it; its sha256 is filled in here). ``two_stage``: the two-stage parts, every
     one of ``TWO_STAGE_FILES`` (``meta["two_stage"]`` then holds their sha256).
+    ``model_bytes`` None: no exact graph (the bundle is ranked in two stages only).
+    ``delta``: (base version, ``delta_files``): the bundle is also a delta against that
+    base (``meta["delta"]``); it still writes its whole files here.
     """
     assert keep >= 1, "keep at least the bundle being written"
     assert "max_len" in meta, "meta needs max_len (the history length the model takes)"
+    assert model_bytes is not None or two_stage is not None, "a bundle needs a ranking graph"
+    assert delta is None or (two_stage is not None and model_bytes is None), \
+        "a delta carries the two-stage parts and no exact graph"
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     version = str(meta.get("version") or _next_version(root))
@@ -196,7 +243,8 @@ def write_bundle(root: Path | str, model_bytes: bytes, vocab: Sequence[ItemId | 
     full_meta = dict(meta)
     full_meta.update(
         format=FORMAT_VERSION, version=version, created=time.time(),
-        model_sha256=sha256_hex(model_bytes), vocab_sha256=sha256_hex(vocab_bytes),
+        model_sha256=None if model_bytes is None else sha256_hex(model_bytes),
+        vocab_sha256=sha256_hex(vocab_bytes),
         vocab_size=len(vocab), input=INPUT_NAME, output=OUTPUT_NAME,
     )
     if detector_bytes is not None:
@@ -205,18 +253,26 @@ def write_bundle(root: Path | str, model_bytes: bytes, vocab: Sequence[ItemId | 
                                  "inputs": list(DETECTOR_INPUTS),
                                  "outputs": list(DETECTOR_OUTPUTS)}
     if two_stage is not None:
-        assert sorted(two_stage) == sorted(TWO_STAGE_FILES), sorted(two_stage)
+        assert sorted(two_stage) in (sorted(TWO_STAGE_FILES),
+                                     sorted(TWO_STAGE_FILES + PRIOR_FILES)), sorted(two_stage)
         full_meta["two_stage"] = {**dict(meta.get("two_stage") or {}), "sha256": {
             name: sha256_hex(data) for name, data in two_stage.items()}}
+    if delta is not None:
+        base, files = delta
+        assert sorted(files) == sorted(DELTA_FILES + (DELTA_PRIOR_FILES if PRIOR_FILES[0]
+                                                      in two_stage else ())), sorted(files)
+        full_meta["delta"] = {**dict(meta.get("delta") or {}), "base": base, "sha256": {
+            name: sha256_hex(data) for name, data in files.items()}}
     tmp = root / f".tmp-{version}-{WRITER_TOKEN}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    _write_synced(tmp / MODEL_FILE, model_bytes)
+    if model_bytes is not None:
+        _write_synced(tmp / MODEL_FILE, model_bytes)
     _write_synced(tmp / VOCAB_FILE, vocab_bytes)
     if detector_bytes is not None:
         _write_synced(tmp / DETECTOR_FILE, detector_bytes)
-    for name, data in (two_stage or {}).items():
+    for name, data in [*(two_stage or {}).items(), *(delta[1] if delta else {}).items()]:
         _write_synced(tmp / name, data)
     # meta.json last: a directory without it is never a bundle
     _write_synced(tmp / META_FILE, json.dumps(full_meta, indent=2, sort_keys=True).encode())
@@ -262,12 +318,18 @@ def _prune(root: Path, keep: int) -> None:
 
 def bundle_files(root: Path | str, version: str) -> list[tuple[str, bytes]]:
     """Return a written bundle's files as (name, bytes), ``meta.json`` last: what travels on
-    the bundle topic (``advrec.channel``) and is rebuilt into a directory by each worker."""
+    the bundle topic (``advrec.channel``) and is rebuilt into a directory by each worker.
+    A delta travels without its whole item table and vocabulary (``apply_delta``)."""
     path = Path(root) / version
-    names = (MODEL_FILE, VOCAB_FILE, DETECTOR_FILE, *TWO_STAGE_FILES, META_FILE)
-    optional = (DETECTOR_FILE, *TWO_STAGE_FILES)
-    return [(name, (path / name).read_bytes()) for name in names
-            if name not in optional or (path / name).is_file()]
+    meta_bytes = (path / META_FILE).read_bytes()
+    names: tuple[str, ...] = (MODEL_FILE, VOCAB_FILE, DETECTOR_FILE, *TWO_STAGE_FILES,
+                              *PRIOR_FILES)
+    if json.loads(meta_bytes).get("delta"):
+        names = (DETECTOR_FILE, TWO_STAGE_USER, TWO_STAGE_RESCORE, *DELTA_FILES,
+                 *DELTA_PRIOR_FILES)
+    optional = (MODEL_FILE, DETECTOR_FILE, *TWO_STAGE_FILES, *PRIOR_FILES, *DELTA_PRIOR_FILES)
+    return [*((name, (path / name).read_bytes()) for name in names
+              if name not in optional or (path / name).is_file()), (META_FILE, meta_bytes)]
 
 
 def _file_sha256(path: Path) -> str:
@@ -278,12 +340,15 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_bundle(root: Path | str, version: str, *, model: bool = True) -> Bundle:
+def load_bundle(root: Path | str, version: str, *, model: bool = True,
+                vocab: tuple[ItemId | None, ...] | None = None) -> Bundle:
     """Read and verify one bundle; raise ``BundleError`` naming what is wrong.
 
     ``model`` False: model.onnx is verified against its checksum but not kept
     (``model_bytes`` is empty): a worker that ranks in two stages never loads it, and at 1M
-    items it is 256 MB.
+    items it is 256 MB. ``vocab``: the vocabulary, known already (a delta that only adds
+    items to the live one's): vocab.json is checked against its checksum and size but not
+    decoded again.
     """
     path = Path(root) / version
     if not path.is_dir():
@@ -298,29 +363,43 @@ def load_bundle(root: Path | str, version: str, *, model: bool = True) -> Bundle
         raise BundleError("bad_meta", f"{path / META_FILE}: {exc}") from None
     if not isinstance(meta, dict) or any(k not in meta for k in _META_REQUIRED):
         raise BundleError("bad_meta", f"meta.json must hold {_META_REQUIRED}")
+    model_bytes = b""
+    if meta["model_sha256"] is None:  # ranked in two stages only (a delta)
+        if not meta.get("two_stage"):
+            raise BundleError("bad_meta", "meta.json names neither model.onnx nor the "
+                                          "two-stage parts")
+    else:
+        try:
+            model_bytes = (path / MODEL_FILE).read_bytes() if model else b""
+            model_sha = sha256_hex(model_bytes) if model else _file_sha256(path / MODEL_FILE)
+        except FileNotFoundError:
+            raise BundleError("missing_model", f"{path / MODEL_FILE} does not exist") from None
+        if model_sha != meta["model_sha256"]:
+            raise BundleError("checksum_mismatch",
+                              f"model.onnx sha256 differs from meta ({version})")
     try:
-        model_bytes = (path / MODEL_FILE).read_bytes() if model else b""
-        model_sha = sha256_hex(model_bytes) if model else _file_sha256(path / MODEL_FILE)
-    except FileNotFoundError:
-        raise BundleError("missing_model", f"{path / MODEL_FILE} does not exist") from None
-    if model_sha != meta["model_sha256"]:
-        raise BundleError("checksum_mismatch", f"model.onnx sha256 differs from meta ({version})")
-    try:
-        vocab_bytes = (path / VOCAB_FILE).read_bytes()
+        vocab_bytes = b"" if vocab is not None else (path / VOCAB_FILE).read_bytes()
+        vocab_sha = (_file_sha256(path / VOCAB_FILE) if vocab is not None
+                     else sha256_hex(vocab_bytes))
     except FileNotFoundError:
         raise BundleError("vocab_mismatch", f"{path / VOCAB_FILE} does not exist") from None
-    if sha256_hex(vocab_bytes) != meta["vocab_sha256"]:
+    if vocab_sha != meta["vocab_sha256"]:
         raise BundleError("checksum_mismatch", f"vocab.json sha256 differs from meta ({version})")
-    try:
-        vocab = json.loads(vocab_bytes)
-    except ValueError as exc:
-        raise BundleError("vocab_mismatch", f"vocab.json unreadable: {exc}") from None
-    ids = [v for v in vocab if v is not None] if isinstance(vocab, list) else None
-    if (ids is None or not all(isinstance(v, str) for v in ids)
-            or len(vocab) != meta["vocab_size"] or len(set(ids)) != len(ids)):
-        raise BundleError("vocab_mismatch",
-                          f"vocab.json must be {meta['vocab_size']} distinct item ids "
-                          "(or null: a freed row)")
+    if vocab is not None:
+        if len(vocab) != meta["vocab_size"]:
+            raise BundleError("vocab_mismatch", f"the vocabulary has {len(vocab)} rows, "
+                                                f"meta.json says {meta['vocab_size']}")
+    else:
+        try:
+            vocab = json.loads(vocab_bytes)
+        except ValueError as exc:
+            raise BundleError("vocab_mismatch", f"vocab.json unreadable: {exc}") from None
+        ids = [v for v in vocab if v is not None] if isinstance(vocab, list) else None
+        if (ids is None or not all(isinstance(v, str) for v in ids)
+                or len(vocab) != meta["vocab_size"] or len(set(ids)) != len(ids)):
+            raise BundleError("vocab_mismatch",
+                              f"vocab.json must be {meta['vocab_size']} distinct item ids "
+                              "(or null: a freed row)")
     detector_bytes = None
     if meta.get("detector"):
         want = meta["detector"].get("sha256") if isinstance(meta["detector"], dict) else None
@@ -335,10 +414,12 @@ def load_bundle(root: Path | str, version: str, *, model: bool = True) -> Bundle
     two_stage = None
     if meta.get("two_stage"):
         sums = meta["two_stage"].get("sha256") if isinstance(meta["two_stage"], dict) else None
-        if not isinstance(sums, dict) or sorted(sums) != sorted(TWO_STAGE_FILES):
-            raise BundleError("bad_meta", f"meta.json two_stage must name {TWO_STAGE_FILES}")
+        if not isinstance(sums, dict) or sorted(sums) not in (
+                sorted(TWO_STAGE_FILES), sorted(TWO_STAGE_FILES + PRIOR_FILES)):
+            raise BundleError("bad_meta", f"meta.json two_stage must name {TWO_STAGE_FILES}"
+                                          f" (and, with the prior, {PRIOR_FILES})")
         two_stage = {}
-        for name in TWO_STAGE_FILES:
+        for name in sums:
             try:
                 two_stage[name] = (path / name).read_bytes()
             except FileNotFoundError:
@@ -349,3 +430,172 @@ def load_bundle(root: Path | str, version: str, *, model: bool = True) -> Bundle
                                   f"{name} sha256 differs from meta ({version})")
     return Bundle(path=path, version=str(meta["version"]), meta=meta, vocab=tuple(vocab),
                   model_bytes=model_bytes, detector_bytes=detector_bytes, two_stage=two_stage)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def delta_files(base_items: np.ndarray, base_vocab: Sequence[ItemId | None],
+                items: np.ndarray, vocab: Sequence[ItemId | None],
+                base_links: SparseRows | None = None,
+                links: SparseRows | None = None) -> dict[str, bytes]:
+    """The files of a delta from a base's item table [V0+1, D'] and vocabulary to a new
+    bundle's [V+1, D']: every row whose bytes differ, every row past the base's end, and
+    every vocabulary row whose id differs; with the prior's links of both, the rows whose
+    links differ. ``ValueError`` if the tables' dtype or width differ, or one of the two
+    has links and the other not (then only a full bundle will do)."""
+    if (base_links is None) != (links is None):
+        raise ValueError("the prior is on in one bundle and off in the other")
+    if base_items.dtype != items.dtype or base_items.shape[1:] != items.shape[1:]:
+        raise ValueError(f"item tables differ in kind: {base_items.dtype}{base_items.shape} "
+                         f"vs {items.dtype}{items.shape}")
+    n = min(len(base_items), len(items))
+    width = items.dtype.itemsize * int(np.prod(items.shape[1:]))
+    old = np.ascontiguousarray(base_items[:n]).view(np.uint8).reshape(n, width)
+    new = np.ascontiguousarray(items[:n]).view(np.uint8).reshape(n, width)
+    rows = np.concatenate([np.flatnonzero((old != new).any(axis=1)),
+                           np.arange(n, len(items))]).astype(np.int64)  # (n_changed,)
+    n_old = min(len(base_vocab), len(vocab))
+    changes = [] if tuple(base_vocab[:n_old]) == tuple(vocab[:n_old]) else [
+        [row, item] for row, item in enumerate(vocab[:n_old], start=1)
+        if base_vocab[row - 1] != item]  # mostly none: items are only added
+    changes += [[row, vocab[row - 1]] for row in range(n_old + 1, len(vocab) + 1)]
+    files = {DELTA_ROWS: _npy_bytes(rows),
+             DELTA_ITEMS: _npy_bytes(np.ascontiguousarray(items[rows])),
+             DELTA_VOCAB: json.dumps({"size": len(vocab), "rows": changes},
+                                     ensure_ascii=False).encode("utf-8")}
+    if links is not None and base_links is not None:
+        part = links.restricted(links.changed_rows(base_links))
+        assert part.rows is not None
+        files.update(zip(DELTA_PRIOR_FILES, map(_npy_bytes, (part.rows, part.indptr,
+                                                             part.cols, part.vals)),
+                         strict=True))
+    return files
+
+
+def appended_items(n_base: int, size: int,
+                   changes: Sequence[tuple[int, ItemId | None]]) -> list[ItemId] | None:
+    """The items a delta's vocabulary adds after a base of ``n_base`` rows, if that is all it
+    does (rows n_base+1..size, in order, none freed): else None."""
+    if len(changes) != size - n_base or any(
+            row != n_base + n or not isinstance(item, str)
+            for n, (row, item) in enumerate(changes, start=1)):
+        return None
+    return [item for _, item in changes]  # type: ignore[misc]
+
+
+def _patched_vocab(base_bytes: bytes, n_base: int, size: int,
+                   changes: Sequence[tuple[int, ItemId | None]]) -> bytes:
+    """vocab.json's bytes after a delta's changes. When it only adds items, the base's bytes
+    are extended as ``json.dumps`` would write the whole list, without reading them (at 1M
+    ids, decoding and encoding the list held the GIL for ~0.3 s in a serving worker)."""
+    added = appended_items(n_base, size, changes)
+    if added is not None:
+        if not added:
+            return base_bytes
+        tail = json.dumps(added, ensure_ascii=False).encode("utf-8")  # ["a", "b"]
+        return tail if n_base == 0 else base_bytes[:-1] + b", " + tail[1:]
+    vocab = json.loads(base_bytes)
+    if not isinstance(vocab, list):
+        raise ValueError("the base's vocab.json is not a list")
+    vocab = vocab[:size] + [None] * max(0, size - len(vocab))
+    for row, item in changes:
+        vocab[row - 1] = item
+    return json.dumps(vocab, ensure_ascii=False).encode("utf-8")
+
+
+def apply_delta(root: Path | str, version: str) -> bool:
+    """Rebuild a delta bundle's whole items.npy and vocab.json from its base under the same
+    ``root``; True if it did, False if ``version`` is not a delta or is whole already (its
+    writer's own copy). Raise ``BundleError`` (``bad_delta``) when the base is not here or
+    the rebuilt files do not match the checksums meta.json records for them."""
+    root = Path(root)
+    path = root / version
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+        delta = meta.get("delta")
+        if not delta:
+            return False
+        base, sums = str(delta["base"]), dict(delta["sha256"])
+        whole_sums = dict(meta["two_stage"]["sha256"])
+        items_sha = whole_sums[TWO_STAGE_ITEMS]
+        vocab_sha = meta["vocab_sha256"]
+        prior = PRIOR_FILES[0] in whole_sums  # the links are rebuilt too
+    except FileNotFoundError:
+        raise BundleError("missing_meta", f"{path / META_FILE} does not exist") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BundleError("bad_meta", f"{version}: meta.json: {exc!r}"[:300]) from None
+    if (path / TWO_STAGE_ITEMS).is_file() and (path / VOCAB_FILE).is_file():
+        return False
+    data: dict[str, bytes] = {}
+    for name in DELTA_FILES + (DELTA_PRIOR_FILES if prior else ()):
+        try:
+            data[name] = (path / name).read_bytes()
+        except FileNotFoundError:
+            raise BundleError("bad_delta", f"{version}: {name} does not exist") from None
+        if sha256_hex(data[name]) != sums.get(name):
+            raise BundleError("checksum_mismatch", f"{name} sha256 differs from meta ({version})")
+    base_path = root / base
+    try:
+        base_items = np.load(base_path / TWO_STAGE_ITEMS, mmap_mode="r", allow_pickle=False)
+        base_vocab_bytes = (base_path / VOCAB_FILE).read_bytes()
+        n_base = int(json.loads((base_path / META_FILE).read_text())["vocab_size"])
+        rows = np.load(io.BytesIO(data[DELTA_ROWS]), allow_pickle=False)
+        values = np.load(io.BytesIO(data[DELTA_ITEMS]), allow_pickle=False)
+        spec = json.loads(data[DELTA_VOCAB])
+        size = int(spec["size"])
+        changes = [(int(row), item) for row, item in spec["rows"]]
+        links = None
+        if prior:
+            base_links = SparseRows.from_files({name: (base_path / name).read_bytes()
+                                                for name in PRIOR_FILES})
+            rows_, indptr, cols, vals = (np.load(io.BytesIO(data[name]), allow_pickle=False)
+                                         for name in DELTA_PRIOR_FILES)
+            links = base_links.merge(SparseRows(indptr, cols, vals, rows_), size + 1)
+    except FileNotFoundError:
+        raise BundleError("bad_delta", f"{version}: its base {base} is not in {root} (a "
+                                       "delta is rebuilt from a copy of its base)") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BundleError("bad_delta", f"{version}: {exc!r}"[:300]) from None
+    if (rows.ndim != 1 or rows.dtype != np.int64 or values.shape != (len(rows),
+                                                                      *base_items.shape[1:])
+            or values.dtype != base_items.dtype
+            or (len(rows) and not (0 <= rows.min() and rows.max() <= size))
+            or not all(1 <= row <= size for row, _ in changes)):
+        raise BundleError("bad_delta", f"{version}: its rows do not fit its base {base}")
+    table = np.zeros((size + 1, *base_items.shape[1:]), dtype=base_items.dtype)  # (V+1, D')
+    n = min(len(base_items), size + 1)
+    table[:n] = base_items[:n]
+    table[rows] = values
+    try:
+        vocab_bytes = _patched_vocab(base_vocab_bytes, n_base, size, changes)
+    except (ValueError, TypeError, IndexError) as exc:
+        raise BundleError("bad_delta", f"{version}: {exc!r}"[:300]) from None
+    if sha256_hex(vocab_bytes) != vocab_sha:
+        raise BundleError("bad_delta", f"{version}: the vocabulary rebuilt from {base} does "
+                                       "not match meta's sha256")
+    tmp_items = path / f".{TWO_STAGE_ITEMS}.tmp-{WRITER_TOKEN}"
+    with open(tmp_items, "wb") as fh:
+        np.save(fh, table, allow_pickle=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+    del table
+    if _file_sha256(tmp_items) != items_sha:
+        tmp_items.unlink()
+        raise BundleError("bad_delta", f"{version}: the item table rebuilt from {base} does "
+                                       "not match meta's sha256")
+    whole = {VOCAB_FILE: vocab_bytes, **(links.files() if links is not None else {})}
+    for name, want in whole_sums.items():
+        if name in whole and sha256_hex(whole[name]) != want:
+            tmp_items.unlink()
+            raise BundleError("bad_delta", f"{version}: {name} rebuilt from {base} does not "
+                                           "match meta's sha256")
+    for name, blob in whole.items():
+        _write_synced(path / f".{name}.tmp-{WRITER_TOKEN}", blob)
+        os.replace(path / f".{name}.tmp-{WRITER_TOKEN}", path / name)
+    os.replace(tmp_items, path / TWO_STAGE_ITEMS)
+    fsync_dir(path)
+    return True

@@ -389,17 +389,30 @@ class TopicView:
         """Whole versions on the topic, oldest first."""
         return list(self.manifests)
 
-    def stale(self, keep: int, *, adding: str | None = None,
+    def stale(self, keep: int, *, adding: str | None = None, base: str | None = None,
               keep_pointer: bool = True) -> list[tuple[str, int]]:
         """Versions to tombstone, as (version, chunks): all but the newest ``keep`` (counting
         ``adding``, about to be published and made current), never the pinned one nor (with
-        ``keep_pointer``) the pointer's; and the leftovers of publishes that never wrote
-        their manifest."""
+        ``keep_pointer``) the pointer's, nor any version a delta kept is rebuilt from: its
+        base (manifest meta ``base``; ``base`` for ``adding``), the base's base, and so on
+        back to a full bundle; and the leftovers of publishes that never wrote their
+        manifest."""
         assert keep >= 1
         order = [v for v in self.manifests if v != adding] + ([adding] if adding else [])
         protect = {self.pointer.version if self.pointer and keep_pointer else None,
-                   self.pin.version if self.pin else None, adding}
+                   self.pin.version if self.pin else None, adding, base}
         old = order[: max(0, len(order) - keep)]
+        chain = [v for v in order if v not in old or v in protect] + ([base] if base else [])
+        seen: set[str] = set()
+        while chain:  # follow every kept delta back to its full bundle
+            v = chain.pop()
+            if v in seen:
+                continue
+            seen.add(v)
+            b = self.manifests[v].meta.get("base") if v in self.manifests else None
+            if isinstance(b, str):
+                protect.add(b)
+                chain.append(b)
         out = [(v, self.manifests[v].chunks) for v in old if v not in protect]
         out += [(v, n) for v, n in self.pending_chunks.items() if v != adding]
         return out

@@ -22,11 +22,17 @@ from advrec.types import ItemId
 __all__ = ["exclusion_rows", "known_rows", "model_input", "padded"]
 
 
-def known_rows(index: Mapping[ItemId, int], history: Iterable[ItemId]) -> list[int]:
-    """Return the rows of the items of ``history`` that ``index`` knows, oldest first."""
+def known_rows(index: Mapping[ItemId, int], history: Iterable[ItemId],
+               limit: int | None = None) -> list[int]:
+    """Return the rows of the items of ``history`` that ``index`` knows, oldest first;
+    ``limit``: only rows up to it (a map shared with a larger vocabulary's)."""
     # map in C, filter only when an item is unknown: 2.6 vs 4.5 us for 50 known items
     rows = list(map(index.get, history))
-    return [r for r in rows if r is not None] if None in rows else rows  # type: ignore[misc]
+    if None in rows:
+        rows = [r for r in rows if r is not None]
+    if limit is not None and rows and max(rows) > limit:  # type: ignore[type-var]
+        rows = [r for r in rows if r <= limit]  # type: ignore[operator]
+    return rows  # type: ignore[return-value]
 
 
 def padded(rows: Sequence[int], max_len: int) -> list[int]:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from advrec.bundle import list_versions
+from advrec.bundle import BundleError, apply_delta, list_versions
 from advrec.channel import (
     Assembled,
     Assembler,
@@ -262,6 +262,8 @@ class BundleFeed:
         changed = isinstance(rec, (Pointer, Pin, tuple))
         for event in self._assembler.feed(rec):
             if isinstance(event, Assembled):
+                if not self._rebuild_delta(event):
+                    continue
                 self.manifests.pop(event.version, None)
                 self.manifests[event.version] = event.manifest
                 changed = True
@@ -282,6 +284,23 @@ class BundleFeed:
             if self.snapshot.caught_up:
                 self._call_main(self._kick)
         self._report_cpu()
+
+    def _rebuild_delta(self, event: Assembled) -> bool:
+        """Make a delta whole from its base in the cache (``advrec.bundle.apply_delta``);
+        False (and the version refused) if it cannot be."""
+        started = time.perf_counter()
+        try:
+            rebuilt = apply_delta(self.watcher.root, event.version)
+        except BundleError as exc:  # refused as a bad bundle is (advrec_bundles_rejected)
+            self._call_main(self.watcher.reject, event.version, exc.reason, exc.detail)
+            return False
+        if rebuilt:
+            if self.metrics is not None:
+                self.metrics.bundle_deltas.inc()
+            log.info("rebuilt bundle %s from the delta against %s in %.2fs", event.version,
+                     event.manifest.meta.get("base"), time.perf_counter() - started)
+            release_freed_memory()
+        return True
 
     def _publish_snapshot(self, position: int, caught_up: bool | None = None) -> None:
         v = self.view
@@ -335,6 +354,9 @@ class BundleFeed:
         snap = self.snapshot
         keep |= {snap.pointer, snap.pin.version if snap.pin else None,
                  live.version if live else None, self.watcher.loading}
+        # a delta is rebuilt from its base: the base stays while a delta kept needs it
+        keep |= {base for v in keep if v in self.manifests
+                 and isinstance(base := self.manifests[v].meta.get("base"), str)}
         for version in [v for v in self.manifests if v not in keep]:
             del self.manifests[version]
         for version in list_versions(self.watcher.root):

@@ -65,6 +65,7 @@ class StreamMetrics:
     pin_info: Info
     bundle_chunks_rejected: Counter
     bundles_assembled: Counter
+    bundle_deltas: Counter
     bundle_feed_records: Counter
     bundle_feed_bytes: Counter
     bundle_feed_cpu: Counter
@@ -164,6 +165,9 @@ class StreamMetrics:
                                            ["reason"], registry=r),
             bundles_assembled=Counter(f"{p}_bundles_assembled", "Versions rebuilt from the "
                                       "bundle topic into the local cache", registry=r),
+            bundle_deltas=Counter(f"{p}_bundle_deltas", "Versions that came as a delta and "
+                                  "were rebuilt whole from their base in the cache",
+                                  registry=r),
             bundle_feed_records=Counter(f"{p}_bundle_feed_records",
                                         "Records read from the bundle topic", registry=r),
             bundle_feed_bytes=Counter(f"{p}_bundle_feed_bytes",

@@ -38,6 +38,7 @@ from advrec.bundle import (
     TWO_STAGE_USER_VECTORS,
     BundleError,
 )
+from advrec.links import PRIOR_FILES, SparseRows, link_inputs, link_shape
 
 if TYPE_CHECKING:  # the settings import IndexConfig: onnxruntime only where a model loads
     import onnxruntime as ort
@@ -212,25 +213,40 @@ class TwoStage:
     index: ItemIndex  # holds the item vectors too
     candidates: int
     freed: np.ndarray | None = None  # (V+1,) bool: rows no item holds (bounded vocabulary)
+    links: SparseRows | None = None  # the prior's links, when the graphs read them
 
     def __post_init__(self) -> None:
         # the exporter drops an input the graph never reads (history, when G alone scores)
         self._rescore_inputs = {i.name for i in self.rescore.get_inputs()}
         # a user encoder without an item table of its own reads the history's rows here
-        self._user_reads_vectors = TWO_STAGE_USER_VECTORS in {
-            i.name for i in self.user.get_inputs()}
+        self._user_inputs = {i.name for i in self.user.get_inputs()}
+        self._user_reads_vectors = TWO_STAGE_USER_VECTORS in self._user_inputs
+        # graphs without the prior's table read the history's links, gathered here
+        self._link_shape = link_shape(self.user)
+        if self._link_shape is not None and self.links is None:
+            raise ValueError("the user encoder reads the prior's links; the bundle has none")
+
+    def link_feed(self, model_in: np.ndarray) -> dict[str, np.ndarray]:
+        """The graphs' link inputs for a batch [B, L] ({} when they read none)."""
+        if self._link_shape is None or self.links is None:
+            return {}
+        return link_inputs(self.links, self._link_shape, model_in)
 
     @property
     def index_seconds(self) -> float:
         return self.index.build_seconds
 
-    def candidate_rows(self, model_in: np.ndarray, exclude: np.ndarray, k: int
+    def candidate_rows(self, model_in: np.ndarray, exclude: np.ndarray, k: int,
+                       links: dict[str, np.ndarray] | None = None
                        ) -> tuple[np.ndarray, np.ndarray]:
         """Return the user vectors [B, D'] and the candidate rows [B, C] of a batch asking
         for ``k`` rows: the index's (``candidates``, at least ``k`` besides the excluded
         ones), the linked and the content rows, each once, excluded rows and padding left
-        out (0: no candidate; a column of zeros when nobody has one there)."""
-        feed = {TWO_STAGE_USER_INPUT: model_in}
+        out (0: no candidate; a column of zeros when nobody has one there). ``links``: the
+        batch's ``link_feed``, if gathered already."""
+        links = self.link_feed(model_in) if links is None else links
+        feed = {TWO_STAGE_USER_INPUT: model_in,
+                **{name: v for name, v in links.items() if name in self._user_inputs}}
         if self._user_reads_vectors:
             feed[TWO_STAGE_USER_VECTORS] = self.index.vectors(model_in)  # (B, L, D')
         user, linked, cold = self.user.run(list(TWO_STAGE_USER_OUTPUTS), feed)
@@ -253,10 +269,11 @@ class TwoStage:
              k: int) -> tuple[np.ndarray, np.ndarray]:
         """The top-``k`` (scores, rows) [B, k] each, best first, -inf (and row 0) where
         fewer than ``k`` candidates remain: what the exact graph returns."""
-        user, rows = self.candidate_rows(model_in, exclude, k)  # (B, D'), (B, C)
-        feed = {name: value for name, value in zip(
+        links = self.link_feed(model_in)  # (B, R, K) each, or none
+        user, rows = self.candidate_rows(model_in, exclude, k, links)  # (B, D'), (B, C)
+        feed = {name: value for name, value in [*zip(
             TWO_STAGE_RESCORE_INPUTS, (model_in, user, rows, self.index.vectors(rows)),
-            strict=True)
+            strict=True), *links.items()]
             if name in self._rescore_inputs}
         (scores,) = self.rescore.run([TWO_STAGE_RESCORE_OUTPUT], feed)  # (B, C)
         scores = np.where(rows > 0, scores, -np.inf).astype(np.float32)
@@ -320,4 +337,13 @@ def build_two_stage(parts: dict[str, bytes], n_items: int, config: IndexConfig, 
     if holes is not None and holes.size:  # rows a bounded vocabulary freed: never candidates
         freed = np.zeros(n_items + 1, dtype=bool)
         freed[holes] = True
-    return TwoStage(user, rescore, index, config.candidates, freed)
+    try:
+        links = None
+        if PRIOR_FILES[0] in parts:
+            links = SparseRows.from_files(parts)
+            if links.n_rows != n_items + 1:
+                raise ValueError(f"links for {links.n_rows} rows, the vocabulary has "
+                                 f"{n_items + 1}")
+        return TwoStage(user, rescore, index, config.candidates, freed, links)
+    except (ValueError, KeyError) as exc:
+        raise BundleError("bad_index", f"{version}: the prior's links: {exc}"[:500]) from None

@@ -21,6 +21,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from advrec.bundle import (
+    DELTA_VOCAB,
     DETECTOR_INPUTS,
     DETECTOR_OUTPUTS,
     INPUT_NAME,
@@ -28,6 +29,7 @@ from advrec.bundle import (
     OUTPUT_NAME,
     Bundle,
     BundleError,
+    appended_items,
     load_bundle,
 )
 from advrec.encoding import exclusion_rows, known_rows, model_input
@@ -129,7 +131,9 @@ class LoadedModel:
     bundle: Bundle
     session: ort.InferenceSession | None  # the exact ranking graph; None when two-stage
     providers: list[str]
-    index: dict[ItemId, int]  # external id -> row (1-based)
+    # external id -> row (1-based). Models of a chain of deltas that only add items share
+    # one map (``_grown_vocabulary``): a model reads only its own rows, 1..V
+    index: dict[ItemId, int]
     loaded_at: float
     load_seconds: float
     # the bundle's fake-user detector (detector.onnx), checked at load; None without one
@@ -151,7 +155,7 @@ class LoadedModel:
 
     def known_rows(self, history: list[ItemId]) -> list[int]:
         """Return the rows of the items of ``history`` the model knows, oldest first."""
-        return known_rows(self.index, history)
+        return known_rows(self.index, history, len(self.bundle.vocab))
 
     def encode(self, history: list[ItemId]) -> np.ndarray:
         """Return the left-padded row indices of the last ``max_len`` known items."""
@@ -297,14 +301,16 @@ def _exact_session(bundle: Bundle, threads: int, providers: str,
 
 
 def _two_stage(bundle: Bundle, threads: int, providers: str, config: IndexConfig,
-               probe: np.ndarray, previous: TwoStage | None = None) -> TwoStage:
+               probe: np.ndarray, previous: TwoStage | None = None,
+               holes: np.ndarray | None = None) -> TwoStage:
     """Load the bundle's two-stage parts, build their index (or refresh ``previous``'s),
     and rank ``probe`` [2, L] with them: finite scores of known rows, or the bundle is
-    refused."""
+    refused. ``holes``: the vocabulary's freed rows, if known already."""
     assert bundle.two_stage is not None
     n_items = len(bundle.vocab)
-    holes = np.array([row for row, item in enumerate(bundle.vocab, start=1) if item is None],
-                     dtype=np.int64)
+    if holes is None:
+        holes = np.array([row for row, item in enumerate(bundle.vocab, start=1)
+                          if item is None], dtype=np.int64)
     two_stage = build_two_stage(bundle.two_stage, n_items, config, threads=threads,
                                 providers=select_providers(providers),
                                 version=bundle.version, holes=holes, previous=previous)
@@ -321,15 +327,64 @@ def _two_stage(bundle: Bundle, threads: int, providers: str, config: IndexConfig
     return two_stage
 
 
-def _two_stage_wanted(path: Path, index: IndexConfig) -> bool:
+def _two_stage_wanted(path: Path, index: IndexConfig | None) -> bool:
     """Whether the bundle at ``path`` is ranked in two stages: its meta names the parts and
-    a catalogue of ``index.min_items`` items or more (False on any doubt: ``load_bundle``
-    then says what is wrong)."""
+    a catalogue of ``index.min_items`` items or more, or it has no exact graph (a delta);
+    False on any doubt (``load_bundle`` then says what is wrong)."""
     try:
         meta = json.loads((path / META_FILE).read_text())
-        return bool(meta.get("two_stage")) and index.use_for(int(meta["vocab_size"]))
+        if not meta.get("two_stage"):
+            return False
+        if meta["model_sha256"] is None:
+            if index is None:
+                raise BundleError("missing_model", f"{path.name} is ranked in two stages "
+                                                   "only (a delta), and two-stage serving "
+                                                   "is off here")
+            return True
+        return index is not None and index.use_for(int(meta["vocab_size"]))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
+
+
+def _grown_vocabulary(path: Path, previous: LoadedModel | None
+                      ) -> tuple[tuple[ItemId | None, ...], list[ItemId]] | None:
+    """For a delta against the live bundle whose vocabulary only adds items: its vocabulary
+    (the live one's, then the new items) and the new items; None otherwise.
+
+    At 1M ids, decoding vocab.json again, checking it for repeats and mapping it held the
+    GIL for ~0.4 s of a swap, during which no request moved; the items a delta adds are a
+    few, and the live model's vocabulary was checked when it loaded.
+    """
+    if previous is None:
+        return None
+    old = previous.bundle.vocab
+    links: list[list[ItemId]] = []  # the items each delta of the chain adds, newest first
+    try:
+        for _ in range(32):  # a worker that skipped some versions: back to the live one
+            delta = json.loads((path / META_FILE).read_text()).get("delta")
+            if not isinstance(delta, dict):
+                return None
+            spec = json.loads((path / DELTA_VOCAB).read_bytes())
+            base = path.parent / str(delta["base"])
+            n_base = (len(old) if base.name == previous.version
+                      else int(json.loads((base / META_FILE).read_text())["vocab_size"]))
+            added = appended_items(n_base, int(spec["size"]),
+                                   [(int(row), item) for row, item in spec["rows"]])
+            if added is None:
+                return None
+            links.append(added)
+            if base.name == previous.version:
+                break
+            path = base
+        else:
+            return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # the full path decides what is wrong
+    new = [item for added in reversed(links) for item in added]
+    if len(set(new)) != len(new) or any(
+            previous.index.get(item, len(old) + 1) <= len(old) for item in new):
+        return None
+    return old + tuple(new), new
 
 
 def load_model(root: Path | str, version: str, *, providers: str = "auto",
@@ -343,11 +398,15 @@ def load_model(root: Path | str, version: str, *, providers: str = "auto",
     index are built here instead of the exact graph (off the request path: the caller swaps
     the result in). A bundle without the parts is ranked exactly, whatever its size.
     ``previous`` (the live model) lends its index to be refreshed rather than built afresh
-    when it can (``stream_app.retrieval.ItemIndex``).
+    when it can (``stream_app.retrieval.ItemIndex``). A bundle without the exact graph (a
+    delta, rebuilt by ``advrec.bundle.apply_delta``) is ranked in two stages whatever its
+    size.
     """
     started = time.perf_counter()
-    staged = index is not None and _two_stage_wanted(Path(root) / version, index)
-    bundle = load_bundle(root, version, model=not staged)
+    staged = _two_stage_wanted(Path(root) / version, index)
+    grown = _grown_vocabulary(Path(root) / version, previous)
+    bundle = load_bundle(root, version, model=not staged,
+                         vocab=None if grown is None else grown[0])
     n_threads = threads or intra_op_threads(cpu_limit())
     probe = np.zeros((2, bundle.max_len), dtype=np.int64)  # an empty and a full history
     if bundle.vocab:
@@ -357,8 +416,12 @@ def load_model(root: Path | str, version: str, *, providers: str = "auto",
         assert index is not None
         if bundle.two_stage is None or not bundle.vocab:  # meta.json changed under us
             raise BundleError("bad_meta", f"{version}: meta.json changed while loading")
-        two_stage = _two_stage(bundle, n_threads, providers, index, probe,
-                               None if previous is None else previous.two_stage)
+        live = None if previous is None else previous.two_stage
+        holes = None
+        if grown is not None and live is not None:  # the live holes: only items were added
+            holes = (np.zeros(0, np.int64) if live.freed is None
+                     else np.flatnonzero(live.freed).astype(np.int64))
+        two_stage = _two_stage(bundle, n_threads, providers, index, probe, live, holes)
         # the exact graph is never loaded, and the parts are: their bytes (~V x D x 4 each,
         # 256 MB at 1M items) need not stay in memory
         bundle = dataclasses.replace(bundle, model_bytes=b"", two_stage=None)
@@ -369,7 +432,14 @@ def load_model(root: Path | str, version: str, *, providers: str = "auto",
     detector = None
     if bundle.detector_bytes is not None:
         detector = _check_detector(bundle.detector_bytes, probe, version)
-    rows = {item: row for row, item in enumerate(bundle.vocab, start=1) if item is not None}
+    if grown is not None and previous is not None:
+        # the live map, with the new items' rows: the live model reads rows <= its own V
+        rows = previous.index
+        rows.update(zip(grown[1], range(len(previous.bundle.vocab) + 1,
+                                        len(bundle.vocab) + 1), strict=True))
+    else:
+        rows = {item: row for row, item in enumerate(bundle.vocab, start=1)
+                if item is not None}
     return LoadedModel(bundle=bundle, session=session, providers=in_use, index=rows,
                        loaded_at=time.time(), load_seconds=time.perf_counter() - started,
                        detector=detector, two_stage=two_stage)

@@ -14,7 +14,10 @@ import os
 import pickle
 import socket
 import sys
+import time
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,21 +27,26 @@ from aiokafka.errors import KafkaError
 from torch import nn
 
 from advrec.bundle import (
+    DELTA_ROWS,
     DETECTOR_INPUTS,
     DETECTOR_OUTPUTS,
     INPUT_NAME,
     OUTPUT_NAME,
+    TWO_STAGE_ITEMS,
     bundle_files,
+    delta_files,
     write_bundle,
 )
 from advrec.channel_io import publish_to_topic
 from advrec.config import bootstrap_servers, settings_as_dict
+from advrec.links import PRIOR_FILES, SparseRows
 from trainer.learner import OnlineLearner
 from trainer.model import Generator
 
-__all__ = ["TWO_STAGE_FROM_ITEMS", "ExportError", "check_detector_parity", "check_parity",
-           "detector_model", "export_detector", "export_filter_detector", "export_onnx",
-           "export_two_stage_checked", "main", "publish_bundle", "scoring_model"]
+__all__ = ["EXACT_BELOW_ITEMS", "TWO_STAGE_FROM_ITEMS", "DeltaPlanner", "ExportError",
+           "check_detector_parity", "check_parity", "detector_model", "export_detector",
+           "export_filter_detector", "export_onnx", "export_two_stage_checked", "main",
+           "publish_bundle", "scoring_model"]
 
 OPSET = 17  # LayerNormalization is a native op from 17; onnxruntime 1.20+ runs it
 PARITY_TOL = 1e-3  # float32 scores of a 2-layer model agree to ~1e-6; 1e-3 flags real bugs
@@ -47,6 +55,11 @@ PARITY_HISTORIES = 64  # replayed histories (plus an empty one) checked before p
 # the worker's default switch (ADVREC_TWO_STAGE_ITEMS, 200k), so that a worker told to switch
 # a little lower still finds them; below, they would only add to every bundle's bytes
 TWO_STAGE_FROM_ITEMS = 100_000
+# bundles of this many items or more carry no exact graph (model.onnx): a worker ranks them
+# in two stages whatever its switch says. Twice the worker's default switch: a worker told to
+# switch a little higher still finds the graph; above, it would be the largest file of every
+# full bundle (G's table and the prior's, 768 MB at 1M items) and the slowest part of export
+EXACT_BELOW_ITEMS = 400_000
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +68,71 @@ class ExportError(RuntimeError):
     """A model cannot be exported or failed its check; nothing was published."""
 
 
+@dataclass(frozen=True)
+class _Base:
+    version: str
+    items: np.ndarray  # (V0+1, D') as its items.npy holds it
+    vocab: tuple[str | None, ...]
+    links: SparseRows | None  # the prior's, when its parts carry them
+
+
+def _links(two_stage: dict[str, bytes]) -> SparseRows | None:
+    return SparseRows.from_files(two_stage) if PRIOR_FILES[0] in two_stage else None
+
+
+class DeltaPlanner:
+    """Says whether a two-stage export goes out whole or as a delta (advrec/bundle.py)
+    against the bundle published before it: a full one first, then every ``full_every_s``
+    (0: always), and whenever a delta would change more than ``max_share`` of the rows.
+
+    Each delta is against the previous bundle, full or delta: it carries what changed in
+    one export interval, not everything since the last full bundle (at 1M items the sampled
+    softmax steps ~4k rows a batch, so the rows changed since a full bundle soon number in
+    the hundreds of thousands). A reader rebuilds the chain in order; the bundle topic keeps
+    every link of it back to its full bundle (``advrec.channel.TopicView.stale``).
+    """
+
+    def __init__(self, full_every_s: float, max_share: float) -> None:
+        self.full_every_s = full_every_s
+        self.max_share = max_share
+        self.base: _Base | None = None  # the bundle published last
+        self.full_at = 0.0  # time.monotonic() of the last full one
+
+    def plan(self, two_stage: dict[str, bytes], vocab: Sequence[str | None]
+             ) -> tuple[str, dict[str, bytes], int] | None:
+        """(base version, the delta's files, rows it changes) for these two-stage parts, or
+        None: a full bundle."""
+        base = self.base
+        if (base is None or self.full_every_s <= 0
+                or time.monotonic() - self.full_at >= self.full_every_s):
+            return None
+        items = np.load(io.BytesIO(two_stage[TWO_STAGE_ITEMS]), allow_pickle=False)
+        try:
+            files = delta_files(base.items, base.vocab, items, vocab, base.links,
+                                _links(two_stage))
+        except ValueError:  # the table's dtype or width changed, or the prior's presence
+            return None
+        rows = np.load(io.BytesIO(files[DELTA_ROWS]), allow_pickle=False)
+        if len(rows) > self.max_share * len(items):
+            return None
+        return base.version, files, len(rows)
+
+    def published(self, version: str, two_stage: dict[str, bytes] | None,
+                  vocab: Sequence[str | None], delta: bool) -> None:
+        """Note a bundle the fleet received: the next delta's base (with two-stage parts)."""
+        now = time.monotonic()
+        if not delta:
+            self.full_at = now
+        self.base = None if two_stage is None else _Base(
+            version, np.load(io.BytesIO(two_stage[TWO_STAGE_ITEMS]), allow_pickle=False),
+            tuple(vocab), _links(two_stage))
+
+
 def _scoring_copy(generator: Generator, compact: bool = False) -> Generator:
     """Return an eval-mode CPU copy of G whose item table holds exactly the live rows;
     ``compact``: their values rounded to float16 (``compact_item_tables``)."""
-    g = copy.deepcopy(generator).cpu().eval()
     # the tables keep spare capacity for growth; the served model needs only V+1 rows
-    for table in g.item_tables():
-        live = table.emb.weight[: g.n_items + 1].detach().clone()  # (V+1, D) or (V+1, 1)
-        table.emb = nn.Embedding.from_pretrained(live, freeze=True, padding_idx=0)
+    g = generator.live_copy().cpu().eval()
     if compact:
         compact_item_tables(g)
     return g
@@ -247,23 +317,28 @@ def export_two_stage_checked(scorer: nn.Module, max_len: int, histories: np.ndar
 
 def publish_bundle(learner: OnlineLearner, root: Path | str, metrics: dict[str, float],
                    keep: int = 5, *, parity_tol: float = PARITY_TOL,
-                   two_stage_items: int = TWO_STAGE_FROM_ITEMS) -> str:
+                   two_stage_items: int = TWO_STAGE_FROM_ITEMS,
+                   exact_below_items: int = EXACT_BELOW_ITEMS) -> str:
     """Export the learner's G, check parity, publish a bundle under ``root``; return its
-    version. From ``two_stage_items`` items on, the bundle carries the two-stage parts."""
+    version. From ``two_stage_items`` items on, the bundle carries the two-stage parts;
+    from ``exact_below_items`` on, only those (no exact graph)."""
     gen, vocab = learner.generator, learner.vocab
     if len(vocab) == 0:
         raise ExportError("the learner has not seen any item yet; nothing to publish")
     assert gen.n_items == len(vocab), f"G has {gen.n_items} rows for {len(vocab)} items"
     max_len = learner.model_cfg.max_len
-    scorer = scoring_model(learner, compact=len(vocab) >= two_stage_items)
-    model_bytes = export_onnx(scorer, max_len)
+    staged = len(vocab) >= two_stage_items
+    scorer = scoring_model(learner, compact=staged)
     replayed, _ = learner.replay.sample(PARITY_HISTORIES, np.random.default_rng(0))
     histories = np.concatenate([np.zeros((1, max_len), np.int64), replayed])  # (1+n, L)
-    diff = check_parity(scorer, model_bytes, histories)
-    if not diff <= parity_tol:
-        raise ExportError(f"ONNX scores differ from torch by {diff:.3g} > {parity_tol:g}")
+    model_bytes, diff = None, 0.0
+    if not staged or len(vocab) < exact_below_items:
+        model_bytes = export_onnx(scorer, max_len)
+        diff = check_parity(scorer, model_bytes, histories)
+        if not diff <= parity_tol:
+            raise ExportError(f"ONNX scores differ from torch by {diff:.3g} > {parity_tol:g}")
     two_stage = None
-    if len(vocab) >= two_stage_items:
+    if staged:
         two_stage, two_stage_diff = export_two_stage_checked(scorer, max_len, histories,
                                                              parity_tol)
     meta: dict[str, Any] = {
@@ -307,6 +382,11 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="N",
                         help="from this many items on, the bundle also carries the two-stage "
                              "parts: user encoder, item table, rescorer (default: %(default)s)")
+    parser.add_argument("--exact-below-items", type=int, default=EXACT_BELOW_ITEMS,
+                        metavar="N",
+                        help="from this many items on, the bundle carries only the two-stage "
+                             "parts, no exact graph: workers rank it in two stages "
+                             "(default: %(default)s)")
     parser.add_argument("--publish", action="store_true",
                         help="also publish the bundle to the bundle topic as the current "
                              "version: every worker of the fleet swaps to it (unless a pin "
@@ -326,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics = extra.get("metrics", {}) if isinstance(extra, dict) else {}
         version = publish_bundle(learner, args.bundle_dir, metrics, keep=args.keep,
                                  parity_tol=args.parity_tol,
-                                 two_stage_items=args.two_stage_items)
+                                 two_stage_items=args.two_stage_items,
+                                 exact_below_items=args.exact_below_items)
         if args.publish:
             bootstrap = bootstrap_servers(args.broker)
             done = asyncio.run(publish_to_topic(

@@ -11,8 +11,10 @@ told (``replace_param``).
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -325,6 +327,18 @@ class Generator(nn.Module):
     def item_tables(self) -> list[_ItemTable]:
         """Return every per-item table: input rows, then the optional output rows and bias."""
         return [t for t in (self.items, self.out_items, self.out_bias) if t is not None]
+
+    def live_copy(self) -> Generator:
+        """A deep copy whose item tables hold rows 0..V only, no spare capacity (frozen:
+        what ranks needs; at 1M items the capacity doubles what a deep copy clones)."""
+        n = self.n_items + 1
+        memo: dict[int, Any] = {id(t.emb.weight): nn.Parameter(
+            t.emb.weight.detach()[:n].clone(), requires_grad=False) for t in self.item_tables()}
+        twin = copy.deepcopy(self, memo)
+        for table in twin.item_tables():
+            table.emb = nn.Embedding.from_pretrained(table.emb.weight.detach(), freeze=True,
+                                                     padding_idx=0)
+        return twin
 
     def grow(self, n_new: int) -> list[tuple[nn.Parameter, nn.Parameter]]:
         """Add ``n_new`` item rows keeping learned ones; return replaced parameters."""

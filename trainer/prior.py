@@ -222,14 +222,25 @@ class PriorScorer(nn.Module):
         self.register_buffer("pos", pos)  # (R,)
         self.n_recent = cfg.n_recent
 
-    def links(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def recent(self, history: torch.Tensor) -> torch.Tensor:
+        """The history's rows whose links count: its latest R, [B, R] oldest .. newest."""
+        return history[:, -min(self.n_recent, int(history.shape[1])):]
+
+    def links(self, history: torch.Tensor,
+              gathered: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the links of the history's latest items: rows [B, R*K] int64 and their
         position-weighted counts [B, R*K] (padding: row 0, count 0). The prior of a row is
-        the sum of the counts of the links that name it."""
-        R = min(self.n_recent, int(history.shape[1]))
-        recent = history[:, -R:]  # (B, R) oldest .. newest
-        idx = self.idx[recent].long()  # (B, R, K)
-        val = self.val[recent] * self.pos[-R:].view(1, R, 1)  # (B, R, K)
+        the sum of the counts of the links that name it. ``gathered``: the links of
+        ``recent(history)`` [B, R, K] each, read outside the graph (advrec/links.py) instead
+        of from this table."""
+        recent = self.recent(history)  # (B, R) oldest .. newest
+        R = int(recent.shape[1])
+        if gathered is None:
+            idx, val = self.idx[recent].long(), self.val[recent]  # (B, R, K) each
+        else:
+            idx, val = gathered[0].long(), gathered[1]  # (B, R, K) each
+        val = val * self.pos[-R:].view(1, R, 1)  # (B, R, K)
         return idx.flatten(1), val.flatten(1)  # (B, R*K) each
 
     def forward(self, history: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -241,10 +252,11 @@ class PriorScorer(nn.Module):
         counts = (like * 0.0).scatter_add(1, idx, val)  # (B, V+1)
         return torch.log1p(counts)
 
-    def at(self, history: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def at(self, history: torch.Tensor, rows: torch.Tensor,
+           gathered: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Return ``log(1 + prior)`` of the candidate ``rows`` [B, C] only -> [B, C] (what
-        ``forward`` gives at those columns)."""
-        idx, val = self.links(history)  # (B, R*K) each
+        ``forward`` gives at those columns; ``gathered`` as for ``links``)."""
+        idx, val = self.links(history, gathered)  # (B, R*K) each
         hits = (idx.unsqueeze(1) == rows.unsqueeze(2)).to(val.dtype)  # (B, C, R*K)
         counts = (hits @ val.unsqueeze(2)).squeeze(2)  # (B, C)
         return torch.log1p(counts)

@@ -103,12 +103,25 @@ class TrainerSettings:
     # rescorer: trainer/twostage.py) that a worker ranks a large catalogue with; half the
     # worker's ADVREC_TWO_STAGE_ITEMS default (trainer/export.py TWO_STAGE_FROM_ITEMS)
     trainer_two_stage_items: int = 100_000
+    # bundles of this many items or more carry the two-stage parts only, no exact graph
+    # (trainer/export.py EXACT_BELOW_ITEMS): workers rank them in two stages whatever their
+    # switch says, and a full bundle at 1M items is 768 MB lighter
+    trainer_exact_below_items: int = 400_000
+    # between full bundles, a two-stage bundle goes out as a delta (advrec/bundle.py): the
+    # item rows and vocabulary rows changed since the last full one. A full one every
+    # bundle_full_every_s (0: never a delta), or when a delta would change more than
+    # bundle_delta_max_share of the rows
+    bundle_full_every_s: float = 600.0
+    bundle_delta_max_share: float = 0.25
     bundle_chunk_kb: int = 512  # chunk size on the topics (Kafka's default limit is 1 MiB)
     # a checkpoint (model, optimizers, replay: ~30 MB at 10k items) goes to the checkpoint
     # topic after this many batches, but not more often than every min interval; offsets are
     # committed right after. A standby that takes over redoes the batches since the last one.
     checkpoint_every_batches: int = 20
     checkpoint_min_interval_s: float = 30.0
+    # ...and no more often than keeps checkpointing (save and publish, as the last one took)
+    # within this share of the trainer's time: at 1M items a checkpoint is ~0.9 GB and ~25 s
+    checkpoint_max_share: float = 0.1
     # load shedding (trainer/shedding.py): keep the batches trained on younger than this
     # by training on a sample of each batch, down to a minimum share; beyond shed_skip_lag_s
     # jump to the newest batches (0: never); score at least shed_eval_min examples of a
@@ -117,6 +130,12 @@ class TrainerSettings:
     shed_min_fraction: float = 0.05
     shed_skip_lag_s: float = 300.0
     shed_eval_min: int = 64
+    # the test-then-train scoring ranks every example against the whole catalogue, twice
+    # (the candidate and the live model): at most this many scores per batch and model, so
+    # a batch scores at most eval_max_scores / (V+1) examples (a random sample; 20 at 1M
+    # items, every example of a batch below ~50k): the quality gate and the prequential
+    # gauges then rest on the sample
+    eval_max_scores: int = 20_000_000
     log_every_s: float = 5.0
     log_level: str = "info"
 
@@ -129,7 +148,8 @@ class TrainerSettings:
         for name in ("export_every_batches", "checkpoint_every_batches", "bundles_keep",
                      "trainer_max_len", "trainer_dim", "trainer_layers",
                      "trainer_steps_per_batch", "bundle_chunk_kb", "shed_eval_min",
-                     "trainer_two_stage_items"):
+                     "eval_max_scores",
+                     "trainer_two_stage_items", "trainer_exact_below_items"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting {ENV_PREFIX}{name.upper()}={getattr(self, name)!r}"
                                   " must be >= 1")
@@ -163,6 +183,9 @@ class TrainerSettings:
         if not 0.0 <= self.trainer_dropout < 1.0:
             raise ConfigError(f"setting {ENV_PREFIX}TRAINER_DROPOUT={self.trainer_dropout!r} "
                               "must be in [0, 1)")
+        if self.bundle_full_every_s < 0 or not 0.0 < self.bundle_delta_max_share <= 1.0:
+            raise ConfigError(f"setting {ENV_PREFIX}BUNDLE_FULL_EVERY_S must be >= 0 and "
+                              f"{ENV_PREFIX}BUNDLE_DELTA_MAX_SHARE in (0, 1]")
         if self.export_every_s <= 0 or self.quality_delta < 0:
             raise ConfigError(f"setting {ENV_PREFIX}EXPORT_EVERY_S / QUALITY_DELTA out of range")
         if not 0.0 < self.shed_min_fraction <= 1.0:
@@ -177,6 +200,9 @@ class TrainerSettings:
         if not 6.0 <= self.trainer_session_timeout_s <= 300.0:
             raise ConfigError(f"setting {ENV_PREFIX}TRAINER_SESSION_TIMEOUT_S="
                               f"{self.trainer_session_timeout_s!r} must be in [6, 300]")
+        if not 0.0 < self.checkpoint_max_share <= 1.0:
+            raise ConfigError(f"setting {ENV_PREFIX}CHECKPOINT_MAX_SHARE="
+                              f"{self.checkpoint_max_share!r} must be in (0, 1]")
         if self.checkpoint_min_interval_s < 0:
             raise ConfigError(f"setting {ENV_PREFIX}CHECKPOINT_MIN_INTERVAL_S="
                               f"{self.checkpoint_min_interval_s!r} must be >= 0")

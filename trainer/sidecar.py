@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import copy
 import dataclasses
 import logging
 import shutil
@@ -78,6 +77,9 @@ class _Export:
 
     version: str
     files: list[tuple[str, bytes]]
+    base: str | None  # a delta's base version; None: a full bundle
+    two_stage: dict[str, bytes] | None  # the two-stage parts (a full one is the next base)
+    vocab: list[str | None]
     candidate: Any  # a frozen copy of the learner: the next quality gate's baseline
     cand_hr: float
     live_hr: float
@@ -122,12 +124,17 @@ class Sidecar:
         self.active = False
         self.assignments = 0  # times this trainer was given train-batches
         self.bundles = TopicView()  # the bundle topic as read back: versions, pointer, pin
+        from trainer.export import DeltaPlanner
+
+        # two-stage bundles between full ones go out as deltas (advrec/bundle.py)
+        self.deltas = DeltaPlanner(settings.bundle_full_every_s, settings.bundle_delta_max_share)
         self.checkpoints = TopicView()  # the checkpoint topic as last read and written
         self.window = {"cand_hits": 0.0, "live_hits": 0.0, "n": 0}
         self.batches_since_export = 0
         self.batches_since_checkpoint = 0
         self.last_export = time.monotonic()
         self.last_checkpoint = time.monotonic()
+        self.checkpoint_cost_s = 0.0  # the last checkpoint's save and publish, seconds
         self.recent: dict[str, float] = {}
         self.shedder = LoadShedder(target_lag_s=settings.shed_target_lag_s,
                                    min_fraction=settings.shed_min_fraction,
@@ -174,7 +181,7 @@ class Sidecar:
             self.learner = self.fresh_learner()
             self.next_offset = self.resumed_at = None
             log.info("starting a fresh %s learner", self.s.trainer_mode)
-        self.live = copy.deepcopy(self.learner) if self.live_version else None
+        self.live = self.learner.frozen() if self.live_version else None
         self.m.resumed_offset.set(-1 if self.resumed_at is None else self.resumed_at)
         self.filter = None
         if self.s.trainer_detector:
@@ -263,6 +270,8 @@ class Sidecar:
             await loop.run_in_executor(self.torch_thread, self.build, None)
         self.batches_since_checkpoint = 0
         self.last_checkpoint = time.monotonic()
+        # another trainer may have published meanwhile: the first bundle goes out whole
+        self.deltas.base = None
         if self.next_offset is not None:
             consumer.seek(tp, self.next_offset)
         self.active = True
@@ -343,7 +352,7 @@ class Sidecar:
             self.next_offset = offset + 1
             return {}
         learner = self.learner
-        scored = batch if fraction >= 1.0 else self._sample(batch, fraction)
+        scored = self._sample(batch, fraction)
         # variant A (the served list: a re-click is a miss) is what the gate decides on and
         # the report headlines; B (re-clicks may hit) is reported beside it
         pre = learner.evaluate_batch(scored, variants=self.variants)
@@ -526,8 +535,15 @@ class Sidecar:
                         "so far)", new, len(f.flagged), f.filtered)
 
     def _sample(self, batch: list[TrainingExample], fraction: float) -> list[TrainingExample]:
-        """A random share of ``batch`` to score while shedding (at least ``shed_eval_min``)."""
-        n = min(len(batch), max(self.s.shed_eval_min, round(fraction * len(batch))))
+        """The examples of ``batch`` to score: a random share while shedding (at least
+        ``shed_eval_min``), and no more than ``eval_max_scores`` scores over the catalogue
+        allow; all of them otherwise."""
+        n = len(batch)
+        if fraction < 1.0:
+            n = min(n, max(self.s.shed_eval_min, round(fraction * n)))
+        n = min(n, max(1, self.s.eval_max_scores // (len(self.learner.vocab) + 1)))
+        if n >= len(batch):
+            return batch
         pick = np.sort(self._rng.choice(len(batch), size=n, replace=False))
         return [batch[i] for i in pick]
 
@@ -610,17 +626,23 @@ class Sidecar:
         try:
             # G, plus the prior when its weight is > 0; with the two-stage parts, its item
             # tables rounded to float16 (their item table travels as float16)
-            scorer = scoring_model(
-                learner, compact=len(learner.vocab) >= self.s.trainer_two_stage_items)
-            model_bytes = export_onnx(scorer, learner.model_cfg.max_len)
-            diff = check_parity(scorer, model_bytes, self._probe_histories())
-            two_stage, two_stage_diff = None, 0.0
-            if len(learner.vocab) >= self.s.trainer_two_stage_items:
+            big = len(learner.vocab) >= self.s.trainer_two_stage_items
+            scorer = scoring_model(learner, compact=big)
+            two_stage, two_stage_diff, delta = None, 0.0, None
+            vocab = learner.vocab.items()
+            if big:
                 # the worker ranks a large catalogue with these (stream_app/retrieval.py);
                 # a part that disagrees with torch is an export failure like any other
                 two_stage, two_stage_diff = export_two_stage_checked(
                     scorer, learner.model_cfg.max_len, self._probe_histories(),
                     PARITY_TOLERANCE)
+                delta = self.deltas.plan(two_stage, vocab)
+            model_bytes: bytes | None = None
+            diff = two_stage_diff
+            if delta is None and (not big or len(vocab) < self.s.trainer_exact_below_items):
+                # a full bundle of a catalogue small enough for the exact graph
+                model_bytes = export_onnx(scorer, learner.model_cfg.max_len)
+                diff = check_parity(scorer, model_bytes, self._probe_histories())
         except Exception:
             self.m.exports.labels(outcome="failed").inc()
             log.exception("export failed; the live bundle keeps serving")
@@ -649,6 +671,8 @@ class Sidecar:
             meta["detector"] = detector_meta
         if two_stage is not None:
             meta["two_stage"] = {"parity_max_abs_diff": two_stage_diff}
+        if delta is not None:
+            meta["delta"] = {"rows": delta[2], "of_rows": len(vocab) + 1}
         if learner.content is not None:
             from trainer.content import TextEncoder
 
@@ -656,11 +680,13 @@ class Sidecar:
             meta["content"] = {"encoder": (self.encoder or TextEncoder()).meta,
                                "items": n_content, "content_only_rows": n_cold,
                                "config": dataclasses.asdict(learner.content_cfg)}
-        version = write_bundle(self.s.bundle_dir, model_bytes, learner.vocab.items(), meta,
+        version = write_bundle(self.s.bundle_dir, model_bytes, vocab, meta,
                                keep=self.s.bundles_keep, detector_bytes=detector_bytes,
-                               two_stage=two_stage)
+                               two_stage=two_stage,
+                               delta=None if delta is None else delta[:2])
         return _Export(version, bundle_files(self.s.bundle_dir, version),
-                       copy.deepcopy(learner), cand, live, int(window["n"]), started)
+                       None if delta is None else delta[0], two_stage, vocab,
+                       learner.frozen(), cand, live, int(window["n"]), started)
 
     def _export_detector(self) -> tuple[bytes | None, dict[str, Any] | None]:
         """The trained detector as ONNX, parity-checked, and what the bundle's meta says of
@@ -690,25 +716,33 @@ class Sidecar:
             return None
         version = prepared.version
         try:
+            base = prepared.base
             done = await self.bundle_pub.publish(
-                version, prepared.files, meta={"trainer": self.identity},
-                stale=self.bundles.stale(self.s.bundles_keep, adding=version))
+                version, prepared.files,
+                meta={"trainer": self.identity, **({"base": base} if base else {})},
+                stale=self.bundles.stale(self.s.bundles_keep, adding=version, base=base))
         except Exception:
             self.m.exports.labels(outcome="failed").inc()
             log.exception("could not publish bundle %s to %s; the fleet keeps serving %s",
                           version, self.s.topic_bundles, self.live_version)
             return None
         self.bundles.note_published(done.manifest, done.tombstoned)
+        self.deltas.published(version, prepared.two_stage, prepared.vocab,
+                              delta=prepared.base is not None)
         self.live = prepared.candidate
         self.m.exports.labels(outcome="published").inc()
         self.m.export_seconds.observe(time.perf_counter() - prepared.started)
         self.m.bundle_bytes.set(done.bytes)
+        self.m.bundle_bytes_published.labels(
+            kind="full" if prepared.base is None else "delta").inc(done.bytes)
         learner = self.learner
         self.m.model_info.info({"version": version, "mode": learner.train_cfg.mode,
                                 "vocab_size": str(len(learner.vocab))})
         log.info("published bundle %s (vocabulary %d, window HR@10 %.4f vs live %.4f; "
-                 "%d chunks, %.1f MB in %.2fs)", version, len(learner.vocab), prepared.cand_hr,
-                 prepared.live_hr, done.chunks, done.bytes / 1e6, done.seconds)
+                 "%d chunks, %.1f MB in %.2fs%s)", version, len(learner.vocab),
+                 prepared.cand_hr, prepared.live_hr, done.chunks, done.bytes / 1e6,
+                 done.seconds, "" if prepared.base is None
+                 else f"; a delta against {prepared.base}")
         del prepared  # the bundle's bytes and the previous live copy: give them back
         release_freed_memory()
         return version
@@ -723,8 +757,12 @@ class Sidecar:
     # ------------------------------------------------------------------ checkpoint
 
     def checkpoint_due(self) -> bool:
+        # at most a share of the trainer's time goes to checkpoints: at 1M items one is
+        # ~0.9 GB, ~25 s to save and publish on 2 cores, and every 30 s took half the time
+        spacing = max(self.s.checkpoint_min_interval_s,
+                      self.checkpoint_cost_s / self.s.checkpoint_max_share)
         return (self.batches_since_checkpoint >= self.s.checkpoint_every_batches
-                and time.monotonic() - self.last_checkpoint >= self.s.checkpoint_min_interval_s)
+                and time.monotonic() - self.last_checkpoint >= spacing)
 
     def save_checkpoint(self) -> tuple[bytes, dict[str, Any]]:
         """Write the local checkpoint (blocking); return its bytes and what it resumes at."""
@@ -745,6 +783,7 @@ class Sidecar:
     async def checkpoint(self, consumer: Any, tp: Any) -> None:
         """Checkpoint locally and to the checkpoint topic, then commit the offset."""
         loop = asyncio.get_running_loop()
+        started = time.monotonic()
         data, extra = await loop.run_in_executor(self.torch_thread, self.save_checkpoint)
         version = f"{int(time.time() * 1000):013d}"
         try:
@@ -756,6 +795,7 @@ class Sidecar:
                           "a trainer that takes over redoes these batches", version)
             return
         self.checkpoints.note_published(done.manifest, done.tombstoned)
+        self.checkpoint_cost_s = time.monotonic() - started
         self.m.checkpoint_publish_seconds.observe(done.seconds)
         self.m.checkpoint_bytes.set(done.bytes)
         log.debug("checkpoint %s published: %.1f MB in %.2fs", version, done.bytes / 1e6,

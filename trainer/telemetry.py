@@ -45,6 +45,7 @@ class TrainerMetrics:
     checkpoint_publish_seconds: Histogram
     checkpoint_bytes: Gauge
     bundle_bytes: Gauge
+    bundle_bytes_published: Counter
     pinned: Gauge
     train_fraction: Gauge
     backlog: Gauge
@@ -115,6 +116,9 @@ class TrainerMetrics:
                                    "Bytes of the last checkpoint published", registry=r),
             bundle_bytes=Gauge(f"{p}_bundle_bytes", "Bytes of the last bundle published "
                                "(chunks, manifest, pointer)", registry=r),
+            bundle_bytes_published=Counter(f"{p}_bundle_bytes_published", "Bytes written "
+                                           "to the bundle topic, by kind (full, delta)",
+                                           ["kind"], registry=r),
             pinned=Gauge(f"{p}_pinned", "1 while a pin on the bundle topic stops publishing",
                          registry=r),
             train_fraction=Gauge(f"{p}_train_fraction", "Share of the last batch trained on "
@@ -163,4 +167,6 @@ class TrainerMetrics:
             m.exports.labels(outcome=outcome)
         for outcome in CATALOGUE_OUTCOMES:
             m.catalogue_items.labels(outcome=outcome)
+        for kind in ("full", "delta"):
+            m.bundle_bytes_published.labels(kind=kind)
         return m

@@ -20,6 +20,11 @@ Graphs (names in advrec/bundle.py, ``TWO_STAGE_*``):
 - rescore.onnx: history [B, L], user [B, D'], rows [B, C] int64 and their item vectors
   [B, C, D'] -> scores [B, C] (the vectors are an input: the worker holds the table once,
   for its index, instead of once more inside the graph).
+
+With the prior, both graphs also take the links of the history's latest R rows,
+history_links and history_link_counts [B, R, K], which the worker gathers from the prior's
+sparse rows (advrec/links.py, files ``PRIOR_FILES`` beside the graphs): neither graph
+carries the [V+1, K] link table (512 MB at 1M items, in each).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from advrec.bundle import (
     TWO_STAGE_USER_OUTPUTS,
     TWO_STAGE_USER_VECTORS,
 )
+from advrec.links import LINK_INPUTS, SparseRows, link_inputs, link_shape
 from trainer.content import ColdScorer, WithCold
 from trainer.model import NEG, Generator
 from trainer.prior import HybridScorer, PriorScorer
@@ -94,7 +100,8 @@ def item_vectors(generator: Generator) -> np.ndarray:
 
 class UserEncoder(nn.Module):
     """history [B, L] (and, when ``reads_vectors``, the history's rows of the item table
-    [B, L, D']) -> user vector [B, D'], the prior's linked rows [B, R*K] and the best
+    [B, L, D']; when ``reads_links``, the links of its latest R rows [B, R, K] twice:
+    advrec/links.py) -> user vector [B, D'], the prior's linked rows [B, R*K] and the best
     ``n_cold`` content-only rows by content score [B, M]."""
 
     def __init__(self, scorer: nn.Module, n_cold: int = COLD_CANDIDATES) -> None:
@@ -105,23 +112,33 @@ class UserEncoder(nn.Module):
         # the scoring table is the input table: the worker's index holds the history's rows
         self.reads_vectors = parts.generator.out_items is None
         self.prior = parts.prior
+        # the prior's links come in as inputs, gathered by the worker from the bundle's
+        # sparse rows: the graph carries no [V+1, K] table (512 MB at 1M items)
+        self.reads_links = parts.prior is not None
         self.cold = parts.cold
         rows = (np.zeros(0, np.int64) if parts.cold is None
                 else np.flatnonzero(parts.cold.mix.cpu().numpy() > 0))
         self.register_buffer("cold_rows", torch.from_numpy(rows.astype(np.int64)))  # (N_c,)
         self.n_cold = min(n_cold, len(rows))
 
-    def forward(self, history: torch.Tensor, vectors: torch.Tensor | None = None
+    def forward(self, history: torch.Tensor, *inputs: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # inputs, as the graph takes them: history_vectors (B, L, D') when reads_vectors,
+        # then history_links and history_link_counts (B, R, K) when reads_links; none: G's
+        # own table and the prior's (what they are read from)
+        rest = list(inputs)
         emb = None
-        if vectors is not None:  # (B, L, D'): the rows of item_vectors, bias column last
+        if self.reads_vectors and rest:  # (B, L, D'): item_vectors' rows, bias column last
             D = self.generator.config.d_model
-            emb = vectors[..., :D] * self.generator.emb_scale  # (B, L, D), as G.embed
+            emb = rest.pop(0)[..., :D] * self.generator.emb_scale  # (B, L, D), as G.embed
         h = self.generator.last_hidden(history, emb)  # (B, D)
         if self.with_bias:
             h = torch.cat([h, h[:, :1] * 0.0 + 1.0], dim=1)  # (B, D+1)
         none = history[:, -1:] * 0  # (B, 1) padding: no candidates from this term
-        linked = none if self.prior is None else self.prior.links(history)[0]  # (B, R*K)
+        linked = none
+        if self.prior is not None:
+            gathered = (rest[0], rest[1]) if rest else None
+            linked = self.prior.links(history, gathered)[0]  # (B, R*K)
         cold = none
         if self.cold is not None and self.n_cold > 0:
             table = self.cold.table[self.cold_rows]  # (N_c, k)
@@ -133,7 +150,8 @@ class UserEncoder(nn.Module):
 
 class CandidateScorer(nn.Module):
     """The full scorer at candidate rows: (history [B, L], user [B, D'], rows [B, C], their
-    item vectors [B, C, D']) -> scores [B, C], as ``scoring_model(history)[:, rows]``."""
+    item vectors [B, C, D'], with the prior the history's links [B, R, K] twice) -> scores
+    [B, C], as ``scoring_model(history)[:, rows]``."""
 
     def __init__(self, scorer: nn.Module) -> None:
         super().__init__()
@@ -143,11 +161,13 @@ class CandidateScorer(nn.Module):
         self.cold = parts.cold
 
     def forward(self, history: torch.Tensor, user: torch.Tensor, rows: torch.Tensor,
-                vectors: torch.Tensor) -> torch.Tensor:
+                vectors: torch.Tensor, links: torch.Tensor | None = None,
+                counts: torch.Tensor | None = None) -> torch.Tensor:
         scores = (vectors @ user.unsqueeze(2)).squeeze(2)  # (B, C): G's score
         scores = torch.where(rows > 0, scores, torch.full_like(scores, NEG))  # padding
         if self.prior is not None:
-            scores = scores + self.weight * self.prior.at(history, rows)  # (B, C)
+            gathered = None if links is None or counts is None else (links, counts)
+            scores = scores + self.weight * self.prior.at(history, rows, gathered)  # (B, C)
         if self.cold is not None:
             scores = self.cold.at(history, rows, scores)  # (B, C)
         return scores
@@ -180,6 +200,16 @@ def export_two_stage(scorer: nn.Module, max_len: int,
         args = (history, torch.from_numpy(table)[history])  # (B, L), (B, L, D')
         names_in.append(TWO_STAGE_USER_VECTORS)
         axes[TWO_STAGE_USER_VECTORS] = {0: "batch"}
+    links: SparseRows | None = None
+    gathered: tuple = ()
+    if user_enc.prior is not None:
+        prior = user_enc.prior
+        links = SparseRows.from_dense(prior.idx.numpy(), prior.val.numpy())
+        gathered = tuple(torch.from_numpy(a) for a in links.gather(
+            prior.recent(history).numpy(), int(prior.idx.shape[1])))  # (B, R, K) each
+        args = (*args, *gathered)
+        names_in.extend(LINK_INPUTS)
+        axes.update({name: {0: "batch"} for name in LINK_INPUTS})
     user_bytes = _export(
         user_enc, args, names_in, list(TWO_STAGE_USER_OUTPUTS),
         {**axes, TWO_STAGE_USER_OUTPUTS[0]: {0: "batch"},
@@ -189,11 +219,13 @@ def export_two_stage(scorer: nn.Module, max_len: int,
         user = user_enc(*args)[0]  # (B, D')
     rows = torch.tensor([[1, 0, 1], [0, 1, 1]], dtype=torch.int64) % len(table)  # (B, C)
     vectors = torch.from_numpy(table)[rows]  # (B, C, D')
-    names = list(TWO_STAGE_RESCORE_INPUTS)
+    names = list(TWO_STAGE_RESCORE_INPUTS) + (list(LINK_INPUTS) if gathered else [])
     rescore_bytes = _export(
-        rescorer, (history, user, rows, vectors), names, [TWO_STAGE_RESCORE_OUTPUT],
+        rescorer, (history, user, rows, vectors, *gathered), names,
+        [TWO_STAGE_RESCORE_OUTPUT],
         {names[0]: {0: "batch"}, names[1]: {0: "batch"}, names[2]: {0: "batch", 1: "n"},
-         names[3]: {0: "batch", 1: "n"}, TWO_STAGE_RESCORE_OUTPUT: {0: "batch", 1: "n"}})
+         names[3]: {0: "batch", 1: "n"}, TWO_STAGE_RESCORE_OUTPUT: {0: "batch", 1: "n"},
+         **{name: {0: "batch"} for name in names[4:]}})
     buf = io.BytesIO()
     half = table.astype(np.float16)
     # float16 when that loses nothing (G's tables rounded by trainer/export.py
@@ -201,7 +233,7 @@ def export_two_stage(scorer: nn.Module, max_len: int,
     np.save(buf, half if np.array_equal(half.astype(np.float32), table) else table,
             allow_pickle=False)
     return {TWO_STAGE_USER: user_bytes, TWO_STAGE_RESCORE: rescore_bytes,
-            TWO_STAGE_ITEMS: buf.getvalue()}
+            TWO_STAGE_ITEMS: buf.getvalue(), **(links.files() if links is not None else {})}
 
 
 def check_two_stage_parity(scorer: nn.Module, files: dict[str, bytes],
@@ -226,6 +258,11 @@ def check_two_stage_parity(scorer: nn.Module, files: dict[str, bytes],
     feed = {TWO_STAGE_USER_INPUT: history.numpy()}
     if TWO_STAGE_USER_VECTORS in {i.name for i in user_session.get_inputs()}:
         feed[TWO_STAGE_USER_VECTORS] = table[history.numpy()]  # (B, L, D'), as the worker
+    shape = link_shape(user_session)  # the links, gathered as the worker gathers them
+    links = ({} if shape is None
+             else link_inputs(SparseRows.from_files(files), shape, history.numpy()))
+    reads = {i.name for i in user_session.get_inputs()}  # the counts: only to rescore
+    feed.update({name: value for name, value in links.items() if name in reads})
     user, linked, cold = user_session.run(list(TWO_STAGE_USER_OUTPUTS), feed)
     with torch.no_grad():
         expected_g = parts.generator(history).numpy()  # (B, V+1)
@@ -240,10 +277,10 @@ def check_two_stage_parity(scorer: nn.Module, files: dict[str, bytes],
     rows = np.concatenate([random_rows, linked, cold], axis=1).astype(np.int64)  # (B, C)
     rescore = session(TWO_STAGE_RESCORE)
     reads = {i.name for i in rescore.get_inputs()}  # history is dropped when G alone scores
-    feed = zip(TWO_STAGE_RESCORE_INPUTS, (history.numpy(), user, rows, table[rows]),
-               strict=True)
+    feed = {**dict(zip(TWO_STAGE_RESCORE_INPUTS, (history.numpy(), user, rows, table[rows]),
+                       strict=True)), **links}
     (scores,) = rescore.run([TWO_STAGE_RESCORE_OUTPUT],
-                            {name: value for name, value in feed if name in reads})
+                            {name: value for name, value in feed.items() if name in reads})
     want = np.take_along_axis(expected, rows, axis=1)  # (B, C)
     live = held[rows]  # padding and freed rows are never candidates
     if scores.shape != want.shape or not np.isfinite(scores[live]).all():

@@ -36,6 +36,14 @@ class Vocabulary:
                 self._items.append(item)
                 self._rows[item] = len(self._items)
 
+    def copy(self) -> Vocabulary:
+        """An independent copy (containers copied, not rebuilt: at 1M items, ~0.1 s)."""
+        twin = Vocabulary()
+        twin._rows, twin._items, twin._free = dict(self._rows), list(self._items), \
+            list(self._free)
+        twin.hole_epoch = self.hole_epoch
+        return twin
+
     def __len__(self) -> int:
         """The number of rows in use, holes included: the tables' live span ``V``."""
         return len(self._items)

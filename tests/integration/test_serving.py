@@ -270,3 +270,43 @@ def test_a_bundle_with_a_detector_scores_users_as_their_clicks_arrive(serving) -
     scored = [float(line.split()[1]) for line in metrics.splitlines()
               if line.startswith("advrec_user_suspicion_count ")]
     assert scored and scored[0] >= 1, scored
+
+
+def test_a_delta_over_the_topic_is_rebuilt_from_the_bundle_before_it_and_served(
+        serving, tmp_path: Path) -> None:
+    import io
+
+    import numpy as np
+
+    from advrec.bundle import TWO_STAGE_ITEMS, bundle_files, delta_files
+    from tests.bundles import publish_files, toy_two_stage
+
+    worker, names, kafka, _first = serving
+    stamp = int(time.time() * 1000)
+    full, delta = f"{stamp + 50_000:013d}", f"{stamp + 50_001:013d}"
+    meta = {"max_len": 10, "last_event_ms": 0, "examples_seen": 0, "metrics": {}}
+    parts = toy_two_stage(len(VOCAB), seed=7)
+    write_bundle(tmp_path, toy_model(len(VOCAB), seed=7), VOCAB, {**meta, "version": full},
+                 two_stage=parts)
+    publish_files(kafka, names.bundles, full, bundle_files(tmp_path, full))
+    wait_for(lambda: live_version(worker) == full, 30, "the full bundle live")
+    # the delta: one item more, whose vector follows i5's, ten times over
+    old = np.load(io.BytesIO(parts[TWO_STAGE_ITEMS]))
+    new = np.concatenate([old, 10 * old[6:7]])  # row 6 is i5
+    vocab = [*VOCAB, "fresh-1"]
+    buf = io.BytesIO()
+    np.save(buf, new)
+    grown = toy_two_stage(len(vocab), seed=7)  # user.onnx and rescore.onnx for V+1 rows
+    write_bundle(tmp_path, None, vocab, {**meta, "version": delta},
+                 two_stage={**grown, TWO_STAGE_ITEMS: buf.getvalue()},
+                 delta=(full, delta_files(old, VOCAB, new, vocab)))
+    sent = bundle_files(tmp_path, delta)
+    assert "items.npy" not in {name for name, _ in sent}  # the rows travel, not the table
+    publish_files(kafka, names.bundles, delta, sent)
+    wait_for(lambda: live_version(worker) == delta, 60, "the delta rebuilt and live")
+    assert worker.metric("advrec_bundle_deltas_total") >= 1
+    send(names.clicks, [click("dana", "i5", 0)])
+    wait_for(lambda: httpx.get(f"{worker.url}/users/dana").status_code == 200, 60,
+             "dana's click applied")
+    body = recommend(worker, "dana")
+    assert body["model_version"] == delta and body["items"][0] == "fresh-1"

@@ -112,3 +112,125 @@ def test_writers_sharing_a_pid_never_share_a_temporary_file(tmp_path: Path) -> N
     assert errors == []
     assert read_current(tmp_path) in versions
     assert not list(tmp_path.glob(f".{CURRENT}.tmp-*"))
+
+
+# ---------------------------------------------------------------------------- deltas
+
+
+def _npy(array) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _parts(table) -> dict[str, bytes]:
+    from advrec.bundle import TWO_STAGE_ITEMS, TWO_STAGE_RESCORE, TWO_STAGE_USER
+
+    return {TWO_STAGE_USER: b"user", TWO_STAGE_RESCORE: b"rescore", TWO_STAGE_ITEMS: _npy(table)}
+
+
+def _base_and_delta(trainer: Path):
+    """A full bundle and a delta after it, as the trainer writes them: rows 2 and 4 changed,
+    item b's row freed, two items added."""
+    import numpy as np
+
+    from advrec.bundle import delta_files
+
+    rng = np.random.default_rng(0)
+    old = rng.normal(size=(6, 3)).astype(np.float16)  # (V+1, D'), 5 items
+    old[0] = 0
+    new = np.concatenate([old, rng.normal(size=(2, 3)).astype(np.float16)])  # 7 items
+    new[2] = 0  # b left a bounded vocabulary
+    new[4] += np.float16(0.5)
+    vocab0, vocab1 = ["a", "b", "c", "d", "e"], ["a", None, "c", "d", "e", "f", "g"]
+    base = write_bundle(trainer, b"model", vocab0, dict(META), two_stage=_parts(old))
+    files = delta_files(old, vocab0, new, vocab1)
+    delta = write_bundle(trainer, None, vocab1, dict(META), two_stage=_parts(new),
+                         delta=(base, files))
+    return base, delta, new, files
+
+
+def _worker_cache(trainer: Path, cache: Path, *versions: str) -> None:
+    """Copy what travels on the bundle topic into a reader's cache."""
+    from advrec.bundle import bundle_files
+
+    for version in versions:
+        (cache / version).mkdir(parents=True)
+        for name, data in bundle_files(trainer, version):
+            (cache / version / name).write_bytes(data)
+
+
+def test_a_delta_carries_only_the_changed_rows_and_travels_without_the_whole_table(
+        tmp_path: Path) -> None:
+    import io
+
+    import numpy as np
+
+    from advrec.bundle import DELTA_FILES, DELTA_ROWS, DELTA_VOCAB, bundle_files
+
+    base, delta, _, files = _base_and_delta(tmp_path)
+    assert np.load(io.BytesIO(files[DELTA_ROWS])).tolist() == [2, 4, 6, 7]
+    assert json.loads(files[DELTA_VOCAB]) == {"size": 7, "rows": [[2, None], [6, "f"],
+                                                                  [7, "g"]]}
+    assert [n for n, _ in bundle_files(tmp_path, delta)] == [
+        "user.onnx", "rescore.onnx", *DELTA_FILES, "meta.json"]
+    assert "items.npy" in [n for n, _ in bundle_files(tmp_path, base)]
+    whole = load_bundle(tmp_path, delta)  # the writer's own copy is whole
+    assert not whole.exact and whole.vocab[1] is None and whole.meta["delta"]["base"] == base
+
+
+def test_a_reader_rebuilds_a_delta_byte_for_byte_from_its_base(tmp_path: Path) -> None:
+    from advrec.bundle import TWO_STAGE_ITEMS, VOCAB_FILE, apply_delta
+
+    base, delta, _, _ = _base_and_delta(tmp_path / "trainer")
+    cache = tmp_path / "cache"
+    _worker_cache(tmp_path / "trainer", cache, base, delta)
+    assert not (cache / delta / TWO_STAGE_ITEMS).exists()
+    assert apply_delta(cache, delta) and not apply_delta(cache, base)
+    for name in (TWO_STAGE_ITEMS, VOCAB_FILE):
+        assert ((cache / delta / name).read_bytes()
+                == (tmp_path / "trainer" / delta / name).read_bytes())
+    rebuilt = load_bundle(cache, delta, model=False)
+    assert rebuilt.vocab == ("a", None, "c", "d", "e", "f", "g") and not rebuilt.exact
+
+
+def test_a_delta_without_its_base_or_against_another_base_is_refused(tmp_path: Path) -> None:
+    import numpy as np
+
+    from advrec.bundle import TWO_STAGE_ITEMS, apply_delta
+
+    base, delta, _, _ = _base_and_delta(tmp_path / "trainer")
+    lonely = tmp_path / "lonely"
+    _worker_cache(tmp_path / "trainer", lonely, delta)
+    with pytest.raises(BundleError) as missing:
+        apply_delta(lonely, delta)
+    assert missing.value.reason == "bad_delta" and "base" in missing.value.detail
+    other = tmp_path / "other"
+    _worker_cache(tmp_path / "trainer", other, base, delta)
+    table = np.load(other / base / TWO_STAGE_ITEMS)
+    table[1] += np.float16(1.0)  # a row the delta does not carry differs in this copy
+    np.save(other / base / TWO_STAGE_ITEMS, table)
+    with pytest.raises(BundleError) as wrong:
+        apply_delta(other, delta)
+    assert wrong.value.reason == "bad_delta"
+    assert not (other / delta / TWO_STAGE_ITEMS).exists()  # nothing half-written is left
+
+
+@pytest.mark.parametrize("base, vocab", [([], ["a"]), (["a", "b"], ["a", "b"]),
+                                         (["a", "b"], ["a", "b", "c", "d"]),
+                                         (["a", "b"], ["a", None, "c"])])
+def test_a_rebuilt_vocabulary_is_byte_for_byte_the_json_of_the_whole_list(
+        base: list, vocab: list) -> None:
+    from advrec.bundle import _patched_vocab, appended_items
+
+    changes = [(row, item) for row, item in enumerate(vocab, start=1)
+               if row > len(base) or base[row - 1] != item]
+    added = appended_items(len(base), len(vocab), changes)
+    assert (added is None) == (None in vocab)  # a freed row is not an append
+    whole = json.dumps(base, ensure_ascii=False).encode()
+    assert _patched_vocab(whole, len(base), len(vocab), changes) == json.dumps(
+        vocab, ensure_ascii=False).encode()

@@ -201,3 +201,22 @@ def test_a_republished_version_replaces_the_cached_copy(tmp_path: Path) -> None:
     chunks, manifest = records_of("0014")
     (done,) = feed_all(tmp_path, [*chunks, (b"manifest/0014", manifest.value())])[0]
     assert (done.path / "model.onnx").read_bytes() == FILES[0][1]
+
+
+def test_no_link_of_a_kept_deltas_chain_is_tombstoned() -> None:
+    view = TopicView()
+    bases = {"v1": None, "v2": "v1", "v3": "v2", "v4": None, "v5": "v4"}
+    for version, base in bases.items():
+        chunks, manifest = split_version(version, FILES, chunk_bytes=1000,
+                                         meta={"base": base} if base else {})
+        for key, value in [*chunks, (f"manifest/{version}".encode(), manifest.value())]:
+            view.apply(key, value)
+    view.apply(*pointer_record("v3"))
+    # keep 1 (v5, a delta of v4): v3 stays as the pointer, and with it v2 and v1
+    assert [v for v, _ in view.stale(1)] == []
+    assert [v for v, _ in view.stale(1, keep_pointer=False)] == ["v1", "v2", "v3"]
+    # v6 about to go out as a delta of v5: v5 and v4 stay
+    assert [v for v, _ in view.stale(1, adding="v6", base="v5", keep_pointer=False)] == [
+        "v1", "v2", "v3"]
+    assert [v for v, _ in view.stale(1, adding="v6", keep_pointer=False)] == [
+        "v1", "v2", "v3", "v4", "v5"]

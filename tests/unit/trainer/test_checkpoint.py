@@ -58,3 +58,23 @@ def test_load_rejects_a_foreign_file(tmp_path: Path) -> None:
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not an advrec trainer checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+def test_checkpoints_are_spaced_to_keep_their_cost_within_a_share_of_the_time(
+        tmp_path: Path) -> None:
+    import time
+
+    from trainer.settings import load_trainer_settings
+    from trainer.sidecar import Sidecar
+
+    sidecar = Sidecar(load_trainer_settings({
+        "ADVREC_BUNDLE_DIR": str(tmp_path / "b"), "ADVREC_CHECKPOINT_DIR": str(tmp_path / "c"),
+        "ADVREC_CHECKPOINT_EVERY_BATCHES": "1", "ADVREC_CHECKPOINT_MIN_INTERVAL_S": "30",
+        "ADVREC_CHECKPOINT_MAX_SHARE": "0.1"}))
+    sidecar.batches_since_checkpoint = 5
+    sidecar.last_checkpoint = time.monotonic() - 60
+    assert sidecar.checkpoint_due()  # a cheap checkpoint: the minimum interval rules
+    sidecar.checkpoint_cost_s = 25.0  # as at 1M items: at most every 250 s
+    assert not sidecar.checkpoint_due()
+    sidecar.last_checkpoint = time.monotonic() - 251
+    assert sidecar.checkpoint_due()

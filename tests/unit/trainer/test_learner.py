@@ -363,3 +363,25 @@ def test_below_its_catalogue_size_the_learner_keeps_the_full_softmax() -> None:
     learner.train_batch(planted_stream(1, 32, seed=3)[0])
     assert learner.adv_cfg.loss == "auto" and learner._log_q() is None
     assert not learner.generator.items.sparse
+
+
+def test_a_frozen_copy_ranks_as_the_learner_did_and_stays_put_while_it_trains() -> None:
+    from trainer.prior import PriorConfig
+
+    learner = OnlineLearner(SMALL, TrainConfig(mode="none", lr=3e-3, replay_size=300),
+                            prior_cfg=PriorConfig(weight=4.0))
+    batches = planted_stream(6, 48)
+    for batch in batches[:4]:
+        learner.train_batch(batch)
+    frozen = learner.frozen()
+    probe = batches[4] + batches[5]
+    before = learner.target_ranks(probe)["A"]
+    assert np.array_equal(frozen.target_ranks(probe)["A"], before)
+    # what only training needs is not copied
+    assert frozen.cooc is None and frozen.replay is None and frozen.g_optimizer is None
+    for batch in batches[4:]:
+        learner.train_batch(batch)
+    learner.add_items(["brand-new"])
+    assert not np.array_equal(learner.target_ranks(probe)["A"], before)
+    assert np.array_equal(frozen.target_ranks(probe)["A"], before)
+    assert "brand-new" not in frozen.vocab

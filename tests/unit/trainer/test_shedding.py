@@ -96,3 +96,29 @@ def test_while_shedding_several_fetched_batches_are_one_step(tmp_path) -> None:
     assert sidecar.batches_since_export == 3 and sidecar.batches_since_checkpoint == 3
     assert sidecar.m.registry.get_sample_value("advrec_trainer_batches_total") == 3
     assert sidecar.m.registry.get_sample_value("advrec_trainer_shed_examples_total") == 60
+
+
+def test_a_large_catalogue_scores_a_sample_of_each_batch_within_the_score_budget(
+        tmp_path) -> None:
+    from advrec.contract import encode_batch
+    from trainer.settings import load_trainer_settings
+    from trainer.sidecar import Sidecar
+
+    def scored(budget: int) -> tuple[float, int]:
+        s = load_trainer_settings({"ADVREC_BUNDLE_DIR": str(tmp_path / "b"),
+                                   "ADVREC_CHECKPOINT_DIR": str(tmp_path / "c"),
+                                   "ADVREC_TRAINER_DIM": "16", "ADVREC_TRAINER_LAYERS": "1",
+                                   "ADVREC_TRAINER_STEPS_PER_BATCH": "1",
+                                   "ADVREC_EVAL_MAX_SCORES": str(budget)})
+        sidecar = Sidecar(s)
+        sidecar.build()
+        first, second = planted_stream(2, 40, seed=5)
+        sidecar.step(encode_batch(first), offset=0)
+        rows = len(sidecar.learner.vocab) + 1
+        stats = sidecar.step(encode_batch(second), offset=1)
+        assert stats["examples"] == 40  # training is not sampled
+        return (stats["n_eval"] + stats["n_unknown_target"], rows)
+
+    n, rows = scored(10 * 60)  # room for 10 examples' scores over ~60 rows
+    assert n == 600 // rows
+    assert scored(20_000_000)[0] == 40  # a small catalogue: every example

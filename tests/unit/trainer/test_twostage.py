@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from advrec.bundle import TWO_STAGE_FILES, TWO_STAGE_ITEMS, load_bundle
+from advrec.bundle import PRIOR_FILES, TWO_STAGE_FILES, TWO_STAGE_ITEMS, load_bundle
 from stream_app.retrieval import IndexConfig
 from stream_app.serving import load_model
 from tests.unit.trainer.planted import SMALL, planted_stream
@@ -164,7 +164,8 @@ def test_the_sidecars_bundle_carries_the_parts_from_its_size_on(tmp_path: Path) 
     (with_parts, files), (without, plain) = versions
     assert with_parts.two_stage is not None and without.two_stage is None
     assert with_parts.meta["two_stage"]["parity_max_abs_diff"] < 1e-4
-    assert files - plain == set(TWO_STAGE_FILES)  # what travels on the bundle topic
+    # what travels on the bundle topic: the parts, and the prior's links beside them
+    assert files - plain == {*TWO_STAGE_FILES, *PRIOR_FILES}
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -209,3 +210,123 @@ def test_a_compacted_model_ships_a_float16_table_that_serves_like_its_exact_grap
     vocab = learner.vocab.items()
     assert [[vocab[r - 1] for r in rows] for rows in plain.recommend_batch(users, ks)] == [
         learner.recommend(user, 10) for user in users]
+
+
+def _sidecar(tmp_path: Path, **env: str):
+    from trainer.settings import load_trainer_settings
+    from trainer.sidecar import Sidecar
+
+    sidecar = Sidecar(load_trainer_settings({
+        "ADVREC_TRAINER_MODE": "none", "ADVREC_TRAINER_DIM": "16",
+        "ADVREC_TRAINER_LAYERS": "1", "ADVREC_TRAINER_STEPS_PER_BATCH": "1",
+        "ADVREC_TRAINER_TWO_STAGE_ITEMS": "1",
+        "ADVREC_BUNDLE_DIR": str(tmp_path / "bundles"),
+        "ADVREC_CHECKPOINT_DIR": str(tmp_path / "checkpoints"), **env}))
+    sidecar.build()
+    return sidecar
+
+
+def _export_after(sidecar, batches: list[bytes]):
+    """Train on ``batches``, export, and note the export as published to the fleet."""
+    for batch in batches:
+        sidecar.step(batch, sidecar.learner.batches_seen)
+    export = sidecar.prepare_export()
+    assert export is not None
+    sidecar.deltas.published(export.version, export.two_stage, export.vocab,
+                             delta=export.base is not None)
+    return export
+
+
+def _batches(n_items: int, seed: int) -> list[bytes]:
+    from advrec.contract import encode_batch
+    from advrec.synthetic import SyntheticConfig, synthetic_events
+    from trainer.evaluate import build_examples
+
+    events = list(synthetic_events(SyntheticConfig(n_users=100, n_items=n_items, seed=seed),
+                                   1200))
+    examples = list(build_examples(events, 20))
+    return [encode_batch(examples[i : i + 200]) for i in range(0, len(examples), 200)]
+
+
+def test_between_full_bundles_the_sidecar_publishes_deltas_a_worker_rebuilds_and_serves(
+        tmp_path: Path) -> None:
+    import shutil
+
+    from advrec.bundle import DELTA_FILES, DELTA_PRIOR_FILES, MODEL_FILE, apply_delta
+
+    sidecar = _sidecar(tmp_path, ADVREC_BUNDLE_DELTA_MAX_SHARE="1")
+    full = _export_after(sidecar, _batches(150, 2))
+    first = _export_after(sidecar, _batches(180, 3)[:2])  # new items, and fewer rows touched
+    delta = _export_after(sidecar, _batches(180, 4)[:1])
+    # each delta is against the bundle before it
+    assert full.base is None and first.base == full.version and delta.base == first.version
+    sent = {name for name, _ in delta.files}
+    assert sent == {"user.onnx", "rescore.onnx", *DELTA_FILES, *DELTA_PRIOR_FILES, "meta.json"}
+    trainer_dir = Path(sidecar.s.bundle_dir)
+    meta = load_bundle(trainer_dir, delta.version).meta
+    assert 0 < meta["delta"]["rows"] < meta["delta"]["of_rows"] == len(delta.vocab) + 1
+    assert not (trainer_dir / delta.version / MODEL_FILE).exists()
+    assert sum(len(d) for _, d in delta.files) < sum(len(d) for _, d in full.files)
+    cache = tmp_path / "cache"  # a worker's: what came over the topic
+    for export in (full, first, delta):
+        (cache / export.version).mkdir(parents=True)
+        for name, data in export.files:
+            (cache / export.version / name).write_bytes(data)
+    assert apply_delta(cache, first.version) and apply_delta(cache, delta.version)
+    n = len(delta.vocab)
+    staged = load_model(cache, delta.version, threads=1,
+                        index=IndexConfig(min_items=10**9, candidates=n))
+    # the same learner's full bundle, ranked exactly
+    shutil.rmtree(trainer_dir)
+    exact = load_model(trainer_dir, publish_bundle(sidecar.learner, trainer_dir, {},
+                                                   two_stage_items=1), threads=1)
+    assert staged.path == "two_stage" and exact.path != "two_stage"
+    rng = np.random.default_rng(1)
+    items = [v for v in delta.vocab if v is not None]
+    users = [[items[i] for i in rng.choice(len(items), 6, replace=False)] for _ in range(20)]
+    assert staged.recommend_batch(users, [10] * 20) == exact.recommend_batch(users, [10] * 20)
+
+
+@pytest.mark.parametrize("env", [{"ADVREC_BUNDLE_FULL_EVERY_S": "0"},
+                                 {"ADVREC_BUNDLE_DELTA_MAX_SHARE": "0.001"}])
+def test_a_full_bundle_goes_out_when_deltas_are_off_or_too_large(
+        tmp_path: Path, env: dict[str, str]) -> None:
+    sidecar = _sidecar(tmp_path, **env)
+    _export_after(sidecar, _batches(150, 2))
+    again = _export_after(sidecar, _batches(150, 3)[:2])
+    assert again.base is None and "model.onnx" in {name for name, _ in again.files}
+
+
+def test_with_the_prior_neither_graph_carries_a_table_of_the_catalogues_size() -> None:
+    import onnx
+
+    from advrec.bundle import TWO_STAGE_RESCORE, TWO_STAGE_USER
+    from advrec.links import LINK_INPUTS
+
+    learner = trained()  # the prior on, G's table tied
+    files = export_two_stage(scoring_model(learner), SMALL.max_len)
+    rows = len(learner.vocab) + 1
+    for name in (TWO_STAGE_USER, TWO_STAGE_RESCORE):
+        graph = onnx.load_from_string(files[name]).graph
+        assert [i.name for i in graph.initializer if i.dims and i.dims[0] == rows] == []
+        assert LINK_INPUTS[0] in [i.name for i in graph.input]
+    assert set(PRIOR_FILES) <= set(files)
+    h = histories(8, len(learner.vocab))
+    assert check_two_stage_parity(scoring_model(learner), files, h) < 1e-4
+
+
+def test_a_bundle_above_the_exact_size_has_no_exact_graph_and_ranks_in_two_stages(
+        tmp_path: Path) -> None:
+    from advrec.bundle import MODEL_FILE, BundleError
+
+    learner = trained()
+    version = publish_bundle(learner, tmp_path, {}, two_stage_items=1, exact_below_items=1)
+    assert not load_bundle(tmp_path, version).exact
+    assert not (tmp_path / version / MODEL_FILE).exists()
+    # a worker whose switch is far above this catalogue still ranks it, in two stages
+    model = load_model(tmp_path, version, threads=1, index=IndexConfig(min_items=10**9))
+    assert model.path == "two_stage"
+    assert model.recommend_batch([learner.vocab.items()[:3]], [5])[0]
+    with pytest.raises(BundleError) as refused:  # two-stage serving is off
+        load_model(tmp_path, version, threads=1)
+    assert refused.value.reason == "missing_model"
