@@ -59,9 +59,10 @@ def tag() -> str:
     return uuid.uuid4().hex[:8]
 
 
-def start_worker(run_dir: Path, env_extra: dict[str, str], *,
-                 wait: bool = True) -> tuple[subprocess.Popen, str]:
-    """Start a worker; with ``wait``, return once its /readyz says 200."""
+def start_worker(run_dir: Path, env_extra: dict[str, str], *, wait: bool = True,
+                 timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
+    """Start a worker; with ``wait``, return once its /readyz says 200 (within
+    ``timeout`` seconds)."""
     port = free_port()
     env = {**os.environ, "ADVREC_WEB_PORT": str(port), "ADVREC_WEB_BIND": "127.0.0.1",
            "ADVREC_DATA_DIR": str(run_dir / f"tables-{port}"),
@@ -72,7 +73,7 @@ def start_worker(run_dir: Path, env_extra: dict[str, str], *,
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     if wait:
-        wait_ready(proc, url)
+        wait_ready(proc, url, timeout)
     return proc, url
 
 
@@ -131,8 +132,13 @@ class BundleTopic:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(120)
 
     def publish(self, version: str, files: list[tuple[str, bytes]]) -> Any:
+        # a delta names its base on the topic, as the trainer does: no link of its chain
+        # back to a full bundle is tombstoned (advrec/channel.py ``TopicView.stale``)
+        meta = json.loads(dict(files).get("meta.json", b"{}"))
+        base = (meta.get("delta") or {}).get("base")
         done = self._run(self.publisher.publish(
-            version, files, stale=self.view.stale(self.keep, adding=version)))
+            version, files, meta={"base": base} if base else {},
+            stale=self.view.stale(self.keep, adding=version, base=base)))
         self.view.note_published(done.manifest, done.tombstoned)
         return done
 

@@ -1,9 +1,20 @@
-"""Freshness: time from producing an event to a served model that trained on it.
+"""Freshness: time from producing an event to a served model that trained on it; and the
+bundle topic's traffic.
 
 Runs a worker and a trainer with default settings on a live synthetic stream whose events
 carry the wall-clock time as event time. Every half second one event is a probe; a probe
 is fresh once the model the worker *serves* (its /readyz version) has a ``last_event_ms``
-at or after the probe's time. Writes bench/results/freshness.json and prints a table.
+at or after the probe's time. Bytes on the bundle topic are counted over the same window
+(after the warm-up): what the trainer wrote, by kind (full bundles, deltas), and what the
+worker read. Writes bench/results/freshness.json (freshness-<items>.json with ``--items``)
+and prints a table.
+
+``--items N`` (a large catalogue, issue 23): the trainer starts from a checkpoint whose
+vocabulary holds all N items of the synthetic catalogue (untrained rows, as after a
+catalogue load), so its bundles carry N items from the first; the stream clicks among
+them. At 1M items the worker's first bundle builds its index (~2 min on one core): give
+the warm-up room for it (``--warmup 300``), and a window of at least
+``ADVREC_BUNDLE_FULL_EVERY_S`` (600 s) to see a whole cycle of full bundle and deltas.
 """
 
 from __future__ import annotations
@@ -11,6 +22,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import re
 import statistics
 import sys
 import threading
@@ -37,12 +50,16 @@ from bench._common import (
 )
 
 
-def live_stream(rate: float, seconds: float, probes: list[tuple[float, int]]):
-    """Yield (key, value) in real time; every 0.5 s remember a probe (wall time, ts)."""
-    cfg = SyntheticConfig(n_users=1000, n_items=2000, seed=4)
+def live_stream(rate: float, seconds: float, probes: list[tuple[float, int]],
+                n_items: int = 2000, until: threading.Event | None = None, seed: int = 4):
+    """Yield (key, value) in real time; every 0.5 s remember a probe (wall time, ts);
+    ``until``: stop as soon as it is set."""
+    cfg = SyntheticConfig(n_users=1000, n_items=n_items, seed=seed)
     next_probe = 0.0
     started = time.monotonic()
     for n, e in enumerate(synthetic_events(cfg, int(rate * seconds))):
+        if until is not None and until.is_set():
+            return
         due = started + n / rate
         delay = due - time.monotonic()
         if delay > 0:
@@ -55,19 +72,75 @@ def live_stream(rate: float, seconds: float, probes: list[tuple[float, int]]):
         yield encode_key(e.user), encode_event(ClickEvent(e.user, e.item, ts, id=f"f{n}"))
 
 
+def scrape_kind(url: str, name: str, kind: str) -> float:
+    """The value of the series ``name{kind="..."}`` at ``url``."""
+    text = urlopen(url, timeout=5).read().decode()
+    found = re.search(rf'^{re.escape(name)}\{{kind="{re.escape(kind)}"\}} (\S+)$', text, re.M)
+    if found is None:
+        raise ValueError(f"no {name}{{kind={kind!r}}} at {url}")
+    return float(found.group(1))
+
+
+def seed_checkpoint(env: dict[str, str], n_items: int) -> float:
+    """Write the trainer's local checkpoint: a fresh learner (the trainer's own settings)
+    whose vocabulary holds the synthetic catalogue's ``n_items`` items; its seconds.
+
+    G's item rows start with planted clusters (bench/ann.py ``planted_table``), as a trained
+    table has them: over the untrained table's random rows, the worker's first index took
+    over 5 minutes to build on a busy core (random 64-dim rows are HNSW's worst case)."""
+    import torch
+
+    from bench.ann import planted_table
+    from trainer.checkpoint import save_checkpoint
+    from trainer.settings import load_trainer_settings
+    from trainer.sidecar import Sidecar
+
+    started = time.perf_counter()
+    sidecar = Sidecar(load_trainer_settings({**os.environ, **env}))
+    learner = sidecar.fresh_learner()
+    learner.add_items(f"i{k}" for k in range(n_items))  # SyntheticConfig's item ids
+    with torch.no_grad():
+        learner.generator.items.emb.weight[: n_items + 1] = torch.from_numpy(
+            planted_table(n_items, learner.model_cfg.d_model, 20, 0))  # (V+1, D)
+    save_checkpoint(sidecar.checkpoint_path, learner, {"next_offset": None})
+    return time.perf_counter() - started
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--seconds", type=float, default=120.0, help="length of the live stream")
     p.add_argument("--rate", type=float, default=200.0, help="events per second")
     p.add_argument("--warmup", type=float, default=30.0, help="probes before this are ignored")
+    p.add_argument("--items", type=int, default=0,
+                   help="a catalogue of this many items, all in the trainer's vocabulary "
+                        "from the start (0: the 2,000-item stream, vocabulary from clicks)")
     p.add_argument("--bootstrap", default="127.0.0.1:9092")
     args = p.parse_args()
     run_dir = Path("var") / f"bench-fresh-{tag()}"
     run_dir.mkdir(parents=True)
     bundles = run_dir / "bundles"
     env = pair_env("fresh", run_dir, args.bootstrap)
+    seeded_s = None
+    if args.items:
+        print(f"seeding the trainer's checkpoint with {args.items:,} items ...", flush=True)
+        seeded_s = seed_checkpoint(env, args.items)
     worker, url = start_worker(run_dir, env)
     trainer = start_trainer(run_dir, env)
+    trainer_url = f"http://127.0.0.1:{env['ADVREC_TRAINER_METRICS_PORT']}"
+    traffic: dict[str, dict[str, float]] = {}
+
+    def count_traffic(label: str) -> None:
+        """The bundle topic's bytes so far: written by kind, read by the worker."""
+        try:
+            traffic[label] = {
+                "at": time.time(),
+                "read": scrape(f"{url}/metrics", "advrec_bundle_feed_bytes_total"),
+                "deltas_rebuilt": scrape(f"{url}/metrics", "advrec_bundle_deltas_total"),
+                **{kind: scrape_kind(f"{trainer_url}/metrics",
+                                     "advrec_trainer_bundle_bytes_published_total", kind)
+                   for kind in ("full", "delta")}}
+        except (OSError, ValueError) as exc:
+            print(f"could not read the traffic counters ({label}): {exc}", file=sys.stderr)
     probes: list[tuple[float, int]] = []
     served: list[tuple[float, int]] = []  # (wall time first seen, last_event_ms of the model)
     ages: list[tuple[float, float]] = []  # (wall time, the worker's advrec_model_age_seconds)
@@ -96,12 +169,42 @@ def main() -> int:
 
     poller = threading.Thread(target=poll)
     poller.start()
+    preload_s = None
+    if args.items:
+        # the worker's first bundle builds its index (~2 min of a core at 1M items), which
+        # on this machine's 2 cores, shared with the trainer at work, took over 10 min: a
+        # trickle of clicks gets the first bundle published and built before the measured
+        # stream starts, as a worker that joins a running fleet has it
+        first = threading.Event()
+
+        def wait_first() -> None:
+            while not served and not stop.is_set():
+                stop.wait(0.5)
+            first.set()
+
+        waiter = threading.Thread(target=wait_first)
+        waiter.start()
+        t0 = time.time()
+        print("preloading: a trickle of clicks until the worker serves its first bundle ...",
+              flush=True)
+        asyncio.run(produce(args.bootstrap, env["ADVREC_TOPIC_CLICKS"],
+                            live_stream(10.0, 1800.0, [], args.items, first, seed=5),
+                            progress=False))
+        first.set()
+        waiter.join()
+        preload_s = time.time() - t0
+        served.clear()
     started = time.time()
+    window = threading.Timer(args.warmup, count_traffic, ("start",))
+    window.start()
     try:
         asyncio.run(produce(args.bootstrap, env["ADVREC_TOPIC_CLICKS"],
-                            live_stream(args.rate, args.seconds, probes), progress=False))
+                            live_stream(args.rate, args.seconds, probes,
+                                        args.items or 2000), progress=False))
+        count_traffic("end")
         time.sleep(20)  # let the last probes reach a model
     finally:
+        window.cancel()
         stop.set()
         poller.join()
         stop_processes(trainer, worker)
@@ -127,9 +230,27 @@ def main() -> int:
                   "median_s": statistics.median(gauge) if gauge else None,
                   "p95_s": statistics.quantiles(gauge, n=20)[18] if len(gauge) > 2 else None},
               "defaults": {"ADVREC_TRAIN_BATCH_S": 2.0, "ADVREC_EXPORT_EVERY_S": 5.0,
-                           "ADVREC_WATCH_INTERVAL_S": 1.0},
-              "goal": "median <= 10 s"}
-    path = write_result("freshness", result)
+                           "ADVREC_WATCH_INTERVAL_S": 1.0, "ADVREC_BUNDLE_FULL_EVERY_S": 600.0},
+              "items": args.items or None, "checkpoint_seed_s": seeded_s,
+              "preload_s": preload_s,
+              "goal": "median <= 10 s" + ("; bundle traffic <= 20 MB/min" if args.items
+                                          else "")}
+    rows = []
+    if "start" in traffic and "end" in traffic:
+        a, b = traffic["start"], traffic["end"]
+        minutes = (b["at"] - a["at"]) / 60
+        per_min = {k: (b[k] - a[k]) / 1e6 / minutes for k in ("full", "delta", "read")}
+        result["bundle_topic"] = {
+            "window_s": b["at"] - a["at"], "counters": traffic,
+            "written_mb_per_min": per_min["full"] + per_min["delta"],
+            "written_full_mb_per_min": per_min["full"],
+            "written_delta_mb_per_min": per_min["delta"],
+            "read_by_the_worker_mb_per_min": per_min["read"],
+            "deltas_rebuilt": b["deltas_rebuilt"] - a["deltas_rebuilt"]}
+        rows.append(("bundle topic", f"{per_min['full'] + per_min['delta']:.1f} MB/min written "
+                     f"(full {per_min['full']:.1f}, deltas {per_min['delta']:.1f}), "
+                     f"{per_min['read']:.1f} MB/min read, over {minutes:.1f} min"))
+    path = write_result(f"freshness-{args.items}" if args.items else "freshness", result)
     print_table("bench/freshness (event produced -> served by a model trained on it)", [
         ("probes", f"{len(delays)} (never served: {missing})"),
         ("median", f"{result['median_s']:.2f} s" if delays else "-"),
@@ -137,6 +258,7 @@ def main() -> int:
         ("bundles served", str(len(served))),
         ("advrec_model_age_seconds", f"median {statistics.median(gauge):.2f} s over "
                                      f"{len(gauge)} samples" if gauge else "-"),
+        *rows,
         ("results", str(path)),
     ])
     return finish(run_dir, bool(delays), "no probe was served")

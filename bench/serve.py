@@ -18,6 +18,11 @@ bundle's two-stage parts (stream_app/retrieval.py): the measurements wait for th
 swap, which builds the index (~75 s at 1M items on one core), and the swap phase then
 measures requests while the next bundles arrive and load, each refreshing the live index
 (the worker's default; the watcher loads one version at a time, the newest it is told of).
+There each swap is a delta against the bundle before it, as the trainer publishes between
+full bundles (advrec/bundle.py): ``--delta-rows`` rows of the item table change (8,000, about
+what the trainer's sampled softmax changes between two exports at 1M items:
+bench/results/freshness-1000000.json) and ``--delta-items`` items are added; with
+``--full-swaps`` the whole bundle is published again each time instead.
 Writes bench/results/serve.json (10k items) or serve-<items>.json.
 """
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import shutil
 import statistics
 import sys
@@ -32,9 +38,18 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from advrec.bundle import bundle_files, list_versions, load_bundle, write_bundle
+from advrec.bundle import (
+    TWO_STAGE_ITEMS,
+    bundle_files,
+    delta_files,
+    list_versions,
+    load_bundle,
+    write_bundle,
+)
 from advrec.contract import ClickEvent, encode_event, encode_key
 from advrec.replay import produce
 from advrec.topics import default_topics, ensure_topics
@@ -142,27 +157,58 @@ async def _load(url: str, paths: list[str], concurrency: int,
 
 
 def measure_swaps(url: str, paths: list[str], pid: int, bundles: Path, version: str,
-                  topic: BundleTopic, seconds: float, rounds: int = 4) -> dict:
+                  topic: BundleTopic, seconds: float, rounds: int = 4, *,
+                  deltas: tuple[int, int] | None = None) -> dict:
     """p99 at concurrency 8 steady vs with a new bundle every 2 s on the bundle topic, in
     alternating slices (``rounds`` each, ``seconds`` * 2 in all per side: one p99 window
     each way swung from 0.8x to 1.7x between runs); peak RSS meanwhile. Each swap costs the
     worker what a trainer's publish does: rebuilding the bundle from its chunks, then
-    loading and warming it."""
+    loading and warming it. ``deltas`` (rows changed, items added): each bundle is a delta
+    against the one before it (the bundle must have the two-stage parts)."""
     model = (bundles / version / "model.onnx").read_bytes()
     bundle = load_bundle(bundles, version)  # with its two-stage parts, if any
     done = threading.Event()
     before = rss_mib(pid)  # after the load phases, before any swap
     peak = [before]
     published = [0]
+    sent_bytes = [0]
+    chain: dict = {"version": version, "vocab": list(bundle.vocab)}
+    if deltas is not None:
+        assert bundle.two_stage is not None, "deltas need the two-stage parts"
+        chain["table"] = np.load(io.BytesIO(bundle.two_stage[TWO_STAGE_ITEMS]))
+    rng = np.random.default_rng(0)
+
+    def next_delta(meta: dict) -> str:
+        """Write the next delta of the chain: rows moved a little, items added."""
+        assert deltas is not None and bundle.two_stage is not None
+        n_rows, n_new = deltas
+        old, vocab = chain["table"], chain["vocab"]
+        table = np.concatenate([old, old[rng.integers(1, len(old), n_new)]])  # (V+1+n, D')
+        rows = rng.choice(np.arange(1, len(table)), size=n_rows, replace=False)
+        noise = rng.normal(scale=0.01, size=(n_rows, table.shape[1]))
+        table[rows] = (table[rows].astype(np.float32) + noise).astype(table.dtype)
+        grown = [*vocab, *(f"new{published[0]}-{n}" for n in range(n_new))]
+        buf = io.BytesIO()
+        np.save(buf, table, allow_pickle=False)
+        new = write_bundle(bundles, None, grown, meta, keep=3,
+                           two_stage={**bundle.two_stage, TWO_STAGE_ITEMS: buf.getvalue()},
+                           delta=(chain["version"], delta_files(old, vocab, table, grown)))
+        chain.update(version=new, table=table, vocab=grown)
+        return new
 
     def swapper(stop: threading.Event) -> None:
         while not stop.is_set():  # one at the slice's start, then every 2 s
             published[0] += 1
-            new = write_bundle(bundles, model, bundle.vocab,
-                               {"max_len": bundle.max_len, "last_event_ms": 0,
-                                "examples_seen": published[0], "metrics": {}}, keep=3,
-                               two_stage=bundle.two_stage)
-            topic.publish(new, bundle_files(bundles, new))
+            meta = {"max_len": bundle.max_len, "last_event_ms": 0,
+                    "examples_seen": published[0], "metrics": {}}
+            if deltas is not None:
+                new = next_delta(meta)
+            else:
+                new = write_bundle(bundles, model, bundle.vocab, meta, keep=3,
+                                   two_stage=bundle.two_stage)
+            files = bundle_files(bundles, new)
+            sent_bytes[0] += sum(len(data) for _, data in files)
+            topic.publish(new, files)
             stop.wait(2.0)
 
     def sampler() -> None:
@@ -196,6 +242,10 @@ def measure_swaps(url: str, paths: list[str], pid: int, bundles: Path, version: 
         watcher.join()
     steady, swapping = _stats(*totals["steady"]), _stats(*totals["swapping"])
     return {"steady": steady, "swapping": swapping, "published": published[0],
+            "kind": "full" if deltas is None else "delta",
+            "delta_rows": None if deltas is None else deltas[0],
+            "delta_items": None if deltas is None else deltas[1],
+            "mean_bytes_published": sent_bytes[0] / max(1, published[0]),
             "swaps": scrape(f"{url}/metrics", "advrec_model_swaps_total") - swaps0,
             "p99_ratio": swapping["p99_ms"] / steady["p99_ms"], "rss_peak_mib": peak[0],
             "rss_before_swaps_mib": before}
@@ -205,6 +255,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--items", type=int, default=10_000)
     p.add_argument("--seconds", type=float, default=8.0, help="per measurement")
+    p.add_argument("--delta-rows", type=int, default=8000,
+                   help="with the two-stage parts: rows each swap's delta changes")
+    p.add_argument("--delta-items", type=int, default=10,
+                   help="with the two-stage parts: items each swap's delta adds")
+    p.add_argument("--full-swaps", action="store_true",
+                   help="publish each swap as a whole bundle, not as a delta")
     p.add_argument("--bootstrap", default="127.0.0.1:9092")
     args = p.parse_args()
     run_dir = Path("var") / f"bench-serve-{tag()}"
@@ -239,7 +295,11 @@ def main() -> int:
                "ADVREC_TOPIC_BUNDLES": bundle_topic.topic, "ADVREC_APP_ID": f"bench-{tag()}",
                "ADVREC_BUNDLE_DIR": str(run_dir / f"cache-{tag()}"),
                "ADVREC_MICROBATCH_MAX": micro, "ADVREC_LOG_LEVEL": "warning"}
-        proc, url = start_worker(run_dir, env)
+        # a worker that starts reads the topic: after the swap phase, a full bundle and
+        # the chain of deltas since, rebuilt in order, then the index of the newest built
+        started = time.monotonic()
+        proc, url = start_worker(run_dir, env, timeout=900)
+        result.setdefault("ready_s", {})[label] = time.monotonic() - started
         try:
             deadline = time.monotonic() + 600  # a 1M-item bundle's index takes ~75 s
             while scrape(f"{url}/metrics", "advrec_model_swaps_total") < 1:
@@ -274,13 +334,18 @@ def main() -> int:
                                      "us per request"))
             if label == "microbatch":
                 # steady vs. a swap every 2 s, and memory above the no-model baseline
-                result["swap"] = measure_swaps(url, paths, proc.pid, bundles, version,
-                                               main_topic, args.seconds)
+                staged = load_bundle(bundles, version, model=False).two_stage is not None
+                result["swap"] = measure_swaps(
+                    url, paths, proc.pid, bundles, version, main_topic, args.seconds,
+                    deltas=None if args.full_swaps or not staged
+                    else (args.delta_rows, args.delta_items))
                 swap = result["swap"]
                 rows.append(("steady c=8", f"p99 {swap['steady']['p99_ms']:.2f} ms"))
                 rows.append(("swap every 2 s c=8",
                              f"p99 {swap['swapping']['p99_ms']:.2f} ms ({swap['swaps']:.0f} "
-                             f"swaps, {swap['swapping']['errors']} errors) -> "
+                             f"swaps of {swap['kind']} bundles, "
+                             f"{swap['mean_bytes_published'] / 1e6:.1f} MB each, "
+                             f"{swap['swapping']['errors']} errors) -> "
                              f"{swap['p99_ratio']:.2f}x steady"))
         finally:
             proc.terminate()
@@ -296,7 +361,11 @@ def main() -> int:
         time.sleep(3)
         base = rss_mib(proc.pid)
         newest = list_versions(bundles)[-1]  # the swaps above pruned the first version
-        empty_topic.publish(newest, bundle_files(bundles, newest))
+        # its whole files (a delta's are written whole here too): a worker that starts on
+        # this topic has no base to rebuild a delta from
+        path = bundles / newest
+        whole = sorted((p.name for p in path.iterdir()), key=lambda n: n == "meta.json")
+        empty_topic.publish(newest, [(name, (path / name).read_bytes()) for name in whole])
         deadline = time.monotonic() + 600
         while scrape(f"{url}/metrics", "advrec_model_swaps_total") < 1:
             assert time.monotonic() < deadline
