@@ -520,6 +520,8 @@ def apply_delta(root: Path | str, version: str) -> bool:
         if not delta:
             return False
         base, sums = str(delta["base"]), dict(delta["sha256"])
+        if not base or "/" in base or base.startswith("."):  # a version beside this one
+            raise ValueError(f"base {base[:80]!r} is not a version name")
         whole_sums = dict(meta["two_stage"]["sha256"])
         items_sha = whole_sums[TWO_STAGE_ITEMS]
         vocab_sha = meta["vocab_sha256"]

@@ -365,7 +365,10 @@ def _grown_vocabulary(path: Path, previous: LoadedModel | None
             if not isinstance(delta, dict):
                 return None
             spec = json.loads((path / DELTA_VOCAB).read_bytes())
-            base = path.parent / str(delta["base"])
+            name = str(delta["base"])
+            if not name or "/" in name or name.startswith("."):
+                return None
+            base = path.parent / name
             n_base = (len(old) if base.name == previous.version
                       else int(json.loads((base / META_FILE).read_text())["vocab_size"]))
             added = appended_items(n_base, int(spec["size"]),

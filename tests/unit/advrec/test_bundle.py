@@ -218,6 +218,12 @@ def test_a_delta_without_its_base_or_against_another_base_is_refused(tmp_path: P
         apply_delta(other, delta)
     assert wrong.value.reason == "bad_delta"
     assert not (other / delta / TWO_STAGE_ITEMS).exists()  # nothing half-written is left
+    meta = json.loads((lonely / delta / "meta.json").read_text())
+    meta["delta"]["base"] = "../" + base  # only a version beside it can be its base
+    (lonely / delta / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError) as outside:
+        apply_delta(lonely, delta)
+    assert outside.value.reason == "bad_meta"
 
 
 @pytest.mark.parametrize("base, vocab", [([], ["a"]), (["a", "b"], ["a", "b"]),
