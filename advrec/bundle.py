@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from advrec.links import PRIOR_FILES, SparseRows
+from advrec.links import PRIOR_FILES, SparseRows, npy_bytes
 from advrec.types import ItemId
 
 __all__ = [
@@ -82,6 +82,7 @@ __all__ = [
     "appended_items",
     "apply_delta",
     "bundle_files",
+    "delta_base",
     "delta_files",
     "list_versions",
     "load_bundle",
@@ -432,12 +433,6 @@ def load_bundle(root: Path | str, version: str, *, model: bool = True,
                   model_bytes=model_bytes, detector_bytes=detector_bytes, two_stage=two_stage)
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
 def delta_files(base_items: np.ndarray, base_vocab: Sequence[ItemId | None],
                 items: np.ndarray, vocab: Sequence[ItemId | None],
                 base_links: SparseRows | None = None,
@@ -463,14 +458,14 @@ def delta_files(base_items: np.ndarray, base_vocab: Sequence[ItemId | None],
         [row, item] for row, item in enumerate(vocab[:n_old], start=1)
         if base_vocab[row - 1] != item]  # mostly none: items are only added
     changes += [[row, vocab[row - 1]] for row in range(n_old + 1, len(vocab) + 1)]
-    files = {DELTA_ROWS: _npy_bytes(rows),
-             DELTA_ITEMS: _npy_bytes(np.ascontiguousarray(items[rows])),
+    files = {DELTA_ROWS: npy_bytes(rows),
+             DELTA_ITEMS: npy_bytes(np.ascontiguousarray(items[rows])),
              DELTA_VOCAB: json.dumps({"size": len(vocab), "rows": changes},
                                      ensure_ascii=False).encode("utf-8")}
     if links is not None and base_links is not None:
         part = links.restricted(links.changed_rows(base_links))
         assert part.rows is not None
-        files.update(zip(DELTA_PRIOR_FILES, map(_npy_bytes, (part.rows, part.indptr,
+        files.update(zip(DELTA_PRIOR_FILES, map(npy_bytes, (part.rows, part.indptr,
                                                              part.cols, part.vals)),
                          strict=True))
     return files
@@ -507,6 +502,15 @@ def _patched_vocab(base_bytes: bytes, n_base: int, size: int,
     return json.dumps(vocab, ensure_ascii=False).encode("utf-8")
 
 
+def delta_base(delta: dict[str, Any]) -> str:
+    """The version a delta (meta.json's ``delta``) is rebuilt from: a version beside it in
+    the same root, never a path (``ValueError``)."""
+    base = str(delta["base"])
+    if not base or "/" in base or base.startswith("."):
+        raise ValueError(f"base {base[:80]!r} is not a version name")
+    return base
+
+
 def apply_delta(root: Path | str, version: str) -> bool:
     """Rebuild a delta bundle's whole items.npy and vocab.json from its base under the same
     ``root``; True if it did, False if ``version`` is not a delta or is whole already (its
@@ -519,9 +523,7 @@ def apply_delta(root: Path | str, version: str) -> bool:
         delta = meta.get("delta")
         if not delta:
             return False
-        base, sums = str(delta["base"]), dict(delta["sha256"])
-        if not base or "/" in base or base.startswith("."):  # a version beside this one
-            raise ValueError(f"base {base[:80]!r} is not a version name")
+        base, sums = delta_base(delta), dict(delta["sha256"])
         whole_sums = dict(meta["two_stage"]["sha256"])
         items_sha = whole_sums[TWO_STAGE_ITEMS]
         vocab_sha = meta["vocab_sha256"]

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LINK_INPUTS", "PRIOR_FILES", "SparseRows", "link_inputs", "link_shape"]
+__all__ = ["LINK_INPUTS", "PRIOR_FILES", "SparseRows", "link_inputs", "link_shape",
+           "npy_bytes"]
 
 # int64 [V+2] row starts; int32 [nnz] linked rows; float32 [nnz] their counts
 PRIOR_FILES = ("prior-indptr.npy", "prior-cols.npy", "prior-vals.npy")
@@ -29,7 +30,8 @@ PRIOR_FILES = ("prior-indptr.npy", "prior-cols.npy", "prior-vals.npy")
 LINK_INPUTS = ("history_links", "history_link_counts")
 
 
-def _npy(array: np.ndarray) -> bytes:
+def npy_bytes(array: np.ndarray) -> bytes:
+    """An array as the bytes of its .npy file (what bundles carry)."""
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
@@ -99,7 +101,7 @@ class SparseRows:
     def files(self) -> dict[str, bytes]:
         """A whole table as the bundle's ``PRIOR_FILES``."""
         assert self.rows is None
-        return dict(zip(PRIOR_FILES, (_npy(self.indptr), _npy(self.cols), _npy(self.vals)),
+        return dict(zip(PRIOR_FILES, map(npy_bytes, (self.indptr, self.cols, self.vals)),
                         strict=True))
 
     @classmethod

@@ -30,6 +30,7 @@ from advrec.bundle import (
     Bundle,
     BundleError,
     appended_items,
+    delta_base,
     load_bundle,
 )
 from advrec.encoding import exclusion_rows, known_rows, model_input
@@ -365,10 +366,7 @@ def _grown_vocabulary(path: Path, previous: LoadedModel | None
             if not isinstance(delta, dict):
                 return None
             spec = json.loads((path / DELTA_VOCAB).read_bytes())
-            name = str(delta["base"])
-            if not name or "/" in name or name.startswith("."):
-                return None
-            base = path.parent / name
+            base = path.parent / delta_base(delta)
             n_base = (len(old) if base.name == previous.version
                       else int(json.loads((base / META_FILE).read_text())["vocab_size"]))
             added = appended_items(n_base, int(spec["size"]),
