@@ -84,6 +84,9 @@ __all__ = [
     "bundle_files",
     "delta_base",
     "delta_files",
+    "encode_item_rows",
+    "int8_rows",
+    "item_rows",
     "list_versions",
     "load_bundle",
     "read_current",
@@ -99,8 +102,8 @@ DETECTOR_OUTPUTS = ("p_fake", "terms")  # float32 [B] P(fake); [B, F] each featu
 # two-stage parts (trainer/twostage.py): user.onnx history[B, L] (and, with a tied item
 # table, history_vectors[B, L, D']: the history's rows of items.npy) -> user[B, D'],
 # linked[B, R*K], cold[B, M] (candidate rows; 0 = none); rescore.onnx history[B, L],
-# user[B, D'], rows[B, C], vectors[B, C, D'] -> scores[B, C]; items.npy [V+1, D'], float16
-# (G's tables rounded to it: trainer/export.py ``compact_item_tables``) or float32
+# user[B, D'], rows[B, C], vectors[B, C, D'] -> scores[B, C]; items.npy: the table [V+1, D']
+# as ``encode_item_rows`` stores it (``item_rows`` reads it back)
 TWO_STAGE_USER_INPUT = "history"
 TWO_STAGE_USER_VECTORS = "history_vectors"
 TWO_STAGE_USER_OUTPUTS = ("user", "linked", "cold")
@@ -431,6 +434,74 @@ def load_bundle(root: Path | str, version: str, *, model: bool = True,
                                   f"{name} sha256 differs from meta ({version})")
     return Bundle(path=path, version=str(meta["version"]), meta=meta, vocab=tuple(vocab),
                   model_bytes=model_bytes, detector_bytes=detector_bytes, two_stage=two_stage)
+
+
+# ---------------------------------------------------------------------------- item rows
+# items.npy holds the two-stage item table [V+1, D'] in the smallest of three forms that keeps
+# its float32 values exactly (``encode_item_rows``):
+#   int8 [V+1, D'+1]: row r is q[r, :D'] * 2**q[r, D'] (a power-of-two scale per row, so the
+#       values are exact float32 and rounding them again changes nothing); G's scoring rows
+#       are put on that grid by the trainer (trainer/export.py ``compact_item_tables``)
+#   float16 [V+1, D'], float32 [V+1, D']: the values themselves
+# At 1M items x 64 that is 65 MB instead of 128 (float16) or 256 (float32) on the topic.
+INT8_LEVELS = 127  # |q| <= 127: a row's largest value keeps 7 bits (64..127 of the scale)
+
+
+def int8_rows(table: np.ndarray) -> np.ndarray:
+    """Round float32 rows [N, D] to int8 levels with a power-of-two scale each, packed as
+    items.npy stores them: [N, D+1] int8, row r = q[r, :D] * 2**q[r, D]. The exponent is
+    the smallest with |x| <= 127 * 2**e over the row (0 for a zero row). ``ValueError`` on
+    values that are not finite."""
+    x = np.asarray(table, dtype=np.float32)  # (N, D)
+    if x.ndim != 2 or not np.isfinite(x).all():
+        raise ValueError(f"int8 rows need a finite 2-d table, not {x.shape} {x.dtype}")
+    peak = np.abs(x).max(axis=1, initial=0.0)  # (N,)
+    _, exp = np.frexp(peak / INT8_LEVELS)  # peak/127 = m * 2**exp, 0.5 <= m < 1
+    exp = np.where(peak > 0, exp, 0)
+    # frexp's exponent is the smallest with peak/127 < 2**exp; one lower still fits when
+    # peak/127 is a power of two
+    lower = (peak > 0) & (peak <= np.ldexp(np.float32(INT8_LEVELS), exp - 1))
+    exp = np.clip(np.where(lower, exp - 1, exp), -126, 127).astype(np.int32)  # (N,)
+    levels = x * _powers_of_two(-exp)[:, None]  # (N, D) float32, exact: a power of two
+    np.rint(levels, out=levels)
+    np.clip(levels, -INT8_LEVELS, INT8_LEVELS, out=levels)
+    out = np.empty((len(x), x.shape[1] + 1), dtype=np.int8)  # (N, D+1)
+    out[:, :-1] = levels
+    out[:, -1] = exp
+    return out
+
+
+def _powers_of_two(exp: np.ndarray) -> np.ndarray:
+    """2**exp as float32 [N] for exponents in the normal range (-126..127)."""
+    return np.ldexp(np.ones(len(exp), dtype=np.float32), exp.astype(np.int32))
+
+
+def encode_item_rows(table: np.ndarray) -> np.ndarray:
+    """The array items.npy stores for a float32 table [N, D']: int8 levels with their
+    exponent as a last column when they hold it exactly, else float16 if that does, else
+    the float32 table (see "item rows" above)."""
+    table = np.ascontiguousarray(table, dtype=np.float32)  # (N, D')
+    packed = int8_rows(table)  # (N, D'+1)
+    if np.array_equal(item_rows(packed), table):
+        return packed
+    half = table.astype(np.float16)
+    return half if np.array_equal(half.astype(np.float32), table) else table
+
+
+def item_rows(stored: np.ndarray) -> np.ndarray:
+    """The float32 table [N, D'] that items.npy's array stands for (``encode_item_rows``);
+    ``ValueError`` for any other dtype or shape."""
+    if stored.ndim != 2:
+        raise ValueError(f"an item table is 2-d, not {stored.shape}")
+    if stored.dtype == np.int8:
+        if stored.shape[1] < 2:
+            raise ValueError(f"int8 item rows need levels and an exponent, not {stored.shape}")
+        rows = stored[:, :-1].astype(np.float32)  # (N, D'), one float32 copy, scaled in place
+        rows *= _powers_of_two(stored[:, -1])[:, None]  # exact: a power of two
+        return rows
+    if stored.dtype in (np.float16, np.float32):
+        return np.asarray(stored, dtype=np.float32)
+    raise ValueError(f"item rows are int8, float16 or float32, not {stored.dtype}")
 
 
 def delta_files(base_items: np.ndarray, base_vocab: Sequence[ItemId | None],

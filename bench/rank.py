@@ -248,8 +248,9 @@ def train_and_recall(n_items: int, n_events: int, n_users: int, recall_users: in
     assert refreshed.two_stage is not None and refreshed.two_stage.index.refreshed
     active = sorted(histories, key=lambda u: -len(histories[u]))[:recall_users]
     users = [histories[u][-HISTORY:] for u in active]
-    # what rounding the item tables to float16 changes: the bundle's exact top 10 (rounded
-    # rows) against the learner's own (float32 rows), seen items excluded alike
+    # what rounding the item tables changes (int8 rows, advrec/bundle.py; float16 in runs
+    # before it): the bundle's exact top 10 (rounded rows) against the learner's own
+    # (float32 rows), seen items excluded alike
     vocab = exact.bundle.vocab
     served = [[vocab[r - 1] for r in rows]
               for rows in exact.recommend_batch(users, [10] * len(users))]
@@ -257,7 +258,7 @@ def train_and_recall(n_items: int, n_events: int, n_users: int, recall_users: in
     overlap = float(np.mean([len(set(a) & set(b)) / 10
                              for a, b in zip(served, own, strict=True)]))
     return {"catalogue_items": n_items, "events": n_events, "vocabulary": len(learner.vocab),
-            "float16_overlap10": overlap,
+            "rounded_overlap10": overlap,
             "train_s": train_s, "index_build_s": staged.two_stage.index_seconds,
             "users": len(users), "candidates": index.candidates,
             "recall10": recall_at_10(staged, exact, users),
@@ -355,7 +356,7 @@ def main() -> int:
         rows.append(("recall@10 trained model", f"{tr['recall10']:.3f} ({tr['vocabulary']} "
                                                 f"items, {tr['events']} events, "
                                                 f"{tr['users']} users)"))
-        rows.append(("float16 rows vs float32", f"top-10 overlap {tr['float16_overlap10']:.4f}"))
+        rows.append(("int8 rows vs float32", f"top-10 overlap {tr['rounded_overlap10']:.4f}"))
         re = tr["refreshed"]
         rows.append(("recall@10 refreshed index", f"{re['recall10']:.3f} (graph of "
                                                   f"{re['graph_rows']} rows, "

@@ -46,6 +46,8 @@ from advrec.bundle import (
     TWO_STAGE_ITEMS,
     bundle_files,
     delta_files,
+    int8_rows,
+    item_rows,
     list_versions,
     load_bundle,
     write_bundle,
@@ -94,7 +96,7 @@ def make_bundle(root: Path, n_items: int, two_stage: bool | None = None, **shape
         with torch.no_grad():
             gen.items.emb.weight[: n_items + 1] = torch.from_numpy(
                 planted_table(n_items, gen.config.d_model, 20, 0))  # (V+1, D)
-        compact_item_tables(gen)  # as the trainer's bundles with the parts (float16 rows)
+        compact_item_tables(gen)  # as the trainer's bundles with the parts (int8 rows)
     model = export_onnx(gen, max_len)
     parts = export_two_stage(gen, max_len) if two_stage else None
     vocab = [f"i{n}" for n in range(gen.n_items)]
@@ -185,8 +187,9 @@ def measure_swaps(url: str, paths: list[str], pid: int, bundles: Path, version: 
         old, vocab = chain["table"], chain["vocab"]
         table = np.concatenate([old, old[rng.integers(1, len(old), n_new)]])  # (V+1+n, D')
         rows = rng.choice(np.arange(1, len(table)), size=n_rows, replace=False)
-        noise = rng.normal(scale=0.01, size=(n_rows, table.shape[1]))
-        table[rows] = (table[rows].astype(np.float32) + noise).astype(table.dtype)
+        moved = item_rows(table[rows])  # (n_rows, D'), float32
+        moved += rng.normal(scale=0.01, size=moved.shape).astype(np.float32)
+        table[rows] = int8_rows(moved) if table.dtype == np.int8 else moved  # its own form
         grown = [*vocab, *(f"new{published[0]}-{n}" for n in range(n_new))]
         buf = io.BytesIO()
         np.save(buf, table, allow_pickle=False)

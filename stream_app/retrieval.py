@@ -37,6 +37,7 @@ from advrec.bundle import (
     TWO_STAGE_USER_OUTPUTS,
     TWO_STAGE_USER_VECTORS,
     BundleError,
+    item_rows,
 )
 from advrec.links import PRIOR_FILES, SparseRows, link_inputs, link_shape
 
@@ -313,11 +314,13 @@ def build_two_stage(parts: dict[str, bytes], n_items: int, config: IndexConfig, 
         table = _npy_view(parts[TWO_STAGE_ITEMS])
     except Exception as exc:  # numpy raises ValueError, OSError, ... on a bad file
         raise BundleError("bad_index", f"{version}: items.npy: {exc}"[:500]) from None
-    if (table.ndim != 2 or table.shape[0] != n_items + 1
-            or table.dtype not in (np.float16, np.float32)):
+    if table.ndim != 2 or table.shape[0] != n_items + 1:
         raise BundleError("bad_index", f"{version}: item table {table.shape} {table.dtype}, "
-                                       f"the vocabulary needs float16 or float32 "
-                                       f"[{n_items + 1}, D]")
+                                       f"the vocabulary needs [{n_items + 1}, D]")
+    try:
+        table = item_rows(table)  # (V+1, D') float32: int8 and float16 rows widened
+    except ValueError as exc:
+        raise BundleError("bad_index", f"{version}: items.npy: {exc}"[:500]) from None
     if not np.isfinite(table).all():
         raise BundleError("bad_index", f"{version}: the item table is not finite")
     try:
@@ -326,7 +329,7 @@ def build_two_stage(parts: dict[str, bytes], n_items: int, config: IndexConfig, 
     except Exception as exc:  # onnxruntime raises its own untyped errors on bad graphs
         raise BundleError("bad_index", f"{version}: two-stage graphs: {exc}"[:500]) from None
     try:
-        index = ItemIndex(np.ascontiguousarray(table, dtype=np.float32), config,
+        index = ItemIndex(np.ascontiguousarray(table), config,
                           None if previous is None else previous.index)
     except Exception as exc:  # whatever the library raises: the bundle cannot serve
         raise BundleError("bad_index", f"{version}: index build: {exc}"[:500]) from None

@@ -625,7 +625,7 @@ class Sidecar:
         learner = self.learner
         try:
             # G, plus the prior when its weight is > 0; with the two-stage parts, its item
-            # tables rounded to float16 (their item table travels as float16)
+            # tables rounded as their item table travels (int8 rows: advrec/bundle.py)
             big = len(learner.vocab) >= self.s.trainer_two_stage_items
             scorer = scoring_model(learner, compact=big)
             two_stage, two_stage_diff, delta = None, 0.0, None

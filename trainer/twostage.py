@@ -46,6 +46,8 @@ from advrec.bundle import (
     TWO_STAGE_USER_INPUT,
     TWO_STAGE_USER_OUTPUTS,
     TWO_STAGE_USER_VECTORS,
+    encode_item_rows,
+    item_rows,
 )
 from advrec.links import LINK_INPUTS, SparseRows, link_inputs, link_shape
 from trainer.content import ColdScorer, WithCold
@@ -227,11 +229,9 @@ def export_two_stage(scorer: nn.Module, max_len: int,
          names[3]: {0: "batch", 1: "n"}, TWO_STAGE_RESCORE_OUTPUT: {0: "batch", 1: "n"},
          **{name: {0: "batch"} for name in names[4:]}})
     buf = io.BytesIO()
-    half = table.astype(np.float16)
-    # float16 when that loses nothing (G's tables rounded by trainer/export.py
-    # ``compact_item_tables``): half the bytes on the topic and in the bundle
-    np.save(buf, half if np.array_equal(half.astype(np.float32), table) else table,
-            allow_pickle=False)
+    # int8 rows when that loses nothing (G's tables rounded by trainer/export.py
+    # ``compact_item_tables``): a quarter of float32's bytes on the topic and in the bundle
+    np.save(buf, encode_item_rows(table), allow_pickle=False)
     return {TWO_STAGE_USER: user_bytes, TWO_STAGE_RESCORE: rescore_bytes,
             TWO_STAGE_ITEMS: buf.getvalue(), **(links.files() if links is not None else {})}
 
@@ -246,8 +246,8 @@ def check_two_stage_parity(scorer: nn.Module, files: dict[str, bytes],
     scorer = scorer.cpu().eval()
     parts = scorer_parts(scorer)
     history = torch.as_tensor(np.asarray(histories), dtype=torch.int64)  # (B, L)
-    table = np.load(io.BytesIO(files[TWO_STAGE_ITEMS]), allow_pickle=False
-                    ).astype(np.float32)  # (V+1, D'), float16 or float32 in the file
+    table = item_rows(np.load(io.BytesIO(files[TWO_STAGE_ITEMS]), allow_pickle=False)
+                      )  # (V+1, D'), int8, float16 or float32 in the file
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1  # a check, not a benchmark
 

@@ -133,19 +133,26 @@ def _parts(table) -> dict[str, bytes]:
     return {TWO_STAGE_USER: b"user", TWO_STAGE_RESCORE: b"rescore", TWO_STAGE_ITEMS: _npy(table)}
 
 
-def _base_and_delta(trainer: Path):
+def _base_and_delta(trainer: Path, form: str = "float16"):
     """A full bundle and a delta after it, as the trainer writes them: rows 2 and 4 changed,
-    item b's row freed, two items added."""
+    item b's row freed, two items added; the tables stored as ``form`` (float16 or int8)."""
     import numpy as np
 
-    from advrec.bundle import delta_files
+    from advrec.bundle import delta_files, encode_item_rows, int8_rows, item_rows
+
+    def stored(table):  # (N, 3) float32 -> items.npy's array in ``form``
+        rows = item_rows(int8_rows(table)) if form == "int8" else table.astype(np.float16)
+        out = encode_item_rows(rows)
+        assert str(out.dtype) == form
+        return out
 
     rng = np.random.default_rng(0)
-    old = rng.normal(size=(6, 3)).astype(np.float16)  # (V+1, D'), 5 items
-    old[0] = 0
-    new = np.concatenate([old, rng.normal(size=(2, 3)).astype(np.float16)])  # 7 items
-    new[2] = 0  # b left a bounded vocabulary
-    new[4] += np.float16(0.5)
+    values = rng.normal(size=(8, 3)).astype(np.float32)  # (V+1, D'), 7 items
+    values[0] = 0
+    later = values.copy()
+    later[2] = 0  # b left a bounded vocabulary
+    later[4] += 0.5
+    old, new = stored(values[:6]), stored(later)  # 5 items, then 7
     vocab0, vocab1 = ["a", "b", "c", "d", "e"], ["a", None, "c", "d", "e", "f", "g"]
     base = write_bundle(trainer, b"model", vocab0, dict(META), two_stage=_parts(old))
     files = delta_files(old, vocab0, new, vocab1)
@@ -183,10 +190,12 @@ def test_a_delta_carries_only_the_changed_rows_and_travels_without_the_whole_tab
     assert not whole.exact and whole.vocab[1] is None and whole.meta["delta"]["base"] == base
 
 
-def test_a_reader_rebuilds_a_delta_byte_for_byte_from_its_base(tmp_path: Path) -> None:
+@pytest.mark.parametrize("form", ["float16", "int8"])
+def test_a_reader_rebuilds_a_delta_byte_for_byte_from_its_base(tmp_path: Path,
+                                                               form: str) -> None:
     from advrec.bundle import TWO_STAGE_ITEMS, VOCAB_FILE, apply_delta
 
-    base, delta, _, _ = _base_and_delta(tmp_path / "trainer")
+    base, delta, _, _ = _base_and_delta(tmp_path / "trainer", form)
     cache = tmp_path / "cache"
     _worker_cache(tmp_path / "trainer", cache, base, delta)
     assert not (cache / delta / TWO_STAGE_ITEMS).exists()
@@ -240,3 +249,52 @@ def test_a_rebuilt_vocabulary_is_byte_for_byte_the_json_of_the_whole_list(
     whole = json.dumps(base, ensure_ascii=False).encode()
     assert _patched_vocab(whole, len(base), len(vocab), changes) == json.dumps(
         vocab, ensure_ascii=False).encode()
+
+
+def test_int8_rows_keep_each_value_within_half_a_level_and_round_to_themselves() -> None:
+    import numpy as np
+
+    from advrec.bundle import encode_item_rows, int8_rows, item_rows
+
+    rng = np.random.default_rng(3)
+    table = rng.normal(size=(200, 16)).astype(np.float32)  # (N, D)
+    table *= rng.uniform(1e-3, 10, size=(200, 1)).astype(np.float32)  # rows of every scale
+    table[0] = 0  # padding
+    table[1] = [127 * 2.0 ** -8] + [0] * 15  # a peak exactly on a power of two's 127 levels
+    packed = int8_rows(table)  # (N, D+1)
+    assert packed.dtype == np.int8 and packed.shape == (200, 17)
+    levels = np.abs(packed[:, :-1].astype(np.int32)).max(axis=1)
+    assert levels[0] == 0 and (64 <= levels[1:]).all() and (levels <= 127).all()
+    assert packed[1, 0] == 127 and packed[1, -1] == -8  # the smallest scale that holds it
+    rounded = item_rows(packed)  # (N, D) float32
+    peak = np.abs(table).max(axis=1, keepdims=True)
+    assert (np.abs(rounded - table) <= peak / 127 * 1.0001).all()
+    assert np.array_equal(item_rows(int8_rows(rounded)), rounded)  # rounding twice: no change
+    assert np.array_equal(encode_item_rows(rounded), packed)  # stored as int8 when exact
+
+
+def test_a_table_is_stored_in_the_smallest_form_that_keeps_its_values_exactly() -> None:
+    import numpy as np
+
+    from advrec.bundle import encode_item_rows, item_rows
+
+    rng = np.random.default_rng(4)
+    table = rng.normal(size=(10, 4)).astype(np.float32)  # off every int8 grid
+    assert encode_item_rows(table).dtype == np.float32
+    half = table.astype(np.float16).astype(np.float32)
+    assert encode_item_rows(half).dtype == np.float16
+    for values in (table, half):
+        assert np.array_equal(item_rows(encode_item_rows(values)), values)
+
+
+@pytest.mark.parametrize("stored", ["int64", "int8_without_exponent", "one_dimensional"])
+def test_item_rows_refuse_what_items_npy_never_holds(stored: str) -> None:
+    import numpy as np
+
+    from advrec.bundle import item_rows
+
+    array = {"int64": np.zeros((3, 4), dtype=np.int64),
+             "int8_without_exponent": np.zeros((3, 1), dtype=np.int8),
+             "one_dimensional": np.zeros(3, dtype=np.float32)}[stored]
+    with pytest.raises(ValueError):
+        item_rows(array)

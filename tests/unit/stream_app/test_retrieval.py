@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from advrec.bundle import TWO_STAGE_ITEMS, BundleError
+from advrec.bundle import TWO_STAGE_ITEMS, BundleError, encode_item_rows, int8_rows, item_rows
 from stream_app import retrieval
 from stream_app.hotswap import BundleWatcher
 from stream_app.metrics import StreamMetrics
@@ -103,6 +103,8 @@ def broken_table(kind: str) -> dict[str, bytes]:
         table = table[:-1]
     elif kind == "float64":
         table = table.astype(np.float64)
+    elif kind == "int8_without_exponent":
+        table = np.zeros((len(table), 1), dtype=np.int8)
     elif kind == "not_npy":
         parts[TWO_STAGE_ITEMS] = b"not an array"
         return parts
@@ -110,7 +112,8 @@ def broken_table(kind: str) -> dict[str, bytes]:
     return parts
 
 
-@pytest.mark.parametrize("kind", ["nan", "short", "float64", "not_npy"])
+@pytest.mark.parametrize("kind", ["nan", "short", "float64", "int8_without_exponent",
+                                  "not_npy"])
 def test_a_table_no_index_can_be_built_over_is_refused(tmp_path: Path, kind: str) -> None:
     version = publish_toy(tmp_path, VOCAB, two_stage=broken_table(kind))
     with pytest.raises(BundleError) as info:
@@ -141,6 +144,24 @@ async def test_a_bundle_whose_index_fails_is_rejected_and_the_old_one_serves(
     assert server.current.version == good
     assert await server.recommend(VOCAB[:3], 10) == before
     await server.stop()
+
+
+def test_an_int8_table_is_served_as_the_float32_rows_it_stands_for(tmp_path: Path) -> None:
+    parts = toy_two_stage(N_ITEMS)
+    values = item_rows(int8_rows(np.load(io.BytesIO(parts[TWO_STAGE_ITEMS]))))  # (V+1, D)
+    stored = encode_item_rows(values)
+    assert stored.dtype == np.int8  # 9 bytes a row instead of 32
+    parts[TWO_STAGE_ITEMS] = items_npy(stored)
+    staged = load_model(tmp_path, publish_toy(tmp_path, VOCAB, two_stage=parts), index=EVERY)
+    assert staged.two_stage is not None
+    rows = np.arange(1, N_ITEMS + 1)
+    assert np.array_equal(staged.two_stage.index.vectors(rows), values[1:])
+    # the toy's exact graph keeps the float32 rows: the lists agree but for near ties
+    exact = load_model(tmp_path, publish_toy(tmp_path, VOCAB, two_stage=toy_two_stage(N_ITEMS)))
+    users = histories(40, seed=5)
+    got = staged.recommend_batch(users, [10] * len(users))
+    want = exact.recommend_batch(users, [10] * len(users))
+    assert np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got, want, strict=True)]) >= 0.9
 
 
 def test_two_stage_keeps_no_bundle_bytes_but_still_verifies_the_model(tmp_path: Path) -> None:

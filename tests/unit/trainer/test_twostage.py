@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from advrec.bundle import PRIOR_FILES, TWO_STAGE_FILES, TWO_STAGE_ITEMS, load_bundle
+from advrec.bundle import PRIOR_FILES, TWO_STAGE_FILES, TWO_STAGE_ITEMS, item_rows, load_bundle
 from stream_app.retrieval import IndexConfig
 from stream_app.serving import load_model
 from tests.unit.trainer.planted import SMALL, planted_stream
@@ -189,15 +189,17 @@ def test_a_tied_user_encoder_reads_the_history_rows_instead_of_carrying_the_tabl
     assert check_two_stage_parity(scoring_model(learner), files, h) < 1e-4
 
 
-def test_a_compacted_model_ships_a_float16_table_that_serves_like_its_exact_graph(
+def test_a_compacted_model_ships_int8_rows_that_serve_like_its_exact_graph(
         tmp_path: Path) -> None:
     learner = trained(item_bias=True)
     version = publish_bundle(learner, tmp_path, {}, two_stage_items=1)
     bundle = load_bundle(tmp_path, version)
-    table = np.load(io.BytesIO(bundle.two_stage[TWO_STAGE_ITEMS]))
-    assert table.dtype == np.float16
-    full = item_vectors(learner.generator)  # the learner's own float32 rows
-    assert np.abs(table.astype(np.float32) - full).max() <= 1e-3 * np.abs(full).max()
+    stored = np.load(io.BytesIO(bundle.two_stage[TWO_STAGE_ITEMS]))
+    full = item_vectors(learner.generator)  # the learner's own float32 rows, bias last
+    assert stored.dtype == np.int8 and stored.shape == (len(full), full.shape[1] + 1)
+    # each row within half a level of its largest value's 127 levels
+    peak = np.abs(full).max(axis=1, keepdims=True)  # (V+1, 1)
+    assert (np.abs(item_rows(stored) - full) <= peak / 127 + 1e-12).all()
     n = len(learner.vocab)
     exact = load_model(tmp_path, version, threads=1)
     staged = load_model(tmp_path, version, threads=1,
