@@ -14,7 +14,8 @@ vocabulary holds all N items of the synthetic catalogue (untrained rows, as afte
 catalogue load), so its bundles carry N items from the first; the stream clicks among
 them. At 1M items the worker's first bundle builds its index (~2 min on one core): give
 the warm-up room for it (``--warmup 300``), and a window of at least
-``ADVREC_BUNDLE_FULL_EVERY_S`` (600 s) to see a whole cycle of full bundle and deltas.
+``ADVREC_BUNDLE_FULL_EVERY_S`` (900 s: ``--seconds 1020 --warmup 120``) to see a whole
+cycle of full bundle and deltas.
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ def seed_checkpoint(env: dict[str, str], n_items: int) -> float:
 
 
 def main() -> int:
+    from trainer.settings import TrainerSettings  # the defaults the trainer runs with
+
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--seconds", type=float, default=120.0, help="length of the live stream")
     p.add_argument("--rate", type=float, default=200.0, help="events per second")
@@ -230,7 +233,8 @@ def main() -> int:
                   "median_s": statistics.median(gauge) if gauge else None,
                   "p95_s": statistics.quantiles(gauge, n=20)[18] if len(gauge) > 2 else None},
               "defaults": {"ADVREC_TRAIN_BATCH_S": 2.0, "ADVREC_EXPORT_EVERY_S": 5.0,
-                           "ADVREC_WATCH_INTERVAL_S": 1.0, "ADVREC_BUNDLE_FULL_EVERY_S": 600.0},
+                           "ADVREC_WATCH_INTERVAL_S": 1.0,
+                           "ADVREC_BUNDLE_FULL_EVERY_S": TrainerSettings.bundle_full_every_s},
               "items": args.items or None, "checkpoint_seed_s": seeded_s,
               "preload_s": preload_s,
               "goal": "median <= 10 s" + ("; bundle traffic <= 20 MB/min" if args.items
