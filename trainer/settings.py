@@ -110,8 +110,8 @@ class TrainerSettings:
     # between full bundles, a two-stage bundle goes out as a delta (advrec/bundle.py): the
     # item rows and vocabulary rows changed since the last full one. A full one every
     # bundle_full_every_s (0: never a delta), or when a delta would change more than
-    # bundle_delta_max_share of the rows. 15 minutes: at 1M items a full bundle is ~88 MB,
-    # so fuller cadences break the bundle topic's 20 MB/min (bench/freshness.py --items)
+    # bundle_delta_max_share of the rows. 15 minutes: at 1M items a full bundle is ~90 MB,
+    # and one every 10 minutes put the bundle topic at 20.4 MB/min (bench/freshness.py)
     bundle_full_every_s: float = 900.0
     bundle_delta_max_share: float = 0.25
     bundle_chunk_kb: int = 512  # chunk size on the topics (Kafka's default limit is 1 MiB)
