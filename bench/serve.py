@@ -53,6 +53,7 @@ from advrec.bundle import (
     write_bundle,
 )
 from advrec.contract import ClickEvent, encode_event, encode_key
+from advrec.links import npy_bytes
 from advrec.replay import produce
 from advrec.topics import default_topics, ensure_topics
 from bench import _loadgen as loadgen
@@ -191,10 +192,8 @@ def measure_swaps(url: str, paths: list[str], pid: int, bundles: Path, version: 
         moved += rng.normal(scale=0.01, size=moved.shape).astype(np.float32)
         table[rows] = int8_rows(moved) if table.dtype == np.int8 else moved  # its own form
         grown = [*vocab, *(f"new{published[0]}-{n}" for n in range(n_new))]
-        buf = io.BytesIO()
-        np.save(buf, table, allow_pickle=False)
         new = write_bundle(bundles, None, grown, meta, keep=3,
-                           two_stage={**bundle.two_stage, TWO_STAGE_ITEMS: buf.getvalue()},
+                           two_stage={**bundle.two_stage, TWO_STAGE_ITEMS: npy_bytes(table)},
                            delta=(chain["version"], delta_files(old, vocab, table, grown)))
         chain.update(version=new, table=table, vocab=grown)
         return new

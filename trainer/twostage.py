@@ -49,7 +49,7 @@ from advrec.bundle import (
     encode_item_rows,
     item_rows,
 )
-from advrec.links import LINK_INPUTS, SparseRows, link_inputs, link_shape
+from advrec.links import LINK_INPUTS, SparseRows, link_inputs, link_shape, npy_bytes
 from trainer.content import ColdScorer, WithCold
 from trainer.model import NEG, Generator
 from trainer.prior import HybridScorer, PriorScorer
@@ -228,12 +228,11 @@ def export_two_stage(scorer: nn.Module, max_len: int,
         {names[0]: {0: "batch"}, names[1]: {0: "batch"}, names[2]: {0: "batch", 1: "n"},
          names[3]: {0: "batch", 1: "n"}, TWO_STAGE_RESCORE_OUTPUT: {0: "batch", 1: "n"},
          **{name: {0: "batch"} for name in names[4:]}})
-    buf = io.BytesIO()
     # int8 rows when that loses nothing (G's tables rounded by trainer/export.py
     # ``compact_item_tables``): a quarter of float32's bytes on the topic and in the bundle
-    np.save(buf, encode_item_rows(table), allow_pickle=False)
     return {TWO_STAGE_USER: user_bytes, TWO_STAGE_RESCORE: rescore_bytes,
-            TWO_STAGE_ITEMS: buf.getvalue(), **(links.files() if links is not None else {})}
+            TWO_STAGE_ITEMS: npy_bytes(encode_item_rows(table)),
+            **(links.files() if links is not None else {})}
 
 
 def check_two_stage_parity(scorer: nn.Module, files: dict[str, bytes],
