@@ -472,7 +472,7 @@ def int8_rows(table: np.ndarray) -> np.ndarray:
 
 
 def _powers_of_two(exp: np.ndarray) -> np.ndarray:
-    """2**exp as float32 [N] for exponents in the normal range (-126..127)."""
+    """2**exp as float32 [N], exactly, for exponents -149..127 (below -126 subnormal)."""
     return np.ldexp(np.ones(len(exp), dtype=np.float32), exp.astype(np.int32))
 
 
