@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -42,6 +43,7 @@ from bench._common import (
     machine,
     pair_env,
     print_table,
+    rss_mib,
     scrape,
     start_trainer,
     start_worker,
@@ -131,6 +133,7 @@ def main() -> int:
     trainer = start_trainer(run_dir, env)
     trainer_url = f"http://127.0.0.1:{env['ADVREC_TRAINER_METRICS_PORT']}"
     traffic: dict[str, dict[str, float]] = {}
+    index_counters: dict[str, float] = {}
 
     def count_traffic(label: str) -> None:
         """The bundle topic's bytes so far: written by kind, read by the worker."""
@@ -147,6 +150,7 @@ def main() -> int:
     probes: list[tuple[float, int]] = []
     served: list[tuple[float, int]] = []  # (wall time first seen, last_event_ms of the model)
     ages: list[tuple[float, float]] = []  # (wall time, the worker's advrec_model_age_seconds)
+    rss: list[tuple[float, float]] = []  # (wall time, the worker's RSS in MiB)
     stop = threading.Event()
 
     def poll() -> None:
@@ -158,6 +162,7 @@ def main() -> int:
                 try:
                     ages.append((time.time(), scrape(f"{url}/metrics",
                                                      "advrec_model_age_seconds")))
+                    rss.append((time.time(), rss_mib(worker.pid)))
                 except OSError:
                     pass
             try:
@@ -205,6 +210,13 @@ def main() -> int:
                             live_stream(args.rate, args.seconds, probes,
                                         args.items or 2000), progress=False))
         count_traffic("end")
+        try:
+            index_counters.update(
+                loads=scrape(f"{url}/metrics", "advrec_index_build_seconds_count"),
+                rebuilds=scrape(f"{url}/metrics", "advrec_index_rebuild_seconds_count"),
+                rebuild_seconds=scrape(f"{url}/metrics", "advrec_index_rebuild_seconds_sum"))
+        except OSError as exc:
+            print(f"could not read the index counters: {exc}", file=sys.stderr)
         time.sleep(20)  # let the last probes reach a model
     finally:
         window.cancel()
@@ -223,6 +235,10 @@ def main() -> int:
     # said it was; steady exports every T s give both figures about delay + T/2
     stream_end = started + args.seconds
     gauge = [a for t, a in ages if started + args.warmup <= t <= stream_end]
+    window_rss = [m for t, m in rss if started + args.warmup <= t <= stream_end]
+    # a stall shows as a long wait between two versions going live
+    went_live = [t for t, _ in served if started + args.warmup <= t <= stream_end]
+    gaps = [b - a for a, b in itertools.pairwise(went_live)]
     result = {"settings": vars(args), "machine": machine(), "probes": len(delays),
               "probes_never_served": missing, "swaps_seen": len(served),
               "median_s": statistics.median(delays) if delays else None,
@@ -232,6 +248,12 @@ def main() -> int:
                   "samples": len(gauge),
                   "median_s": statistics.median(gauge) if gauge else None,
                   "p95_s": statistics.quantiles(gauge, n=20)[18] if len(gauge) > 2 else None},
+              "longest_wait_between_swaps_s": max(gaps) if gaps else None,
+              "index": {k: index_counters.get(k)
+                        for k in ("loads", "rebuilds", "rebuild_seconds")},
+              "worker_rss_mib": {
+                  "median": statistics.median(window_rss) if window_rss else None,
+                  "peak": max(window_rss) if window_rss else None},
               "defaults": {"ADVREC_TRAIN_BATCH_S": 2.0, "ADVREC_EXPORT_EVERY_S": 5.0,
                            "ADVREC_WATCH_INTERVAL_S": 1.0,
                            "ADVREC_BUNDLE_FULL_EVERY_S": TrainerSettings.bundle_full_every_s},
@@ -260,6 +282,11 @@ def main() -> int:
         ("median", f"{result['median_s']:.2f} s" if delays else "-"),
         ("p95", f"{result['p95_s']:.2f} s" if result["p95_s"] else "-"),
         ("bundles served", str(len(served))),
+        ("longest wait between swaps", f"{max(gaps):.1f} s" if gaps else "-"),
+        ("index loads / background builds taken over",
+         f"{index_counters.get('loads', 0):.0f} / {index_counters.get('rebuilds', 0):.0f}"),
+        ("worker RSS", f"median {statistics.median(window_rss):.0f} MiB, peak "
+                       f"{max(window_rss):.0f}" if window_rss else "-"),
         ("advrec_model_age_seconds", f"median {statistics.median(gauge):.2f} s over "
                                      f"{len(gauge)} samples" if gauge else "-"),
         *rows,

@@ -16,12 +16,22 @@ from typing import Any
 
 from advrec.bundle import BundleError
 from advrec.memory import release_freed_memory
-from stream_app.retrieval import IndexConfig
+from stream_app.retrieval import IndexConfig, ItemIndex
 from stream_app.serving import LoadedModel, ModelServer, load_model
 
 __all__ = ["BundleWatcher"]
 
 log = logging.getLogger(__name__)
+
+
+def _index_note(index: ItemIndex) -> str:
+    """How a swapped-in bundle's index came to be, for the log."""
+    if index.rebuilt:
+        return (f", index built afresh in the background ({index.rebuild_seconds:.0f}s) "
+                "and refreshed")
+    note = ", index refreshed" if index.refreshed else ", index built afresh"
+    return note + (", a fresh one now building in the background" if index.rebuild_started
+                   else "")
 
 
 class BundleWatcher:
@@ -100,9 +110,8 @@ class BundleWatcher:
             self._report(model)
             log.info("now serving bundle %s (vocabulary %d, %s%s, providers %s, loaded in "
                      "%.2fs)", model.version, len(model.bundle.vocab), model.path,
-                     "" if model.two_stage is None else
-                     ", index refreshed" if model.two_stage.index.refreshed else
-                     ", index built afresh", ",".join(model.providers), model.load_seconds)
+                     "" if model.two_stage is None else _index_note(model.two_stage.index),
+                     ",".join(model.providers), model.load_seconds)
             return True
 
     def _report(self, model: LoadedModel) -> None:
@@ -114,6 +123,8 @@ class BundleWatcher:
         m.model_load_seconds.observe(model.load_seconds)
         if model.two_stage is not None:
             m.index_build_seconds.observe(model.two_stage.index_seconds)
+            if model.two_stage.index.rebuild_seconds is not None:
+                m.index_rebuild_seconds.observe(model.two_stage.index.rebuild_seconds)
         m.model_info.info({"version": model.version,
                            "vocab_size": str(len(model.bundle.vocab)), "path": model.path,
                            "mode": str(model.bundle.meta.get("mode", ""))})

@@ -49,6 +49,7 @@ class StreamMetrics:
     model_version_timestamp: Gauge
     model_load_seconds: Histogram
     index_build_seconds: Histogram
+    index_rebuild_seconds: Histogram
     model_age_seconds: Gauge
     model_swaps: Counter
     bundles_rejected: Counter
@@ -127,6 +128,12 @@ class StreamMetrics:
                                           "(two-stage ranking), part of the load time",
                                           buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120,
                                                    300), registry=r),
+            index_rebuild_seconds=Histogram(f"{p}_index_rebuild_seconds",
+                                            "Time of a fresh nearest-neighbour graph built in "
+                                            "the background, off every load; observed when a "
+                                            "load takes it over",
+                                            buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1200),
+                                            registry=r),
             model_age_seconds=Gauge(f"{p}_model_age_seconds",
                                     "Now minus the last event time the live model trained on",
                                     registry=r),

@@ -19,6 +19,7 @@ top 10.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import threading
 import time
@@ -46,6 +47,8 @@ if TYPE_CHECKING:  # the settings import IndexConfig: onnxruntime only where a m
 
 __all__ = ["IndexConfig", "ItemIndex", "TwoStage", "build_two_stage"]
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class IndexConfig:
@@ -58,7 +61,8 @@ class IndexConfig:
     ef_search: int = 100  # HNSW breadth while searching (at least ``candidates``)
     threads: int = 1  # index build threads: the other cores answer requests meanwhile
     # a new bundle's index is the previous one's graph with the new vectors (and its new
-    # rows inserted) until the graph is this old (s); then it is built afresh. 0: always afresh
+    # rows inserted); once the graph is this old (s), a fresh one is built in the background
+    # and refreshed in its place when ready. 0: every bundle's index built afresh in its load
     rebuild_after_s: float = 900.0
     # ... or until the rows inserted since the last full build pass this share of it
     rebuild_growth: float = 0.1
@@ -79,9 +83,8 @@ class IndexConfig:
 BUILD_NICE = 19
 
 
-def _build_niced(build: Any) -> None:
-    """Run ``build()`` on a new thread at ``BUILD_NICE`` and wait for it; re-raise its error."""
-    failed: list[BaseException] = []
+def _niced(build: Any, failed: list[BaseException]) -> Any:
+    """``build`` as a thread's target: at ``BUILD_NICE``, its error kept in ``failed``."""
 
     def run() -> None:
         try:
@@ -90,14 +93,68 @@ def _build_niced(build: Any) -> None:
             pass
         try:
             build()
-        except BaseException as exc:  # handed to the caller
+        except BaseException as exc:  # handed to whoever reads ``failed``
             failed.append(exc)
 
-    thread = threading.Thread(target=run, name="advrec-index-build", daemon=True)
+    return run
+
+
+def _build_niced(build: Any) -> None:
+    """Run ``build()`` on a new thread at ``BUILD_NICE`` and wait for it; re-raise its error."""
+    failed: list[BaseException] = []
+    thread = threading.Thread(target=_niced(build, failed), name="advrec-index-build",
+                              daemon=True)
     thread.start()
     thread.join()
     if failed:
         raise failed[0]
+
+
+# rows handed to a background build at a time: each chunk is freed once the graph holds it,
+# so the build's input and the graph's own copy of the vectors never coexist in full
+REBUILD_CHUNK = 65_536
+
+
+class _Rebuild:
+    """A fresh HNSW graph over a copy of one table's rows, built on a background thread at
+    ``BUILD_NICE`` while refreshed bundles keep going live; a later load adopts it.
+
+    At 1M items a build is ~75 s of an idle core and minutes of a busy one: built inside a
+    load, it held every swap back that long (bench/freshness.py at 1M items).
+    """
+
+    def __init__(self, table: np.ndarray, config: IndexConfig) -> None:
+        import faiss
+
+        self.started_at = time.monotonic()  # the graph is as old as the vectors it is laid for
+        self.rows = len(table) - 1
+        self.config = config
+        self.seconds = 0.0
+        self.taken = False  # a load has taken the graph over
+        self.index = faiss.IndexHNSWFlat(table.shape[1], config.m, faiss.METRIC_INNER_PRODUCT)
+        self.index.hnsw.efConstruction = config.ef_construction
+        chunks = [np.array(table[i : i + REBUILD_CHUNK])  # copies: the table may be freed
+                  for i in range(1, len(table), REBUILD_CHUNK)]
+        self.failed: list[BaseException] = []
+
+        def build() -> None:
+            started = time.perf_counter()
+            faiss.omp_set_num_threads(config.threads)
+            while chunks:
+                self.index.add(chunks.pop(0))  # ids in row order: id i is row i + 1
+            self.seconds = time.perf_counter() - started
+
+        self._thread = threading.Thread(target=_niced(build, self.failed),
+                                        name="advrec-index-rebuild", daemon=True)
+        self._thread.start()
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the build; whether it has ended (built or failed)."""
+        self._thread.join(timeout)
+        return self.done()
 
 
 class ItemIndex:
@@ -105,12 +162,14 @@ class ItemIndex:
 
     Built afresh, an index costs ~75 s of one core at 1M items: longer than the trainer takes
     to publish the next bundle. So a ``previous`` index is *refreshed* instead when it can be
-    (``refreshes_to``): a copy of its graph gets the new table's vectors in place of the old
+    (``can_refresh``): a copy of its graph gets the new table's vectors in place of the old
     ones and only the rows added since are inserted. The graph was laid out for older
     vectors; a search still scores the new ones, and the candidates are rescored exactly,
-    so what drifts is only which rows a search reaches. A refreshed index is built afresh
-    once its graph is ``rebuild_after_s`` old or the rows inserted since its last full build
-    pass ``rebuild_growth`` of it (bench/rank.py measures recall either way).
+    so what drifts is only which rows a search reaches. Once a graph is ``rebuild_after_s``
+    old or the rows inserted since its full build pass ``rebuild_growth`` of it, a fresh
+    graph is built in the background (``_Rebuild``) over the table of that moment, while
+    the next bundles still refresh the old one; the first load after it has ended refreshes
+    the fresh graph instead (``rebuilt``). bench/rank.py measures recall either way.
     """
 
     def __init__(self, table: np.ndarray, config: IndexConfig,
@@ -120,14 +179,35 @@ class ItemIndex:
         assert table.ndim == 2 and table.dtype == np.float32, (table.shape, table.dtype)
         started = time.perf_counter()
         self.config = config
-        self.refreshed = previous is not None and previous.refreshes_to(table, config)
+        self.rebuild: _Rebuild | None = None  # a fresh graph being built, handed down
+        self.rebuilt = False  # this index is a background build's graph, refreshed
+        self.rebuild_seconds: float | None = None  # that build's time, once adopted
+        self.rebuild_started = False  # this load found the graph due and started one
+        self.refreshed = previous is not None and previous.can_refresh(table, config)
         if previous is not None and self.refreshed:
-            old = len(previous)
+            base, self.rebuild = previous.index, previous.rebuild
             self.built_at, self.built_rows = previous.built_at, previous.built_rows
+            pending = self.rebuild
+            if pending is not None and pending.done():
+                self.rebuild = None
+                if pending.failed:
+                    log.warning("the background index build failed (%s); the old graph "
+                                "serves until the next one", pending.failed[0])
+                elif (not pending.taken and pending.config.m == config.m
+                      and pending.index.d == table.shape[1]
+                      and pending.index.ntotal <= len(table) - 1):
+                    # nobody reads the fresh graph yet: it is taken over, not copied, and
+                    # only once (were this load refused, the graph would hold its vectors)
+                    base, self.rebuilt, pending.taken = pending.index, True, True
+                    self.built_at, self.built_rows = pending.started_at, pending.rows
+                    self.rebuild_seconds = pending.seconds
+            adopted = self.rebuilt
+            old = int(base.ntotal)
 
             def build() -> None:
                 faiss.omp_set_num_threads(config.threads)
-                index = faiss.clone_index(previous.index)  # graph and vectors, copied
+                # a copy of a graph that serves, or the fresh one itself
+                index = base if adopted else faiss.clone_index(base)
                 _stored_view(index, old)[:] = table[1 : old + 1]
                 if len(table) - 1 > old:
                     index.add(table[old + 1 :])  # the new rows join the graph
@@ -148,15 +228,20 @@ class ItemIndex:
         # the index's own copy of the vectors, seen without a copy: the rescorer reads the
         # candidates' rows from it (a second table would cost V x D' x 4 bytes: 256 MB at 1M)
         self._stored = _stored_view(self.index, len(table) - 1)  # (V, D')
+        if self.refreshed and self.rebuild is None and self.due(config):
+            self.rebuild, self.rebuild_started = _Rebuild(table, config), True
         self.build_seconds = time.perf_counter() - started
 
-    def refreshes_to(self, table: np.ndarray, config: IndexConfig) -> bool:
+    def can_refresh(self, table: np.ndarray, config: IndexConfig) -> bool:
         """Whether the index for ``table`` may be this one refreshed (see the class)."""
-        grown = len(table) - 1 - self.built_rows
         return (config.rebuild_after_s > 0 and config.m == self.config.m
-                and table.shape[1] == self.dim and len(table) - 1 >= len(self)
-                and time.monotonic() - self.built_at < config.rebuild_after_s
-                and grown <= config.rebuild_growth * self.built_rows)
+                and table.shape[1] == self.dim and len(table) - 1 >= len(self))
+
+    def due(self, config: IndexConfig) -> bool:
+        """Whether this index's graph is old enough, or grown enough, to be built afresh."""
+        grown = len(self) - self.built_rows
+        return (time.monotonic() - self.built_at >= config.rebuild_after_s
+                or grown > config.rebuild_growth * self.built_rows)
 
     def __len__(self) -> int:
         return int(self.index.ntotal)

@@ -193,9 +193,8 @@ def test_a_refreshed_index_holds_the_new_vectors_and_leaves_the_old_one_as_it_wa
     assert np.array_equal(new.search(users, 10), exact)
 
 
-@pytest.mark.parametrize("why", ["always afresh", "graph too old", "grown too much",
-                                 "other width"])
-def test_an_index_is_built_afresh_when_refreshing_would_drift_too_far(why: str) -> None:
+@pytest.mark.parametrize("why", ["always afresh", "other width"])
+def test_an_index_is_built_afresh_in_the_load_when_it_cannot_be_refreshed(why: str) -> None:
     import dataclasses
 
     rng = np.random.default_rng(4)
@@ -204,15 +203,111 @@ def test_an_index_is_built_afresh_when_refreshing_would_drift_too_far(why: str) 
     old = retrieval.ItemIndex(table, config)
     if why == "always afresh":
         config = dataclasses.replace(EVERY, rebuild_after_s=0.0)
-    elif why == "graph too old":
-        old.built_at -= EVERY.rebuild_after_s
-    elif why == "grown too much":
-        extra = int(EVERY.rebuild_growth * N_ITEMS) + 1
-        table = np.concatenate([table, rng.normal(size=(extra, 8))]).astype(np.float32)
     else:
         table = rng.normal(size=(N_ITEMS + 1, 9)).astype(np.float32)
     new = retrieval.ItemIndex(table, config, previous=old)
-    assert not new.refreshed and new.built_at >= old.built_at and len(new) == len(table) - 1
+    assert not new.refreshed and new.rebuild is None
+    assert new.built_at >= old.built_at and len(new) == len(table) - 1
+
+
+def moved(table: np.ndarray, rng: np.random.Generator, extra: int = 0) -> np.ndarray:
+    """``table`` [V+1, D] moved a little, with ``extra`` new rows: the next bundle's."""
+    out = np.concatenate([table + 0.3 * rng.normal(size=table.shape),
+                          rng.normal(size=(extra, table.shape[1]))]).astype(np.float32)
+    out[0] = 0.0
+    return out
+
+
+@pytest.mark.parametrize("why", ["graph too old", "grown too much"])
+def test_a_due_graph_is_rebuilt_in_the_background_while_loads_keep_refreshing(
+        why: str) -> None:
+    rng = np.random.default_rng(4)
+    table = moved(np.zeros((N_ITEMS + 1, 8), dtype=np.float32), rng)
+    first = retrieval.ItemIndex(table, EVERY)
+    extra = 0
+    if why == "graph too old":
+        first.built_at -= EVERY.rebuild_after_s
+    else:
+        extra = int(EVERY.rebuild_growth * N_ITEMS) + 1
+    table = moved(table, rng, extra)
+    due = retrieval.ItemIndex(table, EVERY, previous=first)
+    # the load refreshes as ever, and leaves a fresh graph building behind it
+    assert due.refreshed and not due.rebuilt and due.rebuild_started
+    assert due.rebuild is not None and due.built_at == first.built_at
+    assert due.rebuild.wait(60) and not due.rebuild.failed
+    table = moved(table, rng, 7)  # the next bundle moves every row and adds 7
+    adopted = retrieval.ItemIndex(table, EVERY, previous=due)
+    assert adopted.refreshed and adopted.rebuilt and adopted.rebuild is None
+    assert adopted.built_at > first.built_at and adopted.built_rows == len(due)
+    assert adopted.rebuild_seconds is not None and not adopted.due(EVERY)
+    rows = np.arange(1, len(table)).reshape(1, -1)
+    assert np.array_equal(adopted.vectors(rows)[0], table[1:])
+    users = rng.normal(size=(5, 8)).astype(np.float32)
+    exact = np.argsort(-(users @ table[1:].T), axis=1)[:, :10] + 1  # (5, 10)
+    assert np.array_equal(adopted.search(users, 10), exact)
+    assert len(due) == len(table) - 1 - 7  # the graph it lent was not grown
+
+
+def test_a_load_while_the_background_build_runs_refreshes_the_old_graph_and_hands_it_on(
+        ) -> None:
+    rng = np.random.default_rng(5)
+    table = moved(np.zeros((N_ITEMS + 1, 8), dtype=np.float32), rng)
+    first = retrieval.ItemIndex(table, EVERY)
+    first.built_at -= EVERY.rebuild_after_s
+    due = retrieval.ItemIndex(moved(table, rng), EVERY, previous=first)
+    pending = due.rebuild
+    assert pending is not None
+    pending.wait(60)
+    pending._thread = _Running()  # as if the build were still going
+    nxt = retrieval.ItemIndex(moved(table, rng), EVERY, previous=due)
+    assert nxt.refreshed and not nxt.rebuilt and not nxt.rebuild_started
+    assert nxt.rebuild is pending and nxt.built_at == first.built_at
+
+
+def test_a_failed_background_build_leaves_the_old_graph_serving_and_is_started_again(
+        ) -> None:
+    rng = np.random.default_rng(6)
+    table = moved(np.zeros((N_ITEMS + 1, 8), dtype=np.float32), rng)
+    first = retrieval.ItemIndex(table, EVERY)
+    first.built_at -= EVERY.rebuild_after_s
+    due = retrieval.ItemIndex(moved(table, rng), EVERY, previous=first)
+    assert due.rebuild is not None and due.rebuild.wait(60)
+    due.rebuild.failed.append(RuntimeError("out of memory"))
+    table = moved(table, rng)
+    nxt = retrieval.ItemIndex(table, EVERY, previous=due)
+    assert nxt.refreshed and not nxt.rebuilt and nxt.built_at == first.built_at
+    assert nxt.rebuild_started and nxt.rebuild is not due.rebuild  # still due: tried again
+    users = rng.normal(size=(5, 8)).astype(np.float32)
+    exact = np.argsort(-(users @ table[1:].T), axis=1)[:, :10] + 1  # (5, 10)
+    assert np.array_equal(nxt.search(users, 10), exact)
+
+
+def test_a_background_graph_is_taken_over_once_even_if_that_load_is_refused() -> None:
+    rng = np.random.default_rng(7)
+    table = moved(np.zeros((N_ITEMS + 1, 8), dtype=np.float32), rng)
+    first = retrieval.ItemIndex(table, EVERY)
+    first.built_at -= EVERY.rebuild_after_s
+    live = retrieval.ItemIndex(moved(table, rng), EVERY, previous=first)
+    assert live.rebuild is not None and live.rebuild.wait(60)
+    refused = retrieval.ItemIndex(moved(table, rng, 30), EVERY, previous=live)
+    assert refused.rebuilt  # ... and then its bundle fails its warm-up: dropped
+    table = moved(table, rng, 5)  # the next bundle, from the live model again
+    nxt = retrieval.ItemIndex(table, EVERY, previous=live)
+    assert nxt.refreshed and not nxt.rebuilt and len(nxt) == N_ITEMS + 5
+    assert nxt.rebuild_started  # the graph is still due: built again
+    users = rng.normal(size=(5, 8)).astype(np.float32)
+    exact = np.argsort(-(users @ table[1:].T), axis=1)[:, :10] + 1  # (5, 10)
+    assert np.array_equal(nxt.search(users, 10), exact)
+
+
+class _Running:
+    """A thread that never ends, for a build caught in progress."""
+
+    def is_alive(self) -> bool:
+        return True
+
+    def join(self, timeout: float | None = None) -> None:
+        return None
 
 
 def test_a_swap_refreshes_the_live_index_and_ranks_as_the_exact_path(tmp_path: Path) -> None:
@@ -244,4 +339,28 @@ async def test_the_watcher_refreshes_the_live_index_on_a_swap(tmp_path: Path) ->
         rows = exact.recommend_batch([history], [10])[0]
         assert version == second and items == [VOCAB[r - 1] for r in rows]
     assert metrics.registry.get_sample_value("advrec_index_build_seconds_count") == 2
+    await server.stop()
+
+
+async def test_the_watcher_swaps_in_a_graph_rebuilt_in_the_background(tmp_path: Path) -> None:
+    metrics = StreamMetrics.create()
+    server = ModelServer(metrics=metrics)
+    watcher = BundleWatcher(tmp_path, server, metrics=metrics, index=EVERY)
+    assert await watcher.activate(publish_toy(tmp_path, VOCAB, two_stage=toy_two_stage(N_ITEMS)))
+    assert server.current is not None and server.current.two_stage is not None
+    server.current.two_stage.index.built_at -= EVERY.rebuild_after_s  # the graph is due
+    second = publish_toy(tmp_path, VOCAB, seed=1, two_stage=toy_two_stage(N_ITEMS, seed=1))
+    assert await watcher.activate(second)
+    pending = server.current.two_stage.index.rebuild
+    assert server.current.version == second and pending is not None and pending.wait(60)
+    assert metrics.registry.get_sample_value("advrec_index_rebuild_seconds_count") == 0
+    third = publish_toy(tmp_path, VOCAB, seed=2, two_stage=toy_two_stage(N_ITEMS, seed=2))
+    assert await watcher.activate(third)
+    assert server.current.version == third and server.current.two_stage.index.rebuilt
+    assert metrics.registry.get_sample_value("advrec_index_rebuild_seconds_count") == 1
+    exact = load_model(tmp_path, third)
+    for history in histories(10, seed=7):
+        items, version = await server.recommend(history, 10)
+        rows = exact.recommend_batch([history], [10])[0]
+        assert version == third and items == [VOCAB[r - 1] for r in rows]
     await server.stop()
