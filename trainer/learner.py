@@ -422,7 +422,10 @@ class OnlineLearner:
                            self.model_cfg.max_len)  # (B, L)
 
     def prior_scorer(self) -> PriorScorer:
-        """Return the co-occurrence prior over the live rows, as it stands now."""
+        """Return the co-occurrence prior over the live rows, as it stands now: on the CPU a
+        view of the counts' table (no copy: at 1M items a copy was ~0.25 s of every
+        evaluation and export), valid until the learner trains again; ``frozen`` keeps a
+        copy of its own."""
         if self._fixed_prior is not None:  # a frozen copy's (``frozen``)
             return self._fixed_prior
         idx, val = self.cooc.table(self.generator.n_items + 1)  # (V+1, K) each
@@ -442,7 +445,7 @@ class OnlineLearner:
         prior = None
         if self.prior_cfg.weight > 0:  # its own copy of the table (the scorer may share it)
             idx, val = self.cooc.table(self.generator.n_items + 1)  # (V+1, K) each
-            prior = PriorScorer(idx, val.copy(), self.prior_cfg).to(self.device)
+            prior = PriorScorer(idx.copy(), val.copy(), self.prior_cfg).to(self.device)
         memo: dict[int, Any] = {id(x): None for x in skip}
         memo[id(self.generator)] = self.generator.live_copy()
         twin = copy.deepcopy(self, memo=memo)
@@ -470,7 +473,8 @@ class OnlineLearner:
         self.generator.eval()
         weight = self.prior_cfg.weight if weight is None else weight
         model: torch.nn.Module = (self.generator if weight <= 0
-                                  else HybridScorer(self.generator, self.prior_scorer(), weight))
+                                  else HybridScorer(self.generator, self.prior_scorer(), weight,
+                                                    in_place=True))
         content = self.cold_scorer() if cold else None
         if content is not None:
             model = WithCold(model, content)
@@ -517,7 +521,9 @@ class OnlineLearner:
         known = [self.vocab.known_rows(e.history) for e in batch]
         history = model_input(known, self.model_cfg.max_len)  # (B, L)
         target = np.array([self.vocab.index(e.item) or -1 for e in batch], dtype=np.int64)
-        scores = self._score_rows(history).astype(np.float64)  # (B, V+1)
+        # float32 as scored: widening them would change no comparison, and cost a pass over
+        # B x (V+1) (160 MB a batch at 1M items)
+        scores = self._score_rows(history)  # (B, V+1)
         seen = [np.asarray(rows, dtype=np.int64) for rows in known]
         return {v: rank_targets(scores if n == len(variants) - 1 else scores.copy(), target,
                                 seen, variant=v, never=0)

@@ -64,7 +64,8 @@ class Cooccurrence:
         self.cols: list[np.ndarray] = []
         self.vals: list[np.ndarray] = []
         self.slots: list[dict[int, int]] = []
-        self._idx = np.zeros((0, top_k), dtype=np.int64)  # (rows, K) the strongest links
+        # int32, as the scorer and the bundle hold the links: a scorer reads it without a copy
+        self._idx = np.zeros((0, top_k), dtype=np.int32)  # (rows, K) the strongest links
         self._val = np.zeros((0, top_k), dtype=np.float32)  # (rows, K) their counts
         self._dirty: set[int] = set()
 
@@ -163,7 +164,7 @@ class Cooccurrence:
         self.grow(n_rows)
         if self._idx.shape[0] < n_rows:
             grow = max(n_rows, 2 * self._idx.shape[0]) - self._idx.shape[0]
-            self._idx = np.concatenate([self._idx, np.zeros((grow, self.top_k), np.int64)])
+            self._idx = np.concatenate([self._idx, np.zeros((grow, self.top_k), np.int32)])
             self._val = np.concatenate([self._val, np.zeros((grow, self.top_k), np.float32)])
         for i in self._dirty:
             cols, vals = self.strongest(i)
@@ -252,6 +253,24 @@ class PriorScorer(nn.Module):
         counts = (like * 0.0).scatter_add(1, idx, val)  # (B, V+1)
         return torch.log1p(counts)
 
+    @torch.no_grad()
+    def add_to(self, history: torch.Tensor, logits: torch.Tensor,
+               weight: float) -> torch.Tensor:
+        """``logits + weight * forward(history, logits)`` [B, V+1], written into ``logits``
+        at the linked columns only: the same values (``log1p(0)`` adds nothing elsewhere)
+        without the four passes over [B, V+1] that the dense graph makes (at 1M items,
+        ~45 % of the prequential scoring's time). For ranking, never for export."""
+        idx, val = self.links(history)  # (B, R*K) each
+        n_cols = int(logits.shape[1])
+        rows = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)
+        keys, where = torch.unique((rows * n_cols + idx).flatten(), return_inverse=True)
+        # summed in the order the dense scatter_add sums them: the same float32 counts
+        counts = torch.zeros(keys.shape, dtype=val.dtype, device=val.device)  # (U,)
+        counts.scatter_add_(0, where, val.flatten())
+        r, c = keys // n_cols, keys % n_cols  # (U,) each
+        logits[r, c] = logits[r, c] + weight * torch.log1p(counts)
+        return logits
+
     def at(self, history: torch.Tensor, rows: torch.Tensor,
            gathered: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Return ``log(1 + prior)`` of the candidate ``rows`` [B, C] only -> [B, C] (what
@@ -268,12 +287,16 @@ class HybridScorer(nn.Module):
     What the learner ranks with when the prior is on, and what ``trainer/export.py`` exports.
     """
 
-    def __init__(self, generator: nn.Module, prior: PriorScorer, weight: float) -> None:
+    def __init__(self, generator: nn.Module, prior: PriorScorer, weight: float,
+                 in_place: bool = False) -> None:
         super().__init__()
         self.generator = generator
         self.prior = prior
         self.weight = float(weight)
+        self.in_place = in_place  # rank with ``PriorScorer.add_to`` (no grad, no export)
 
     def forward(self, history: torch.Tensor) -> torch.Tensor:
         logits = self.generator(history)  # (B, V+1)
+        if self.in_place:
+            return self.prior.add_to(history, logits, self.weight)
         return logits + self.weight * self.prior(history, logits)

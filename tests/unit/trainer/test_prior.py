@@ -55,6 +55,26 @@ def test_the_scorer_sums_the_latest_items_links_as_log1p() -> None:
     np.testing.assert_allclose(out[1], 0.0)  # an empty history has no prior
 
 
+def test_ranking_in_place_gives_the_dense_graphs_scores_exactly() -> None:
+    cfg = PriorConfig(weight=1.0, top_k=8, n_recent=3)
+    rng = np.random.default_rng(0)
+    n_rows = 50
+    c = Cooccurrence.from_config(cfg)
+    for _ in range(400):  # many links, some rows linking the same column twice over
+        history = rng.integers(1, n_rows, size=int(rng.integers(1, 5))).tolist()
+        c.learn(history, int(rng.integers(1, n_rows)))
+    idx, val = c.table(n_rows)
+    scorer = PriorScorer(idx, val, cfg)
+    history = torch.from_numpy(rng.integers(0, n_rows, size=(6, 7)))  # (6, 7)
+    history[2] = 0  # an empty history: nothing added
+    history[3, :4] = history[3, 4:].max()  # one item three times: its links thrice
+    logits = torch.randn(6, n_rows)
+    dense = logits + 0.7 * scorer(history, logits)
+    fast = scorer.add_to(history, logits.clone(), 0.7)
+    assert torch.equal(fast, dense) and not torch.equal(fast, logits)
+    assert torch.equal(fast[2], logits[2])
+
+
 def test_item_knn_ranks_as_before_on_its_shared_counts() -> None:
     knn = ItemKNN(n_recent=2, decay=0.5, backward=0.5)
     examples = [TrainingExample("u", ("a",), "b", 1), TrainingExample("u", ("a", "b"), "c", 2),
