@@ -134,6 +134,7 @@ def main() -> int:
     trainer_url = f"http://127.0.0.1:{env['ADVREC_TRAINER_METRICS_PORT']}"
     traffic: dict[str, dict[str, float]] = {}
     index_counters: dict[str, float] = {}
+    trainer_times: dict[str, float | None] = {}
 
     def count_traffic(label: str) -> None:
         """The bundle topic's bytes so far: written by kind, read by the worker."""
@@ -210,6 +211,14 @@ def main() -> int:
                             live_stream(args.rate, args.seconds, probes,
                                         args.items or 2000), progress=False))
         count_traffic("end")
+        try:  # the trainer's own timings over the whole run: what its delay is made of
+            for name in ("step", "export"):
+                n = scrape(f"{trainer_url}/metrics", f"advrec_trainer_{name}_seconds_count")
+                total = scrape(f"{trainer_url}/metrics", f"advrec_trainer_{name}_seconds_sum")
+                trainer_times[f"{name}_mean_s"] = total / n if n else None
+                trainer_times[f"{name}s"] = n
+        except OSError as exc:
+            print(f"could not read the trainer's timings: {exc}", file=sys.stderr)
         try:
             index_counters.update(
                 loads=scrape(f"{url}/metrics", "advrec_index_build_seconds_count"),
@@ -249,6 +258,7 @@ def main() -> int:
                   "median_s": statistics.median(gauge) if gauge else None,
                   "p95_s": statistics.quantiles(gauge, n=20)[18] if len(gauge) > 2 else None},
               "longest_wait_between_swaps_s": max(gaps) if gaps else None,
+              "trainer": trainer_times,
               "index": {k: index_counters.get(k)
                         for k in ("loads", "rebuilds", "rebuild_seconds")},
               "worker_rss_mib": {
@@ -283,6 +293,9 @@ def main() -> int:
         ("p95", f"{result['p95_s']:.2f} s" if result["p95_s"] else "-"),
         ("bundles served", str(len(served))),
         ("longest wait between swaps", f"{max(gaps):.1f} s" if gaps else "-"),
+        ("trainer step / export (mean)",
+         f"{trainer_times['step_mean_s']:.2f} s / {trainer_times['export_mean_s']:.2f} s"
+         if trainer_times.get("step_mean_s") and trainer_times.get("export_mean_s") else "-"),
         ("index loads / background builds taken over",
          f"{index_counters.get('loads', 0):.0f} / {index_counters.get('rebuilds', 0):.0f}"),
         ("worker RSS", f"median {statistics.median(window_rss):.0f} MiB, peak "
