@@ -229,7 +229,11 @@ class ItemIndex:
         # candidates' rows from it (a second table would cost V x D' x 4 bytes: 256 MB at 1M)
         self._stored = _stored_view(self.index, len(table) - 1)  # (V, D')
         if self.refreshed and self.rebuild is None and self.due(config):
-            self.rebuild, self.rebuild_started = _Rebuild(table, config), True
+            try:
+                self.rebuild, self.rebuild_started = _Rebuild(table, config), True
+            except Exception as exc:  # e.g. no memory for the copy: this bundle still serves
+                log.warning("could not start the background index build (%s); the next "
+                            "load tries again", exc)
         self.build_seconds = time.perf_counter() - started
 
     def can_refresh(self, table: np.ndarray, config: IndexConfig) -> bool:

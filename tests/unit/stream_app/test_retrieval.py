@@ -300,6 +300,25 @@ def test_a_background_graph_is_taken_over_once_even_if_that_load_is_refused() ->
     assert np.array_equal(nxt.search(users, 10), exact)
 
 
+def test_a_background_build_that_cannot_start_leaves_the_refreshed_index_serving(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(8)
+    table = moved(np.zeros((N_ITEMS + 1, 8), dtype=np.float32), rng)
+    first = retrieval.ItemIndex(table, EVERY)
+    first.built_at -= EVERY.rebuild_after_s
+
+    def no_memory(*args: object) -> None:
+        raise MemoryError("no room for the copy")
+
+    monkeypatch.setattr(retrieval, "_Rebuild", no_memory)
+    table = moved(table, rng)
+    due = retrieval.ItemIndex(table, EVERY, previous=first)
+    assert due.refreshed and due.rebuild is None and not due.rebuild_started
+    users = rng.normal(size=(5, 8)).astype(np.float32)
+    exact = np.argsort(-(users @ table[1:].T), axis=1)[:, :10] + 1  # (5, 10)
+    assert np.array_equal(due.search(users, 10), exact)
+
+
 class _Running:
     """A thread that never ends, for a build caught in progress."""
 
