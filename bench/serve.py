@@ -19,8 +19,8 @@ swap, which builds the index (~75 s at 1M items on one core), and the swap phase
 measures requests while the next bundles arrive and load, each refreshing the live index
 (the worker's default; the watcher loads one version at a time, the newest it is told of).
 There each swap is a delta against the bundle before it, as the trainer publishes between
-full bundles (advrec/bundle.py): ``--delta-rows`` rows of the item table change (8,000, about
-what the trainer's sampled softmax changes between two exports at 1M items:
+full bundles (advrec/bundle.py): ``--delta-rows`` rows of the item table change (20,000:
+the trainer's deltas at 1M items averaged 1.89 MB, up to ~23k rows at 73 bytes each,
 bench/results/freshness-1000000.json) and ``--delta-items`` items are added; with
 ``--full-swaps`` the whole bundle is published again each time instead.
 Writes bench/results/serve.json (10k items) or serve-<items>.json.
@@ -257,7 +257,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--items", type=int, default=10_000)
     p.add_argument("--seconds", type=float, default=8.0, help="per measurement")
-    p.add_argument("--delta-rows", type=int, default=8000,
+    p.add_argument("--delta-rows", type=int, default=20000,
                    help="with the two-stage parts: rows each swap's delta changes")
     p.add_argument("--delta-items", type=int, default=10,
                    help="with the two-stage parts: items each swap's delta adds")
