@@ -218,12 +218,32 @@ def moved(table: np.ndarray, rng: np.random.Generator, extra: int = 0) -> np.nda
     return out
 
 
+def first_index(seed: int) -> tuple[np.random.Generator, np.ndarray, retrieval.ItemIndex]:
+    """A random table [V+1, 8] and its index, built afresh: (rng, table, index)."""
+    rng = np.random.default_rng(seed)
+    table = moved(np.zeros((N_ITEMS + 1, 8), dtype=np.float32), rng)
+    return rng, table, retrieval.ItemIndex(table, EVERY)
+
+
+def due_index(seed: int) -> tuple[np.random.Generator, np.ndarray, retrieval.ItemIndex]:
+    """As ``first_index``, its graph old enough to be built afresh."""
+    rng, table, index = first_index(seed)
+    index.built_at -= EVERY.rebuild_after_s
+    return rng, table, index
+
+
+def finds_the_exact_top_10(index: retrieval.ItemIndex, table: np.ndarray,
+                           rng: np.random.Generator) -> bool:
+    """Whether ``index`` finds the exact top 10 rows of ``table`` for 5 random users."""
+    users = rng.normal(size=(5, table.shape[1])).astype(np.float32)
+    exact = np.argsort(-(users @ table[1:].T), axis=1)[:, :10] + 1  # (5, 10)
+    return np.array_equal(index.search(users, 10), exact)
+
+
 @pytest.mark.parametrize("why", ["graph too old", "grown too much"])
 def test_a_due_graph_is_rebuilt_in_the_background_while_loads_keep_refreshing(
         why: str) -> None:
-    rng = np.random.default_rng(4)
-    table = moved(np.zeros((N_ITEMS + 1, 8), dtype=np.float32), rng)
-    first = retrieval.ItemIndex(table, EVERY)
+    rng, table, first = first_index(4)
     extra = 0
     if why == "graph too old":
         first.built_at -= EVERY.rebuild_after_s
@@ -242,18 +262,13 @@ def test_a_due_graph_is_rebuilt_in_the_background_while_loads_keep_refreshing(
     assert adopted.rebuild_seconds is not None and not adopted.due(EVERY)
     rows = np.arange(1, len(table)).reshape(1, -1)
     assert np.array_equal(adopted.vectors(rows)[0], table[1:])
-    users = rng.normal(size=(5, 8)).astype(np.float32)
-    exact = np.argsort(-(users @ table[1:].T), axis=1)[:, :10] + 1  # (5, 10)
-    assert np.array_equal(adopted.search(users, 10), exact)
+    assert finds_the_exact_top_10(adopted, table, rng)
     assert len(due) == len(table) - 1 - 7  # the graph it lent was not grown
 
 
 def test_a_load_while_the_background_build_runs_refreshes_the_old_graph_and_hands_it_on(
         ) -> None:
-    rng = np.random.default_rng(5)
-    table = moved(np.zeros((N_ITEMS + 1, 8), dtype=np.float32), rng)
-    first = retrieval.ItemIndex(table, EVERY)
-    first.built_at -= EVERY.rebuild_after_s
+    rng, table, first = due_index(5)
     due = retrieval.ItemIndex(moved(table, rng), EVERY, previous=first)
     pending = due.rebuild
     assert pending is not None
@@ -266,10 +281,7 @@ def test_a_load_while_the_background_build_runs_refreshes_the_old_graph_and_hand
 
 def test_a_failed_background_build_leaves_the_old_graph_serving_and_is_started_again(
         ) -> None:
-    rng = np.random.default_rng(6)
-    table = moved(np.zeros((N_ITEMS + 1, 8), dtype=np.float32), rng)
-    first = retrieval.ItemIndex(table, EVERY)
-    first.built_at -= EVERY.rebuild_after_s
+    rng, table, first = due_index(6)
     due = retrieval.ItemIndex(moved(table, rng), EVERY, previous=first)
     assert due.rebuild is not None and due.rebuild.wait(60)
     due.rebuild.failed.append(RuntimeError("out of memory"))
@@ -277,16 +289,11 @@ def test_a_failed_background_build_leaves_the_old_graph_serving_and_is_started_a
     nxt = retrieval.ItemIndex(table, EVERY, previous=due)
     assert nxt.refreshed and not nxt.rebuilt and nxt.built_at == first.built_at
     assert nxt.rebuild_started and nxt.rebuild is not due.rebuild  # still due: tried again
-    users = rng.normal(size=(5, 8)).astype(np.float32)
-    exact = np.argsort(-(users @ table[1:].T), axis=1)[:, :10] + 1  # (5, 10)
-    assert np.array_equal(nxt.search(users, 10), exact)
+    assert finds_the_exact_top_10(nxt, table, rng)
 
 
 def test_a_background_graph_is_taken_over_once_even_if_that_load_is_refused() -> None:
-    rng = np.random.default_rng(7)
-    table = moved(np.zeros((N_ITEMS + 1, 8), dtype=np.float32), rng)
-    first = retrieval.ItemIndex(table, EVERY)
-    first.built_at -= EVERY.rebuild_after_s
+    rng, table, first = due_index(7)
     live = retrieval.ItemIndex(moved(table, rng), EVERY, previous=first)
     assert live.rebuild is not None and live.rebuild.wait(60)
     refused = retrieval.ItemIndex(moved(table, rng, 30), EVERY, previous=live)
@@ -295,17 +302,12 @@ def test_a_background_graph_is_taken_over_once_even_if_that_load_is_refused() ->
     nxt = retrieval.ItemIndex(table, EVERY, previous=live)
     assert nxt.refreshed and not nxt.rebuilt and len(nxt) == N_ITEMS + 5
     assert nxt.rebuild_started  # the graph is still due: built again
-    users = rng.normal(size=(5, 8)).astype(np.float32)
-    exact = np.argsort(-(users @ table[1:].T), axis=1)[:, :10] + 1  # (5, 10)
-    assert np.array_equal(nxt.search(users, 10), exact)
+    assert finds_the_exact_top_10(nxt, table, rng)
 
 
 def test_a_background_build_that_cannot_start_leaves_the_refreshed_index_serving(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    rng = np.random.default_rng(8)
-    table = moved(np.zeros((N_ITEMS + 1, 8), dtype=np.float32), rng)
-    first = retrieval.ItemIndex(table, EVERY)
-    first.built_at -= EVERY.rebuild_after_s
+    rng, table, first = due_index(8)
 
     def no_memory(*args: object) -> None:
         raise MemoryError("no room for the copy")
@@ -314,9 +316,7 @@ def test_a_background_build_that_cannot_start_leaves_the_refreshed_index_serving
     table = moved(table, rng)
     due = retrieval.ItemIndex(table, EVERY, previous=first)
     assert due.refreshed and due.rebuild is None and not due.rebuild_started
-    users = rng.normal(size=(5, 8)).astype(np.float32)
-    exact = np.argsort(-(users @ table[1:].T), axis=1)[:, :10] + 1  # (5, 10)
-    assert np.array_equal(due.search(users, 10), exact)
+    assert finds_the_exact_top_10(due, table, rng)
 
 
 class _Running:
