@@ -75,6 +75,10 @@ def live_stream(rate: float, seconds: float, probes: list[tuple[float, int]],
         yield encode_key(e.user), encode_event(ClickEvent(e.user, e.item, ts, id=f"f{n}"))
 
 
+def _ratio(total: float | None, n: float | None) -> float | None:
+    return total / n if total is not None and n else None
+
+
 def scrape_kind(url: str, name: str, kind: str) -> float:
     """The value of the series ``name{kind="..."}`` at ``url``."""
     text = urlopen(url, timeout=5).read().decode()
@@ -223,7 +227,10 @@ def main() -> int:
             index_counters.update(
                 loads=scrape(f"{url}/metrics", "advrec_index_build_seconds_count"),
                 rebuilds=scrape(f"{url}/metrics", "advrec_index_rebuild_seconds_count"),
-                rebuild_seconds=scrape(f"{url}/metrics", "advrec_index_rebuild_seconds_sum"))
+                rebuild_seconds=scrape(f"{url}/metrics", "advrec_index_rebuild_seconds_sum"),
+                index_seconds=scrape(f"{url}/metrics", "advrec_index_build_seconds_sum"),
+                model_loads=scrape(f"{url}/metrics", "advrec_model_load_seconds_count"),
+                load_seconds=scrape(f"{url}/metrics", "advrec_model_load_seconds_sum"))
         except OSError as exc:
             print(f"could not read the index counters: {exc}", file=sys.stderr)
         time.sleep(20)  # let the last probes reach a model
@@ -261,6 +268,14 @@ def main() -> int:
               "trainer": trainer_times,
               "index": {k: index_counters.get(k)
                         for k in ("loads", "rebuilds", "rebuild_seconds")},
+              # the worker's side of the delay: a bundle's verify, load and warm-up, of
+              # which the index's refresh (mean seconds per load)
+              "worker_load": {
+                  "loads": index_counters.get("model_loads"),
+                  "mean_s": _ratio(index_counters.get("load_seconds"),
+                                   index_counters.get("model_loads")),
+                  "index_mean_s": _ratio(index_counters.get("index_seconds"),
+                                         index_counters.get("loads"))},
               "worker_rss_mib": {
                   "median": statistics.median(window_rss) if window_rss else None,
                   "peak": max(window_rss) if window_rss else None},
@@ -296,6 +311,9 @@ def main() -> int:
         ("trainer step / export (mean)",
          f"{trainer_times['step_mean_s']:.2f} s / {trainer_times['export_mean_s']:.2f} s"
          if trainer_times.get("step_mean_s") and trainer_times.get("export_mean_s") else "-"),
+        ("worker load / of which index (mean)",
+         f"{result['worker_load']['mean_s']:.2f} s / {result['worker_load']['index_mean_s']:.2f} s"
+         if result["worker_load"]["mean_s"] and result["worker_load"]["index_mean_s"] else "-"),
         ("index loads / background builds taken over",
          f"{index_counters.get('loads', 0):.0f} / {index_counters.get('rebuilds', 0):.0f}"),
         ("worker RSS", f"median {statistics.median(window_rss):.0f} MiB, peak "

@@ -27,7 +27,6 @@ from aiokafka.errors import KafkaError
 from torch import nn
 
 from advrec.bundle import (
-    DELTA_ROWS,
     DETECTOR_INPUTS,
     DETECTOR_OUTPUTS,
     INPUT_NAME,
@@ -35,6 +34,7 @@ from advrec.bundle import (
     TWO_STAGE_ITEMS,
     bundle_files,
     delta_files,
+    delta_rows,
     int8_rows,
     item_rows,
     write_bundle,
@@ -46,6 +46,7 @@ from trainer.learner import OnlineLearner
 from trainer.model import Generator
 
 __all__ = ["EXACT_BELOW_ITEMS", "TWO_STAGE_FROM_ITEMS", "DeltaPlanner", "ExportError",
+           "PackedTable",
            "check_detector_parity", "check_parity", "detector_model", "export_detector",
            "export_filter_detector", "export_onnx", "export_two_stage_checked", "main",
            "publish_bundle", "scoring_model"]
@@ -100,59 +101,134 @@ class DeltaPlanner:
         self.base: _Base | None = None  # the bundle published last
         self.full_at = 0.0  # time.monotonic() of the last full one
 
-    def plan(self, two_stage: dict[str, bytes], vocab: Sequence[str | None]
-             ) -> tuple[str, dict[str, bytes], int] | None:
+    def plan(self, two_stage: dict[str, bytes], vocab: Sequence[str | None],
+             items: np.ndarray | None = None) -> tuple[str, dict[str, bytes], int] | None:
         """(base version, the delta's files, rows it changes) for these two-stage parts, or
-        None: a full bundle."""
+        None: a full bundle. ``items``: their items.npy's array, when the caller has it."""
         base = self.base
         if (base is None or self.full_every_s <= 0
                 or time.monotonic() - self.full_at >= self.full_every_s):
             return None
-        items = np.load(io.BytesIO(two_stage[TWO_STAGE_ITEMS]), allow_pickle=False)
+        items = _items(two_stage) if items is None else items
         try:
             files = delta_files(base.items, base.vocab, items, vocab, base.links,
                                 _links(two_stage))
         except ValueError:  # the table's dtype or width changed, or the prior's presence
             return None
-        rows = np.load(io.BytesIO(files[DELTA_ROWS]), allow_pickle=False)
-        if len(rows) > self.max_share * len(items):
+        n_rows = len(delta_rows(files))
+        if n_rows > self.max_share * len(items):
             return None
-        return base.version, files, len(rows)
+        return base.version, files, n_rows
 
     def published(self, version: str, two_stage: dict[str, bytes] | None,
-                  vocab: Sequence[str | None], delta: bool) -> None:
-        """Note a bundle the fleet received: the next delta's base (with two-stage parts)."""
+                  vocab: Sequence[str | None], delta: bool,
+                  items: np.ndarray | None = None) -> None:
+        """Note a bundle the fleet received: the next delta's base (with two-stage parts;
+        ``items``: their items.npy's array, kept as is: the caller no longer changes it)."""
         now = time.monotonic()
         if not delta:
             self.full_at = now
         self.base = None if two_stage is None else _Base(
-            version, np.load(io.BytesIO(two_stage[TWO_STAGE_ITEMS]), allow_pickle=False),
-            tuple(vocab), _links(two_stage))
+            version, _items(two_stage) if items is None else items, tuple(vocab),
+            _links(two_stage))
 
 
-def _scoring_copy(generator: Generator, compact: bool = False) -> Generator:
+def _items(two_stage: dict[str, bytes]) -> np.ndarray:
+    return np.load(io.BytesIO(two_stage[TWO_STAGE_ITEMS]), allow_pickle=False)
+
+
+class PackedTable:
+    """G's two-stage item table in int8 rows (``int8_rows``), kept from one export to the
+    next and packed again only where G's rows changed since.
+
+    At 1M items, packing the whole table twice per export (the rounded copy of G, then its
+    items.npy) took ~0.75 s of the trainer's core, and the sampled softmax changes only the
+    ~25k rows its batches touched. Each ``update`` compares G's rows with a float32 copy of
+    what it packed last (one pass) and packs the rows that differ or are new: the result is
+    ``int8_rows`` of the whole table, row for row (a test pins it). It costs that float32
+    copy and the int8 table in memory (~330 MB at 1M items x 64).
+    """
+
+    def __init__(self) -> None:
+        self._raw = np.zeros((0, 0), np.float32)  # (capacity, D'): G's rows as packed last
+        self._packed = np.zeros((0, 1), np.int8)  # (capacity, D'+1)
+        self.n = 0  # rows held: V+1 at the last update
+        self.repacked = 0  # rows the last update packed
+
+    def update(self, generator: Generator) -> np.ndarray:
+        """Pack G's scoring rows [V+1, D'] (bias last, as ``item_vectors`` reads them, padding
+        and freed rows as they are) and return them as [V+1, D'+1] int8: a view, valid
+        until the next update. ``ValueError`` on values that are not finite."""
+        with torch.no_grad():
+            table = generator.item_table().detach().float().cpu().numpy()  # (V+1, D)
+            bias = generator.item_bias()
+            bias = None if bias is None else bias.detach().float().cpu().numpy()  # (V+1,)
+        n, d = table.shape
+        width = d + (bias is not None)
+        if self._raw.shape[1] != width or n < self.n:  # another shape: start over
+            self._raw = np.zeros((0, width), np.float32)
+            self._packed = np.zeros((0, width + 1), np.int8)
+            self.n = 0
+        if n > len(self._raw):  # room for growth: the vocabulary grows a little each export
+            capacity = max(n, len(self._raw) + len(self._raw) // 4)
+            raw = np.zeros((capacity, width), np.float32)
+            packed = np.zeros((capacity, width + 1), np.int8)
+            raw[: self.n], packed[: self.n] = self._raw[: self.n], self._packed[: self.n]
+            self._raw, self._packed = raw, packed
+        old = self._raw[: self.n]  # (n_old, D')
+        changed = (table[: self.n] != old[:, :d]).any(axis=1)  # (n_old,)
+        if bias is not None:
+            changed |= bias[: self.n] != old[:, d]
+        rows = np.concatenate([np.flatnonzero(changed), np.arange(self.n, n)])  # (r,)
+        fresh = table[rows]  # (r, D)
+        if bias is not None:
+            fresh = np.concatenate([fresh, bias[rows, None]], axis=1)  # (r, D')
+        self._packed[rows] = int8_rows(fresh)  # ValueError first: nothing half-updated
+        self._raw[rows] = fresh
+        self.n, self.repacked = n, len(rows)
+        return self._packed[:n]
+
+
+def _scoring_copy(generator: Generator, compact: bool | np.ndarray = False) -> Generator:
     """Return an eval-mode CPU copy of G whose item table holds exactly the live rows;
     ``compact``: their values rounded as the two-stage table stores them
-    (``compact_item_tables``)."""
+    (``compact_item_tables``; an array: G's rows packed already, ``PackedTable``)."""
+    if isinstance(compact, np.ndarray) and generator.out_items is None:
+        # tied (the default): the rounded rows are the copy's tables, not a clone rounded
+        # in place (at 1M items a 256 MB clone and a pass over it, per export)
+        return generator.live_copy(_rounded_tables(compact, generator)).cpu().eval()
     # the tables keep spare capacity for growth; the served model needs only V+1 rows
     g = generator.live_copy().cpu().eval()
-    if compact:
-        compact_item_tables(g)
+    if compact is not False:
+        compact_item_tables(g, None if compact is True else compact)
     return g
 
 
-def compact_item_tables(generator: Generator) -> None:
+def _rounded_tables(packed: np.ndarray, generator: Generator) -> list[torch.Tensor]:
+    """A tied G's item tables (``item_tables``: its rows [V+1, D], then the bias [V+1, 1]
+    when it has one) from its scoring rows packed as int8 [V+1, D'+1]."""
+    d = generator.config.d_model
+    columns = [slice(0, d)] + ([slice(d, d + 1)] if generator.item_bias() is not None else [])
+    assert packed.shape[1] == d + len(columns), (packed.shape, d)
+    return [torch.from_numpy(item_rows(packed, cols)) for cols in columns]
+
+
+def compact_item_tables(generator: Generator, packed: np.ndarray | None = None) -> None:
     """Round G's item tables in place to what the two-stage item table stores: the scoring
     rows (with their bias, when G has one) to int8 levels with a power-of-two scale per row
     (``advrec.bundle.int8_rows``: 65 MB at 1M items instead of 128 as float16), any
     other table (the input rows of an untied G) to float16. Every path of the bundle, exact
     or two-stage, then scores with the same rounded rows (bench/rank.py and
-    bench/compact.py measure what it changes)."""
+    bench/compact.py measure what it changes). ``packed``: ``int8_rows`` of G's scoring rows
+    as they are, when the caller has them (``PackedTable``)."""
     with torch.no_grad():
         scoring = generator.item_table()  # (V+1, D), a view of the weights
         bias = generator.item_bias()  # (V+1,) or None
-        rows = scoring if bias is None else torch.cat([scoring, bias[:, None]], dim=1)
-        rounded = torch.from_numpy(item_rows(int8_rows(rows.detach().cpu().numpy())))
+        if packed is None:
+            rows = scoring if bias is None else torch.cat([scoring, bias[:, None]], dim=1)
+            packed = int8_rows(rows.detach().cpu().numpy())  # (V+1, D'+1)
+        assert packed.shape[0] == scoring.shape[0], (packed.shape, scoring.shape)
+        rounded = torch.from_numpy(item_rows(packed))  # (V+1, D')
         scoring.copy_(rounded[:, : scoring.shape[1]])  # (V+1, D)
         if bias is not None:
             bias.copy_(rounded[:, -1])
@@ -161,12 +237,13 @@ def compact_item_tables(generator: Generator) -> None:
             weight.copy_(weight.half().float())
 
 
-def scoring_model(learner: OnlineLearner, compact: bool = False) -> nn.Module:
+def scoring_model(learner: OnlineLearner, compact: bool | np.ndarray = False) -> nn.Module:
     """Return what the workers will serve, as a CPU eval-mode copy: G over its live rows,
     plus the co-occurrence prior when the learner's prior weight is > 0 (trainer/prior.py),
     plus the content score of catalogue items with no click (trainer/content.py).
     ``compact``: G's item tables rounded as the two-stage table stores them (bundles with
-    the two-stage parts: ``compact_item_tables``)."""
+    the two-stage parts: ``compact_item_tables``); an array: G's rows packed already
+    (``PackedTable.update``)."""
     return learner.scorer(_scoring_copy(learner.generator, compact)).cpu().eval()
 
 
@@ -315,12 +392,13 @@ def check_parity(model: nn.Module, onnx_bytes: bytes,
 
 
 def export_two_stage_checked(scorer: nn.Module, max_len: int, histories: np.ndarray,
-                             parity_tol: float = PARITY_TOL) -> tuple[dict[str, bytes], float]:
+                             parity_tol: float = PARITY_TOL, stored: np.ndarray | None = None
+                             ) -> tuple[dict[str, bytes], float]:
     """A ``scoring_model``'s two-stage parts (the bundle files) and their parity with torch;
-    raise ``ExportError`` if they disagree."""
+    raise ``ExportError`` if they disagree (``stored``: as ``export_two_stage`` takes it)."""
     from trainer.twostage import check_two_stage_parity, export_two_stage
 
-    files = export_two_stage(scorer, max_len)
+    files = export_two_stage(scorer, max_len, stored=stored)
     diff = check_two_stage_parity(scorer, files, histories)
     if not diff <= parity_tol:
         raise ExportError(f"two-stage ONNX scores differ from torch by {diff:.3g} > "

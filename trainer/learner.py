@@ -431,9 +431,11 @@ class OnlineLearner:
         idx, val = self.cooc.table(self.generator.n_items + 1)  # (V+1, K) each
         return PriorScorer(idx, val, self.prior_cfg).to(self.device)
 
-    def frozen(self) -> OnlineLearner:
+    def frozen(self, generator: Generator | None = None) -> OnlineLearner:
         """A copy that ranks (``evaluate_batch``, ``scorer``) as this learner does now and
         never trains: what the trainer's quality gate compares each candidate with.
+        ``generator``: a copy of G to rank with instead of a fresh ``live_copy`` (the
+        export's, which it no longer changes: one 256 MB copy less at 1M items).
 
         Only what ranking reads is copied: G, the vocabulary, the content, the counts; the
         prior as its fixed table. Not D, the optimizers, the replay buffer or the
@@ -445,9 +447,10 @@ class OnlineLearner:
         prior = None
         if self.prior_cfg.weight > 0:  # its own copy of the table (the scorer may share it)
             idx, val = self.cooc.table(self.generator.n_items + 1)  # (V+1, K) each
-            prior = PriorScorer(idx.copy(), val.copy(), self.prior_cfg).to(self.device)
+            prior = PriorScorer(*_linked_copy(idx, val), self.prior_cfg).to(self.device)
         memo: dict[int, Any] = {id(x): None for x in skip}
-        memo[id(self.generator)] = self.generator.live_copy()
+        memo[id(self.generator)] = (self.generator.live_copy() if generator is None
+                                    else generator)
         twin = copy.deepcopy(self, memo=memo)
         twin.vocab = self.vocab.copy()
         twin._fixed_prior = prior
@@ -749,3 +752,16 @@ class OnlineLearner:
         learner = cls.__new__(cls)
         learner.load_state_dict(state)
         return learner
+
+
+def _linked_copy(idx: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A copy of the prior's table (idx, val) [V+1, K] that writes only its rows with links.
+
+    A row's links fill it from column 0 and the rest is (0, 0.0) (``Cooccurrence.table``),
+    so a row is all padding when its first entry is; the copy starts from zeroed memory the
+    OS hands out lazily. At 1M items x 64 links most rows have none: copying the whole
+    512 MB took ~0.45 s of every export, and held that memory for the gate's baseline."""
+    rows = np.flatnonzero((idx[:, 0] != 0) | (val[:, 0] != 0))  # (r,)
+    idx_copy, val_copy = np.zeros(idx.shape, idx.dtype), np.zeros(val.shape, val.dtype)
+    idx_copy[rows], val_copy[rows] = idx[rows], val[rows]
+    return idx_copy, val_copy

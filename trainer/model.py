@@ -328,12 +328,18 @@ class Generator(nn.Module):
         """Return every per-item table: input rows, then the optional output rows and bias."""
         return [t for t in (self.items, self.out_items, self.out_bias) if t is not None]
 
-    def live_copy(self) -> Generator:
+    def live_copy(self, rows: list[torch.Tensor] | None = None) -> Generator:
         """A deep copy whose item tables hold rows 0..V only, no spare capacity (frozen:
-        what ranks needs; at 1M items the capacity doubles what a deep copy clones)."""
+        what ranks needs; at 1M items the capacity doubles what a deep copy clones).
+        ``rows``: each item table's rows [V+1, dim] (``item_tables``' order) to take as
+        they are instead of cloning G's."""
         n = self.n_items + 1
-        memo: dict[int, Any] = {id(t.emb.weight): nn.Parameter(
-            t.emb.weight.detach()[:n].clone(), requires_grad=False) for t in self.item_tables()}
+        tables = self.item_tables()
+        if rows is None:
+            rows = [t.emb.weight.detach()[:n].clone() for t in tables]
+        assert [tuple(r.shape) for r in rows] == [(n, t.emb.weight.shape[1]) for t in tables]
+        memo: dict[int, Any] = {id(t.emb.weight): nn.Parameter(r, requires_grad=False)
+                                for t, r in zip(tables, rows, strict=True)}
         twin = copy.deepcopy(self, memo)
         for table in twin.item_tables():
             table.emb = nn.Embedding.from_pretrained(table.emb.weight.detach(), freeze=True,

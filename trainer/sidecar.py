@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from advrec.bundle import bundle_files, write_bundle
+from advrec.bundle import bundle_files, vocab_json, write_bundle
 from advrec.catalogue import CatalogueItem, InvalidItem, decode_item
 from advrec.channel import (
     Assembled,
@@ -79,6 +79,7 @@ class _Export:
     files: list[tuple[str, bytes]]
     base: str | None  # a delta's base version; None: a full bundle
     two_stage: dict[str, bytes] | None  # the two-stage parts (a full one is the next base)
+    items: np.ndarray | None  # their items.npy's array
     vocab: list[str | None]
     candidate: Any  # a frozen copy of the learner: the next quality gate's baseline
     cand_hr: float
@@ -124,10 +125,13 @@ class Sidecar:
         self.active = False
         self.assignments = 0  # times this trainer was given train-batches
         self.bundles = TopicView()  # the bundle topic as read back: versions, pointer, pin
-        from trainer.export import DeltaPlanner
+        from trainer.export import DeltaPlanner, PackedTable
 
         # two-stage bundles between full ones go out as deltas (advrec/bundle.py)
         self.deltas = DeltaPlanner(settings.bundle_full_every_s, settings.bundle_delta_max_share)
+        self.packed = PackedTable()  # their int8 item rows, packed again only where changed
+        # the vocabulary last exported and its vocab.json, extended while items are only added
+        self.vocab_json: tuple[list[str | None], bytes] | None = None
         self.checkpoints = TopicView()  # the checkpoint topic as last read and written
         self.window = {"cand_hits": 0.0, "live_hits": 0.0, "n": 0}
         self.batches_since_export = 0
@@ -612,6 +616,7 @@ class Sidecar:
             export_two_stage_checked,
             scoring_model,
         )
+        from trainer.twostage import held_rows, scorer_parts
 
         started = time.perf_counter()
         ok, cand, live = self.gate()
@@ -627,16 +632,20 @@ class Sidecar:
             # G, plus the prior when its weight is > 0; with the two-stage parts, its item
             # tables rounded as their item table travels (int8 rows: advrec/bundle.py)
             big = len(learner.vocab) >= self.s.trainer_two_stage_items
-            scorer = scoring_model(learner, compact=big)
-            two_stage, two_stage_diff, delta = None, 0.0, None
+            # G's int8 rows, packed again only where training changed them since
+            packed = self.packed.update(learner.generator) if big else None
+            scorer = scoring_model(learner, compact=False if packed is None else packed)
+            generator = scorer_parts(scorer).generator  # the export's own copy of G
+            two_stage, two_stage_diff, delta, items = None, 0.0, None, None
             vocab = learner.vocab.items()
-            if big:
+            if packed is not None:
                 # the worker ranks a large catalogue with these (stream_app/retrieval.py);
                 # a part that disagrees with torch is an export failure like any other
+                items = held_rows(packed, generator)  # (V+1, D'+1): items.npy's array
                 two_stage, two_stage_diff = export_two_stage_checked(
                     scorer, learner.model_cfg.max_len, self._probe_histories(),
-                    PARITY_TOLERANCE)
-                delta = self.deltas.plan(two_stage, vocab)
+                    PARITY_TOLERANCE, stored=items)
+                delta = self.deltas.plan(two_stage, vocab, items)
             model_bytes: bytes | None = None
             diff = two_stage_diff
             if delta is None and (not big or len(vocab) < self.s.trainer_exact_below_items):
@@ -680,13 +689,18 @@ class Sidecar:
             meta["content"] = {"encoder": (self.encoder or TextEncoder()).meta,
                                "items": n_content, "content_only_rows": n_cold,
                                "config": dataclasses.asdict(learner.content_cfg)}
+        self.vocab_json = (vocab, vocab_json(vocab, self.vocab_json))
         version = write_bundle(self.s.bundle_dir, model_bytes, vocab, meta,
                                keep=self.s.bundles_keep, detector_bytes=detector_bytes,
                                two_stage=two_stage,
-                               delta=None if delta is None else delta[:2])
+                               delta=None if delta is None else delta[:2],
+                               vocab_bytes=self.vocab_json[1])
+        # the next gate's baseline ranks with the export's copy of G: what the fleet serves
+        same_device = learner.device.type == "cpu"
         return _Export(version, bundle_files(self.s.bundle_dir, version),
-                       None if delta is None else delta[0], two_stage, vocab,
-                       learner.frozen(), cand, live, int(window["n"]), started)
+                       None if delta is None else delta[0], two_stage, items, vocab,
+                       learner.frozen(generator if same_device else None), cand, live,
+                       int(window["n"]), started)
 
     def _export_detector(self) -> tuple[bytes | None, dict[str, Any] | None]:
         """The trained detector as ONNX, parity-checked, and what the bundle's meta says of
@@ -728,7 +742,7 @@ class Sidecar:
             return None
         self.bundles.note_published(done.manifest, done.tombstoned)
         self.deltas.published(version, prepared.two_stage, prepared.vocab,
-                              delta=prepared.base is not None)
+                              delta=prepared.base is not None, items=prepared.items)
         self.live = prepared.candidate
         self.m.exports.labels(outcome="published").inc()
         self.m.export_seconds.observe(time.perf_counter() - prepared.started)

@@ -55,7 +55,8 @@ from trainer.model import NEG, Generator
 from trainer.prior import HybridScorer, PriorScorer
 
 __all__ = ["COLD_CANDIDATES", "CandidateScorer", "ScorerParts", "UserEncoder",
-           "check_two_stage_parity", "export_two_stage", "item_vectors", "scorer_parts"]
+           "check_two_stage_parity", "export_two_stage", "held_rows", "item_vectors",
+           "scorer_parts"]
 
 OPSET = 17  # as trainer/export.py
 # content-only rows named per request: the content score ranks them, so the best M by it
@@ -188,18 +189,31 @@ def _export(module: nn.Module, args: tuple, names_in: list[str], names_out: list
     return buf.getvalue()
 
 
-def export_two_stage(scorer: nn.Module, max_len: int,
-                     n_cold: int = COLD_CANDIDATES) -> dict[str, bytes]:
-    """Export a ``scoring_model``'s two-stage parts: the bundle files (name -> bytes)."""
+def export_two_stage(scorer: nn.Module, max_len: int, n_cold: int = COLD_CANDIDATES,
+                     stored: np.ndarray | None = None) -> dict[str, bytes]:
+    """Export a ``scoring_model``'s two-stage parts: the bundle files (name -> bytes).
+    ``stored``: items.npy's array when the caller has it, ``held_rows`` of the int8 rows
+    G's table was rounded from (trainer/export.py ``PackedTable``): then it is not packed
+    again (at 1M items that was ~0.5 s of every export)."""
     scorer = scorer.cpu().eval()
     user_enc, rescorer = UserEncoder(scorer, n_cold).eval(), CandidateScorer(scorer).eval()
-    table = item_vectors(user_enc.generator)  # (V+1, D')
+    table = None if stored is not None else item_vectors(user_enc.generator)  # (V+1, D')
+    n_rows = len(stored if table is None else table)
+
+    def vectors_at(ids: torch.Tensor) -> torch.Tensor:
+        """G's rows as the index holds them (the trace's example inputs): [..., D']."""
+        if table is not None:
+            return torch.from_numpy(table)[ids]
+        assert stored is not None
+        flat = item_rows(stored[ids.reshape(-1).numpy()])  # (n, D')
+        return torch.from_numpy(flat).reshape(*ids.shape, flat.shape[1])
+
     history = torch.zeros((2, max_len), dtype=torch.int64)  # (B, L)
-    history[0, -1] = 1 if len(table) > 1 else 0
+    history[0, -1] = 1 if n_rows > 1 else 0
     args: tuple = (history,)
     names_in, axes = [TWO_STAGE_USER_INPUT], {TWO_STAGE_USER_INPUT: {0: "batch"}}
     if user_enc.reads_vectors:
-        args = (history, torch.from_numpy(table)[history])  # (B, L), (B, L, D')
+        args = (history, vectors_at(history))  # (B, L), (B, L, D')
         names_in.append(TWO_STAGE_USER_VECTORS)
         axes[TWO_STAGE_USER_VECTORS] = {0: "batch"}
     links: SparseRows | None = None
@@ -219,8 +233,8 @@ def export_two_stage(scorer: nn.Module, max_len: int,
          TWO_STAGE_USER_OUTPUTS[2]: {0: "batch", 1: "n_cold"}})
     with torch.no_grad():
         user = user_enc(*args)[0]  # (B, D')
-    rows = torch.tensor([[1, 0, 1], [0, 1, 1]], dtype=torch.int64) % len(table)  # (B, C)
-    vectors = torch.from_numpy(table)[rows]  # (B, C, D')
+    rows = torch.tensor([[1, 0, 1], [0, 1, 1]], dtype=torch.int64) % n_rows  # (B, C)
+    vectors = vectors_at(rows)  # (B, C, D')
     names = list(TWO_STAGE_RESCORE_INPUTS) + (list(LINK_INPUTS) if gathered else [])
     rescore_bytes = _export(
         rescorer, (history, user, rows, vectors, *gathered), names,
@@ -231,8 +245,19 @@ def export_two_stage(scorer: nn.Module, max_len: int,
     # int8 rows when that loses nothing (G's tables rounded by trainer/export.py
     # ``compact_item_tables``): a quarter of float32's bytes on the topic and in the bundle
     return {TWO_STAGE_USER: user_bytes, TWO_STAGE_RESCORE: rescore_bytes,
-            TWO_STAGE_ITEMS: npy_bytes(encode_item_rows(table)),
+            TWO_STAGE_ITEMS: npy_bytes(stored if table is None else encode_item_rows(table)),
             **(links.files() if links is not None else {})}
+
+
+def held_rows(packed: np.ndarray, generator: Generator) -> np.ndarray:
+    """items.npy's array from G's int8 rows [V+1, D'+1]: a copy with padding and the freed
+    rows zero, as ``item_vectors`` leaves them (an int8 row of zeros is all zeros)."""
+    assert packed.dtype == np.int8 and len(packed) == generator.n_items + 1, packed.shape
+    stored = packed.copy()  # (V+1, D'+1)
+    stored[0] = 0
+    if generator.hole_offset is not None:
+        stored[generator.hole_offset[: len(stored)].cpu().numpy() < 0] = 0
+    return stored
 
 
 def check_two_stage_parity(scorer: nn.Module, files: dict[str, bytes],

@@ -173,14 +173,10 @@ def _worker_cache(trainer: Path, cache: Path, *versions: str) -> None:
 
 def test_a_delta_carries_only_the_changed_rows_and_travels_without_the_whole_table(
         tmp_path: Path) -> None:
-    import io
-
-    import numpy as np
-
-    from advrec.bundle import DELTA_FILES, DELTA_ROWS, DELTA_VOCAB, bundle_files
+    from advrec.bundle import DELTA_CODEC, DELTA_FILES, DELTA_VOCAB, bundle_files, delta_rows
 
     base, delta, _, files = _base_and_delta(tmp_path)
-    assert np.load(io.BytesIO(files[DELTA_ROWS])).tolist() == [2, 4, 6, 7]
+    assert delta_rows(files).tolist() == [2, 4, 6, 7]
     assert json.loads(files[DELTA_VOCAB]) == {"size": 7, "rows": [[2, None], [6, "f"],
                                                                   [7, "g"]]}
     assert [n for n, _ in bundle_files(tmp_path, delta)] == [
@@ -188,6 +184,7 @@ def test_a_delta_carries_only_the_changed_rows_and_travels_without_the_whole_tab
     assert "items.npy" in [n for n, _ in bundle_files(tmp_path, base)]
     whole = load_bundle(tmp_path, delta)  # the writer's own copy is whole
     assert not whole.exact and whole.vocab[1] is None and whole.meta["delta"]["base"] == base
+    assert whole.meta["delta"]["codec"] == DELTA_CODEC
 
 
 @pytest.mark.parametrize("form", ["float16", "int8"])
@@ -205,6 +202,80 @@ def test_a_reader_rebuilds_a_delta_byte_for_byte_from_its_base(tmp_path: Path,
                 == (tmp_path / "trainer" / delta / name).read_bytes())
     rebuilt = load_bundle(cache, delta, model=False)
     assert rebuilt.vocab == ("a", None, "c", "d", "e", "f", "g") and not rebuilt.exact
+
+
+def test_a_delta_steps_int8_rows_across_their_whole_range_and_back_exactly(
+        tmp_path: Path) -> None:
+    import numpy as np
+
+    from advrec.bundle import TWO_STAGE_ITEMS, apply_delta, delta_files, write_bundle
+
+    rng = np.random.default_rng(5)
+    old = rng.integers(-127, 128, size=(6, 5)).astype(np.int8)  # (V+1, D'+1): levels, exp
+    new = old.copy()
+    new[1, :4] = np.where(old[1, :4] > 0, -127, 127)  # steps of up to 254 levels: they wrap
+    new[2, 4] = old[2, 4] - 3  # only the exponent moves
+    new[3] = 0  # a row zeroed (a freed item)
+    new = np.concatenate([new, rng.integers(-127, 128, size=(2, 5)).astype(np.int8)])
+    vocab0, vocab1 = list("abcde"), list("abcdefg")
+    trainer = tmp_path / "trainer"
+    base = write_bundle(trainer, b"model", vocab0, dict(META), two_stage=_parts(old))
+    delta = write_bundle(trainer, None, vocab1, dict(META), two_stage=_parts(new),
+                         delta=(base, delta_files(old, vocab0, new, vocab1)))
+    cache = tmp_path / "cache"
+    _worker_cache(trainer, cache, base, delta)
+    assert apply_delta(cache, delta)
+    assert np.array_equal(np.load(cache / delta / TWO_STAGE_ITEMS), new)
+
+
+def test_a_delta_of_small_steps_travels_in_a_fraction_of_its_rows_bytes() -> None:
+    import numpy as np
+
+    from advrec.bundle import DELTA_ITEMS, DELTA_ROWS, delta_files, delta_rows, int8_rows
+
+    rng = np.random.default_rng(6)
+    table = rng.normal(scale=0.3, size=(20_001, 65)).astype(np.float32)  # (V+1, D')
+    moved = table.copy()
+    rows = np.sort(rng.choice(np.arange(1, len(table)), 2_000, replace=False))
+    moved[rows] += rng.normal(scale=0.01, size=(len(rows), 65))  # a few levels each
+    old, new = int8_rows(table), int8_rows(moved)
+    vocab = [f"i{k}" for k in range(1, len(table))]
+    files = delta_files(old, vocab, new, vocab)
+    changed = delta_rows(files)
+    assert set(changed) <= set(rows) and len(changed) > 0.9 * len(rows)
+    plain = changed.nbytes + new[changed].nbytes  # the rows and their values as arrays
+    assert len(files[DELTA_ROWS]) + len(files[DELTA_ITEMS]) < 0.6 * plain
+
+
+def test_a_delta_an_earlier_trainer_wrote_as_plain_arrays_still_rebuilds(
+        tmp_path: Path) -> None:
+    import io
+
+    import numpy as np
+
+    from advrec.bundle import (
+        DELTA_ITEMS,
+        DELTA_ROWS,
+        TWO_STAGE_ITEMS,
+        apply_delta,
+        delta_rows,
+        sha256_hex,
+    )
+
+    base, delta, new, files = _base_and_delta(tmp_path / "trainer", "int8")
+    cache = tmp_path / "cache"
+    _worker_cache(tmp_path / "trainer", cache, base, delta)
+    rows = delta_rows(files)
+    plain = {DELTA_ROWS: _npy(rows), DELTA_ITEMS: _npy(new[rows])}  # no codec: as they are
+    meta = json.loads((cache / delta / "meta.json").read_text())
+    del meta["delta"]["codec"]
+    for name, data in plain.items():
+        (cache / delta / name).write_bytes(data)
+        meta["delta"]["sha256"][name] = sha256_hex(data)
+    (cache / delta / "meta.json").write_text(json.dumps(meta))
+    assert apply_delta(cache, delta)
+    assert np.array_equal(np.load(io.BytesIO((cache / delta / TWO_STAGE_ITEMS).read_bytes())),
+                          new)
 
 
 def test_a_delta_without_its_base_or_against_another_base_is_refused(tmp_path: Path) -> None:
@@ -249,6 +320,17 @@ def test_a_rebuilt_vocabulary_is_byte_for_byte_the_json_of_the_whole_list(
     whole = json.dumps(base, ensure_ascii=False).encode()
     assert _patched_vocab(whole, len(base), len(vocab), changes) == json.dumps(
         vocab, ensure_ascii=False).encode()
+
+
+@pytest.mark.parametrize("before, after", [(["a"], ["a"]), (["a"], ["a", "b", "c"]),
+                                           ([], ["a"]), (["a", "b"], ["a", None, "c"]),
+                                           (["a", "b"], ["b", "a"]), (["a", "b"], ["a"])])
+def test_a_vocabulary_extended_from_its_last_json_is_the_json_of_the_whole_list(
+        before: list, after: list) -> None:
+    from advrec.bundle import vocab_json
+
+    previous = (before, vocab_json(before))
+    assert vocab_json(after, previous) == json.dumps(after, ensure_ascii=False).encode()
 
 
 def test_int8_rows_keep_each_value_within_half_a_level_and_round_to_themselves() -> None:

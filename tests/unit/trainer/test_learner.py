@@ -374,6 +374,9 @@ def test_a_frozen_copy_ranks_as_the_learner_did_and_stays_put_while_it_trains() 
     for batch in batches[:4]:
         learner.train_batch(batch)
     frozen = learner.frozen()
+    idx, val = learner.cooc.table(len(learner.vocab) + 1)  # (V+1, K): copied whole
+    assert np.array_equal(frozen.prior_scorer().idx.numpy(), idx)
+    assert np.array_equal(frozen.prior_scorer().val.numpy(), val)
     probe = batches[4] + batches[5]
     before = learner.target_ranks(probe)["A"]
     assert np.array_equal(frozen.target_ranks(probe)["A"], before)

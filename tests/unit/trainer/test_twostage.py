@@ -17,7 +17,13 @@ from stream_app.retrieval import IndexConfig
 from stream_app.serving import load_model
 from tests.unit.trainer.planted import SMALL, planted_stream
 from trainer.content import ColdScorer, WithCold
-from trainer.export import ExportError, export_two_stage_checked, publish_bundle, scoring_model
+from trainer.export import (
+    ExportError,
+    PackedTable,
+    export_two_stage_checked,
+    publish_bundle,
+    scoring_model,
+)
 from trainer.learner import OnlineLearner, TrainConfig
 from trainer.prior import PriorConfig
 from trainer.twostage import (
@@ -25,7 +31,9 @@ from trainer.twostage import (
     UserEncoder,
     check_two_stage_parity,
     export_two_stage,
+    held_rows,
     item_vectors,
+    scorer_parts,
 )
 
 
@@ -332,3 +340,57 @@ def test_a_bundle_above_the_exact_size_has_no_exact_graph_and_ranks_in_two_stage
     with pytest.raises(BundleError) as refused:  # two-stage serving is off
         load_model(tmp_path, version, threads=1)
     assert refused.value.reason == "missing_model"
+
+
+def _scoring_rows(learner: OnlineLearner) -> np.ndarray:
+    """G's scoring rows as they are [V+1, D'], bias last: what ``PackedTable`` packs."""
+    g = learner.generator
+    rows = g.item_table().detach().numpy()  # (V+1, D)
+    bias = g.item_bias()
+    return rows if bias is None else np.concatenate([rows, bias.detach().numpy()[:, None]], 1)
+
+
+@pytest.mark.parametrize("item_bias", [False, True])
+def test_packed_rows_are_the_whole_tables_int8_rows_and_only_changed_rows_are_packed_again(
+        item_bias: bool) -> None:
+    from advrec.bundle import int8_rows
+
+    learner = trained(item_bias=item_bias)
+    packed = PackedTable()
+    first = packed.update(learner.generator)
+    assert np.array_equal(first, int8_rows(_scoring_rows(learner)))
+    assert packed.repacked == len(learner.vocab) + 1
+    assert packed.update(learner.generator) is not None and packed.repacked == 0
+    learner.train_batch(planted_stream(6, 8, seed=9)[5])  # a small batch: some rows move
+    learner.add_items(["new-1", "new-2"])
+    again = packed.update(learner.generator)
+    assert np.array_equal(again, int8_rows(_scoring_rows(learner)))
+    assert 2 <= packed.repacked < len(learner.vocab) + 1  # the two new rows, the moved ones
+    with torch.no_grad():
+        learner.generator.item_table()[3, 0] = float("nan")
+    with pytest.raises(ValueError):
+        packed.update(learner.generator)
+    with torch.no_grad():
+        learner.generator.item_table()[3, 0] = 0.25
+    assert np.array_equal(packed.update(learner.generator),
+                          int8_rows(_scoring_rows(learner)))
+
+
+@pytest.mark.parametrize("shape", ["G+prior", "G+bias+prior", "G untied+prior"])
+def test_an_export_from_packed_rows_is_the_export_that_packs_the_whole_table(
+        shape: str) -> None:
+    learner = trained(**SHAPES[shape])
+    learner.generator.set_holes([2, 5])  # rows a bounded vocabulary freed
+    whole = scoring_model(learner, compact=True)
+    packed = PackedTable().update(learner.generator)
+    scorer = scoring_model(learner, compact=packed)
+    h = torch.from_numpy(histories(16, len(learner.vocab)))
+    h[(h == 2) | (h == 5)] = 0  # histories hold no freed rows (they map to padding)
+    with torch.no_grad():  # the same rounded model, to the bit
+        assert torch.equal(scorer(h), whole(h))
+    stored = held_rows(packed, scorer_parts(scorer).generator)
+    files = export_two_stage(scorer, SMALL.max_len, stored=stored)
+    expected = export_two_stage(whole, SMALL.max_len)
+    for name in (TWO_STAGE_ITEMS, *(PRIOR_FILES if SHAPES[shape].get("prior", 1) else ())):
+        assert files[name] == expected[name], name
+    assert check_two_stage_parity(scorer, files, h.numpy()) < 1e-4
