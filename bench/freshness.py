@@ -79,6 +79,14 @@ def _ratio(total: float | None, n: float | None) -> float | None:
     return total / n if total is not None and n else None
 
 
+def _window(traffic: dict[str, dict[str, float]], key: str) -> float | None:
+    """How far the counter ``key`` moved between the window's "start" and "end" readings."""
+    try:
+        return traffic["end"][key] - traffic["start"][key]
+    except KeyError:
+        return None
+
+
 def scrape_kind(url: str, name: str, kind: str) -> float:
     """The value of the series ``name{kind="..."}`` at ``url``."""
     text = urlopen(url, timeout=5).read().decode()
@@ -149,7 +157,14 @@ def main() -> int:
                 "deltas_rebuilt": scrape(f"{url}/metrics", "advrec_bundle_deltas_total"),
                 **{kind: scrape_kind(f"{trainer_url}/metrics",
                                      "advrec_trainer_bundle_bytes_published_total", kind)
-                   for kind in ("full", "delta")}}
+                   for kind in ("full", "delta")},
+                # the worker's loads so far: the window's figures leave out the first
+                # load, whose full index build (minutes at 1M items) is the preload's
+                **{key: scrape(f"{url}/metrics", f"advrec_{name}")
+                   for key, name in (("model_loads", "model_load_seconds_count"),
+                                     ("load_seconds", "model_load_seconds_sum"),
+                                     ("index_loads", "index_build_seconds_count"),
+                                     ("index_seconds", "index_build_seconds_sum"))}}
         except (OSError, ValueError) as exc:
             print(f"could not read the traffic counters ({label}): {exc}", file=sys.stderr)
     probes: list[tuple[float, int]] = []
@@ -227,10 +242,7 @@ def main() -> int:
             index_counters.update(
                 loads=scrape(f"{url}/metrics", "advrec_index_build_seconds_count"),
                 rebuilds=scrape(f"{url}/metrics", "advrec_index_rebuild_seconds_count"),
-                rebuild_seconds=scrape(f"{url}/metrics", "advrec_index_rebuild_seconds_sum"),
-                index_seconds=scrape(f"{url}/metrics", "advrec_index_build_seconds_sum"),
-                model_loads=scrape(f"{url}/metrics", "advrec_model_load_seconds_count"),
-                load_seconds=scrape(f"{url}/metrics", "advrec_model_load_seconds_sum"))
+                rebuild_seconds=scrape(f"{url}/metrics", "advrec_index_rebuild_seconds_sum"))
         except OSError as exc:
             print(f"could not read the index counters: {exc}", file=sys.stderr)
         time.sleep(20)  # let the last probes reach a model
@@ -269,13 +281,13 @@ def main() -> int:
               "index": {k: index_counters.get(k)
                         for k in ("loads", "rebuilds", "rebuild_seconds")},
               # the worker's side of the delay: a bundle's verify, load and warm-up, of
-              # which the index's refresh (mean seconds per load)
+              # which the index's refresh (mean seconds per load), over the measured window
               "worker_load": {
-                  "loads": index_counters.get("model_loads"),
-                  "mean_s": _ratio(index_counters.get("load_seconds"),
-                                   index_counters.get("model_loads")),
-                  "index_mean_s": _ratio(index_counters.get("index_seconds"),
-                                         index_counters.get("loads"))},
+                  "loads": _window(traffic, "model_loads"),
+                  "mean_s": _ratio(_window(traffic, "load_seconds"),
+                                   _window(traffic, "model_loads")),
+                  "index_mean_s": _ratio(_window(traffic, "index_seconds"),
+                                         _window(traffic, "index_loads"))},
               "worker_rss_mib": {
                   "median": statistics.median(window_rss) if window_rss else None,
                   "peak": max(window_rss) if window_rss else None},

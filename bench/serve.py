@@ -22,7 +22,10 @@ There each swap is a delta against the bundle before it, as the trainer publishe
 full bundles (advrec/bundle.py): ``--delta-rows`` rows of the item table change (20,000:
 the trainer's deltas at 1M items averaged 1.89 MB, up to ~23k rows at 73 bytes each,
 bench/results/freshness-1000000.json) and ``--delta-items`` items are added; with
-``--full-swaps`` the whole bundle is published again each time instead.
+``--full-swaps`` the whole bundle is published again each time instead. The deltas are
+written before the swap slices start (whole bundles as they go): writing a 1M-item chain
+is the trainer's work, in its own container, and here it took this 2-core machine's CPU
+from the worker in the swapping slices only.
 Writes bench/results/serve.json (10k items) or serve-<items>.json.
 """
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import os
 import shutil
 import statistics
 import sys
@@ -39,6 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -167,7 +172,10 @@ def measure_swaps(url: str, paths: list[str], pid: int, bundles: Path, version: 
     each way swung from 0.8x to 1.7x between runs); peak RSS meanwhile. Each swap costs the
     worker what a trainer's publish does: rebuilding the bundle from its chunks, then
     loading and warming it. ``deltas`` (rows changed, items added): each bundle is a delta
-    against the one before it (the bundle must have the two-stage parts)."""
+    against the one before it (the bundle must have the two-stage parts), all of them
+    written before the slices start, so that the slices pay for the worker's work and not
+    for this process writing 1M-item tables: a trainer does that in a container of its own.
+    Whole bundles are written as they are published."""
     model = (bundles / version / "model.onnx").read_bytes()
     bundle = load_bundle(bundles, version)  # with its two-stage parts, if any
     done = threading.Event()
@@ -191,24 +199,35 @@ def measure_swaps(url: str, paths: list[str], pid: int, bundles: Path, version: 
         moved = item_rows(table[rows])  # (n_rows, D'), float32
         moved += rng.normal(scale=0.01, size=moved.shape).astype(np.float32)
         table[rows] = int8_rows(moved) if table.dtype == np.int8 else moved  # its own form
-        grown = [*vocab, *(f"new{published[0]}-{n}" for n in range(n_new))]
+        grown = [*vocab, *(f"new{meta['examples_seen']}-{n}" for n in range(n_new))]
         new = write_bundle(bundles, None, grown, meta, keep=3,
                            two_stage={**bundle.two_stage, TWO_STAGE_ITEMS: npy_bytes(table)},
                            delta=(chain["version"], delta_files(old, vocab, table, grown)))
         chain.update(version=new, table=table, vocab=grown)
         return new
 
+    def meta(n: int) -> dict:
+        return {"max_len": bundle.max_len, "last_event_ms": 0, "examples_seen": n,
+                "metrics": {}}
+
+    ready: list[tuple[str, list[tuple[str, bytes]]]] = []  # the deltas, in chain order
+    if deltas is not None:  # a slice of s seconds publishes at most s / 2 + 1
+        for n in tqdm(range(rounds * (int(seconds * 2 / rounds / 2.0) + 2)),
+                      desc="writing the deltas", unit="delta"):
+            new = next_delta(meta(n + 1))
+            ready.append((new, bundle_files(bundles, new)))
+        ready.reverse()
+
     def swapper(stop: threading.Event) -> None:
         while not stop.is_set():  # one at the slice's start, then every 2 s
             published[0] += 1
-            meta = {"max_len": bundle.max_len, "last_event_ms": 0,
-                    "examples_seen": published[0], "metrics": {}}
             if deltas is not None:
-                new = next_delta(meta)
+                assert ready, "more swaps than deltas written"
+                new, files = ready.pop()
             else:
-                new = write_bundle(bundles, model, bundle.vocab, meta, keep=3,
+                new = write_bundle(bundles, model, bundle.vocab, meta(published[0]), keep=3,
                                    two_stage=bundle.two_stage)
-            files = bundle_files(bundles, new)
+                files = bundle_files(bundles, new)
             sent_bytes[0] += sum(len(data) for _, data in files)
             topic.publish(new, files)
             stop.wait(2.0)
@@ -245,6 +264,7 @@ def measure_swaps(url: str, paths: list[str], pid: int, bundles: Path, version: 
     steady, swapping = _stats(*totals["steady"]), _stats(*totals["swapping"])
     return {"steady": steady, "swapping": swapping, "published": published[0],
             "kind": "full" if deltas is None else "delta",
+            "written_ahead": deltas is not None,
             "delta_rows": None if deltas is None else deltas[0],
             "delta_items": None if deltas is None else deltas[1],
             "mean_bytes_published": sent_bytes[0] / max(1, published[0]),
@@ -279,7 +299,10 @@ def main() -> int:
                                                 for e in events], progress=False))
     paths = [f"/recommendations/user{u}?k=10" for u in range(500)]
     result: dict = {"settings": vars(args), "machine": machine(), "n_items": n_items,
-                    "runs": {}}
+                    "runs": {},
+                    # the workers inherit this process's environment: settings changed there
+                    "worker_env": {k: v for k, v in os.environ.items()
+                                   if k.startswith("ADVREC_")}}
     # the same path with a much cheaper model (same 10k items, d=8, one layer): how far
     # the HTTP, state and batching path stays from the no-op when the model costs little
     tiny = run_dir / "tiny-bundles"

@@ -29,7 +29,8 @@ def _index_note(index: ItemIndex) -> str:
     if index.rebuilt:
         return (f", index built afresh in the background ({index.rebuild_seconds:.0f}s) "
                 "and refreshed")
-    note = ", index refreshed" if index.refreshed else ", index built afresh"
+    note = (", index refreshed in place (the spare graph)" if index.reused
+            else ", index refreshed" if index.refreshed else ", index built afresh")
     return note + (", a fresh one now building in the background" if index.rebuild_started
                    else "")
 

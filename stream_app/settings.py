@@ -87,6 +87,9 @@ class Settings:
     # this old or has grown by this share since its last full build (stream_app/retrieval.py)
     ann_rebuild_after_s: float = 900.0
     ann_rebuild_growth: float = 0.1
+    # keep the graph each refresh copied, to refresh it in place at the next load: one more
+    # graph in memory (~400 MiB at 1M items), no copy of it per swap (stream_app/retrieval.py)
+    ann_spare_graph: bool = True
     microbatch_max: int = 32  # requests merged into one model call
     microbatch_wait_ms: float = 2.0
     # a request whose model call has not answered by then gets a 503 (counted in
@@ -156,7 +159,8 @@ class Settings:
                            ef_construction=self.ann_ef_construction,
                            ef_search=self.ann_ef_search,
                            rebuild_after_s=self.ann_rebuild_after_s,
-                           rebuild_growth=self.ann_rebuild_growth)
+                           rebuild_growth=self.ann_rebuild_growth,
+                           spare=self.ann_spare_graph)
 
     @property
     def worker_dir(self) -> Path:

@@ -240,6 +240,56 @@ def finds_the_exact_top_10(index: retrieval.ItemIndex, table: np.ndarray,
     return np.array_equal(index.search(users, 10), exact)
 
 
+def holds_the_rows_of(index: retrieval.ItemIndex, table: np.ndarray) -> bool:
+    """Whether ``index`` stores exactly ``table``'s rows 1..V."""
+    rows = np.arange(1, len(table)).reshape(1, -1)
+    return len(index) == len(table) - 1 and np.array_equal(index.vectors(rows)[0], table[1:])
+
+
+def test_the_next_load_refreshes_the_spare_graph_in_place_once_its_index_is_gone() -> None:
+    rng, table, first = first_index(9)
+    graph = first.index
+    second_table = moved(table, rng, 3)
+    second = retrieval.ItemIndex(second_table, EVERY, previous=first)
+    assert second.refreshed and not second.reused and second.index is not graph
+    assert second.spare is not None and second.spare[1] is graph
+    del first  # its model left the server: nobody can search its graph any more
+    table = moved(second_table, rng, 5)
+    third = retrieval.ItemIndex(table, EVERY, previous=second)
+    assert third.refreshed and third.reused and third.index is graph  # no copy
+    assert holds_the_rows_of(third, table) and finds_the_exact_top_10(third, table, rng)
+    assert second.spare is None and third.spare is not None and third.spare[1] is second.index
+    assert holds_the_rows_of(second, second_table)  # the live graph was not touched
+    assert finds_the_exact_top_10(second, second_table, rng)
+
+
+def test_a_spare_whose_index_may_still_serve_is_copied_not_overwritten() -> None:
+    rng, first_table, first = first_index(10)
+    second = retrieval.ItemIndex(moved(first_table, rng), EVERY, previous=first)
+    # ``first`` still held, as by a request admitted under its model: its graph is read
+    table = moved(first_table, rng, 2)
+    third = retrieval.ItemIndex(table, EVERY, previous=second)
+    assert third.refreshed and not third.reused
+    assert third.index is not first.index and third.index is not second.index
+    assert holds_the_rows_of(first, first_table)
+    assert finds_the_exact_top_10(first, first_table, rng)
+    assert holds_the_rows_of(third, table) and finds_the_exact_top_10(third, table, rng)
+
+
+def test_without_a_spare_graph_every_refresh_copies_the_live_graph() -> None:
+    import dataclasses
+
+    config = dataclasses.replace(EVERY, spare=False)
+    rng, table, first = first_index(11)
+    second = retrieval.ItemIndex(moved(table, rng), config, previous=first)
+    graph = first.index
+    del first
+    table = moved(table, rng, 4)
+    third = retrieval.ItemIndex(table, config, previous=second)
+    assert second.spare is None and third.refreshed and not third.reused
+    assert third.index is not graph and finds_the_exact_top_10(third, table, rng)
+
+
 @pytest.mark.parametrize("why", ["graph too old", "grown too much"])
 def test_a_due_graph_is_rebuilt_in_the_background_while_loads_keep_refreshing(
         why: str) -> None:
@@ -258,6 +308,7 @@ def test_a_due_graph_is_rebuilt_in_the_background_while_loads_keep_refreshing(
     table = moved(table, rng, 7)  # the next bundle moves every row and adds 7
     adopted = retrieval.ItemIndex(table, EVERY, previous=due)
     assert adopted.refreshed and adopted.rebuilt and adopted.rebuild is None
+    assert adopted.spare is None and due.spare is None  # the old graph is no spare of it
     assert adopted.built_at > first.built_at and adopted.built_rows == len(due)
     assert adopted.rebuild_seconds is not None and not adopted.due(EVERY)
     rows = np.arange(1, len(table)).reshape(1, -1)
@@ -343,7 +394,8 @@ def test_a_swap_refreshes_the_live_index_and_ranks_as_the_exact_path(tmp_path: P
         users, ks)  # the live model is untouched by its successor's refresh
 
 
-async def test_the_watcher_refreshes_the_live_index_on_a_swap(tmp_path: Path) -> None:
+async def test_the_watcher_refreshes_the_live_index_and_then_the_spare_in_place(
+        tmp_path: Path) -> None:
     metrics = StreamMetrics.create()
     server = ModelServer(metrics=metrics)
     watcher = BundleWatcher(tmp_path, server, metrics=metrics, index=EVERY)
@@ -357,7 +409,16 @@ async def test_the_watcher_refreshes_the_live_index_on_a_swap(tmp_path: Path) ->
         items, version = await server.recommend(history, 10)
         rows = exact.recommend_batch([history], [10])[0]
         assert version == second and items == [VOCAB[r - 1] for r in rows]
-    assert metrics.registry.get_sample_value("advrec_index_build_seconds_count") == 2
+    # the first model has left the server: the third refreshes its graph in place
+    third = publish_toy(tmp_path, VOCAB, seed=2, two_stage=toy_two_stage(N_ITEMS, seed=2))
+    assert await watcher.activate(third)
+    assert server.current.version == third and server.current.two_stage.index.reused
+    exact = load_model(tmp_path, third)
+    for history in histories(10, seed=6):
+        items, version = await server.recommend(history, 10)
+        rows = exact.recommend_batch([history], [10])[0]
+        assert version == third and items == [VOCAB[r - 1] for r in rows]
+    assert metrics.registry.get_sample_value("advrec_index_build_seconds_count") == 3
     await server.stop()
 
 
