@@ -394,6 +394,19 @@ def test_a_swap_refreshes_the_live_index_and_ranks_as_the_exact_path(tmp_path: P
         users, ks)  # the live model is untouched by its successor's refresh
 
 
+async def serves_as_the_exact_path(server: ModelServer, root: Path, version: str,
+                                   seed: int) -> bool:
+    """Whether ``server`` answers 10 random histories with ``version`` and the exact path's
+    top 10 of that bundle."""
+    exact = load_model(root, version)
+    for history in histories(10, seed=seed):
+        items, served = await server.recommend(history, 10)
+        rows = exact.recommend_batch([history], [10])[0]
+        if served != version or items != [VOCAB[r - 1] for r in rows]:
+            return False
+    return True
+
+
 async def test_the_watcher_refreshes_the_live_index_and_then_the_spare_in_place(
         tmp_path: Path) -> None:
     metrics = StreamMetrics.create()
@@ -404,20 +417,12 @@ async def test_the_watcher_refreshes_the_live_index_and_then_the_spare_in_place(
     second = publish_toy(tmp_path, VOCAB, seed=1, two_stage=toy_two_stage(N_ITEMS, seed=1))
     assert await watcher.activate(second)
     assert server.current.version == second and server.current.two_stage.index.refreshed
-    exact = load_model(tmp_path, second)
-    for history in histories(10, seed=5):
-        items, version = await server.recommend(history, 10)
-        rows = exact.recommend_batch([history], [10])[0]
-        assert version == second and items == [VOCAB[r - 1] for r in rows]
+    assert await serves_as_the_exact_path(server, tmp_path, second, seed=5)
     # the first model has left the server: the third refreshes its graph in place
     third = publish_toy(tmp_path, VOCAB, seed=2, two_stage=toy_two_stage(N_ITEMS, seed=2))
     assert await watcher.activate(third)
     assert server.current.version == third and server.current.two_stage.index.reused
-    exact = load_model(tmp_path, third)
-    for history in histories(10, seed=6):
-        items, version = await server.recommend(history, 10)
-        rows = exact.recommend_batch([history], [10])[0]
-        assert version == third and items == [VOCAB[r - 1] for r in rows]
+    assert await serves_as_the_exact_path(server, tmp_path, third, seed=6)
     assert metrics.registry.get_sample_value("advrec_index_build_seconds_count") == 3
     await server.stop()
 
@@ -438,9 +443,5 @@ async def test_the_watcher_swaps_in_a_graph_rebuilt_in_the_background(tmp_path: 
     assert await watcher.activate(third)
     assert server.current.version == third and server.current.two_stage.index.rebuilt
     assert metrics.registry.get_sample_value("advrec_index_rebuild_seconds_count") == 1
-    exact = load_model(tmp_path, third)
-    for history in histories(10, seed=7):
-        items, version = await server.recommend(history, 10)
-        rows = exact.recommend_batch([history], [10])[0]
-        assert version == third and items == [VOCAB[r - 1] for r in rows]
+    assert await serves_as_the_exact_path(server, tmp_path, third, seed=7)
     await server.stop()
