@@ -347,13 +347,21 @@ class BundleFeed:
             self._report_pin()
 
     def _prune(self) -> None:
-        """Keep the newest ``bundles_keep`` rebuilt versions, and whatever is live, loading,
-        current or pinned; remove every other version from the cache."""
+        """Keep the newest ``bundles_keep`` rebuilt versions, the newest whole bundle (not a
+        delta) not refused, and whatever is live, loading, current or pinned; remove every
+        other version from the cache."""
         keep = set(list(self.manifests)[-self.s.bundles_keep:])
         live = self.watcher.server.current
         snap = self.snapshot
         keep |= {snap.pointer, snap.pin.version if snap.pin else None,
                  live.version if live else None, self.watcher.loading}
+        # what a worker with nothing live falls back to when every delta after it is refused
+        # (``wanted``): the newest version whose bytes came whole, not rebuilt from a chain
+        rejected = self.watcher.rejected
+        whole = [v for v, m in self.manifests.items()
+                 if "base" not in m.meta and v not in rejected]
+        if whole:
+            keep.add(whole[-1])
         # a delta is rebuilt from its base: the base stays while a delta kept needs it
         keep |= {base for v in keep if v in self.manifests
                  and isinstance(base := self.manifests[v].meta.get("base"), str)}

@@ -150,9 +150,9 @@ def test_a_delta_is_rebuilt_from_its_base_which_stays_in_the_cache_and_serves(
                      two_stage={**parts, TWO_STAGE_ITEMS: npy(new)},
                      delta=(base, delta_files(old, old_vocab, new, vocab)))
         topic.put_version(version, bundle_files(topic.scratch, version), {"base": base})
-    # keep 1: v1 leaves the cache; v2 stays as v3's base
-    assert feed.snapshot.local == ("v2", "v3") and feed.snapshot.target == "v3"
-    assert list_versions(feed.watcher.root) == ["v2", "v3"]
+    # keep 1: v2 stays as v3's base, v1 as the newest whole bundle
+    assert feed.snapshot.local == ("v1", "v2", "v3") and feed.snapshot.target == "v3"
+    assert list_versions(feed.watcher.root) == ["v1", "v2", "v3"]
     assert feed.metrics.registry.get_sample_value("advrec_bundle_deltas_total") == 2
     assert np.array_equal(np.load(feed.watcher.root / "v3" / TWO_STAGE_ITEMS), table2)
     # a delta has no exact graph: it is ranked in two stages whatever the switch says
@@ -174,6 +174,38 @@ def test_a_delta_is_rebuilt_from_its_base_which_stays_in_the_cache_and_serves(
     live = load_model(topic.scratch, "v1", index=config)
     skipped = load_model(feed.watcher.root, "v3", index=config, previous=live)
     assert skipped.index is live.index and skipped.bundle.vocab == fresh.bundle.vocab
+
+
+def test_a_fresh_worker_whose_deltas_are_all_refused_falls_back_to_their_whole_bundle(
+        tmp_path: Path) -> None:
+    import io
+
+    import numpy as np
+
+    from advrec.bundle import TWO_STAGE_ITEMS, delta_files
+    from advrec.links import npy_bytes
+    from tests.bundles import toy_two_stage
+
+    feed, topic = make_feed(tmp_path, keep=1)
+    parts = toy_two_stage(len(VOCAB))
+    table = np.load(io.BytesIO(parts[TWO_STAGE_ITEMS]))
+    meta = {"max_len": 5, "last_event_ms": 0}
+    write_bundle(topic.scratch, None, VOCAB, {**meta, "version": "v1"}, two_stage=parts)
+    topic.put_version("v1", bundle_files(topic.scratch, "v1"))
+    for n in range(2, 6):  # a chain of four deltas, each moving one row
+        new = table.copy()
+        new[n] += 1.0
+        write_bundle(topic.scratch, None, VOCAB, {**meta, "version": f"v{n}"},
+                     two_stage={**parts, TWO_STAGE_ITEMS: npy_bytes(new)},
+                     delta=(f"v{n - 1}", delta_files(table, VOCAB, new, VOCAB)))
+        topic.put_version(f"v{n}", bundle_files(topic.scratch, f"v{n}"), {"base": f"v{n - 1}"})
+        table = new
+    assert feed.snapshot.local == ("v1", "v4", "v5") and feed.wanted() == "v5"
+    for version in ("v5", "v4"):  # each refused as it is tried (say, it does not load)
+        feed.watcher.rejected[version] = "vocab_mismatch"
+    assert feed.wanted() == "v1"
+    feed._prune()
+    assert "v1" in list_versions(feed.watcher.root) and feed.wanted() == "v1"
 
 
 def test_a_delta_whose_base_never_came_is_refused(tmp_path: Path) -> None:
