@@ -21,6 +21,7 @@ import torch
 
 from advrec.contract import TrainingExample
 from advrec.encoding import model_input
+from advrec.links import SparseRows
 from advrec.types import ItemId
 from trainer.adversarial import (
     AdversarialConfig,
@@ -431,23 +432,28 @@ class OnlineLearner:
         idx, val = self.cooc.table(self.generator.n_items + 1)  # (V+1, K) each
         return PriorScorer(idx, val, self.prior_cfg).to(self.device)
 
-    def frozen(self, generator: Generator | None = None) -> OnlineLearner:
+    def frozen(self, generator: Generator | None = None,
+               links: SparseRows | None = None) -> OnlineLearner:
         """A copy that ranks (``evaluate_batch``, ``scorer``) as this learner does now and
         never trains: what the trainer's quality gate compares each candidate with.
         ``generator``: a copy of G to rank with instead of a fresh ``live_copy`` (the
         export's, which it no longer changes: one 256 MB copy less at 1M items).
+        ``links``: the prior's table as it stands now, as rows of links (the two-stage
+        bundle's own, ``advrec.links.SparseRows``), when the caller has them.
 
         Only what ranking reads is copied: G, the vocabulary, the content, the counts; the
-        prior as its fixed table. Not D, the optimizers, the replay buffer or the
-        co-occurrence counts, which ``copy.deepcopy`` took ~23 s to copy at 1M items (a
-        dict per item).
+        prior as its links (``PriorScorer.from_links``). Not D, the optimizers, the replay
+        buffer or the co-occurrence counts, which ``copy.deepcopy`` took ~23 s to copy at
+        1M items (a dict per item).
         """
         skip = (self.discriminator, self.g_optimizer, self.d_optimizer, self.replay,
                 self.cooc, self.vocab, self.adv_state)
         prior = None
-        if self.prior_cfg.weight > 0:  # its own copy of the table (the scorer may share it)
+        if self.prior_cfg.weight > 0:
             idx, val = self.cooc.table(self.generator.n_items + 1)  # (V+1, K) each
-            prior = PriorScorer(*_linked_copy(idx, val), self.prior_cfg).to(self.device)
+            if links is None or links.rows is not None or links.n_rows != len(idx):
+                links = SparseRows.from_dense(idx, val)
+            prior = PriorScorer.from_links(links, idx.shape[1], self.prior_cfg).to(self.device)
         memo: dict[int, Any] = {id(x): None for x in skip}
         memo[id(self.generator)] = (self.generator.live_copy() if generator is None
                                     else generator)
@@ -753,15 +759,3 @@ class OnlineLearner:
         learner.load_state_dict(state)
         return learner
 
-
-def _linked_copy(idx: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A copy of the prior's table (idx, val) [V+1, K] that writes only its rows with links.
-
-    A row's links fill it from column 0 and the rest is (0, 0.0) (``Cooccurrence.table``),
-    so a row is all padding when its first entry is; the copy starts from zeroed memory the
-    OS hands out lazily. At 1M items x 64 links most rows have none: copying the whole
-    512 MB took ~0.45 s of every export, and held that memory for the gate's baseline."""
-    rows = np.flatnonzero((idx[:, 0] != 0) | (val[:, 0] != 0))  # (r,)
-    idx_copy, val_copy = np.zeros(idx.shape, idx.dtype), np.zeros(val.shape, val.dtype)
-    idx_copy[rows], val_copy[rows] = idx[rows], val[rows]
-    return idx_copy, val_copy

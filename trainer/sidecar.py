@@ -49,6 +49,7 @@ from advrec.channel_io import ChannelPublisher, follow_topic, last_record
 from advrec.config import ConfigError, settings_as_dict
 from advrec.contract import TrainingExample, decode_batch
 from advrec.flags import FLAGGED, READMITTED, FlagBook, FlagError, FlagRecord, publish_flags
+from advrec.links import PRIOR_FILES, SparseRows
 from advrec.memory import release_freed_memory
 from advrec.topics import ITEMS_CONFIG, TopicSpec, channel_topics, ensure_topics
 from trainer.settings import TrainerSettings, load_trainer_settings
@@ -610,13 +611,15 @@ class Sidecar:
     def prepare_export(self) -> _Export | None:
         """Gate, export, check parity and write the bundle locally (blocking); None if it
         must not be published."""
-        from trainer.export import (
-            check_parity,
-            export_onnx,
-            export_two_stage_checked,
-            scoring_model,
+        from advrec.bundle import delta_rows
+        from trainer.export import ExportError, check_parity, export_onnx, scoring_model
+        from trainer.twostage import (
+            check_two_stage_parity,
+            export_two_stage,
+            held_rows,
+            parity_rows,
+            scorer_parts,
         )
-        from trainer.twostage import held_rows, scorer_parts
 
         started = time.perf_counter()
         ok, cand, live = self.gate()
@@ -642,10 +645,16 @@ class Sidecar:
                 # the worker ranks a large catalogue with these (stream_app/retrieval.py);
                 # a part that disagrees with torch is an export failure like any other
                 items = held_rows(packed, generator)  # (V+1, D'+1): items.npy's array
-                two_stage, two_stage_diff = export_two_stage_checked(
-                    scorer, learner.model_cfg.max_len, self._probe_histories(),
-                    PARITY_TOLERANCE, stored=items)
+                two_stage = export_two_stage(scorer, learner.model_cfg.max_len, stored=items)
                 delta = self.deltas.plan(two_stage, vocab, items)
+                # a delta's other rows are the bytes of the bundle it extends, checked then
+                two_stage_diff = check_two_stage_parity(
+                    scorer, two_stage, self._probe_histories(), stored=items,
+                    rows=None if delta is None else parity_rows(delta_rows(delta[1]),
+                                                                len(items)))
+                if not two_stage_diff <= PARITY_TOLERANCE:
+                    raise ExportError(f"two-stage ONNX scores differ from torch by "
+                                      f"{two_stage_diff:.3g} > {PARITY_TOLERANCE:g}")
             model_bytes: bytes | None = None
             diff = two_stage_diff
             if delta is None and (not big or len(vocab) < self.s.trainer_exact_below_items):
@@ -695,12 +704,15 @@ class Sidecar:
                                two_stage=two_stage,
                                delta=None if delta is None else delta[:2],
                                vocab_bytes=self.vocab_json[1])
-        # the next gate's baseline ranks with the export's copy of G: what the fleet serves
+        # the next gate's baseline ranks with the export's copy of G and the prior's links
+        # as the bundle carries them: what the fleet serves
         same_device = learner.device.type == "cpu"
+        links = (SparseRows.from_files(two_stage)
+                 if two_stage is not None and PRIOR_FILES[0] in two_stage else None)
         return _Export(version, bundle_files(self.s.bundle_dir, version),
                        None if delta is None else delta[0], two_stage, items, vocab,
-                       learner.frozen(generator if same_device else None), cand, live,
-                       int(window["n"]), started)
+                       learner.frozen(generator if same_device else None, links), cand,
+                       live, int(window["n"]), started)
 
     def _export_detector(self) -> tuple[bytes | None, dict[str, Any] | None]:
         """The trained detector as ONNX, parity-checked, and what the bundle's meta says of

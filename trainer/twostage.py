@@ -56,7 +56,7 @@ from trainer.prior import HybridScorer, PriorScorer
 
 __all__ = ["COLD_CANDIDATES", "CandidateScorer", "ScorerParts", "UserEncoder",
            "check_two_stage_parity", "export_two_stage", "held_rows", "item_vectors",
-           "scorer_parts"]
+           "parity_rows", "scorer_parts"]
 
 OPSET = 17  # as trainer/export.py
 # content-only rows named per request: the content score ranks them, so the best M by it
@@ -220,9 +220,10 @@ def export_two_stage(scorer: nn.Module, max_len: int, n_cold: int = COLD_CANDIDA
     gathered: tuple = ()
     if user_enc.prior is not None:
         prior = user_enc.prior
-        links = SparseRows.from_dense(prior.idx.numpy(), prior.val.numpy())
+        links = (prior.sparse if prior.sparse is not None
+                 else SparseRows.from_dense(prior.idx.numpy(), prior.val.numpy()))
         gathered = tuple(torch.from_numpy(a) for a in links.gather(
-            prior.recent(history).numpy(), int(prior.idx.shape[1])))  # (B, R, K) each
+            prior.recent(history).numpy(), prior.top_k))  # (B, R, K) each
         args = (*args, *gathered)
         names_in.extend(LINK_INPUTS)
         axes.update({name: {0: "batch"} for name in LINK_INPUTS})
@@ -261,17 +262,32 @@ def held_rows(packed: np.ndarray, generator: Generator) -> np.ndarray:
 
 
 def check_two_stage_parity(scorer: nn.Module, files: dict[str, bytes],
-                           histories: np.ndarray, n_random: int = 64) -> float:
+                           histories: np.ndarray, n_random: int = 64, *,
+                           stored: np.ndarray | None = None,
+                           rows: np.ndarray | None = None) -> float:
     """Return the largest |torch - onnxruntime| over: user . items against G's scores of
-    every row, and the rescored candidates (random rows, the linked and the content rows)
-    against the full scorer's scores at those rows; inf on NaN or a shape mismatch."""
+    every row (or of ``rows``), and the rescored candidates (random rows, the linked and the
+    content rows) against the full scorer's scores at those rows; inf on NaN or a shape
+    mismatch. ``stored``: items.npy's array when the caller has it (else read from
+    ``files``). ``rows``: the table's rows to compare user . items at (``parity_rows``: a
+    delta's changed rows and a sample of the rest; at 1M items the whole table cost ~0.4 s
+    of every export); None: every row."""
     import onnxruntime as ort
 
     scorer = scorer.cpu().eval()
     parts = scorer_parts(scorer)
     history = torch.as_tensor(np.asarray(histories), dtype=torch.int64)  # (B, L)
-    table = item_rows(np.load(io.BytesIO(files[TWO_STAGE_ITEMS]), allow_pickle=False)
-                      )  # (V+1, D'), int8, float16 or float32 in the file
+    if stored is None:  # int8, float16 or float32 rows in the file
+        stored = np.load(io.BytesIO(files[TWO_STAGE_ITEMS]), allow_pickle=False)
+    table = item_rows(stored) if rows is None else None  # (V+1, D'): all of it, once
+
+    def vectors(ids: np.ndarray) -> np.ndarray:
+        """The table's float32 rows at ``ids`` [...] -> [..., D'], as the worker reads them."""
+        if table is not None:
+            return table[ids]
+        flat = item_rows(stored[ids.reshape(-1)])  # (n, D')
+        return flat.reshape(*ids.shape, flat.shape[1])
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1  # a check, not a benchmark
 
@@ -281,7 +297,7 @@ def check_two_stage_parity(scorer: nn.Module, files: dict[str, bytes],
     user_session = session(TWO_STAGE_USER)
     feed = {TWO_STAGE_USER_INPUT: history.numpy()}
     if TWO_STAGE_USER_VECTORS in {i.name for i in user_session.get_inputs()}:
-        feed[TWO_STAGE_USER_VECTORS] = table[history.numpy()]  # (B, L, D'), as the worker
+        feed[TWO_STAGE_USER_VECTORS] = vectors(history.numpy())  # (B, L, D'), as the worker
     shape = link_shape(user_session)  # the links, gathered as the worker gathers them
     links = ({} if shape is None
              else link_inputs(SparseRows.from_files(files), shape, history.numpy()))
@@ -291,22 +307,37 @@ def check_two_stage_parity(scorer: nn.Module, files: dict[str, bytes],
     with torch.no_grad():
         expected_g = parts.generator(history).numpy()  # (B, V+1)
         expected = scorer(history).numpy()  # (B, V+1)
-    got_g = user @ table.T  # (B, V+1)
-    if got_g.shape != expected_g.shape or not np.isfinite(got_g).all():
+    if expected_g.shape != (len(history), len(stored)):
         return float("inf")
     held = expected_g[0] > NEG / 10  # (V+1,): not padding, not a freed row (G scores NEG)
-    diff = float(np.abs(got_g[:, held] - expected_g[:, held]).max(initial=0.0))
+    columns = np.arange(len(stored)) if rows is None else rows  # (n,)
+    got_g = user @ (table.T if table is not None else vectors(columns).T)  # (B, n)
+    if got_g.shape != (len(history), len(columns)) or not np.isfinite(got_g).all():
+        return float("inf")
+    compared = columns[held[columns]]  # (m,)
+    diff = float(np.abs(got_g[:, held[columns]] - expected_g[:, compared]).max(initial=0.0))
     rng = np.random.default_rng(0)
-    random_rows = rng.integers(1, len(table), (len(history), n_random))  # (B, n)
-    rows = np.concatenate([random_rows, linked, cold], axis=1).astype(np.int64)  # (B, C)
+    random_rows = rng.integers(1, len(stored), (len(history), n_random))  # (B, n)
+    candidates = np.concatenate([random_rows, linked, cold], axis=1).astype(np.int64)  # (B, C)
     rescore = session(TWO_STAGE_RESCORE)
     reads = {i.name for i in rescore.get_inputs()}  # history is dropped when G alone scores
-    feed = {**dict(zip(TWO_STAGE_RESCORE_INPUTS, (history.numpy(), user, rows, table[rows]),
-                       strict=True)), **links}
+    feed = {**dict(zip(TWO_STAGE_RESCORE_INPUTS,
+                       (history.numpy(), user, candidates, vectors(candidates)), strict=True)),
+            **links}
     (scores,) = rescore.run([TWO_STAGE_RESCORE_OUTPUT],
                             {name: value for name, value in feed.items() if name in reads})
-    want = np.take_along_axis(expected, rows, axis=1)  # (B, C)
-    live = held[rows]  # padding and freed rows are never candidates
+    want = np.take_along_axis(expected, candidates, axis=1)  # (B, C)
+    live = held[candidates]  # padding and freed rows are never candidates
     if scores.shape != want.shape or not np.isfinite(scores[live]).all():
         return float("inf")
     return max(diff, float(np.abs(scores[live] - want[live]).max(initial=0.0)))
+
+
+def parity_rows(changed: np.ndarray, n_rows: int, n_sample: int = 16384,
+                seed: int = 0) -> np.ndarray:
+    """The rows a delta bundle's parity check compares: the ``changed`` ones and a random
+    ``n_sample`` of the table's ``n_rows`` (ascending, unique, int64). The others are the
+    bytes of the bundle the delta extends, checked when it went out, and the user encoder,
+    new in every bundle, scores against the sample as it does against the rest."""
+    sample = np.random.default_rng(seed).integers(0, n_rows, min(n_sample, n_rows))
+    return np.unique(np.concatenate([np.asarray(changed, dtype=np.int64), sample]))

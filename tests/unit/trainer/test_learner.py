@@ -374,9 +374,11 @@ def test_a_frozen_copy_ranks_as_the_learner_did_and_stays_put_while_it_trains() 
     for batch in batches[:4]:
         learner.train_batch(batch)
     frozen = learner.frozen()
-    idx, val = learner.cooc.table(len(learner.vocab) + 1)  # (V+1, K): copied whole
-    assert np.array_equal(frozen.prior_scorer().idx.numpy(), idx)
-    assert np.array_equal(frozen.prior_scorer().val.numpy(), val)
+    idx, val = learner.cooc.table(len(learner.vocab) + 1)  # (V+1, K): kept as rows of links
+    links = frozen.prior_scorer().sparse
+    assert links is not None and links.n_rows == len(idx)
+    got = links.gather(np.arange(len(idx)), idx.shape[1])  # (V+1, K) each
+    assert np.array_equal(got[0], idx) and np.array_equal(got[1], val)
     probe = batches[4] + batches[5]
     before = learner.target_ranks(probe)["A"]
     assert np.array_equal(frozen.target_ranks(probe)["A"], before)

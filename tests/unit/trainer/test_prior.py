@@ -75,6 +75,31 @@ def test_ranking_in_place_gives_the_dense_graphs_scores_exactly() -> None:
     assert torch.equal(fast[2], logits[2])
 
 
+def test_a_scorer_holding_its_links_as_rows_scores_as_the_dense_table() -> None:
+    from advrec.links import SparseRows
+
+    cfg = PriorConfig(weight=1.0, top_k=8, n_recent=3)
+    rng = np.random.default_rng(1)
+    n_rows = 60
+    c = Cooccurrence.from_config(cfg)
+    for _ in range(300):
+        history = rng.integers(1, n_rows - 10, size=int(rng.integers(1, 5))).tolist()
+        c.learn(history, int(rng.integers(1, n_rows - 10)))
+    idx, val = c.table(n_rows)  # rows 50.. have no links
+    dense = PriorScorer(idx, val, cfg)
+    sparse = PriorScorer.from_links(SparseRows.from_dense(idx, val), 8, cfg)
+    assert sparse.idx.numel() == 8  # the table is not held twice
+    history = torch.from_numpy(rng.integers(0, n_rows, size=(7, 6)))  # (7, 6)
+    history[1] = 0
+    logits = torch.randn(7, n_rows)
+    assert torch.equal(sparse(history, logits), dense(history, logits))
+    assert torch.equal(sparse.add_to(history, logits.clone(), 0.3),
+                       dense.add_to(history, logits.clone(), 0.3))
+    rows = torch.from_numpy(rng.integers(0, n_rows, size=(7, 5)))  # (7, 5)
+    assert torch.equal(sparse.at(history, rows), dense.at(history, rows))
+    assert not torch.equal(sparse(history, logits), torch.zeros(7, n_rows))
+
+
 def test_item_knn_ranks_as_before_on_its_shared_counts() -> None:
     knn = ItemKNN(n_recent=2, decay=0.5, backward=0.5)
     examples = [TrainingExample("u", ("a",), "b", 1), TrainingExample("u", ("a", "b"), "c", 2),

@@ -33,6 +33,7 @@ from trainer.twostage import (
     export_two_stage,
     held_rows,
     item_vectors,
+    parity_rows,
     scorer_parts,
 )
 
@@ -125,6 +126,23 @@ def test_a_two_stage_part_that_disagrees_with_torch_is_not_published() -> None:
     assert check_two_stage_parity(scoring_model(learner), files, h) > 1e-3
     with pytest.raises(ExportError):
         export_two_stage_checked(scorer, SMALL.max_len, h, parity_tol=-1.0)
+
+
+def test_the_parity_check_compares_the_rows_it_is_given() -> None:
+    learner = trained()
+    scorer = scoring_model(learner)
+    files = export_two_stage(scorer, SMALL.max_len)
+    table = item_rows(np.load(io.BytesIO(files[TWO_STAGE_ITEMS])))  # (V+1, D') float32
+    h = histories(5, len(learner.vocab))
+    every = np.arange(len(table))
+    whole = check_two_stage_parity(scorer, files, h)
+    assert check_two_stage_parity(scorer, files, h, stored=table, rows=every) == whole < 1e-4
+    bad = table.copy()
+    bad[3] += 1.0  # a row the bundle would carry wrong
+    assert check_two_stage_parity(scorer, files, h, stored=bad, rows=np.array([3])) > 1e-3
+    rows = parity_rows(np.array([7, 3, 3]), n_rows=1000, n_sample=50)
+    assert {3, 7} <= set(rows.tolist()) and 40 < len(rows) <= 52
+    assert np.array_equal(rows, np.unique(rows)) and rows.max() < 1000
 
 
 def test_a_published_bundle_ranks_alike_on_both_paths(tmp_path: Path) -> None:
@@ -263,11 +281,19 @@ def test_between_full_bundles_the_sidecar_publishes_deltas_a_worker_rebuilds_and
     import shutil
 
     from advrec.bundle import DELTA_FILES, DELTA_PRIOR_FILES, MODEL_FILE, apply_delta
+    from advrec.contract import decode_batch
 
     sidecar = _sidecar(tmp_path, ADVREC_BUNDLE_DELTA_MAX_SHARE="1")
     full = _export_after(sidecar, _batches(150, 2))
     first = _export_after(sidecar, _batches(180, 3)[:2])  # new items, and fewer rows touched
     delta = _export_after(sidecar, _batches(180, 4)[:1])
+    # the gate's next baseline holds the prior as the bundle's links: it ranks as a copy
+    # with the links read from the learner's own table
+    probe = decode_batch(_batches(180, 9)[0])
+    baseline = sidecar.learner.frozen(delta.candidate.generator)
+    assert delta.candidate.prior_scorer().sparse is not None
+    assert np.array_equal(delta.candidate.target_ranks(probe)["A"],
+                          baseline.target_ranks(probe)["A"])
     # each delta is against the bundle before it
     assert full.base is None and first.base == full.version and delta.base == first.version
     sent = {name for name, _ in delta.files}
