@@ -231,7 +231,8 @@ def main() -> int:
                                         args.items or 2000), progress=False))
         count_traffic("end")
         try:  # the trainer's own timings over the whole run: what its delay is made of
-            for name in ("step", "export"):
+            # a checkpoint's save holds training; its publish goes on beside it
+            for name in ("step", "export", "checkpoint", "checkpoint_publish"):
                 n = scrape(f"{trainer_url}/metrics", f"advrec_trainer_{name}_seconds_count")
                 total = scrape(f"{trainer_url}/metrics", f"advrec_trainer_{name}_seconds_sum")
                 trainer_times[f"{name}_mean_s"] = total / n if n else None
@@ -323,6 +324,11 @@ def main() -> int:
         ("trainer step / export (mean)",
          f"{trainer_times['step_mean_s']:.2f} s / {trainer_times['export_mean_s']:.2f} s"
          if trainer_times.get("step_mean_s") and trainer_times.get("export_mean_s") else "-"),
+        ("checkpoints: save / publish (mean)",
+         f"{trainer_times['checkpoints']:.0f}: {trainer_times['checkpoint_mean_s']:.2f} s / "
+         f"{trainer_times['checkpoint_publish_mean_s']:.2f} s"
+         if trainer_times.get("checkpoint_mean_s") and trainer_times.get(
+             "checkpoint_publish_mean_s") else "-"),
         ("worker load / of which index (mean)",
          f"{result['worker_load']['mean_s']:.2f} s / {result['worker_load']['index_mean_s']:.2f} s"
          if result["worker_load"]["mean_s"] and result["worker_load"]["index_mean_s"] else "-"),
