@@ -232,11 +232,13 @@ def main() -> int:
         count_traffic("end")
         try:  # the trainer's own timings over the whole run: what its delay is made of
             # a checkpoint's save holds training; its publish goes on beside it
-            for name in ("step", "export", "checkpoint", "checkpoint_publish"):
+            for name, count in (("step", "steps"), ("export", "exports"),
+                                ("checkpoint", "checkpoints"),
+                                ("checkpoint_publish", "checkpoint_publishes")):
                 n = scrape(f"{trainer_url}/metrics", f"advrec_trainer_{name}_seconds_count")
                 total = scrape(f"{trainer_url}/metrics", f"advrec_trainer_{name}_seconds_sum")
                 trainer_times[f"{name}_mean_s"] = total / n if n else None
-                trainer_times[f"{name}s"] = n
+                trainer_times[count] = n
         except OSError as exc:
             print(f"could not read the trainer's timings: {exc}", file=sys.stderr)
         try:
