@@ -297,6 +297,8 @@ def main() -> int:
               "defaults": {"ADVREC_TRAIN_BATCH_S": 2.0, "ADVREC_EXPORT_EVERY_S": 5.0,
                            "ADVREC_WATCH_INTERVAL_S": 1.0,
                            "ADVREC_BUNDLE_FULL_EVERY_S": TrainerSettings.bundle_full_every_s},
+              # settings given to the worker and the trainer beside the defaults above
+              "env": {k: v for k, v in os.environ.items() if k.startswith("ADVREC_")},
               "items": args.items or None, "checkpoint_seed_s": seeded_s,
               "preload_s": preload_s,
               "goal": "median <= 10 s" + ("; bundle traffic <= 20 MB/min" if args.items
