@@ -49,7 +49,7 @@ __all__ = ["EXACT_BELOW_ITEMS", "TWO_STAGE_FROM_ITEMS", "DeltaPlanner", "ExportE
            "PackedTable",
            "check_detector_parity", "check_parity", "detector_model", "export_detector",
            "export_filter_detector", "export_onnx", "export_two_stage_checked", "main",
-           "publish_bundle", "scoring_model"]
+           "publish_bundle", "require_two_stage_parity", "scoring_model"]
 
 OPSET = 17  # LayerNormalization is a native op from 17; onnxruntime 1.20+ runs it
 PARITY_TOL = 1e-3  # float32 scores of a 2-layer model agree to ~1e-6; 1e-3 flags real bugs
@@ -396,14 +396,25 @@ def export_two_stage_checked(scorer: nn.Module, max_len: int, histories: np.ndar
                              ) -> tuple[dict[str, bytes], float]:
     """A ``scoring_model``'s two-stage parts (the bundle files) and their parity with torch;
     raise ``ExportError`` if they disagree (``stored``: as ``export_two_stage`` takes it)."""
-    from trainer.twostage import check_two_stage_parity, export_two_stage
+    from trainer.twostage import export_two_stage
 
     files = export_two_stage(scorer, max_len, stored=stored)
-    diff = check_two_stage_parity(scorer, files, histories)
+    return files, require_two_stage_parity(scorer, files, histories, parity_tol)
+
+
+def require_two_stage_parity(scorer: nn.Module, files: dict[str, bytes],
+                             histories: np.ndarray, parity_tol: float = PARITY_TOL, *,
+                             stored: np.ndarray | None = None,
+                             rows: np.ndarray | None = None) -> float:
+    """The two-stage parts' parity with torch (``check_two_stage_parity``, ``stored`` and
+    ``rows`` as it takes them); raise ``ExportError`` if they disagree."""
+    from trainer.twostage import check_two_stage_parity
+
+    diff = check_two_stage_parity(scorer, files, histories, stored=stored, rows=rows)
     if not diff <= parity_tol:
         raise ExportError(f"two-stage ONNX scores differ from torch by {diff:.3g} > "
                           f"{parity_tol:g}")
-    return files, diff
+    return diff
 
 
 def publish_bundle(learner: OnlineLearner, root: Path | str, metrics: dict[str, float],

@@ -613,14 +613,13 @@ class Sidecar:
         """Gate, export, check parity and write the bundle locally (blocking); None if it
         must not be published."""
         from advrec.bundle import delta_rows
-        from trainer.export import ExportError, check_parity, export_onnx, scoring_model
-        from trainer.twostage import (
-            check_two_stage_parity,
-            export_two_stage,
-            held_rows,
-            parity_rows,
-            scorer_parts,
+        from trainer.export import (
+            check_parity,
+            export_onnx,
+            require_two_stage_parity,
+            scoring_model,
         )
+        from trainer.twostage import export_two_stage, held_rows, parity_rows, scorer_parts
 
         started = time.perf_counter()
         ok, cand, live = self.gate()
@@ -650,13 +649,10 @@ class Sidecar:
                 delta = self.deltas.plan(two_stage, vocab, items)
                 # a delta's other rows are the bytes of the bundle it extends, checked then;
                 # its sample of them differs from one export to the next
-                two_stage_diff = check_two_stage_parity(
-                    scorer, two_stage, self._probe_histories(), stored=items,
-                    rows=None if delta is None else parity_rows(
+                two_stage_diff = require_two_stage_parity(
+                    scorer, two_stage, self._probe_histories(), PARITY_TOLERANCE,
+                    stored=items, rows=None if delta is None else parity_rows(
                         delta_rows(delta[1]), len(items), seed=learner.batches_seen))
-                if not two_stage_diff <= PARITY_TOLERANCE:
-                    raise ExportError(f"two-stage ONNX scores differ from torch by "
-                                      f"{two_stage_diff:.3g} > {PARITY_TOLERANCE:g}")
             model_bytes: bytes | None = None
             diff = two_stage_diff
             if delta is None and (not big or len(vocab) < self.s.trainer_exact_below_items):
