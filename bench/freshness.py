@@ -171,6 +171,7 @@ def main() -> int:
     served: list[tuple[float, int]] = []  # (wall time first seen, last_event_ms of the model)
     ages: list[tuple[float, float]] = []  # (wall time, the worker's advrec_model_age_seconds)
     rss: list[tuple[float, float]] = []  # (wall time, the worker's RSS in MiB)
+    trainer_rss: list[tuple[float, float]] = []  # (wall time, the trainer's RSS in MiB)
     stop = threading.Event()
 
     def poll() -> None:
@@ -183,6 +184,7 @@ def main() -> int:
                     ages.append((time.time(), scrape(f"{url}/metrics",
                                                      "advrec_model_age_seconds")))
                     rss.append((time.time(), rss_mib(worker.pid)))
+                    trainer_rss.append((time.time(), rss_mib(trainer.pid)))
                 except OSError:
                     pass
             try:
@@ -233,6 +235,7 @@ def main() -> int:
         try:  # the trainer's own timings over the whole run: what its delay is made of
             # a checkpoint's save holds training; its publish goes on beside it
             for name, count in (("step", "steps"), ("export", "exports"),
+                                ("export_snapshot", "export_snapshots"),
                                 ("checkpoint", "checkpoints"),
                                 ("checkpoint_publish", "checkpoint_publishes")):
                 n = scrape(f"{trainer_url}/metrics", f"advrec_trainer_{name}_seconds_count")
@@ -267,6 +270,7 @@ def main() -> int:
     stream_end = started + args.seconds
     gauge = [a for t, a in ages if started + args.warmup <= t <= stream_end]
     window_rss = [m for t, m in rss if started + args.warmup <= t <= stream_end]
+    window_trainer_rss = [m for t, m in trainer_rss if started + args.warmup <= t <= stream_end]
     # a stall shows as a long wait between two versions going live
     went_live = [t for t, _ in served if started + args.warmup <= t <= stream_end]
     gaps = [b - a for a, b in itertools.pairwise(went_live)]
@@ -294,6 +298,10 @@ def main() -> int:
               "worker_rss_mib": {
                   "median": statistics.median(window_rss) if window_rss else None,
                   "peak": max(window_rss) if window_rss else None},
+              "trainer_rss_mib": {
+                  "median": statistics.median(window_trainer_rss) if window_trainer_rss
+                  else None,
+                  "peak": max(window_trainer_rss) if window_trainer_rss else None},
               "defaults": {"ADVREC_TRAIN_BATCH_S": 2.0, "ADVREC_EXPORT_EVERY_S": 5.0,
                            "ADVREC_WATCH_INTERVAL_S": 1.0,
                            "ADVREC_BUNDLE_FULL_EVERY_S": TrainerSettings.bundle_full_every_s},
@@ -328,6 +336,9 @@ def main() -> int:
         ("trainer step / export (mean)",
          f"{trainer_times['step_mean_s']:.2f} s / {trainer_times['export_mean_s']:.2f} s"
          if trainer_times.get("step_mean_s") and trainer_times.get("export_mean_s") else "-"),
+        ("export: of it holding training (mean)",
+         f"{trainer_times['export_snapshot_mean_s']:.2f} s"
+         if trainer_times.get("export_snapshot_mean_s") else "-"),
         ("checkpoints: save / publish (mean)",
          f"{trainer_times['checkpoints']:.0f}: {trainer_times['checkpoint_mean_s']:.2f} s / "
          f"{trainer_times['checkpoint_publish_mean_s']:.2f} s"
@@ -340,6 +351,8 @@ def main() -> int:
          f"{index_counters.get('loads', 0):.0f} / {index_counters.get('rebuilds', 0):.0f}"),
         ("worker RSS", f"median {statistics.median(window_rss):.0f} MiB, peak "
                        f"{max(window_rss):.0f}" if window_rss else "-"),
+        ("trainer RSS", f"median {statistics.median(window_trainer_rss):.0f} MiB, peak "
+                        f"{max(window_trainer_rss):.0f}" if window_trainer_rss else "-"),
         ("advrec_model_age_seconds", f"median {statistics.median(gauge):.2f} s over "
                                      f"{len(gauge)} samples" if gauge else "-"),
         *rows,
