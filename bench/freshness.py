@@ -235,7 +235,6 @@ def main() -> int:
         try:  # the trainer's own timings over the whole run: what its delay is made of
             # a checkpoint's save holds training; its publish goes on beside it
             for name, count in (("step", "steps"), ("export", "exports"),
-                                ("export_snapshot", "export_snapshots"),
                                 ("checkpoint", "checkpoints"),
                                 ("checkpoint_publish", "checkpoint_publishes")):
                 n = scrape(f"{trainer_url}/metrics", f"advrec_trainer_{name}_seconds_count")
@@ -336,9 +335,6 @@ def main() -> int:
         ("trainer step / export (mean)",
          f"{trainer_times['step_mean_s']:.2f} s / {trainer_times['export_mean_s']:.2f} s"
          if trainer_times.get("step_mean_s") and trainer_times.get("export_mean_s") else "-"),
-        ("export: of it holding training (mean)",
-         f"{trainer_times['export_snapshot_mean_s']:.2f} s"
-         if trainer_times.get("export_snapshot_mean_s") else "-"),
         ("checkpoints: save / publish (mean)",
          f"{trainer_times['checkpoints']:.0f}: {trainer_times['checkpoint_mean_s']:.2f} s / "
          f"{trainer_times['checkpoint_publish_mean_s']:.2f} s"

@@ -44,7 +44,6 @@ from advrec.config import bootstrap_servers, settings_as_dict
 from advrec.links import PRIOR_FILES, SparseRows
 from trainer.learner import OnlineLearner
 from trainer.model import Generator
-from trainer.prior import PriorScorer
 
 __all__ = ["EXACT_BELOW_ITEMS", "TWO_STAGE_FROM_ITEMS", "DeltaPlanner", "ExportError",
            "PackedTable",
@@ -238,16 +237,14 @@ def compact_item_tables(generator: Generator, packed: np.ndarray | None = None) 
             weight.copy_(weight.half().float())
 
 
-def scoring_model(learner: OnlineLearner, compact: bool | np.ndarray = False,
-                  prior: PriorScorer | None = None) -> nn.Module:
+def scoring_model(learner: OnlineLearner, compact: bool | np.ndarray = False) -> nn.Module:
     """Return what the workers will serve, as a CPU eval-mode copy: G over its live rows,
     plus the co-occurrence prior when the learner's prior weight is > 0 (trainer/prior.py),
     plus the content score of catalogue items with no click (trainer/content.py).
     ``compact``: G's item tables rounded as the two-stage table stores them (bundles with
     the two-stage parts: ``compact_item_tables``); an array: G's rows packed already
-    (``PackedTable.update``). ``prior``: the prior to take (``OnlineLearner.prior_copy``);
-    by default a view of the learner's counts, valid until it trains again."""
-    return learner.scorer(_scoring_copy(learner.generator, compact), prior).cpu().eval()
+    (``PackedTable.update``)."""
+    return learner.scorer(_scoring_copy(learner.generator, compact)).cpu().eval()
 
 
 def _as_scorer(model: nn.Module) -> nn.Module:

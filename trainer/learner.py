@@ -432,18 +432,6 @@ class OnlineLearner:
         idx, val = self.cooc.table(self.generator.n_items + 1)  # (V+1, K) each
         return PriorScorer(idx, val, self.prior_cfg).to(self.device)
 
-    def prior_copy(self, links: SparseRows | None = None) -> PriorScorer | None:
-        """The prior as it stands now, apart from the counts (which training goes on
-        changing beside an export): ``links`` when given, the table as rows of links (ranks,
-        is never exported as a whole graph), else a copy of the dense table. None while the
-        prior's weight is 0."""
-        if self.prior_cfg.weight <= 0:
-            return None
-        idx, val = self.cooc.table(self.generator.n_items + 1)  # (V+1, K) each
-        if links is not None:
-            return PriorScorer.from_links(links, idx.shape[1], self.prior_cfg).to(self.device)
-        return PriorScorer(idx.copy(), val.copy(), self.prior_cfg).to(self.device)
-
     def frozen(self, generator: Generator | None = None,
                links: SparseRows | None = None) -> OnlineLearner:
         """A copy that ranks (``evaluate_batch``, ``scorer``) as this learner does now and
@@ -474,17 +462,14 @@ class OnlineLearner:
         twin._fixed_prior = prior
         return twin
 
-    def scorer(self, generator: torch.nn.Module | None = None,
-               prior: PriorScorer | None = None) -> torch.nn.Module:
+    def scorer(self, generator: torch.nn.Module | None = None) -> torch.nn.Module:
         """Return what ranks: G, plus the weighted prior when its weight is > 0, followed by
         the content score of catalogue items with no click when there are any (the module
-        the export turns into ONNX; ``generator`` defaults to the learner's own G, ``prior``
-        to a view of the counts' table, ``prior_scorer``)."""
+        the export turns into ONNX; ``generator`` defaults to the learner's own G)."""
         generator = self.generator if generator is None else generator
         model: torch.nn.Module = generator
         if self.prior_cfg.weight > 0:
-            prior = self.prior_scorer() if prior is None else prior
-            model = HybridScorer(generator, prior, self.prior_cfg.weight)
+            model = HybridScorer(generator, self.prior_scorer(), self.prior_cfg.weight)
         cold = self.cold_scorer()
         return model if cold is None else WithCold(model, cold)
 

@@ -49,7 +49,7 @@ from advrec.channel_io import ChannelPublisher, follow_topic, last_record
 from advrec.config import ConfigError, settings_as_dict
 from advrec.contract import TrainingExample, decode_batch
 from advrec.flags import FLAGGED, READMITTED, FlagBook, FlagError, FlagRecord, publish_flags
-from advrec.links import SparseRows
+from advrec.links import PRIOR_FILES, SparseRows
 from advrec.memory import release_freed_memory
 from advrec.topics import ITEMS_CONFIG, TopicSpec, channel_topics, ensure_topics
 from trainer.settings import TrainerSettings, load_trainer_settings
@@ -70,28 +70,6 @@ SKIP_KEEP = 2  # batches a trainer far behind still trains on when it jumps to t
 # item out (ADVREC_EXCLUDE=seen), B where it may show them (none, or only some event types)
 GAUGE_VARIANTS = ("A", "B")
 SHED_LOG_EVERY_S = 60.0  # while shedding, a change of its level is logged at most this often
-
-
-@dataclass
-class _Snapshot:
-    """What an export reads of the learner, copied while training waits
-    (``Sidecar.snapshot_export``): the rest of the export runs from it beside training."""
-
-    scorer: Any  # the CPU scoring copy (trainer/export.py scoring_model): G, prior, content
-    generator: Any  # its G
-    packed: np.ndarray | None  # G's int8 rows (two-stage bundles); None: exact path only
-    exact: bool  # a full bundle also carries the whole-catalogue ONNX graph
-    vocab: list[str | None]
-    probes: np.ndarray  # (3, L) histories for the parity checks
-    max_len: int
-    batches_seen: int
-    detector: tuple[bytes | None, dict[str, Any] | None]
-    meta: dict[str, Any]
-    candidate: Any  # a frozen copy of the learner: the next quality gate's baseline
-    cand_hr: float
-    live_hr: float
-    examples: int
-    started: float
 
 
 @dataclass
@@ -179,9 +157,6 @@ class Sidecar:
         # All torch work on one thread: serial anyway, and one malloc arena instead of one
         # per pool thread (a pool of several let the trainer's RSS creep up by hundreds of MB).
         self.torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
-        # the part of an export that runs beside training (``finish_export``): one thread
-        self.export_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="export")
-        self.export_going_out: asyncio.Task | None = None  # its rest and publish, in flight
 
     @property
     def live_version(self) -> str | None:
@@ -613,8 +588,6 @@ class Sidecar:
     # ------------------------------------------------------------------ export and gate
 
     def export_due(self) -> bool:
-        if self.export_going_out is not None and not self.export_going_out.done():
-            return False  # one at a time: the one before is still going out
         if self.batches_since_export == 0 and not self.catalogue_changed:
             return False
         return (self.batches_since_export >= self.s.export_every_batches
@@ -637,23 +610,16 @@ class Sidecar:
         return window
 
     def prepare_export(self) -> _Export | None:
-        """Gate, export, check parity and write the bundle locally (blocking, both halves on
-        the calling thread); None if it must not be published."""
-        snap = self.snapshot_export()
-        return None if snap is None else self.finish_export(snap)
-
-    def snapshot_export(self) -> _Snapshot | None:
-        """The half of an export that holds training (torch thread): the gate, then copies
-        of what the bundle is made of, as the learner stands. None if it must not be
-        published.
-
-        G's rows packed where they changed, the export's copy of G, the prior apart from
-        the counts (at 1M items its links), the quality gate's next baseline and the
-        bundle's meta: ~0.5 s at 1M items on one core, against ~1.5 s for the whole export.
-        The rest (``finish_export``) reads only these copies, so the next batch trains
-        beside it."""
-        from trainer.export import scoring_model
-        from trainer.twostage import scorer_parts
+        """Gate, export, check parity and write the bundle locally (blocking); None if it
+        must not be published."""
+        from advrec.bundle import delta_rows
+        from trainer.export import (
+            check_parity,
+            export_onnx,
+            require_two_stage_parity,
+            scoring_model,
+        )
+        from trainer.twostage import export_two_stage, held_rows, parity_rows, scorer_parts
 
         started = time.perf_counter()
         ok, cand, live = self.gate()
@@ -669,85 +635,30 @@ class Sidecar:
             # G, plus the prior when its weight is > 0; with the two-stage parts, its item
             # tables rounded as their item table travels (int8 rows: advrec/bundle.py)
             big = len(learner.vocab) >= self.s.trainer_two_stage_items
-            # G's int8 rows, packed again only where training changed them since (a view
-            # the next snapshot changes: one export is in flight at a time)
+            # G's int8 rows, packed again only where training changed them since
             packed = self.packed.update(learner.generator) if big else None
-            exact = not big or len(learner.vocab) < self.s.trainer_exact_below_items
-            links = None  # the two-stage bundle's own links; the exact graph needs the table
-            if big and not exact and learner.prior_cfg.weight > 0:
-                links = SparseRows.from_dense(
-                    *learner.cooc.table(learner.generator.n_items + 1))
-            scorer = scoring_model(learner, compact=False if packed is None else packed,
-                                   prior=learner.prior_copy(links))
+            scorer = scoring_model(learner, compact=False if packed is None else packed)
             generator = scorer_parts(scorer).generator  # the export's own copy of G
-            # the next gate's baseline ranks with the export's copy of G and the prior's
-            # links as the bundle carries them: what the fleet serves
-            same_device = learner.device.type == "cpu"
-            candidate = learner.frozen(generator if same_device else None, links)
-        except Exception:
-            self.m.exports.labels(outcome="failed").inc()
-            log.exception("export failed; the live bundle keeps serving")
-            return None
-        detector = self._export_detector()
-        meta: dict[str, Any] = {
-            "max_len": learner.model_cfg.max_len,
-            "mode": learner.train_cfg.mode,
-            "examples_seen": learner.examples_seen,
-            "batches_seen": learner.batches_seen,
-            "last_event_ms": learner.last_event_ms,
-            "trained_through_ms": self.trained_through_ms,
-            "trainer": self.identity,
-            "metrics": {"window_hr_at_10": cand, "live_window_hr_at_10": live,
-                        "window_examples": window["n"]},
-            "model": dataclasses.asdict(learner.model_cfg),
-            "train": dataclasses.asdict(learner.train_cfg),
-            "prior": dataclasses.asdict(learner.prior_cfg),
-            "settings": settings_as_dict(self.s),
-        }
-        if learner.content is not None:
-            from trainer.content import TextEncoder
-
-            n_content, n_cold = learner.content_rows()
-            meta["content"] = {"encoder": (self.encoder or TextEncoder()).meta,
-                               "items": n_content, "content_only_rows": n_cold,
-                               "config": dataclasses.asdict(learner.content_cfg)}
-        snap = _Snapshot(scorer, generator, packed, exact, learner.vocab.items(),
-                         self._probe_histories(), learner.model_cfg.max_len,
-                         learner.batches_seen, detector, meta, candidate, cand, live,
-                         int(window["n"]), started)
-        self.m.export_snapshot_seconds.observe(time.perf_counter() - started)
-        return snap
-
-    def finish_export(self, snap: _Snapshot) -> _Export | None:
-        """The half of an export that runs beside training (export thread), from the
-        snapshot alone: the ONNX parts and their parity with torch, a delta against the
-        bundle published last, the bundle's files written locally. None if it must not be
-        published."""
-        from advrec.bundle import delta_rows
-        from trainer.export import check_parity, export_onnx, require_two_stage_parity
-        from trainer.twostage import export_two_stage, held_rows, parity_rows
-
-        scorer, vocab = snap.scorer, snap.vocab
-        try:
             two_stage, two_stage_diff, delta, items = None, 0.0, None, None
-            if snap.packed is not None:
+            vocab = learner.vocab.items()
+            if packed is not None:
                 # the worker ranks a large catalogue with these (stream_app/retrieval.py);
                 # a part that disagrees with torch is an export failure like any other
-                items = held_rows(snap.packed, snap.generator)  # (V+1, D'+1): items.npy's
-                two_stage = export_two_stage(scorer, snap.max_len, stored=items)
+                items = held_rows(packed, generator)  # (V+1, D'+1): items.npy's array
+                two_stage = export_two_stage(scorer, learner.model_cfg.max_len, stored=items)
                 delta = self.deltas.plan(two_stage, vocab, items)
                 # a delta's other rows are the bytes of the bundle it extends, checked then;
                 # its sample of them differs from one export to the next
                 two_stage_diff = require_two_stage_parity(
-                    scorer, two_stage, snap.probes, PARITY_TOLERANCE,
+                    scorer, two_stage, self._probe_histories(), PARITY_TOLERANCE,
                     stored=items, rows=None if delta is None else parity_rows(
-                        delta_rows(delta[1]), len(items), seed=snap.batches_seen))
+                        delta_rows(delta[1]), len(items), seed=learner.batches_seen))
             model_bytes: bytes | None = None
             diff = two_stage_diff
-            if delta is None and snap.exact:
+            if delta is None and (not big or len(vocab) < self.s.trainer_exact_below_items):
                 # a full bundle of a catalogue small enough for the exact graph
-                model_bytes = export_onnx(scorer, snap.max_len)
-                diff = check_parity(scorer, model_bytes, snap.probes)
+                model_bytes = export_onnx(scorer, learner.model_cfg.max_len)
+                diff = check_parity(scorer, model_bytes, self._probe_histories())
         except Exception:
             self.m.exports.labels(outcome="failed").inc()
             log.exception("export failed; the live bundle keeps serving")
@@ -756,25 +667,50 @@ class Sidecar:
             self.m.exports.labels(outcome="rejected_parity").inc()
             log.error("ONNX parity %.2e > %.0e; not publishing", diff, PARITY_TOLERANCE)
             return None
-        detector_bytes, detector_meta = snap.detector
-        meta = snap.meta
-        meta["metrics"]["parity_max_abs"] = diff
+        detector_bytes, detector_meta = self._export_detector()
+        meta = {
+            "max_len": learner.model_cfg.max_len,
+            "mode": learner.train_cfg.mode,
+            "examples_seen": learner.examples_seen,
+            "batches_seen": learner.batches_seen,
+            "last_event_ms": learner.last_event_ms,
+            "trained_through_ms": self.trained_through_ms,
+            "trainer": self.identity,
+            "metrics": {"window_hr_at_10": cand, "live_window_hr_at_10": live,
+                        "window_examples": window["n"], "parity_max_abs": diff},
+            "model": dataclasses.asdict(learner.model_cfg),
+            "train": dataclasses.asdict(learner.train_cfg),
+            "prior": dataclasses.asdict(learner.prior_cfg),
+            "settings": settings_as_dict(self.s),
+        }
         if detector_meta is not None:
             meta["detector"] = detector_meta
         if two_stage is not None:
             meta["two_stage"] = {"parity_max_abs_diff": two_stage_diff}
         if delta is not None:
             meta["delta"] = {"rows": delta[2], "of_rows": len(vocab) + 1}
+        if learner.content is not None:
+            from trainer.content import TextEncoder
+
+            n_content, n_cold = learner.content_rows()
+            meta["content"] = {"encoder": (self.encoder or TextEncoder()).meta,
+                               "items": n_content, "content_only_rows": n_cold,
+                               "config": dataclasses.asdict(learner.content_cfg)}
         self.vocab_json = (vocab, vocab_json(vocab, self.vocab_json))
         version = write_bundle(self.s.bundle_dir, model_bytes, vocab, meta,
                                keep=self.s.bundles_keep, detector_bytes=detector_bytes,
                                two_stage=two_stage,
                                delta=None if delta is None else delta[:2],
                                vocab_bytes=self.vocab_json[1])
+        # the next gate's baseline ranks with the export's copy of G and the prior's links
+        # as the bundle carries them: what the fleet serves
+        same_device = learner.device.type == "cpu"
+        links = (SparseRows.from_files(two_stage)
+                 if two_stage is not None and PRIOR_FILES[0] in two_stage else None)
         return _Export(version, bundle_files(self.s.bundle_dir, version),
                        None if delta is None else delta[0], two_stage, items, vocab,
-                       snap.candidate, snap.cand_hr, snap.live_hr, snap.examples,
-                       snap.started)
+                       learner.frozen(generator if same_device else None, links), cand,
+                       live, int(window["n"]), started)
 
     def _export_detector(self) -> tuple[bytes | None, dict[str, Any] | None]:
         """The trained detector as ONNX, parity-checked, and what the bundle's meta says of
@@ -792,47 +728,15 @@ class Sidecar:
             log.exception("detector export failed; the bundle goes out without it")
         return None, None
 
-    async def export(self, *, wait: bool = True) -> str | None:
-        """Export a bundle and publish it to the bundle topic; return its version, or None.
-
-        Only the snapshot (``snapshot_export``) holds training. The rest, and the publish,
-        go on beside the next batches: at 1M items an export is ~2 s of the trainer's
-        core, and holding training for all of it left every event waiting behind it. One
-        export is in flight at a time (a delta extends the bundle published last).
-        ``wait=False``: return None once the snapshot is taken."""
-        await self.export_published()
+    async def export(self) -> str | None:
+        """Export and publish a bundle to the bundle topic; return its version, or None."""
         if self.bundles.pin is not None:  # the fleet is held on one version: nothing goes live
             self._next_window()
             self.m.exports.labels(outcome="pinned").inc()
             return None
         loop = asyncio.get_running_loop()
-        snap = await loop.run_in_executor(self.torch_thread, self.snapshot_export)
-        if snap is None:
-            return None
-        task = asyncio.create_task(self._finish_export(snap))
-        self.export_going_out = task
-        del snap
-        if not wait:
-            return None
-        await self.export_published()
-        return task.result()
-
-    async def export_published(self) -> None:
-        """Wait for the export in flight, if one is (its failures are logged there)."""
-        task, self.export_going_out = self.export_going_out, None
-        if task is not None:
-            await asyncio.gather(task, return_exceptions=True)
-
-    async def _finish_export(self, snap: _Snapshot) -> str | None:
-        loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(self.export_thread, self.finish_export, snap)
-        del snap
+        prepared = await loop.run_in_executor(self.torch_thread, self.prepare_export)
         if prepared is None:
-            return None
-        if not self.active:  # another trainer took train-batches over meanwhile: its turn
-            self.m.exports.labels(outcome="failed").inc()
-            log.warning("bundle %s not published: this trainer lost %s while exporting it",
-                        prepared.version, self.s.topic_train)
             return None
         version = prepared.version
         try:
@@ -859,7 +763,7 @@ class Sidecar:
         self.m.model_info.info({"version": version, "mode": learner.train_cfg.mode,
                                 "vocab_size": str(len(learner.vocab))})
         log.info("published bundle %s (vocabulary %d, window HR@10 %.4f vs live %.4f; "
-                 "%d chunks, %.1f MB in %.2fs%s)", version, len(prepared.vocab),
+                 "%d chunks, %.1f MB in %.2fs%s)", version, len(learner.vocab),
                  prepared.cand_hr, prepared.live_hr, done.chunks, done.bytes / 1e6,
                  done.seconds, "" if prepared.base is None
                  else f"; a delta against {prepared.base}")
@@ -1081,7 +985,7 @@ class Sidecar:
                     if self.checkpoint_due():
                         await self.checkpoint(consumer, tp)
                     if self.active and self.export_due():
-                        await self.export(wait=False)
+                        await self.export()
                     if max_batches is not None and trained >= max_batches:
                         stop.set()
                         break
@@ -1094,7 +998,7 @@ class Sidecar:
                 if self.active and self.checkpoint_due():
                     await self.checkpoint(consumer, tp)
                 if self.active and self.export_due():
-                    await self.export(wait=False)
+                    await self.export()
                 now = time.monotonic()
                 if now - last_log >= s.log_every_s and self.learner is not None:
                     total = self.m.registry.get_sample_value("advrec_trainer_examples_total")
@@ -1104,7 +1008,6 @@ class Sidecar:
             if self.active and self.batches_since_checkpoint:
                 await self.checkpoint(consumer, tp, wait=True)
         finally:
-            await self.export_published()
             await self.checkpoint_published()
             await consumer.stop()
             await self.bundle_pub.stop()

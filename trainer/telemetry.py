@@ -35,7 +35,6 @@ class TrainerMetrics:
     items_expired: Counter
     exports: Counter
     export_seconds: Histogram
-    export_snapshot_seconds: Histogram
     step_seconds: Histogram
     checkpoint_seconds: Histogram
     consumed_offset: Gauge
@@ -96,10 +95,6 @@ class TrainerMetrics:
                             ["outcome"], registry=r),
             export_seconds=Histogram(f"{p}_export_seconds", "Time to export and publish",
                                      buckets=_STEP_BUCKETS, registry=r),
-            export_snapshot_seconds=Histogram(
-                f"{p}_export_snapshot_seconds", "Time an export holds training (its copy "
-                "of the learner; the rest runs beside training)", buckets=_STEP_BUCKETS,
-                registry=r),
             step_seconds=Histogram(f"{p}_step_seconds", "Time to evaluate and train a batch",
                                    buckets=_STEP_BUCKETS, registry=r),
             checkpoint_seconds=Histogram(f"{p}_checkpoint_seconds", "Time to checkpoint",
