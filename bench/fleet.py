@@ -54,6 +54,7 @@ from bench._common import (
     wait_ready,
     write_result,
 )
+from trainer.settings import TrainerSettings
 
 FRESHNESS_GOAL_S = 10.0
 AGE_GOAL_S = 30.0
@@ -239,7 +240,7 @@ def phase_fleet(args: argparse.Namespace, run_dir: Path, rows: list, result: dic
                 served_all = now
             time.sleep(0.2)
         resumed = metric(standby_url, "advrec_trainer_resumed_offset")
-        takeover_goal = args.session_timeout + 2 * 5.0  # ADVREC_EXPORT_EVERY_S default
+        takeover_goal = args.session_timeout + 2 * TrainerSettings.export_every_s
         result["fleet"] = {
             "workers": 2, "trainers": 2, "rate": args.rate,
             "freshness_s": {

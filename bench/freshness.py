@@ -301,7 +301,8 @@ def main() -> int:
                   "median": statistics.median(window_trainer_rss) if window_trainer_rss
                   else None,
                   "peak": max(window_trainer_rss) if window_trainer_rss else None},
-              "defaults": {"ADVREC_TRAIN_BATCH_S": 2.0, "ADVREC_EXPORT_EVERY_S": 5.0,
+              "defaults": {"ADVREC_TRAIN_BATCH_S": 2.0,
+                           "ADVREC_EXPORT_EVERY_S": TrainerSettings.export_every_s,
                            "ADVREC_WATCH_INTERVAL_S": 1.0,
                            "ADVREC_BUNDLE_FULL_EVERY_S": TrainerSettings.bundle_full_every_s},
               # settings given to the worker and the trainer beside the defaults above

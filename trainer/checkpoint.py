@@ -30,7 +30,8 @@ def save_checkpoint(path: Path | str, learner: OnlineLearner,
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": CHECKPOINT_FORMAT, "learner": learner.state_dict(),
+    # the learner's own tensors: serialized here, before it trains again
+    payload = {"format": CHECKPOINT_FORMAT, "learner": learner.state_dict(keep=False),
                "extra": dict(extra or {}), "detector": detector}
     _replace(path, lambda fh: torch.save(payload, fh))
     _replace(_extra_path(path), lambda fh: fh.write(json.dumps(dict(extra or {})).encode()))
@@ -90,4 +91,5 @@ def load_checkpoint_with_detector(path: Path | str, *, device: str | None = None
     state = payload["learner"]
     if device is not None:
         state = dict(state, train_config=dict(state["train_config"], device=device))
-    return OnlineLearner.from_state_dict(state), payload["extra"], payload.get("detector")
+    return (OnlineLearner.from_state_dict(state, keep=False), payload["extra"],
+            payload.get("detector"))

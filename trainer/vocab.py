@@ -10,6 +10,7 @@ every item ever seen.
 from __future__ import annotations
 
 import heapq
+import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -124,11 +125,16 @@ class Vocabulary:
         return list(self._items)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"items": list(self._items)}
+        """The ids in row order as one JSON array (null at a hole), UTF-8: one object to
+        pickle, not one per item (at 1M items the list took ~3 s of a checkpoint's save)."""
+        return {"items_json": json.dumps(self._items, ensure_ascii=False).encode()}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Vocabulary:
-        """Rebuild a vocabulary saved by ``state_dict``."""
-        vocab = cls(state["items"])
-        assert len(vocab) == len(state["items"]), "duplicate item ids in a saved vocabulary"
+        """Rebuild a vocabulary saved by ``state_dict`` (or as a list, ``items``, as
+        checkpoints before the JSON form hold it)."""
+        items = (json.loads(state["items_json"]) if "items_json" in state
+                 else state["items"])
+        vocab = cls(items)
+        assert len(vocab) == len(items), "duplicate item ids in a saved vocabulary"
         return vocab
