@@ -33,6 +33,25 @@ def test_save_load_round_trip_resumes_exactly(tmp_path: Path) -> None:
     assert read_extra(path) == extra
 
 
+def test_a_checkpoint_with_the_vocabulary_as_a_list_still_loads(tmp_path: Path) -> None:
+    learner, next_batch = _trained()
+    state = learner.state_dict()
+    state["vocab"] = {"items": learner.vocab.items()}  # as checkpoints before the JSON form
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "learner": state, "extra": {"n": 3},
+                "detector": None}, tmp_path / "earlier.pt")
+    resumed, extra = load_checkpoint(tmp_path / "earlier.pt")
+    assert extra == {"n": 3} and resumed.vocab.items() == learner.vocab.items()
+    assert resumed.evaluate_batch(next_batch) == learner.evaluate_batch(next_batch)
+
+
+def test_a_state_to_keep_is_a_copy_and_one_to_save_at_once_is_not() -> None:
+    learner, _ = _trained(1)
+    table = learner.generator.items.emb.weight
+    kept, saved = learner.state_dict(), learner.state_dict(keep=False)
+    assert kept["generator"]["items.emb.weight"].data_ptr() != table.data_ptr()
+    assert saved["generator"]["items.emb.weight"].data_ptr() == table.data_ptr()
+
+
 def test_a_failed_save_keeps_the_previous_checkpoint(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     learner, next_batch = _trained(1)

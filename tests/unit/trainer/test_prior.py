@@ -179,3 +179,22 @@ def test_forget_removes_every_link_from_and_to_the_rows(backward: float) -> None
     assert cooc.row(1)[0].tolist() != [] and 4 in cooc.row(1)[0].tolist()  # others stay
     cooc.learn([1], 3)  # a reused row links afresh
     assert cooc.row(1)[0].tolist().count(3) == 1
+
+
+def test_counts_whose_rows_are_mostly_empty_survive_a_state_round_trip() -> None:
+    c = Cooccurrence(n_recent=2, decay=0.5, backward=0.25, top_k=3)
+    c.grow(5000)  # a large catalogue: few rows have links
+    c.learn([7, 4999], 12)
+    c.learn([12], 7)
+    c.learn([1, 2], 3)
+    back = Cooccurrence.from_state_dict(c.state_dict())
+    assert back.n_rows == c.n_rows == 5000 and back.n_links() == c.n_links()
+    for got, want in zip(back.table(5000), c.table(5000), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert [back.slots[i] for i in (3, 7, 12, 4999)] == [c.slots[i] for i in (3, 7, 12, 4999)]
+    for counts in (back, c):  # an empty row and a linked one go on growing alike
+        counts.learn([100, 7], 4998)
+        for j in range(20, 30):
+            counts.learn([100], j)
+    for got, want in zip(back.table(5000), c.table(5000), strict=True):
+        np.testing.assert_array_equal(got, want)

@@ -57,3 +57,13 @@ def test_state_round_trip_keeps_holes_where_they_were() -> None:
     assert restored.items() == ["a", None, "c"]
     assert restored.holes() == [2] and restored.index("c") == 3
     assert restored.add("z") == 2
+
+
+def test_the_state_is_one_json_string_and_the_earlier_list_form_still_loads() -> None:
+    vocab = Vocabulary(["a", "Ü-ß 東京", "c"])
+    vocab.free([1])
+    state = vocab.state_dict()
+    assert list(state) == ["items_json"] and isinstance(state["items_json"], bytes)
+    assert Vocabulary.from_state(state).items() == [None, "Ü-ß 東京", "c"]
+    earlier = Vocabulary.from_state({"items": [None, "Ü-ß 東京", "c"]})  # checkpoints before
+    assert earlier.items() == [None, "Ü-ß 東京", "c"] and earlier.holes() == [1]
