@@ -47,7 +47,10 @@ from trainer.vocab import Vocabulary
 
 __all__ = ["OnlineLearner", "ReplayBuffer", "TrainConfig"]
 
-STATE_FORMAT = 1
+# 2: the vocabulary as one JSON string (``Vocabulary.state_dict``); 1 (a list) still loads.
+# A trainer that knows only 1 refuses a 2 with "unknown state format", not a KeyError
+STATE_FORMAT = 2
+STATE_FORMATS_READ = (1, 2)
 MAX_CALIB_MESSAGES = 20  # a joined batch calibrates the content score as this many at most
 
 
@@ -707,7 +710,8 @@ class OnlineLearner:
         """Restore a state saved by ``state_dict`` (configs included). ``keep=False``: the
         learner may take the state's tensors as its own (a state just read from a file,
         which no one else holds), instead of a deep copy of them."""
-        assert state.get("format") == STATE_FORMAT, f"unknown state format {state.get('format')}"
+        assert state.get("format") in STATE_FORMATS_READ, \
+            f"unknown state format {state.get('format')}"
         if keep:
             state = copy.deepcopy(state)
         self.model_cfg = ModelConfig(**state["model_config"])

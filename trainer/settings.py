@@ -94,8 +94,8 @@ class TrainerSettings:
     # row (trainer/learner.py ``expire``); 0 keeps every item ever seen. The deployment's
     # value holds over a checkpoint's
     trainer_item_ttl_s: float = 0.0
-    # publish a bundle at most this often... (4 s: at 1M items 10.45 s freshness against
-    # 11.3 at 5 s, for 0.5 MB/min more on the bundle topic; bench/freshness.py)
+    # publish a bundle at most this often... (4 s: at 1M items 10.45 and 11.0 s freshness
+    # against 11.3 at 5 s, for no more traffic on the bundle topic; bench/freshness.py)
     export_every_s: float = 4.0
     export_every_batches: int = 50  # ...or after this many batches, whichever first
     quality_delta: float = 0.02  # reject if window HR@10 < live's HR@10 - delta (absolute)

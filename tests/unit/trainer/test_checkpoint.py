@@ -36,7 +36,8 @@ def test_save_load_round_trip_resumes_exactly(tmp_path: Path) -> None:
 def test_a_checkpoint_with_the_vocabulary_as_a_list_still_loads(tmp_path: Path) -> None:
     learner, next_batch = _trained()
     state = learner.state_dict()
-    state["vocab"] = {"items": learner.vocab.items()}  # as checkpoints before the JSON form
+    # as checkpoints before the JSON form hold it
+    state["format"], state["vocab"] = 1, {"items": learner.vocab.items()}
     torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "learner": state, "extra": {"n": 3},
                 "detector": None}, tmp_path / "earlier.pt")
     resumed, extra = load_checkpoint(tmp_path / "earlier.pt")
