@@ -79,6 +79,11 @@ def _ratio(total: float | None, n: float | None) -> float | None:
     return total / n if total is not None and n else None
 
 
+def _median_peak(values: list[float]) -> dict[str, float | None]:
+    return {"median": statistics.median(values) if values else None,
+            "peak": max(values) if values else None}
+
+
 def _window(traffic: dict[str, dict[str, float]], key: str) -> float | None:
     """How far the counter ``key`` moved between the window's "start" and "end" readings."""
     try:
@@ -294,13 +299,8 @@ def main() -> int:
                                    _window(traffic, "model_loads")),
                   "index_mean_s": _ratio(_window(traffic, "index_seconds"),
                                          _window(traffic, "index_loads"))},
-              "worker_rss_mib": {
-                  "median": statistics.median(window_rss) if window_rss else None,
-                  "peak": max(window_rss) if window_rss else None},
-              "trainer_rss_mib": {
-                  "median": statistics.median(window_trainer_rss) if window_trainer_rss
-                  else None,
-                  "peak": max(window_trainer_rss) if window_trainer_rss else None},
+              "worker_rss_mib": _median_peak(window_rss),
+              "trainer_rss_mib": _median_peak(window_trainer_rss),
               "defaults": {"ADVREC_TRAIN_BATCH_S": 2.0,
                            "ADVREC_EXPORT_EVERY_S": TrainerSettings.export_every_s,
                            "ADVREC_WATCH_INTERVAL_S": 1.0,

@@ -181,11 +181,10 @@ class Cooccurrence:
         """Return the counts as CSR tensors (what ``torch.load(weights_only=True)`` reads)."""
         # the rows with links only: at 1M items most rows have none, and a call per row
         # took ~5 s of a checkpoint's save
-        linked = [i for i, slots in enumerate(self.slots) if slots]
-        lengths = np.zeros(self.n_rows, np.int64)  # (rows,)
-        lengths[linked] = [len(self.slots[i]) for i in linked]
-        cols = [self.cols[i][: lengths[i]] for i in linked]
-        vals = [self.vals[i][: lengths[i]] for i in linked]
+        lengths = np.fromiter(map(len, self.slots), np.int64, self.n_rows)  # (rows,)
+        rows = [self.row(i) for i in np.flatnonzero(lengths).tolist()]
+        cols = [c for c, _ in rows]
+        vals = [v for _, v in rows]
         return {"n_recent": self.n_recent, "weights": list(self.weights),
                 "backward": self.backward, "top_k": self.top_k,
                 "indptr": torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)])
