@@ -464,13 +464,16 @@ class _Incoming:
     current: tuple[str, BinaryIO, Any] | None = None  # (name, file, running sha256)
     size: int = 0
     failed: str | None = None  # the reason, once rejected: later chunks are ignored
+    sync: bool = True  # fsync each file (the Assembler's ``sync``)
 
     def finish_file(self) -> None:
-        """Close the file being written (durably) and record its size and hash."""
+        """Close the file being written (durably, with ``sync``) and record its size and
+        hash."""
         if self.current is not None:
             name, fh, hasher = self.current
-            fh.flush()
-            os.fsync(fh.fileno())
+            if self.sync:
+                fh.flush()
+                os.fsync(fh.fileno())
             self.done[name] = (fh.tell(), hasher.hexdigest())
             fh.close()
             self.current = None
@@ -494,9 +497,11 @@ class Assembler:
     directory named like a version is always whole.
     """
 
-    def __init__(self, root: Path | str, *, max_bytes: int = 1 << 30) -> None:
+    def __init__(self, root: Path | str, *, max_bytes: int = 1 << 30,
+                 sync: bool = True) -> None:
         self.root = Path(root)
         self.max_bytes = max_bytes
+        self.sync = sync  # False: no fsyncs, for a cache of the topic (advrec/bundle.py)
         self._incoming: dict[str, _Incoming] = {}
         self.root.mkdir(parents=True, exist_ok=True)
         for stale in self.root.glob(".incoming-*"):  # left by a reader that died mid-version
@@ -536,7 +541,7 @@ class Assembler:
                                  f"chunk {c.seq} of {c.version} came before chunk 0")]
             path = self.root / f".incoming-{c.version}-{uuid.uuid4().hex[:8]}"
             path.mkdir()
-            inc = self._incoming[c.version] = _Incoming(c.version, path)
+            inc = self._incoming[c.version] = _Incoming(c.version, path, sync=self.sync)
         if inc.failed is not None:
             return []
         if c.seq < inc.next_seq:
@@ -605,11 +610,13 @@ class Assembler:
             return [*out, Rejected(m.version, exc.reason, exc.detail)]
         assert inc.path is not None
         final = self.root / m.version
-        fsync_dir(inc.path)
+        if self.sync:
+            fsync_dir(inc.path)
         if final.exists():  # a republished version, or one left by an earlier run
             trash = self.root / f".incoming-trash-{uuid.uuid4().hex[:8]}"
             os.rename(final, trash)
             shutil.rmtree(trash, ignore_errors=True)
         os.rename(inc.path, final)
-        fsync_dir(self.root)
+        if self.sync:
+            fsync_dir(self.root)
         return [*out, Assembled(m.version, final, m)]

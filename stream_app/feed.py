@@ -228,7 +228,10 @@ class BundleFeed:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         s = self.s
-        self._assembler = Assembler(s.bundle_dir, max_bytes=s.bundle_max_mb * 1024 * 1024)
+        # a cache of the topic, rebuilt from it at every start and checked on every load:
+        # no fsyncs (advrec/bundle.py)
+        self._assembler = Assembler(s.bundle_dir, max_bytes=s.bundle_max_mb * 1024 * 1024,
+                                    sync=False)
         self._publisher = ChannelPublisher(s.bootstrap, s.topic_bundles,
                                            producer_id=f"worker:{s.web_host}:{s.web_port}")
         started.set()
@@ -290,7 +293,7 @@ class BundleFeed:
         False (and the version refused) if it cannot be."""
         started = time.perf_counter()
         try:
-            rebuilt = apply_delta(self.watcher.root, event.version)
+            rebuilt = apply_delta(self.watcher.root, event.version, sync=False)
         except BundleError as exc:  # refused as a bad bundle is (advrec_bundles_rejected)
             self._call_main(self.watcher.reject, event.version, exc.reason, exc.detail)
             return False

@@ -294,7 +294,9 @@ class Sidecar:
         """
         s = self.s
         root = Path(s.checkpoint_dir) / "channel"
-        view, assembler = TopicView(), Assembler(root, max_bytes=16 << 30)
+        # read once, to take over from, and read again from the topic at the next take-over:
+        # a cache, written without fsyncs (~0.9 GB at 1M items)
+        view, assembler = TopicView(), Assembler(root, max_bytes=16 << 30, sync=False)
         done: dict[str, Assembled] = {}
 
         def handle(record: Any) -> None:
@@ -697,11 +699,13 @@ class Sidecar:
                                "items": n_content, "content_only_rows": n_cold,
                                "config": dataclasses.asdict(learner.content_cfg)}
         self.vocab_json = (vocab, vocab_json(vocab, self.vocab_json))
+        # this trainer's own copy, which it reads back only to publish it: the topic is the
+        # record, so the copy goes without fsyncs (advrec/bundle.py)
         version = write_bundle(self.s.bundle_dir, model_bytes, vocab, meta,
                                keep=self.s.bundles_keep, detector_bytes=detector_bytes,
                                two_stage=two_stage,
                                delta=None if delta is None else delta[:2],
-                               vocab_bytes=self.vocab_json[1])
+                               vocab_bytes=self.vocab_json[1], sync=False)
         # the next gate's baseline ranks with the export's copy of G and the prior's links
         # as the bundle carries them: what the fleet serves
         same_device = learner.device.type == "cpu"
@@ -982,10 +986,12 @@ class Sidecar:
                     i += len(group)
                     self.trained_through_ms = max(group[-1].timestamp,
                                                   self.trained_through_ms or 0)
-                    if self.checkpoint_due():
-                        await self.checkpoint(consumer, tp)
+                    # the bundle before the checkpoint, when both are due: the clicks just
+                    # trained reach the fleet without waiting for a save (~4 s at 1M items)
                     if self.active and self.export_due():
                         await self.export()
+                    if self.checkpoint_due():
+                        await self.checkpoint(consumer, tp)
                     if max_batches is not None and trained >= max_batches:
                         stop.set()
                         break
@@ -995,10 +1001,10 @@ class Sidecar:
                     await loop.run_in_executor(self.torch_thread, self._take_flags)
                 if self.catalogue_in and self.active and self.learner is not None:
                     await loop.run_in_executor(self.torch_thread, self._take_catalogue)
-                if self.active and self.checkpoint_due():
-                    await self.checkpoint(consumer, tp)
                 if self.active and self.export_due():
                     await self.export()
+                if self.active and self.checkpoint_due():
+                    await self.checkpoint(consumer, tp)
                 now = time.monotonic()
                 if now - last_log >= s.log_every_s and self.learner is not None:
                     total = self.m.registry.get_sample_value("advrec_trainer_examples_total")

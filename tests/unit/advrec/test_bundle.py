@@ -44,6 +44,30 @@ def test_no_temporary_directory_is_left_behind(tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
 
 
+def _count_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    import os
+
+    synced: list[int] = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), fsync(fd))[1])
+    return synced
+
+
+def test_a_bundle_is_fsynced_unless_it_is_a_cache(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    synced = _count_fsyncs(monkeypatch)
+    durable = write_bundle(tmp_path / "durable", b"model", ["a", "b"], dict(META))
+    assert len(synced) >= 4  # model, vocab, meta, the directories, CURRENT
+    synced.clear()
+    cached = write_bundle(tmp_path / "cache", b"model", ["a", "b"], dict(META), sync=False)
+    assert synced == []
+    # written the same way otherwise: whole, under its name, pointed at
+    assert read_current(tmp_path / "cache") == cached
+    assert load_bundle(tmp_path / "cache", cached).model_bytes == load_bundle(
+        tmp_path / "durable", durable).model_bytes == b"model"
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".tmp")]
+
+
 def test_read_current_is_none_before_anything_is_published(tmp_path: Path) -> None:
     assert read_current(tmp_path) is None
     assert list_versions(tmp_path / "missing") == []
@@ -202,6 +226,22 @@ def test_a_reader_rebuilds_a_delta_byte_for_byte_from_its_base(tmp_path: Path,
                 == (tmp_path / "trainer" / delta / name).read_bytes())
     rebuilt = load_bundle(cache, delta, model=False)
     assert rebuilt.vocab == ("a", None, "c", "d", "e", "f", "g") and not rebuilt.exact
+
+
+def test_a_cache_rebuilds_a_delta_without_fsyncs_to_the_same_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from advrec.bundle import TWO_STAGE_ITEMS, VOCAB_FILE, apply_delta
+
+    base, delta, _, _ = _base_and_delta(tmp_path / "trainer")
+    cache = tmp_path / "cache"
+    _worker_cache(tmp_path / "trainer", cache, base, delta)
+    synced = _count_fsyncs(monkeypatch)
+    assert apply_delta(cache, delta, sync=False)
+    assert synced == []
+    for name in (TWO_STAGE_ITEMS, VOCAB_FILE):
+        assert ((cache / delta / name).read_bytes()
+                == (tmp_path / "trainer" / delta / name).read_bytes())
+    assert not [p for p in (cache / delta).iterdir() if p.name.startswith(".")]
 
 
 def test_a_delta_steps_int8_rows_across_their_whole_range_and_back_exactly(

@@ -67,6 +67,26 @@ def test_a_version_in_order_is_rebuilt_byte_for_byte(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".incoming-*"))
 
 
+@pytest.mark.parametrize("sync", [True, False])
+def test_a_reader_fsyncs_what_it_rebuilds_unless_it_keeps_a_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync: bool) -> None:
+    import os
+
+    synced: list[int] = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), fsync(fd))[1])
+    chunks, manifest = records_of("0001")
+    view, assembler = TopicView(), Assembler(tmp_path, sync=sync)
+    events = []
+    for offset, (key, value) in enumerate([*chunks, (b"manifest/0001", manifest.value())]):
+        events.extend(assembler.feed(view.apply(key, value, offset)))
+    (done,) = events
+    assert isinstance(done, Assembled)
+    assert [(name, (done.path / name).read_bytes()) for name, _ in FILES] == FILES
+    # each file, the version's directory and the root when durable; nothing for a cache
+    assert len(synced) == (len(FILES) + 2 if sync else 0)
+
+
 def test_an_empty_file_travels_as_one_empty_chunk(tmp_path: Path) -> None:
     chunks, manifest = records_of("e1", [("empty", b""), ("x", b"x")])
     assert manifest.chunks == 2

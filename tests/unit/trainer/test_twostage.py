@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from advrec.bundle import PRIOR_FILES, TWO_STAGE_FILES, TWO_STAGE_ITEMS, item_rows, load_bundle
+from advrec.bundle import (
+    PRIOR_FILES,
+    TWO_STAGE_FILES,
+    TWO_STAGE_ITEMS,
+    item_rows,
+    load_bundle,
+    read_current,
+)
 from stream_app.retrieval import IndexConfig
 from stream_app.serving import load_model
 from tests.unit.trainer.planted import SMALL, planted_stream
@@ -321,6 +328,26 @@ def test_between_full_bundles_the_sidecar_publishes_deltas_a_worker_rebuilds_and
     items = [v for v in delta.vocab if v is not None]
     users = [[items[i] for i in rng.choice(len(items), 6, replace=False)] for _ in range(20)]
     assert staged.recommend_batch(users, [10] * 20) == exact.recommend_batch(users, [10] * 20)
+
+
+def test_the_trainers_own_copy_of_its_bundles_is_written_whole_without_fsyncs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    sidecar = _sidecar(tmp_path, ADVREC_BUNDLE_DELTA_MAX_SHARE="1")
+    synced: list[int] = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), fsync(fd))[1])
+    full = _export_after(sidecar, _batches(150, 2))
+    delta = _export_after(sidecar, _batches(180, 3)[:2])
+    assert delta.base == full.version
+    # the topic is the record: the copy is read back only to publish it
+    assert synced == []
+    trainer_dir = Path(sidecar.s.bundle_dir)
+    for export in (full, delta):  # whole, checksums and all
+        assert load_bundle(trainer_dir, export.version, model=False).vocab == tuple(
+            export.vocab)
+    assert read_current(trainer_dir) == delta.version
 
 
 @pytest.mark.parametrize("env", [{"ADVREC_BUNDLE_FULL_EVERY_S": "0"},
