@@ -40,6 +40,7 @@ from advrec.bundle import (
     TWO_STAGE_USER_VECTORS,
     BundleError,
     item_rows,
+    item_rows_finite,
 )
 from advrec.links import PRIOR_FILES, SparseRows, link_inputs, link_shape
 
@@ -434,10 +435,10 @@ def build_two_stage(parts: dict[str, bytes], n_items: int, config: IndexConfig, 
         raise BundleError("bad_index", f"{version}: item table {table.shape} {table.dtype}, "
                                        f"the vocabulary needs [{n_items + 1}, D]")
     try:
-        table = item_rows(table)  # (V+1, D') float32: int8 and float16 rows widened
+        stored, table = table, item_rows(table)  # (V+1, D') float32: int8, float16 widened
     except ValueError as exc:
         raise BundleError("bad_index", f"{version}: items.npy: {exc}"[:500]) from None
-    if not np.isfinite(table).all():
+    if not item_rows_finite(stored, table):
         raise BundleError("bad_index", f"{version}: the item table is not finite")
     try:
         user = _session(parts[TWO_STAGE_USER], threads, providers)

@@ -373,6 +373,38 @@ def test_a_vocabulary_extended_from_its_last_json_is_the_json_of_the_whole_list(
     assert vocab_json(after, previous) == json.dumps(after, ensure_ascii=False).encode()
 
 
+def test_a_tables_finiteness_is_read_from_its_stored_form_as_from_its_float32_rows(
+        ) -> None:
+    import numpy as np
+
+    from advrec.bundle import int8_rows, item_rows, item_rows_finite
+
+    rng = np.random.default_rng(5)
+    packed = int8_rows(rng.normal(size=(64, 8)).astype(np.float32))  # (N, D+1)
+    # every exponent a level can take, with the largest levels: from 121 on some overflow
+    packed[:, :-1] = np.where(rng.random((64, 8)) < 0.5, 127, -128)
+    cases = []
+    for exp in range(100, 128):
+        stored = packed.copy()
+        stored[3, -1] = exp
+        cases.append(stored)
+    half = item_rows(packed).astype(np.float16)  # (N, D)
+    for bad in (np.inf, -np.inf, np.nan):
+        broken = half.copy()
+        broken[5, 2] = bad
+        cases.append(broken)
+    plain = item_rows(packed)
+    plain_nan = plain.copy()
+    plain_nan[1, 1] = np.nan
+    cases += [half, plain, plain_nan]
+    verdicts = []
+    for stored in cases:
+        rows = item_rows(stored)
+        verdicts.append(item_rows_finite(stored, rows))
+        assert verdicts[-1] == bool(np.isfinite(rows).all()), (stored.dtype, stored[3, -1])
+    assert True in verdicts and False in verdicts
+
+
 def test_int8_rows_keep_each_value_within_half_a_level_and_round_to_themselves() -> None:
     import numpy as np
 

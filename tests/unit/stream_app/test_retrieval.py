@@ -105,6 +105,12 @@ def broken_table(kind: str) -> dict[str, bytes]:
         table = table.astype(np.float64)
     elif kind == "int8_without_exponent":
         table = np.zeros((len(table), 1), dtype=np.int8)
+    elif kind == "int8_overflowing":  # 127 * 2**127 is past float32's largest
+        table = int8_rows(item_rows(table))
+        table[7, 0], table[7, -1] = 127, 127
+    elif kind == "float16_inf":
+        table = item_rows(table).astype(np.float16)
+        table[7, 0] = np.inf
     elif kind == "not_npy":
         parts[TWO_STAGE_ITEMS] = b"not an array"
         return parts
@@ -113,7 +119,7 @@ def broken_table(kind: str) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("kind", ["nan", "short", "float64", "int8_without_exponent",
-                                  "not_npy"])
+                                  "int8_overflowing", "float16_inf", "not_npy"])
 def test_a_table_no_index_can_be_built_over_is_refused(tmp_path: Path, kind: str) -> None:
     version = publish_toy(tmp_path, VOCAB, two_stage=broken_table(kind))
     with pytest.raises(BundleError) as info:
