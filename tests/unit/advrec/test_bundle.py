@@ -373,16 +373,16 @@ def test_a_vocabulary_extended_from_its_last_json_is_the_json_of_the_whole_list(
     assert vocab_json(after, previous) == json.dumps(after, ensure_ascii=False).encode()
 
 
-def test_a_tables_finiteness_is_read_from_its_stored_form_as_from_its_float32_rows(
-        ) -> None:
+def test_finiteness_read_from_the_stored_rows_agrees_with_the_float32_rows() -> None:
     import numpy as np
 
     from advrec.bundle import int8_rows, item_rows, item_rows_finite
 
     rng = np.random.default_rng(5)
     packed = int8_rows(rng.normal(size=(64, 8)).astype(np.float32))  # (N, D+1)
-    # every exponent a level can take, with the largest levels: from 121 on some overflow
+    # the largest levels under the largest exponents: -128 * 2**121 is past float32's range
     packed[:, :-1] = np.where(rng.random((64, 8)) < 0.5, 127, -128)
+    packed[3, :2] = [127, -128]
     cases = []
     for exp in range(100, 128):
         stored = packed.copy()
@@ -402,7 +402,8 @@ def test_a_tables_finiteness_is_read_from_its_stored_form_as_from_its_float32_ro
         rows = item_rows(stored)
         verdicts.append(item_rows_finite(stored, rows))
         assert verdicts[-1] == bool(np.isfinite(rows).all()), (stored.dtype, stored[3, -1])
-    assert True in verdicts and False in verdicts
+    assert all(verdicts[:21]) and not any(verdicts[21:28])  # int8: exponents 100..120, 121..127
+    assert verdicts[28:] == [False, False, False, True, True, False]
 
 
 def test_int8_rows_keep_each_value_within_half_a_level_and_round_to_themselves() -> None:
