@@ -464,14 +464,13 @@ class _Incoming:
     current: tuple[str, BinaryIO, Any] | None = None  # (name, file, running sha256)
     size: int = 0
     failed: str | None = None  # the reason, once rejected: later chunks are ignored
-    sync: bool = True  # fsync each file (the Assembler's ``sync``)
 
-    def finish_file(self) -> None:
+    def finish_file(self, sync: bool) -> None:
         """Close the file being written (durably, with ``sync``) and record its size and
         hash."""
         if self.current is not None:
             name, fh, hasher = self.current
-            if self.sync:
+            if sync:
                 fh.flush()
                 os.fsync(fh.fileno())
             self.done[name] = (fh.tell(), hasher.hexdigest())
@@ -541,7 +540,7 @@ class Assembler:
                                  f"chunk {c.seq} of {c.version} came before chunk 0")]
             path = self.root / f".incoming-{c.version}-{uuid.uuid4().hex[:8]}"
             path.mkdir()
-            inc = self._incoming[c.version] = _Incoming(c.version, path, sync=self.sync)
+            inc = self._incoming[c.version] = _Incoming(c.version, path)
         if inc.failed is not None:
             return []
         if c.seq < inc.next_seq:
@@ -562,7 +561,7 @@ class Assembler:
             if c.file in inc.done or "/" in c.file or c.file.startswith(".") or not c.file:
                 return self._fail(inc, "chunk_gap", f"file {c.file!r} of {c.version} resumed "
                                                     "after another file")
-            inc.finish_file()
+            inc.finish_file(self.sync)
             inc.current = (c.file, open(inc.path / c.file, "wb"), hashlib.sha256())
         inc.current[1].write(c.data)
         inc.current[2].update(c.data)
@@ -593,7 +592,7 @@ class Assembler:
                 raise ChannelError("missing_chunks", f"{m.version}: {inc.next_seq} of "
                                                      f"{m.chunks} chunks came before its "
                                                      "manifest")
-            inc.finish_file()
+            inc.finish_file(self.sync)
             if [f.name for f in m.files] != list(inc.done):
                 raise ChannelError("bad_manifest", f"{m.version}: files {list(inc.done)} came, "
                                                    f"the manifest lists "

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from advrec.bundle import INPUT_NAME, OUTPUT_NAME, bundle_files, write_bundle
@@ -156,6 +158,14 @@ def toy_detector(*, nan: bool = False, n_terms: int | None = None) -> bytes:
     model.ir_version = 9
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def count_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record every ``os.fsync`` from here on (each still runs): the descriptors, in order."""
+    synced: list[int] = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), fsync(fd))[1])
+    return synced
 
 
 def publish_toy(root: Path, vocab: list[str], *, seed: int = 0, max_len: int = 10,

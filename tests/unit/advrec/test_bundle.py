@@ -16,6 +16,7 @@ from advrec.bundle import (
     set_current,
     write_bundle,
 )
+from tests.bundles import count_fsyncs
 
 META = {"max_len": 5}
 
@@ -44,18 +45,9 @@ def test_no_temporary_directory_is_left_behind(tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
 
 
-def _count_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    import os
-
-    synced: list[int] = []
-    fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), fsync(fd))[1])
-    return synced
-
-
 def test_a_bundle_is_fsynced_unless_it_is_a_cache(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    synced = _count_fsyncs(monkeypatch)
+    synced = count_fsyncs(monkeypatch)
     durable = write_bundle(tmp_path / "durable", b"model", ["a", "b"], dict(META))
     assert len(synced) >= 4  # model, vocab, meta, the directories, CURRENT
     synced.clear()
@@ -235,7 +227,7 @@ def test_a_cache_rebuilds_a_delta_without_fsyncs_to_the_same_bytes(
     base, delta, _, _ = _base_and_delta(tmp_path / "trainer")
     cache = tmp_path / "cache"
     _worker_cache(tmp_path / "trainer", cache, base, delta)
-    synced = _count_fsyncs(monkeypatch)
+    synced = count_fsyncs(monkeypatch)
     assert apply_delta(cache, delta, sync=False)
     assert synced == []
     for name in (TWO_STAGE_ITEMS, VOCAB_FILE):

@@ -25,6 +25,7 @@ from advrec.channel import (
     split_version,
     tombstones,
 )
+from tests.bundles import count_fsyncs
 
 FILES = [("model.onnx", bytes(range(256)) * 40), ("vocab.json", b'["a", "b"]'),
          ("meta.json", b"{}")]
@@ -70,11 +71,7 @@ def test_a_version_in_order_is_rebuilt_byte_for_byte(tmp_path: Path) -> None:
 @pytest.mark.parametrize("sync", [True, False])
 def test_a_reader_fsyncs_what_it_rebuilds_unless_it_keeps_a_cache(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync: bool) -> None:
-    import os
-
-    synced: list[int] = []
-    fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), fsync(fd))[1])
+    synced = count_fsyncs(monkeypatch)
     chunks, manifest = records_of("0001")
     view, assembler = TopicView(), Assembler(tmp_path, sync=sync)
     events = []

@@ -22,6 +22,7 @@ from advrec.bundle import (
 )
 from stream_app.retrieval import IndexConfig
 from stream_app.serving import load_model
+from tests.bundles import count_fsyncs
 from tests.unit.trainer.planted import SMALL, planted_stream
 from trainer.content import ColdScorer, WithCold
 from trainer.export import (
@@ -332,12 +333,8 @@ def test_between_full_bundles_the_sidecar_publishes_deltas_a_worker_rebuilds_and
 
 def test_the_trainers_own_copy_of_its_bundles_is_written_whole_without_fsyncs(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
     sidecar = _sidecar(tmp_path, ADVREC_BUNDLE_DELTA_MAX_SHARE="1")
-    synced: list[int] = []
-    fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), fsync(fd))[1])
+    synced = count_fsyncs(monkeypatch)
     full = _export_after(sidecar, _batches(150, 2))
     delta = _export_after(sidecar, _batches(180, 3)[:2])
     assert delta.base == full.version
