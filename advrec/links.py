@@ -68,12 +68,23 @@ class SparseRows:
         return len(self.indptr) - 1
 
     @classmethod
-    def from_dense(cls, idx: np.ndarray, val: np.ndarray) -> SparseRows:
-        """From a [V+1, K] table of (column, count), padding (count 0) left out."""
-        keep = val > 0  # (V+1, K)
-        lengths = keep.sum(axis=1)
+    def from_dense(cls, idx: np.ndarray, val: np.ndarray,
+                   rows: np.ndarray | None = None) -> SparseRows:
+        """From a [V+1, K] table of (column, count), padding (count 0) left out. ``rows``:
+        the only rows that may hold links, ascending (the others are all padding): only
+        they are read."""
+        if rows is None:
+            keep = val > 0  # (V+1, K)
+            lengths = keep.sum(axis=1)
+            cols, vals = idx[keep], val[keep]
+        else:
+            sub = val[rows]  # (n, K)
+            keep = sub > 0
+            lengths = np.zeros(len(val), dtype=np.int64)
+            lengths[rows] = keep.sum(axis=1)
+            cols, vals = idx[rows][keep], sub[keep]
         indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        return cls(indptr, idx[keep].astype(np.int32), val[keep].astype(np.float32))
+        return cls(indptr, cols.astype(np.int32), vals.astype(np.float32))
 
     def lengths(self) -> np.ndarray:
         return np.diff(self.indptr)

@@ -16,8 +16,8 @@ import socket
 import sys
 import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +139,8 @@ def _items(two_stage: dict[str, bytes]) -> np.ndarray:
 
 class PackedTable:
     """G's two-stage item table in int8 rows (``int8_rows``), kept from one export to the
-    next and packed again only where G's rows changed since.
+    next and packed again only where G's rows changed since; and the export's two copies of
+    it, kept too and written again only where it changed.
 
     At 1M items, packing the whole table twice per export (the rounded copy of G, then its
     items.npy) took ~0.75 s of the trainer's core, and the sampled softmax changes only the
@@ -147,13 +148,29 @@ class PackedTable:
     what it packed last (one pass) and packs the rows that differ or are new: the result is
     ``int8_rows`` of the whole table, row for row (a test pins it). It costs that float32
     copy and the int8 table in memory (~330 MB at 1M items x 64).
+
+    An export also needs G's rows widened from those int8 rows (``rounded``: the tables of
+    the export's copy of G) and items.npy's array (``held``: a copy with padding and freed
+    rows zero). Made afresh, they took ~0.25 s and ~0.1 s of every export at 1M items, most
+    of it the kernel handing out 320 MB of new pages. They outlive the export (the quality
+    gate ranks with the copy of G until the next bundle goes out; the next delta is
+    computed against the items), so each kind keeps a few copies: one that nothing outside
+    refers to any more is written again where the table changed since it was made, and
+    handed out again. A copy still referred to is never written.
     """
+
+    COPIES = 3  # of each kind: the live bundle's, the export's, one an export dropped
+    LOG = 8  # updates whose repacked rows are kept: a copy older than that is refilled
 
     def __init__(self) -> None:
         self._raw = np.zeros((0, 0), np.float32)  # (capacity, D'): G's rows as packed last
         self._packed = np.zeros((0, 1), np.int8)  # (capacity, D'+1)
         self.n = 0  # rows held: V+1 at the last update
         self.repacked = 0  # rows the last update packed
+        self.updates = 0  # updates since the table last started over
+        self._log: list[tuple[int, np.ndarray]] = []  # (update, rows it packed), the latest
+        self._copies: dict[str, list[_Copy]] = {"rounded": [], "held": []}
+        self.copied = 0  # rows the last ``rounded`` or ``held`` wrote
 
     def update(self, generator: Generator) -> np.ndarray:
         """Pack G's scoring rows [V+1, D'] (bias last, as ``item_vectors`` reads them, padding
@@ -168,7 +185,8 @@ class PackedTable:
         if self._raw.shape[1] != width or n < self.n:  # another shape: start over
             self._raw = np.zeros((0, width), np.float32)
             self._packed = np.zeros((0, width + 1), np.int8)
-            self.n = 0
+            self.n, self.updates, self._log = 0, 0, []
+            self._copies = {kind: [] for kind in self._copies}
         if n > len(self._raw):  # room for growth: the vocabulary grows a little each export
             capacity = max(n, len(self._raw) + len(self._raw) // 4)
             raw = np.zeros((capacity, width), np.float32)
@@ -186,13 +204,126 @@ class PackedTable:
         self._packed[rows] = int8_rows(fresh)  # ValueError first: nothing half-updated
         self._raw[rows] = fresh
         self.n, self.repacked = n, len(rows)
+        self.updates += 1
+        self._log = [*self._log[-(self.LOG - 1):], (self.updates, rows)]
         return self._packed[:n]
 
+    @property
+    def packed(self) -> np.ndarray:
+        """The rows packed at the last ``update`` [V+1, D'+1] int8 (what it returned)."""
+        return self._packed[: self.n]
 
-def _scoring_copy(generator: Generator, compact: bool | np.ndarray = False) -> Generator:
+    def rounded(self, generator: Generator) -> list[torch.Tensor]:
+        """The tables of a tied G's copy (``item_tables``' order: its rows [V+1, D], then
+        the bias [V+1, 1] when it has one) widened from the rows packed at the last
+        ``update``: ``_rounded_tables`` of them, in a kept copy."""
+        columns = _table_columns(self._packed[: self.n], generator)
+
+        def fill(arrays: list[np.ndarray], rows: np.ndarray | slice) -> None:
+            for out, cols in zip(arrays, columns, strict=True):
+                out[rows] = item_rows(self._packed[rows], cols)
+
+        widths = [c.stop - c.start for c in columns]
+        arrays = self._copy("rounded", widths, np.float32, fill)
+        return [torch.from_numpy(a[: self.n]) for a in arrays]
+
+    def held(self, generator: Generator) -> np.ndarray:
+        """items.npy's array [V+1, D'+1] for the rows packed at the last ``update``, with
+        padding and G's freed rows zero: ``twostage.held_rows`` of them, in a kept copy."""
+        assert generator.n_items + 1 == self.n, (generator.n_items, self.n)
+        zero = np.concatenate([[0], _freed_rows(generator)]).astype(np.int64)  # (z,)
+
+        def fill(arrays: list[np.ndarray], rows: np.ndarray | slice) -> None:
+            arrays[0][rows] = self._packed[rows]
+
+        (array,) = self._copy("held", [self._packed.shape[1]], np.int8, fill, zero)
+        return array[: self.n]
+
+    def _copy(self, kind: str, widths: list[int], dtype: type, fill: _Fill,
+              zero: np.ndarray | None = None) -> list[np.ndarray]:
+        """A copy of this kind that nothing outside refers to, brought up to the last
+        update (``fill`` writes given rows from the packed ones), with the ``zero`` rows
+        zero; a new one if none is free or fits."""
+        copies, now = self._copies[kind], self.updates
+        free = [c for c in copies if c.unused() and c.fits(self.n, widths, dtype)]
+        if free:
+            copy_ = max(free, key=lambda c: c.at)  # the most recent: the fewest rows to write
+            oldest = self._log[0][0]  # the first update whose rows the log still has
+            if copy_.at + 1 >= oldest:  # the rows packed since it was made, and its zeros
+                since = [rows for u, rows in self._log if u > copy_.at]
+                rows = np.unique(np.concatenate([*since, copy_.zeroed]))
+                rows = rows[rows < self.n]
+            else:  # older than the log: all of it
+                rows = np.arange(self.n)
+        else:
+            capacity = len(self._packed)  # the packed table's: grows with it, a little ahead
+            copy_ = _Copy([np.empty((capacity, w), dtype) for w in widths])
+            copies.append(copy_)
+            if len(copies) > self.COPIES:  # drop the oldest (a caller may still hold it)
+                copies.pop(0)
+            rows = np.arange(self.n)
+        # the rows in chunks: a temporary of the whole table is what this avoids
+        for start in range(0, len(rows), self.CHUNK):
+            chunk = rows[start: start + self.CHUNK]
+            fill(copy_.arrays, chunk)
+        if zero is not None:
+            for a in copy_.arrays:
+                a[zero] = 0
+        copy_.at, copy_.zeroed = now, (np.zeros(0, np.int64) if zero is None else zero)
+        self.copied = len(rows)
+        return copy_.arrays
+
+    CHUNK = 1 << 16  # rows written at a time
+
+
+_Fill = Callable[[list[np.ndarray], np.ndarray], None]
+
+
+@dataclass
+class _Copy:
+    """A copy ``PackedTable`` hands out and takes back: its arrays (each [capacity, width],
+    the owners of their memory), the update they reflect and the rows set to zero."""
+
+    arrays: list[np.ndarray]
+    at: int = -1
+    zeroed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def unused(self) -> bool:
+        # a view of an array refers to it (its base), and so does a tensor made from one by
+        # torch.from_numpy: only this copy's list, the loop and the call refer to a free one
+        return all(sys.getrefcount(a) <= 3 for a in self.arrays)
+
+    def fits(self, n: int, widths: list[int], dtype: type) -> bool:
+        return ([a.shape[1] for a in self.arrays] == widths and len(self.arrays[0]) >= n
+                and self.arrays[0].dtype == dtype)
+
+
+def _table_columns(packed: np.ndarray, generator: Generator) -> list[slice]:
+    """The packed rows' columns of each of a tied G's item tables: its rows, then its bias."""
+    d = generator.config.d_model
+    columns = [slice(0, d)] + ([slice(d, d + 1)] if generator.item_bias() is not None else [])
+    assert packed.shape[1] == d + len(columns), (packed.shape, d)
+    return columns
+
+
+def _freed_rows(generator: Generator) -> np.ndarray:
+    """The rows a bounded vocabulary freed (G scores them NEG), int64."""
+    if generator.hole_offset is None:
+        return np.zeros(0, np.int64)
+    offset = generator.hole_offset[: generator.n_items + 1].cpu().numpy()
+    return np.flatnonzero(offset < 0).astype(np.int64)
+
+
+def _scoring_copy(generator: Generator,
+                  compact: bool | np.ndarray | PackedTable = False) -> Generator:
     """Return an eval-mode CPU copy of G whose item table holds exactly the live rows;
     ``compact``: their values rounded as the two-stage table stores them
-    (``compact_item_tables``; an array: G's rows packed already, ``PackedTable``)."""
+    (``compact_item_tables``; an array: G's rows packed already; a ``PackedTable``
+    updated from G: its rows, and its kept copy of the tables)."""
+    if isinstance(compact, PackedTable):
+        if generator.out_items is None:
+            return generator.live_copy(compact.rounded(generator)).cpu().eval()
+        compact = compact.packed
     if isinstance(compact, np.ndarray) and generator.out_items is None:
         # tied (the default): the rounded rows are the copy's tables, not a clone rounded
         # in place (at 1M items a 256 MB clone and a pass over it, per export)
@@ -207,10 +338,8 @@ def _scoring_copy(generator: Generator, compact: bool | np.ndarray = False) -> G
 def _rounded_tables(packed: np.ndarray, generator: Generator) -> list[torch.Tensor]:
     """A tied G's item tables (``item_tables``: its rows [V+1, D], then the bias [V+1, 1]
     when it has one) from its scoring rows packed as int8 [V+1, D'+1]."""
-    d = generator.config.d_model
-    columns = [slice(0, d)] + ([slice(d, d + 1)] if generator.item_bias() is not None else [])
-    assert packed.shape[1] == d + len(columns), (packed.shape, d)
-    return [torch.from_numpy(item_rows(packed, cols)) for cols in columns]
+    return [torch.from_numpy(item_rows(packed, cols))
+            for cols in _table_columns(packed, generator)]
 
 
 def compact_item_tables(generator: Generator, packed: np.ndarray | None = None) -> None:
@@ -237,13 +366,15 @@ def compact_item_tables(generator: Generator, packed: np.ndarray | None = None) 
             weight.copy_(weight.half().float())
 
 
-def scoring_model(learner: OnlineLearner, compact: bool | np.ndarray = False) -> nn.Module:
+def scoring_model(learner: OnlineLearner,
+                  compact: bool | np.ndarray | PackedTable = False) -> nn.Module:
     """Return what the workers will serve, as a CPU eval-mode copy: G over its live rows,
     plus the co-occurrence prior when the learner's prior weight is > 0 (trainer/prior.py),
     plus the content score of catalogue items with no click (trainer/content.py).
     ``compact``: G's item tables rounded as the two-stage table stores them (bundles with
     the two-stage parts: ``compact_item_tables``); an array: G's rows packed already
-    (``PackedTable.update``)."""
+    (``PackedTable.update``); a ``PackedTable`` just updated from G: those rows, and the
+    tables widened from them in a copy it keeps."""
     return learner.scorer(_scoring_copy(learner.generator, compact)).cpu().eval()
 
 

@@ -432,8 +432,10 @@ class OnlineLearner:
         copy of its own."""
         if self._fixed_prior is not None:  # a frozen copy's (``frozen``)
             return self._fixed_prior
-        idx, val = self.cooc.table(self.generator.n_items + 1)  # (V+1, K) each
-        return PriorScorer(idx, val, self.prior_cfg).to(self.device)
+        n_rows = self.generator.n_items + 1
+        idx, val = self.cooc.table(n_rows)  # (V+1, K) each
+        return PriorScorer(idx, val, self.prior_cfg,
+                           held=self.cooc.held_rows(n_rows)).to(self.device)
 
     def frozen(self, generator: Generator | None = None,
                links: SparseRows | None = None) -> OnlineLearner:
@@ -455,7 +457,7 @@ class OnlineLearner:
         if self.prior_cfg.weight > 0:
             idx, val = self.cooc.table(self.generator.n_items + 1)  # (V+1, K) each
             if links is None or links.rows is not None or links.n_rows != len(idx):
-                links = SparseRows.from_dense(idx, val)
+                links = SparseRows.from_dense(idx, val, rows=self.cooc.held_rows(len(idx)))
             prior = PriorScorer.from_links(links, idx.shape[1], self.prior_cfg).to(self.device)
         memo: dict[int, Any] = {id(x): None for x in skip}
         memo[id(self.generator)] = (self.generator.live_copy() if generator is None

@@ -621,7 +621,7 @@ class Sidecar:
             require_two_stage_parity,
             scoring_model,
         )
-        from trainer.twostage import export_two_stage, held_rows, parity_rows, scorer_parts
+        from trainer.twostage import export_two_stage, parity_rows, scorer_parts
 
         started = time.perf_counter()
         ok, cand, live = self.gate()
@@ -639,14 +639,14 @@ class Sidecar:
             big = len(learner.vocab) >= self.s.trainer_two_stage_items
             # G's int8 rows, packed again only where training changed them since
             packed = self.packed.update(learner.generator) if big else None
-            scorer = scoring_model(learner, compact=False if packed is None else packed)
+            scorer = scoring_model(learner, compact=False if packed is None else self.packed)
             generator = scorer_parts(scorer).generator  # the export's own copy of G
             two_stage, two_stage_diff, delta, items = None, 0.0, None, None
             vocab = learner.vocab.items()
             if packed is not None:
                 # the worker ranks a large catalogue with these (stream_app/retrieval.py);
                 # a part that disagrees with torch is an export failure like any other
-                items = held_rows(packed, generator)  # (V+1, D'+1): items.npy's array
+                items = self.packed.held(generator)  # (V+1, D'+1): items.npy's array
                 two_stage = export_two_stage(scorer, learner.model_cfg.max_len, stored=items)
                 delta = self.deltas.plan(two_stage, vocab, items)
                 # a delta's other rows are the bytes of the bundle it extends, checked then;

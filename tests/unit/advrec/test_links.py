@@ -36,6 +36,18 @@ def test_gathered_links_are_the_dense_tables_rows() -> None:
     assert fed["history_links"].dtype == np.int64 and fed["history_link_counts"].shape == (2, 2, K)
 
 
+def test_links_read_from_the_rows_that_hold_them_are_the_whole_tables() -> None:
+    idx, val = dense(40, 2)
+    whole = SparseRows.from_dense(idx, val)
+    held = np.flatnonzero((val > 0).any(axis=1))
+    assert 0 < len(held) < 40
+    for rows in (held, np.union1d(held, [5, 6])):  # rows with no links read as nothing
+        part = SparseRows.from_dense(idx, val, rows=rows)
+        for got, want in ((part.indptr, whole.indptr), (part.cols, whole.cols),
+                          (part.vals, whole.vals)):
+            assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
 def test_a_delta_of_the_changed_rows_merges_back_into_the_new_table() -> None:
     idx, val = dense(40, 0)
     new_idx, new_val = dense(45, 2)  # five rows more

@@ -9,6 +9,7 @@ import torch
 
 from advrec.bundle import INPUT_NAME, OUTPUT_NAME
 from advrec.contract import TrainingExample
+from advrec.links import SparseRows
 from tests.unit.trainer.planted import SMALL, planted_stream
 from trainer.baselines import ItemKNN
 from trainer.evaluate import build_examples, run_prequential, run_prequential_all
@@ -198,3 +199,26 @@ def test_counts_whose_rows_are_mostly_empty_survive_a_state_round_trip() -> None
             counts.learn([100], j)
     for got, want in zip(back.table(5000), c.table(5000), strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("backward", [0.5, 0.0])
+def test_the_rows_said_to_hold_links_are_the_tables_rows_with_any(backward: float) -> None:
+    cooc = Cooccurrence(n_recent=2, decay=0.5, backward=backward, top_k=3)
+    cooc.grow(50)
+    for recent, j in [([1, 2], 3), ([3, 1], 4), ([4, 3], 2), ([2], 1), ([40], 17)]:
+        cooc.learn(recent, j)
+
+    def check() -> None:
+        idx, val = cooc.table(50)
+        assert cooc.held_rows(50).tolist() == np.flatnonzero((val > 0).any(axis=1)).tolist()
+        scorer = PriorScorer(idx, val, PriorConfig(top_k=3), held=cooc.held_rows(50))
+        rows, whole = scorer.as_rows(), SparseRows.from_dense(idx, val)
+        assert all(np.array_equal(a, b) for a, b in ((rows.indptr, whole.indptr),
+                                                      (rows.cols, whole.cols),
+                                                      (rows.vals, whole.vals)))
+
+    check()
+    cooc.forget([40, 3])  # rows that held links hold none
+    check()
+    back = Cooccurrence.from_state_dict(cooc.state_dict())
+    assert back.held_rows(50).tolist() == cooc.held_rows(50).tolist()

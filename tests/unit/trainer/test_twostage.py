@@ -426,6 +426,53 @@ def test_packed_rows_are_the_whole_tables_int8_rows_and_only_changed_rows_are_pa
                           int8_rows(_scoring_rows(learner)))
 
 
+@pytest.mark.parametrize("item_bias", [False, True])
+def test_kept_copies_are_the_tables_made_afresh_and_one_in_use_is_never_written(
+        item_bias: bool) -> None:
+    learner = trained(item_bias=item_bias)
+    table = PackedTable()
+
+    def expected() -> tuple[list[torch.Tensor], np.ndarray]:
+        copy = scoring_model(learner, compact=table.packed.copy())
+        g = scorer_parts(copy).generator
+        return [t.emb.weight for t in g.item_tables()], held_rows(table.packed, g)
+
+    def check(tables: list[torch.Tensor], held: np.ndarray) -> None:
+        want_tables, want_held = expected()
+        assert [t.shape for t in tables] == [t.shape for t in want_tables]
+        assert all(torch.equal(a, b) for a, b in zip(tables, want_tables, strict=True))
+        assert np.array_equal(held, want_held)
+
+    table.update(learner.generator)
+    first = table.rounded(learner.generator), table.held(learner.generator)
+    assert table.copied == len(learner.vocab) + 1  # a new copy: every row
+    check(*first)
+    kept = [t.clone() for t in first[0]], first[1].copy()
+    learner.train_batch(planted_stream(6, 8, seed=9)[5])
+    learner.add_items(["new-1", "new-2"])
+    learner.generator.set_holes([4])  # a row a bounded vocabulary freed
+    table.update(learner.generator)
+    # the first copies are still referred to: new ones
+    second = table.rounded(learner.generator), table.held(learner.generator)
+    assert table.copied == len(learner.vocab) + 1
+    check(*second)
+    del second
+    with torch.no_grad():  # a few rows move (as under the sampled softmax)
+        learner.generator.item_table()[[3, 7]] += 0.5
+    learner.generator.set_holes([])  # the freed row is live again
+    table.update(learner.generator)
+    # the second copies are free: written again at the rows packed since (and the held
+    # one at the rows it had zeroed), no more
+    third = table.rounded(learner.generator)
+    assert table.copied == 2
+    third_held = table.held(learner.generator)
+    assert table.copied == 4  # rows 3 and 7, padding and the row freed before
+    check(third, third_held)
+    # the first copies, referred to all along, were never written
+    assert all(torch.equal(a, b) for a, b in zip(first[0], kept[0], strict=True))
+    assert np.array_equal(first[1], kept[1])
+
+
 @pytest.mark.parametrize("shape", ["G+prior", "G+bias+prior", "G untied+prior"])
 def test_an_export_from_packed_rows_is_the_export_that_packs_the_whole_table(
         shape: str) -> None:
