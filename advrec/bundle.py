@@ -104,6 +104,7 @@ __all__ = [
     "int8_rows",
     "item_rows",
     "item_rows_finite",
+    "item_width",
     "list_versions",
     "load_bundle",
     "read_current",
@@ -537,10 +538,12 @@ def encode_item_rows(table: np.ndarray) -> np.ndarray:
     return half if np.array_equal(half.astype(np.float32), table) else table
 
 
-def item_rows(stored: np.ndarray, columns: slice = slice(None)) -> np.ndarray:
+def item_rows(stored: np.ndarray, columns: slice = slice(None),
+              out: np.ndarray | None = None) -> np.ndarray:
     """The float32 table [N, D'] that items.npy's array stands for (``encode_item_rows``),
     or only its ``columns`` (a contiguous copy); ``ValueError`` for any other dtype or
-    shape."""
+    shape. ``out``: a float32 array of that shape to write it into (and return), instead
+    of a new one (or, for a whole float32 table, a view of it)."""
     if stored.ndim != 2:
         raise ValueError(f"an item table is 2-d, not {stored.shape}")
     if stored.dtype == np.int8:
@@ -550,27 +553,37 @@ def item_rows(stored: np.ndarray, columns: slice = slice(None)) -> np.ndarray:
         # of two (at 1M items 0.088 s, against 0.105 s widening a copy and then scaling it)
         scale = _powers_of_two(stored[:, -1])[:, None]  # (N, 1)
         with np.errstate(over="ignore"):  # a damaged exponent: ``item_rows_finite`` says so
-            return np.multiply(stored[:, :-1][:, columns], scale, dtype=np.float32)
+            return np.multiply(stored[:, :-1][:, columns], scale, out=out, dtype=np.float32)
     if stored.dtype in (np.float16, np.float32):
         values = stored[:, columns]  # (N, D'), or its columns: a view
+        if out is not None:
+            np.copyto(out, values)
+            return out
         return (np.asarray(values, dtype=np.float32) if columns == slice(None)
                 else np.array(values, dtype=np.float32))
     raise ValueError(f"item rows are int8, float16 or float32, not {stored.dtype}")
 
 
-def item_rows_finite(stored: np.ndarray, rows: np.ndarray) -> bool:
-    """Whether ``rows``, the float32 table [N, D'] that items.npy's array ``stored`` stands
-    for (``item_rows(stored)``), is finite, checked where it can be infinite: int8 rows only
-    where their exponent lets a level overflow (|level| <= 128 = 2**7, so an exponent up
-    to 120 stays below float32's 2**128 and a product of an integer and a power of two is
-    never NaN); float16 rows in their own, half-size form. At 1M items a pass over the
-    whole float32 table took ~0.1 s of every load."""
+def item_width(stored: np.ndarray) -> int:
+    """D', the width of the float32 rows items.npy's array stands for (``ValueError`` as
+    ``item_rows``)."""
+    return int(item_rows(stored[:0]).shape[1])
+
+
+def item_rows_finite(stored: np.ndarray, rows: np.ndarray | None = None) -> bool:
+    """Whether the float32 table [N, D'] that items.npy's array ``stored`` stands for
+    (``item_rows(stored)``; ``rows``, when the caller has widened it) is finite, checked
+    where it can be infinite: int8 rows only where their exponent lets a level overflow
+    (|level| <= 128 = 2**7, so an exponent up to 120 stays below float32's 2**128 and a
+    product of an integer and a power of two is never NaN); float16 rows in their own,
+    half-size form. At 1M items a pass over the whole float32 table took ~0.1 s of every
+    load."""
     if stored.dtype == np.int8:
         hot = np.flatnonzero(stored[:, -1] > 120)  # (n,): rows that may overflow
-        return bool(np.isfinite(rows[hot]).all())
+        return bool(np.isfinite(item_rows(stored[hot]) if rows is None else rows[hot]).all())
     if stored.dtype == np.float16:
         return bool(np.isfinite(stored).all())  # widening keeps inf and NaN as they are
-    return bool(np.isfinite(rows).all())
+    return bool(np.isfinite(stored if rows is None else rows).all())
 
 
 def delta_files(base_items: np.ndarray, base_vocab: Sequence[ItemId | None],

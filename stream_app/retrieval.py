@@ -41,6 +41,7 @@ from advrec.bundle import (
     BundleError,
     item_rows,
     item_rows_finite,
+    item_width,
 )
 from advrec.links import PRIOR_FILES, SparseRows, link_inputs, link_shape
 
@@ -136,9 +137,10 @@ class _Rebuild:
         self.config = config
         self.seconds = 0.0
         self.taken = False  # a load has taken the graph over
-        self.index = faiss.IndexHNSWFlat(table.shape[1], config.m, faiss.METRIC_INNER_PRODUCT)
+        self.index = faiss.IndexHNSWFlat(item_width(table), config.m,
+                                         faiss.METRIC_INNER_PRODUCT)
         self.index.hnsw.efConstruction = config.ef_construction
-        chunks = [np.array(table[i : i + REBUILD_CHUNK])  # copies: the table may be freed
+        chunks = [_widened(table, i, min(i + REBUILD_CHUNK, len(table)))  # the table may go
                   for i in range(1, len(table), REBUILD_CHUNK)]
         self.failed: list[BaseException] = []
 
@@ -188,9 +190,14 @@ class ItemIndex:
 
     def __init__(self, table: np.ndarray, config: IndexConfig,
                  previous: ItemIndex | None = None) -> None:
+        """``table``: the item table [V+1, ...] as items.npy stores it (int8 rows with
+        their exponent, float16 or float32: advrec/bundle.py ``item_rows``). Its rows are
+        widened to float32 where the graph takes them: into a refreshed graph's own
+        vectors, on the build's thread, with no whole float32 copy first (at 1M items that
+        copy was 256 MB of new pages and ~0.2 s of every load, at the load's priority)."""
         import faiss
 
-        assert table.ndim == 2 and table.dtype == np.float32, (table.shape, table.dtype)
+        width = item_width(table)  # ValueError on a table of another kind
         started = time.perf_counter()
         self.config = config
         self.rebuild: _Rebuild | None = None  # a fresh graph being built, handed down
@@ -212,7 +219,7 @@ class ItemIndex:
                     log.warning("the background index build failed (%s); the old graph "
                                 "serves until the next one", pending.failed[0])
                 elif (not pending.taken and pending.config.m == config.m
-                      and pending.index.d == table.shape[1]
+                      and pending.index.d == width
                       and pending.index.ntotal <= len(table) - 1):
                     # nobody reads the fresh graph yet: it is taken over, not copied, and
                     # only once (were this load refused, the graph would hold its vectors)
@@ -221,7 +228,7 @@ class ItemIndex:
                     self.rebuild_seconds = pending.seconds
             adopted = self.rebuilt
             if (not adopted and config.spare and spare is not None and spare[0]() is None
-                    and spare[1].d == table.shape[1] and spare[1].ntotal <= len(table) - 1):
+                    and spare[1].d == width and spare[1].ntotal <= len(table) - 1):
                 base, self.reused = spare[1], True  # nobody searches it: refreshed in place
             spare = None  # an unused spare (its index still serves, or it is of the old graph)
             reused = self.reused
@@ -232,20 +239,22 @@ class ItemIndex:
                 # a copy of a graph that serves, or one nobody else reads: the fresh graph
                 # or the spare
                 index = base if adopted or reused else faiss.clone_index(base)
-                _stored_view(index, old)[:] = table[1 : old + 1]
+                stored = _stored_view(index, old)  # (old, D'): rows 1..old, in place
+                for i in range(0, old, REBUILD_CHUNK):
+                    j = min(i + REBUILD_CHUNK, old)
+                    item_rows(table[i + 1 : j + 1], out=stored[i:j])
                 if len(table) - 1 > old:
-                    index.add(table[old + 1 :])  # the new rows join the graph
+                    index.add(_widened(table, old + 1, len(table)))  # new rows join the graph
                 self.index = index
         else:
             self.built_at, self.built_rows = time.monotonic(), len(table) - 1
-            self.index = faiss.IndexHNSWFlat(table.shape[1], config.m,
-                                             faiss.METRIC_INNER_PRODUCT)
+            self.index = faiss.IndexHNSWFlat(width, config.m, faiss.METRIC_INNER_PRODUCT)
             self.index.hnsw.efConstruction = config.ef_construction
 
             def build() -> None:
                 # OpenMP's thread count is each thread's own: set where the work runs
                 faiss.omp_set_num_threads(config.threads)
-                self.index.add(table[1:])  # id i is row i + 1
+                self.index.add(_widened(table, 1, len(table)))  # id i is row i + 1
 
         _build_niced(build)
         if previous is not None and self.refreshed and config.spare and not self.rebuilt:
@@ -265,9 +274,10 @@ class ItemIndex:
         self.build_seconds = time.perf_counter() - started
 
     def can_refresh(self, table: np.ndarray, config: IndexConfig) -> bool:
-        """Whether the index for ``table`` may be this one refreshed (see the class)."""
+        """Whether the index for ``table`` (as ``__init__`` takes it) may be this one
+        refreshed (see the class)."""
         return (config.rebuild_after_s > 0 and config.m == self.config.m
-                and table.shape[1] == self.dim and len(table) - 1 >= len(self))
+                and item_width(table) == self.dim and len(table) - 1 >= len(self))
 
     def due(self, config: IndexConfig) -> bool:
         """Whether this index's graph is old enough, or grown enough, to be built afresh."""
@@ -299,6 +309,12 @@ class ItemIndex:
         faiss.omp_set_num_threads(1)
         _, ids = self.index.search(np.ascontiguousarray(users, dtype=np.float32), n)  # (B, n)
         return ids + 1  # faiss marks a missing answer -1: row 0, padding
+
+
+def _widened(table: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of a stored item table as a new float32 array [n, D']."""
+    part = table[start:stop]
+    return item_rows(part, out=np.empty((len(part), item_width(table)), np.float32))
 
 
 def _stored_view(index: Any, n: int) -> np.ndarray:
@@ -435,10 +451,10 @@ def build_two_stage(parts: dict[str, bytes], n_items: int, config: IndexConfig, 
         raise BundleError("bad_index", f"{version}: item table {table.shape} {table.dtype}, "
                                        f"the vocabulary needs [{n_items + 1}, D]")
     try:
-        stored, table = table, item_rows(table)  # (V+1, D') float32: int8, float16 widened
+        item_width(table)  # int8, float16 or float32 rows: the index widens them
     except ValueError as exc:
         raise BundleError("bad_index", f"{version}: items.npy: {exc}"[:500]) from None
-    if not item_rows_finite(stored, table):
+    if not item_rows_finite(table):
         raise BundleError("bad_index", f"{version}: the item table is not finite")
     try:
         user = _session(parts[TWO_STAGE_USER], threads, providers)
@@ -446,8 +462,7 @@ def build_two_stage(parts: dict[str, bytes], n_items: int, config: IndexConfig, 
     except Exception as exc:  # onnxruntime raises its own untyped errors on bad graphs
         raise BundleError("bad_index", f"{version}: two-stage graphs: {exc}"[:500]) from None
     try:
-        index = ItemIndex(np.ascontiguousarray(table), config,
-                          None if previous is None else previous.index)
+        index = ItemIndex(table, config, None if previous is None else previous.index)
     except Exception as exc:  # whatever the library raises: the bundle cannot serve
         raise BundleError("bad_index", f"{version}: index build: {exc}"[:500]) from None
     if len(index) != n_items:

@@ -394,6 +394,7 @@ def test_finiteness_read_from_the_stored_rows_agrees_with_the_float32_rows() -> 
         rows = item_rows(stored)
         verdicts.append(item_rows_finite(stored, rows))
         assert verdicts[-1] == bool(np.isfinite(rows).all()), (stored.dtype, stored[3, -1])
+        assert item_rows_finite(stored) == verdicts[-1]  # without the widened rows
     assert all(verdicts[:21]) and not any(verdicts[21:28])  # int8: exponents 100..120, 121..127
     assert verdicts[28:] == [False, False, False, True, True, False]
 
@@ -445,3 +446,21 @@ def test_item_rows_refuse_what_items_npy_never_holds(stored: str) -> None:
              "one_dimensional": np.zeros(3, dtype=np.float32)}[stored]
     with pytest.raises(ValueError):
         item_rows(array)
+
+
+def test_item_rows_written_into_a_given_array_are_the_rows_made_afresh() -> None:
+    import numpy as np
+
+    from advrec.bundle import encode_item_rows, int8_rows, item_rows, item_width
+
+    rng = np.random.default_rng(6)
+    table = rng.normal(size=(32, 8)).astype(np.float32)
+    packed = int8_rows(table)
+    for stored in (packed, item_rows(packed).astype(np.float16), table):
+        assert item_width(stored) == 8
+        out = np.full((12, 8), np.nan, np.float32)
+        got = item_rows(stored[10:22], out=out)
+        assert got is out and np.array_equal(out, item_rows(stored)[10:22])
+    assert encode_item_rows(item_rows(packed)).dtype == np.int8
+    with pytest.raises(ValueError):
+        item_width(np.zeros((4, 1), np.int8))  # levels without an exponent

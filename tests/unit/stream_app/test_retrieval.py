@@ -199,6 +199,21 @@ def test_a_refreshed_index_holds_the_new_vectors_and_leaves_the_old_one_as_it_wa
     assert np.array_equal(new.search(users, 10), exact)
 
 
+def test_an_index_over_stored_int8_rows_holds_their_float32_rows_built_or_refreshed() -> None:
+    from advrec.bundle import int8_rows, item_rows
+
+    rng, table, _ = first_index(9)
+    stored = int8_rows(table)  # (V+1, D+1): items.npy's form
+    first = retrieval.ItemIndex(stored, EVERY)
+    rows = np.arange(1, N_ITEMS + 1).reshape(1, -1)
+    assert first.dim == 8 and np.array_equal(first.vectors(rows)[0], item_rows(stored)[1:])
+    moved_stored = int8_rows(moved(item_rows(stored), rng, extra=20))
+    second = retrieval.ItemIndex(moved_stored, EVERY, previous=first)
+    assert second.refreshed and len(second) == N_ITEMS + 20
+    rows = np.arange(1, N_ITEMS + 21).reshape(1, -1)
+    assert np.array_equal(second.vectors(rows)[0], item_rows(moved_stored)[1:])
+
+
 @pytest.mark.parametrize("why", ["always afresh", "other width"])
 def test_an_index_is_built_afresh_in_the_load_when_it_cannot_be_refreshed(why: str) -> None:
     import dataclasses
