@@ -161,6 +161,7 @@ class PackedTable:
 
     COPIES = 3  # of each kind: the live bundle's, the export's, one an export dropped
     LOG = 8  # updates whose repacked rows are kept: a copy older than that is refilled
+    CHUNK = 1 << 16  # rows a copy is written at a time: no temporary of the whole table
 
     def __init__(self) -> None:
         self._raw = np.zeros((0, 0), np.float32)  # (capacity, D'): G's rows as packed last
@@ -219,7 +220,7 @@ class PackedTable:
         ``update``: ``_rounded_tables`` of them, in a kept copy."""
         columns = _table_columns(self._packed[: self.n], generator)
 
-        def fill(arrays: list[np.ndarray], rows: np.ndarray | slice) -> None:
+        def fill(arrays: list[np.ndarray], rows: np.ndarray) -> None:
             for out, cols in zip(arrays, columns, strict=True):
                 out[rows] = item_rows(self._packed[rows], cols)
 
@@ -233,7 +234,7 @@ class PackedTable:
         assert generator.n_items + 1 == self.n, (generator.n_items, self.n)
         zero = np.concatenate([[0], _freed_rows(generator)]).astype(np.int64)  # (z,)
 
-        def fill(arrays: list[np.ndarray], rows: np.ndarray | slice) -> None:
+        def fill(arrays: list[np.ndarray], rows: np.ndarray) -> None:
             arrays[0][rows] = self._packed[rows]
 
         (array,) = self._copy("held", [self._packed.shape[1]], np.int8, fill, zero)
@@ -244,8 +245,11 @@ class PackedTable:
         """A copy of this kind that nothing outside refers to, brought up to the last
         update (``fill`` writes given rows from the packed ones), with the ``zero`` rows
         zero; a new one if none is free or fits."""
-        copies, now = self._copies[kind], self.updates
-        free = [c for c in copies if c.unused() and c.fits(self.n, widths, dtype)]
+        now = self.updates
+        # a free copy too small for the grown table is given back, not kept
+        copies = self._copies[kind] = [c for c in self._copies[kind]
+                                       if not c.unused() or c.fits(self.n, widths, dtype)]
+        free = [c for c in copies if c.unused()]
         if free:
             copy_ = max(free, key=lambda c: c.at)  # the most recent: the fewest rows to write
             oldest = self._log[0][0]  # the first update whose rows the log still has
@@ -262,18 +266,14 @@ class PackedTable:
             if len(copies) > self.COPIES:  # drop the oldest (a caller may still hold it)
                 copies.pop(0)
             rows = np.arange(self.n)
-        # the rows in chunks: a temporary of the whole table is what this avoids
         for start in range(0, len(rows), self.CHUNK):
-            chunk = rows[start: start + self.CHUNK]
-            fill(copy_.arrays, chunk)
+            fill(copy_.arrays, rows[start: start + self.CHUNK])
         if zero is not None:
             for a in copy_.arrays:
                 a[zero] = 0
         copy_.at, copy_.zeroed = now, (np.zeros(0, np.int64) if zero is None else zero)
         self.copied = len(rows)
         return copy_.arrays
-
-    CHUNK = 1 << 16  # rows written at a time
 
 
 _Fill = Callable[[list[np.ndarray], np.ndarray], None]
