@@ -137,11 +137,21 @@ def fleet(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flee
 
 
 def active_trainer(fleet: Fleet) -> tuple[TrainerProcess, TrainerProcess]:
-    """(the active trainer, the standby)."""
+    """(the active trainer, the standby), from one reading of both gauges.
+
+    A rebalance (a trainer joining) revokes the partition and hands it back: the active
+    trainer's gauge reads 0 for a moment, so the gauges must be read once, together, and
+    the roles taken from that reading rather than from a second one.
+    """
     a, b = fleet.trainers
-    wait_for(lambda: a.metric("advrec_trainer_active") + b.metric("advrec_trainer_active") == 1,
-             60, "exactly one active trainer")
-    return (a, b) if a.metric("advrec_trainer_active") == 1 else (b, a)
+    reading: list[float] = []
+
+    def exactly_one() -> bool:
+        reading[:] = [a.metric("advrec_trainer_active"), b.metric("advrec_trainer_active")]
+        return sorted(reading) == [0, 1]
+
+    wait_for(exactly_one, 60, "exactly one active trainer")
+    return (a, b) if reading[0] == 1 else (b, a)
 
 
 def wait_all_serve_at_least(workers: list[Worker], version: str, timeout: float) -> float:
