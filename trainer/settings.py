@@ -94,9 +94,10 @@ class TrainerSettings:
     # row (trainer/learner.py ``expire``); 0 keeps every item ever seen. The deployment's
     # value holds over a checkpoint's
     trainer_item_ttl_s: float = 0.0
-    # publish a bundle at most this often... (4 s: at 1M items 10.45 and 11.0 s freshness
-    # against 11.3 at 5 s, for no more traffic on the bundle topic; bench/freshness.py)
-    export_every_s: float = 4.0
+    # publish a bundle at most this often... (3 s: at 1M items 9.35 and 9.51 s freshness
+    # against 10.22-10.45 at 4 s, 17.9-18.0 MB/min on the bundle topic against 16.5; at
+    # 10k items 8.07 s against 9.04, 16.8 MB/min against 12.6; bench/freshness.py)
+    export_every_s: float = 3.0
     export_every_batches: int = 50  # ...or after this many batches, whichever first
     quality_delta: float = 0.02  # reject if window HR@10 < live's HR@10 - delta (absolute)
     quality_min_examples: int = 200  # smaller windows are too noisy to block a publish
